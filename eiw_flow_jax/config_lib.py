@@ -1,0 +1,158 @@
+"""Shared configuration skeleton and validation.
+
+Every file in `configs/` builds on `base_config()` and overrides what its dataset needs, so all
+configs have the same fields and the same checks (`validate_config`) run before any compute.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+SPLITS = ("vanilla", "eiw")
+EIW_MODES = ("global", "per_example")
+COUPLINGS = ("affine", "additive")
+REGULARIZERS = ("kl", "literal")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Defaults shared by every dataset config (the published method: EIW, `global`)."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  config.dataset = ml_collections.ConfigDict()
+  config.dataset.name = "digits"  # see eiw_flow_jax.data for the registered names
+  config.dataset.data_dir = ""  # TFDS data dir; "" means TFDS's default (~/tensorflow_datasets)
+  config.dataset.source_dir = ""  # raw files for offline builders (e.g. MNIST idx files)
+  config.dataset.train_split = "train"
+  config.dataset.eval_split = "test"
+
+  config.model = ml_collections.ConfigDict()
+  config.model.image_shape = (8, 8, 1)  # (H, W, C)
+  config.model.num_levels = 2
+  config.model.steps_per_level = 4
+  config.model.hidden_channels = 64
+  config.model.coupling = "affine"
+  config.model.n_bits = 8
+  config.model.split = "eiw"
+  config.model.eiw = ml_collections.ConfigDict()
+  config.model.eiw.mode = "global"
+  config.model.eiw.sigma = 1e-3  # weight of the KL regulariser (`global`)
+  config.model.eiw.reduction = 16  # SE Solver reduction ratio r (`global`)
+  config.model.eiw.regularizer = "kl"  # "kl" (proper KL) or "literal" (the authors' form)
+  config.model.eiw.beta = 2.0  # bound on |log w| (`per_example`)
+  config.model.eiw.anchor_width = 0  # A; 0 means max(1, C // 4) at each level (`per_example`)
+  config.model.eiw.volume_preserving = False  # centre log w per example (`per_example`)
+  config.model.eiw.entropy_weight = 0.0  # lambda of the optional entropy term (`per_example`)
+  config.model.eiw.solver_hidden = 32  # conv width of the anchor Solver (`per_example`)
+
+  config.batch_size = 64  # global batch, split over all devices of all processes
+  config.eval_batch_size = 256
+  config.num_train_steps = 1000
+
+  config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.learning_rate = 1e-3
+  config.optimizer.warmup_steps = 100
+  config.optimizer.cosine_decay = False
+  config.optimizer.end_learning_rate_factor = 0.0  # final lr / peak lr with cosine decay
+  config.optimizer.b1 = 0.9
+  config.optimizer.b2 = 0.999
+  config.optimizer.grad_clip_norm = 50.0  # 0 disables clipping
+
+  config.ema_decay = 0.999  # 0 disables EMA (eval uses the raw parameters)
+  config.max_consecutive_nonfinite = 10
+  config.init_batch_size = 256  # examples for data-dependent ActNorm initialisation
+
+  config.log_every_steps = 50
+  config.checkpoint_every_steps = 200
+  config.keep_checkpoints = 3
+  config.eval_every_steps = 0  # 0: evaluate only at the end of training
+
+  config.sample = ml_collections.ConfigDict()
+  config.sample.temperatures = (0.5, 0.7, 0.8, 1.0)
+  config.sample.num_samples = 64
+
+  config.distributed = False  # call jax.distributed.initialize() (multi-host)
+  return config
+
+
+def _require(condition: bool, message: str) -> None:
+  if not condition:
+    raise ValueError(message)
+
+
+def _choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+  _require(value in allowed, f"{name} must be one of {allowed}, got {value!r}.")
+
+
+def level_channels(image_shape: tuple[int, int, int], num_levels: int) -> list[int]:
+  """Channels at the end of each level, where the split happens (after the 2x2 squeeze)."""
+  channels, out = image_shape[2], []
+  for level in range(num_levels):
+    channels *= 4
+    out.append(channels)
+    if level < num_levels - 1:
+      channels //= 2
+  return out
+
+
+def resolve_anchor_width(anchor_width: int, channels: int) -> int:
+  """The `per_example` anchor width A at a level with `channels` channels (0 means default)."""
+  return max(1, channels // 4) if anchor_width == 0 else int(anchor_width)
+
+
+def validate_model_config(model: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the field, what was expected and what came."""
+  shape = tuple(model.image_shape)
+  _require(
+      len(shape) == 3 and all(isinstance(s, int) and s > 0 for s in shape),
+      f"model.image_shape must be three positive ints (H, W, C), got {model.image_shape!r}.",
+  )
+  _require(
+      isinstance(model.num_levels, int) and model.num_levels >= 1,
+      f"model.num_levels must be an int >= 1, got {model.num_levels!r}.",
+  )
+  height, width, _ = shape
+  factor = 2**model.num_levels
+  _require(
+      height % factor == 0 and width % factor == 0,
+      f"model.image_shape {shape} must have H and W divisible by 2**num_levels = {factor} "
+      f"(num_levels={model.num_levels}), got H={height}, W={width}.",
+  )
+  _require(
+      model.steps_per_level >= 1,
+      f"model.steps_per_level must be >= 1, got {model.steps_per_level!r}.",
+  )
+  _require(
+      model.hidden_channels >= 1,
+      f"model.hidden_channels must be >= 1, got {model.hidden_channels!r}.",
+  )
+  _require(
+      isinstance(model.n_bits, int) and 1 <= model.n_bits <= 8,
+      f"model.n_bits must be an int in [1, 8] (data is uint8), got {model.n_bits!r}.",
+  )
+  _choice("model.coupling", model.coupling, COUPLINGS)
+  _choice("model.split", model.split, SPLITS)
+  eiw = model.eiw
+  _choice("model.eiw.mode", eiw.mode, EIW_MODES)
+  _choice("model.eiw.regularizer", eiw.regularizer, REGULARIZERS)
+  _require(eiw.sigma >= 0, f"model.eiw.sigma must be >= 0, got {eiw.sigma!r}.")
+  _require(eiw.reduction >= 1, f"model.eiw.reduction must be >= 1, got {eiw.reduction!r}.")
+  _require(eiw.beta > 0, f"model.eiw.beta must be > 0, got {eiw.beta!r}.")
+  _require(eiw.solver_hidden >= 1, f"model.eiw.solver_hidden must be >= 1, got {eiw.solver_hidden!r}.")
+  _require(
+      eiw.entropy_weight >= 0, f"model.eiw.entropy_weight must be >= 0, got {eiw.entropy_weight!r}."
+  )
+  _require(
+      isinstance(eiw.anchor_width, int) and eiw.anchor_width >= 0,
+      f"model.eiw.anchor_width must be an int >= 0 (0 = default), got {eiw.anchor_width!r}.",
+  )
+  if model.split == "eiw" and eiw.mode == "per_example":
+    for level, channels in enumerate(level_channels(shape, model.num_levels)[:-1]):
+      kept = channels // 2
+      anchor = resolve_anchor_width(eiw.anchor_width, channels)
+      upper = kept - 1 if kept >= 2 else 1
+      _require(
+          1 <= anchor <= upper,
+          f"model.eiw.anchor_width gives A={anchor} at level {level} with C={channels} channels; "
+          f"expected 1 <= A <= {upper} (A < C//2 = {kept}).",
+      )
