@@ -1,0 +1,307 @@
+"""The multi-scale EIW flow and its functional API.
+
+`MultiScaleFlow` (a linen module) maps centred data through L levels of
+Squeeze -> K x [ActNorm -> 1x1 conv -> coupling] -> split (vanilla or EIW), with a learned top
+prior at the last level. `Flow` wraps it in pure functions of a variables pytree, checking
+inputs at the edge; `build_flow(config)` builds it from a validated ConfigDict.
+
+The variables pytree returned by `Flow.init` has two collections: "params" (trained) and
+"constants" (the 1x1 convolutions' fixed permutations and signs; never trained).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from eiw_flow_jax import config_lib
+from eiw_flow_jax.bijectors import FlowStep, Shift, Squeeze, UniformDequantize
+from eiw_flow_jax.splits import (
+  EIWGlobalSplit,
+  EIWPerExampleSplit,
+  TopPrior,
+  VanillaSplit,
+)
+
+Array = jax.Array
+Variables = dict[str, Any]
+
+
+class MultiScaleFlow(nn.Module):
+  """Glow-style multi-scale flow on centred inputs; all methods take/return batched arrays."""
+
+  model: ml_collections.FrozenConfigDict  # the validated `config.model`
+
+  def setup(self) -> None:
+    m = self.model
+    h, w, _ = m.image_shape
+    channels = config_lib.level_channels(tuple(m.image_shape), m.num_levels)
+    self.centre = Shift(-0.5)
+    self.squeeze = Squeeze()
+    self.steps = [
+        [FlowStep(m.hidden_channels, m.coupling, name=f"level{lv}_step{k}")
+         for k in range(m.steps_per_level)]
+        for lv in range(m.num_levels)
+    ]
+    self.splits = [self._make_split(c, name=f"level{lv}_split")
+                   for lv, c in enumerate(channels[:-1])]
+    top = (h >> m.num_levels, w >> m.num_levels, channels[-1])
+    self.top_prior = TopPrior(top, name="top_prior")
+
+  def _make_split(self, channels: int, name: str) -> nn.Module:
+    m = self.model
+    if m.split == "vanilla":
+      return VanillaSplit(channels, name=name)
+    if m.eiw.mode == "global":
+      return EIWGlobalSplit(channels, m.eiw.reduction, m.eiw.regularizer, name=name)
+    return EIWPerExampleSplit(
+        channels,
+        anchor_width=config_lib.resolve_anchor_width(m.eiw.anchor_width, channels),
+        beta=m.eiw.beta,
+        volume_preserving=m.eiw.volume_preserving,
+        solver_width=m.eiw.solver_hidden,
+        name=name,
+    )
+
+  def _level_forward(self, level: int, h: Array) -> tuple[Array, Array]:
+    h, log_det = self.squeeze(h)
+    for step in self.steps[level]:
+      h, step_log_det = step(h)
+      log_det = log_det + step_log_det
+    return h, log_det
+
+  def forward(self, y: Array) -> tuple[list[Array], Array, Array, dict[str, list[Array]]]:
+    """y in [0,1]^D -> (latents per level, log|det J|, log prior of latents, aux per split)."""
+    h, log_det = self.centre(y)
+    log_prior = jnp.zeros_like(log_det)
+    latents: list[Array] = []
+    aux: dict[str, list[Array]] = {}
+    for level in range(self.model.num_levels):
+      h, level_log_det = self._level_forward(level, h)
+      log_det = log_det + level_log_det
+      if level < len(self.splits):
+        out = self.splits[level].split(h)
+        latents.append(out.factored)
+        log_det, log_prior = log_det + out.log_det, log_prior + out.log_prior
+        for key, value in out.aux.items():
+          aux.setdefault(key, []).append(value)
+        h = out.kept
+    latents.append(h)
+    return latents, log_det, log_prior + self.top_prior.log_prob(h), aux
+
+  def _level_inverse(self, level: int, h: Array) -> Array:
+    for step in reversed(self.steps[level]):
+      h, _ = step(h, reverse=True)
+    return self.squeeze(h, reverse=True)[0]
+
+  def inverse(self, latents: Sequence[Array]) -> Array:
+    """Exact inverse of `forward`'s map: latents per level -> y."""
+    h = latents[-1]
+    for level in reversed(range(self.model.num_levels)):
+      if level < len(self.splits):
+        h, _ = self.splits[level].merge(h, latents[level])
+      h = self._level_inverse(level, h)
+    return self.centre(h, reverse=True)[0]
+
+  def generate(self, rng: Array, num: int, temperature: float) -> tuple[Array, list[Array]]:
+    """Samples latents from the priors (std scaled by `temperature`) and decodes them."""
+    rngs = jax.random.split(rng, self.model.num_levels)
+    mean, log_std = self.top_prior.params_for(num)
+    h = mean + temperature * jnp.exp(log_std) * jax.random.normal(rngs[-1], mean.shape)
+    latents = [h]
+    for level in reversed(range(self.model.num_levels)):
+      if level < len(self.splits):
+        mean, log_std = self.splits[level].prior(h)
+        noise = jax.random.normal(rngs[level], mean.shape)
+        factored = mean + temperature * jnp.exp(log_std) * noise
+        latents.insert(0, factored)
+        h, _ = self.splits[level].merge(h, factored)
+      h = self._level_inverse(level, h)
+    return self.centre(h, reverse=True)[0], latents
+
+  def prior_means(self, latents: Sequence[Array]) -> list[Array]:
+    """Means of each latent's prior given the kept channels (the mode at temperature 0)."""
+    h, _ = self.centre(self.inverse(latents))
+    means = []
+    for level in range(len(self.splits)):
+      h, _ = self._level_forward(level, h)
+      h = self.splits[level].split(h).kept
+      means.append(self.splits[level].prior(h)[0])
+    return means + [self.top_prior.params_for(h.shape[0])[0]]
+
+  def diagnostics(self, y: Array) -> list[dict[str, Array]]:
+    """Per split level: the Shuffle diagnostics listed in the design note."""
+    h, _ = self.centre(y)
+    stats = []
+    for level in range(len(self.splits)):
+      h, _ = self._level_forward(level, h)
+      stats.append(self.splits[level].diagnostics(h))
+      h = self.splits[level].split(h).kept
+    return stats
+
+
+@dataclasses.dataclass(frozen=True)
+class Flow:
+  """Pure-function API over a variables pytree; see the README for a tour.
+
+  Every method is a pure function of its arguments and can be wrapped in `jax.jit`.
+  """
+
+  model_config: ml_collections.ConfigDict
+  module: MultiScaleFlow
+
+  # Configs are mutable, so identity hashing keeps `jax.jit(flow.loss)` valid.
+  __hash__ = object.__hash__
+  __eq__ = object.__eq__
+
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    return tuple(self.model_config.image_shape)
+
+  @property
+  def num_dims(self) -> int:
+    return math.prod(self.image_shape)
+
+  @property
+  def n_bits(self) -> int:
+    return self.model_config.n_bits
+
+  @property
+  def latent_shapes(self) -> list[tuple[int, int, int]]:
+    """Per-example shape of each level's latent, in `encode`'s order."""
+    h, w, _ = self.image_shape
+    channels = config_lib.level_channels(self.image_shape, self.model_config.num_levels)
+    shapes = []
+    for level, c in enumerate(channels):
+      size = (h >> (level + 1), w >> (level + 1))
+      shapes.append((*size, c if level == len(channels) - 1 else c - c // 2))
+    return shapes
+
+  # ---- input checks ---------------------------------------------------------------------
+  def _check_images(self, x: Array, name: str) -> None:
+    if x.ndim != 4 or tuple(x.shape[1:]) != self.image_shape:
+      raise ValueError(
+          f"{name}: expected shape (B, {', '.join(map(str, self.image_shape))}) (NHWC), "
+          f"got {tuple(x.shape)}."
+      )
+
+  def check_uint8(self, x: Array) -> None:
+    self._check_images(x, "uint8 images")
+    if x.dtype != jnp.uint8:
+      raise ValueError(f"uint8 images: expected dtype uint8, got {x.dtype}.")
+    if not isinstance(x, jax.core.Tracer) and int(np.max(np.asarray(x), initial=0)) >= 2**self.n_bits:
+      raise ValueError(
+          f"uint8 images: expected values < 2**n_bits = {2**self.n_bits}, "
+          f"got max {int(np.max(np.asarray(x)))}."
+      )
+
+  def check_continuous(self, y: Array) -> None:
+    self._check_images(y, "dequantized images")
+    if not jnp.issubdtype(y.dtype, jnp.floating):
+      raise ValueError(f"dequantized images: expected a float dtype, got {y.dtype}.")
+    if not isinstance(y, jax.core.Tracer) and not bool(np.all(np.isfinite(np.asarray(y)))):
+      raise ValueError("dequantized images: input contains NaN or infinite values.")
+
+  def check_latents(self, latents: Sequence[Array]) -> None:
+    expected = self.latent_shapes
+    got = [tuple(z.shape[1:]) for z in latents]
+    if len(latents) != len(expected) or got != expected:
+      raise ValueError(f"latents: expected per-example shapes {expected}, got {got}.")
+
+  # ---- the API --------------------------------------------------------------------------
+  def dequantize(self, x: Array, rng: Array) -> Array:
+    """uint8 images -> y = (x + u) / 2^n_bits, u ~ U[0,1)."""
+    self.check_uint8(x)
+    return UniformDequantize(self.n_bits).dequantize(x, rng)
+
+  def init(self, rng: Array, x: Array) -> Variables:
+    """Variables with data-dependent ActNorm initialisation on the uint8 batch `x`."""
+    self.check_uint8(x)
+    noise_rng, params_rng = jax.random.split(rng)
+    y = self.dequantize(x, noise_rng)
+    return jax.jit(lambda r, y: self.module.init({"params": r}, y, method="forward"))(
+        params_rng, y
+    )
+
+  def forward(self, variables: Variables, y: Array):
+    """(latents, log_det, log_prior, aux) of dequantized y in [0,1]; see MultiScaleFlow."""
+    self.check_continuous(y)
+    return self.module.apply(variables, y, method="forward")
+
+  def log_prob(self, variables: Variables, y: Array) -> Array:
+    """Per-example log density of dequantized y, a density on [0,1]^D."""
+    _, log_det, log_prior, _ = self.forward(variables, y)
+    return log_prior + log_det
+
+  def bpd_from_log_prob(self, log_prob: Array) -> Array:
+    """bits/dim = -(log p(y) - D n ln 2) / (D ln 2) (the design note's formula)."""
+    d = self.num_dims
+    return -(log_prob - d * self.n_bits * math.log(2.0)) / (d * math.log(2.0))
+
+  def bpd(self, variables: Variables, x: Array, rng: Array) -> Array:
+    """Per-example bits/dim of uint8 images with one draw of dequantization noise."""
+    return self.bpd_from_log_prob(self.log_prob(variables, self.dequantize(x, rng)))
+
+  def loss(self, variables: Variables, x: Array, rng: Array) -> tuple[Array, dict[str, Array]]:
+    """Training loss = mean bpd + EIW terms; aux holds the pure-NLL `bpd` and each term."""
+    y = self.dequantize(x, rng)
+    _, log_det, log_prior, aux = self.forward(variables, y)
+    bpd = jnp.mean(self.bpd_from_log_prob(log_prior + log_det))
+    eiw = self.model_config.eiw
+    regularizer = sum((jnp.mean(r) for r in aux.get("regularizer", [])), jnp.zeros(()))
+    entropy = sum((jnp.mean(e) for e in aux.get("weight_entropy", [])), jnp.zeros(()))
+    loss = bpd + eiw.sigma * regularizer + eiw.entropy_weight * entropy
+    return loss, {"loss": loss, "bpd": bpd, "regularizer": regularizer, "weight_entropy": entropy}
+
+  def encode(self, variables: Variables, y: Array) -> list[Array]:
+    """Dequantized y -> list of per-level latents (the exact bijection's output)."""
+    return self.forward(variables, y)[0]
+
+  def decode(self, variables: Variables, latents: Sequence[Array]) -> Array:
+    """Exact inverse of `encode`."""
+    self.check_latents(latents)
+    return self.module.apply(variables, list(latents), method="inverse")
+
+  def sample_continuous(
+      self, variables: Variables, rng: Array, num: int, temperature: float = 1.0
+  ) -> tuple[Array, list[Array]]:
+    """(y in data space, latents) drawn with prior std scaled by `temperature` (0: the mode)."""
+    return self.module.apply(variables, rng, num, temperature, method="generate")
+
+  def sample(
+      self, variables: Variables, rng: Array, num: int, temperature: float = 1.0
+  ) -> Array:
+    """uint8 images sampled at `temperature`."""
+    y, _ = self.sample_continuous(variables, rng, num, temperature)
+    return self.quantize(y)
+
+  def quantize(self, y: Array) -> Array:
+    levels = 2**self.n_bits
+    return jnp.clip(jnp.floor(y * levels), 0, levels - 1).astype(jnp.uint8)
+
+  def prior_means(self, variables: Variables, latents: Sequence[Array]) -> list[Array]:
+    """Per-level prior means given the latents' kept channels (what temperature 0 draws)."""
+    self.check_latents(latents)
+    return self.module.apply(variables, list(latents), method="prior_means")
+
+  def shuffle_stats(self, variables: Variables, y: Array) -> list[dict[str, Array]]:
+    """Per split level, the diagnostics of the design note for this split variant."""
+    self.check_continuous(y)
+    return self.module.apply(variables, y, method="diagnostics")
+
+
+def build_flow(config: ml_collections.ConfigDict) -> Flow:
+  """Builds a `Flow` from the whole config (uses `config.model`), validated first."""
+  model = config.model if "model" in config else config
+  config_lib.validate_model_config(model)
+  model = ml_collections.FrozenConfigDict(model)
+  return Flow(model, MultiScaleFlow(model))
+
