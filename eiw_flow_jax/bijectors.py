@@ -197,7 +197,10 @@ class ZeroConv(nn.Module):
 
 
 class CouplingNet(nn.Module):
-  """Glow's coupling network: conv3x3 -> ActNorm -> ReLU -> conv1x1 -> ActNorm -> ReLU -> zero conv3x3."""
+  """Glow's coupling network.
+
+  conv3x3 -> ActNorm -> ReLU -> conv1x1 -> ActNorm -> ReLU -> zero-initialised conv3x3.
+  """
 
   hidden: int
   out_channels: int

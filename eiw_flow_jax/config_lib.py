@@ -138,7 +138,9 @@ def validate_model_config(model: ml_collections.ConfigDict) -> None:
   _require(eiw.sigma >= 0, f"model.eiw.sigma must be >= 0, got {eiw.sigma!r}.")
   _require(eiw.reduction >= 1, f"model.eiw.reduction must be >= 1, got {eiw.reduction!r}.")
   _require(eiw.beta > 0, f"model.eiw.beta must be > 0, got {eiw.beta!r}.")
-  _require(eiw.solver_hidden >= 1, f"model.eiw.solver_hidden must be >= 1, got {eiw.solver_hidden!r}.")
+  _require(
+      eiw.solver_hidden >= 1, f"model.eiw.solver_hidden must be >= 1, got {eiw.solver_hidden!r}."
+  )
   _require(
       eiw.entropy_weight >= 0, f"model.eiw.entropy_weight must be >= 0, got {eiw.entropy_weight!r}."
   )

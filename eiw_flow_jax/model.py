@@ -197,10 +197,12 @@ class Flow:
     self._check_images(x, "uint8 images")
     if x.dtype != jnp.uint8:
       raise ValueError(f"uint8 images: expected dtype uint8, got {x.dtype}.")
-    if not isinstance(x, jax.core.Tracer) and int(np.max(np.asarray(x), initial=0)) >= 2**self.n_bits:
+    if isinstance(x, jax.core.Tracer):
+      return
+    largest = int(np.max(np.asarray(x), initial=0))
+    if largest >= 2**self.n_bits:
       raise ValueError(
-          f"uint8 images: expected values < 2**n_bits = {2**self.n_bits}, "
-          f"got max {int(np.max(np.asarray(x)))}."
+          f"uint8 images: expected values < 2**n_bits = {2**self.n_bits}, got max {largest}."
       )
 
   def check_continuous(self, y: Array) -> None:
