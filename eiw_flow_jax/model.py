@@ -229,9 +229,8 @@ class Flow:
     self.check_uint8(x)
     noise_rng, params_rng = jax.random.split(rng)
     y = self.dequantize(x, noise_rng)
-    return jax.jit(lambda r, y: self.module.init({"params": r}, y, method="forward"))(
-        params_rng, y
-    )
+    # Eager on purpose: init runs once, and compiling the whole graph costs more than it saves.
+    return self.module.init({"params": params_rng}, y, method="forward")
 
   def forward(self, variables: Variables, y: Array):
     """(latents, log_det, log_prior, aux) of dequantized y in [0,1]; see MultiScaleFlow."""
