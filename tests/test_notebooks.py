@@ -20,5 +20,6 @@ def test_notebook_code_cells_parse(path):
   for cell in notebook["cells"]:
     if cell["cell_type"] != "code":
       continue
-    lines = [line for line in "".join(cell["source"]).splitlines() if not line.lstrip()[:1] in "!%"]
+    source = "".join(cell["source"]).splitlines()
+    lines = [line for line in source if not line.lstrip().startswith(("!", "%"))]
     ast.parse("\n".join(lines))
