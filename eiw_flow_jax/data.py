@@ -1,7 +1,9 @@
 """Datasets and the grain input pipeline.
 
 Every example leaving this module is a uint8 image of `config.model.image_shape` holding the
-dataset's stored pixel values unchanged (no dequantisation or scaling happens here).
+dataset's stored pixel values, on the model's grid: when `config.model.n_bits` is below the
+dataset's `pixel_bits`, the low bits are dropped (x >> (pixel_bits - n_bits), as Glow does for
+5-bit CelebA). No dequantisation or scaling happens here.
 
 Registered names (`config.dataset.name`):
 
@@ -436,11 +438,14 @@ class _ToImage:
   image_key: str
   image_shape: tuple[int, int, int]
   preprocess: Preprocess | None
+  drop_bits: int = 0  # pixel_bits - n_bits when the model uses fewer bits (Glow's CelebA, 5)
 
   def __call__(self, example: dict[str, Any]) -> dict[str, np.ndarray]:
     image = np.asarray(example[self.image_key])
     if self.preprocess is not None:
       image = self.preprocess(image, self.image_shape)
+    if self.drop_bits:
+      image = image >> np.uint8(self.drop_bits)
     if image.ndim == 2:
       image = image[..., None]
     if image.shape != self.image_shape or image.dtype != np.uint8:
@@ -455,7 +460,11 @@ def _image_dataset(config: ml_collections.ConfigDict, split: str) -> grain.MapDa
   """The split as a MapDataset of {"image": uint8}; checks the first image's shape eagerly."""
   source, spec = _open(config.dataset.name, _data_dir(config), config.dataset.source_dir, split)
   to_image = _ToImage(
-      config.dataset.name, spec.image_key, tuple(config.model.image_shape), spec.preprocess
+      config.dataset.name,
+      spec.image_key,
+      tuple(config.model.image_shape),
+      spec.preprocess,
+      drop_bits=max(0, spec.pixel_bits - config.model.n_bits),
   )
   if len(source) == 0:
     raise ValueError(f"Split {split!r} of dataset {config.dataset.name!r} is empty.")

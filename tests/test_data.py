@@ -319,3 +319,12 @@ def test_center_crop_resize():
   assert out.shape == (64, 64, 3) and out.dtype == np.uint8
   gray = data.center_crop_resize(image[..., :1], (32, 48, 1))
   assert gray.shape == (32, 48, 1)
+
+
+def test_low_bits_are_dropped_for_smaller_n_bits(mnist_config):
+  """n_bits below the stored depth keeps the top bits (x >> (8 - n_bits)), as Glow does."""
+  mnist_config.model.n_bits = 5
+  raw = data.read_idx(MNIST_DIR / "t10k-images-idx3-ubyte.gz")
+  test = data.load_examples(mnist_config, "test", 10)
+  np.testing.assert_array_equal(test[..., 0], raw[9000:9010] >> 3)
+  assert int(test.max()) < 32
