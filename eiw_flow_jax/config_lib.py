@@ -158,3 +158,99 @@ def validate_model_config(model: ml_collections.ConfigDict) -> None:
           f"model.eiw.anchor_width gives A={anchor} at level {level} with C={channels} channels; "
           f"expected 1 <= A <= {upper} (A < C//2 = {kept}).",
       )
+
+
+class ConfigError(ValueError):
+  """A config that cannot run; raised by `validate_config` before any compute."""
+
+
+def _known_datasets() -> tuple[str, ...]:
+  # The data layer owns the registry; imported lazily so model-only users skip TFDS.
+  from eiw_flow_jax import data
+
+  return tuple(sorted(data.DATASETS))
+
+
+def _positive_int(name: str, value: object, *, allow_zero: bool = False) -> None:
+  low = 0 if allow_zero else 1
+  _require(
+      isinstance(value, int) and not isinstance(value, bool) and value >= low,
+      f"{name} must be an int >= {low}, got {value!r}.",
+  )
+
+
+def validate_config(
+    config: ml_collections.ConfigDict,
+    *,
+    num_devices: int | None = None,
+    num_processes: int | None = None,
+) -> None:
+  """Checks the whole config (model, dataset, training) and raises ConfigError naming the field.
+
+  `num_devices` / `num_processes` (global device count, JAX process count) enable the checks
+  that batches split evenly; leave them None to check only what the config alone determines
+  (e.g. before `jax.distributed.initialize()`).
+  """
+  try:
+    validate_model_config(config.model)
+    _validate_training(config)
+  except ConfigError:
+    raise
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+  except (TypeError, AttributeError, KeyError) as e:  # a field missing or of the wrong type
+    raise ConfigError(f"Invalid config ({type(e).__name__}): {e}") from e
+  for count, what in ((num_devices, "devices"), (num_processes, "processes")):
+    if count is None:
+      continue
+    for field in ("batch_size", "eval_batch_size"):
+      value = config[field]
+      if value % count:
+        raise ConfigError(
+            f"config.{field}={value} must be divisible by the number of {what} ({count}): "
+            f"each of them gets an equal share of every batch."
+        )
+
+
+def _validate_training(config: ml_collections.ConfigDict) -> None:
+  known = _known_datasets()
+  _choice("config.dataset.name", config.dataset.name, known)
+  _require(
+      isinstance(config.seed, int) and config.seed >= 0,
+      f"config.seed must be an int >= 0, got {config.seed!r}.",
+  )
+  for field in ("batch_size", "eval_batch_size", "num_train_steps", "init_batch_size"):
+    _positive_int(f"config.{field}", config[field])
+  for field in ("log_every_steps", "keep_checkpoints", "max_consecutive_nonfinite"):
+    _positive_int(f"config.{field}", config[field])
+  for field in ("checkpoint_every_steps", "eval_every_steps"):
+    _positive_int(f"config.{field}", config[field], allow_zero=True)
+  _require(
+      0.0 <= config.ema_decay < 1.0,
+      f"config.ema_decay must be in [0, 1), got {config.ema_decay!r}.",
+  )
+  opt = config.optimizer
+  _require(
+      opt.learning_rate > 0,
+      f"config.optimizer.learning_rate must be > 0, got {opt.learning_rate!r}.",
+  )
+  _positive_int("config.optimizer.warmup_steps", opt.warmup_steps, allow_zero=True)
+  _require(
+      0.0 <= opt.end_learning_rate_factor <= 1.0,
+      "config.optimizer.end_learning_rate_factor must be in [0, 1], got "
+      f"{opt.end_learning_rate_factor!r}.",
+  )
+  for field in ("b1", "b2"):
+    _require(
+        0.0 <= opt[field] < 1.0, f"config.optimizer.{field} must be in [0, 1), got {opt[field]!r}."
+    )
+  _require(
+      opt.grad_clip_norm >= 0,
+      f"config.optimizer.grad_clip_norm must be >= 0 (0 disables), got {opt.grad_clip_norm!r}.",
+  )
+  temperatures = tuple(config.sample.temperatures)
+  _require(
+      len(temperatures) > 0 and all(t >= 0 for t in temperatures),
+      f"config.sample.temperatures must be a non-empty list of numbers >= 0, got {temperatures!r}.",
+  )
+  _positive_int("config.sample.num_samples", config.sample.num_samples)

@@ -1,0 +1,612 @@
+"""Training: train state, optimizer, the jitted data-parallel train step and the training loop.
+
+One `jax.jit`-compiled step runs over a `Mesh` of every device of every process: the global
+batch is sharded on the mesh axis "data", the train state is replicated. `state_shardings` is
+the one place that decides the state's layout, so sharding parameters later is a local change.
+
+Determinism: the dequantization noise of step s is drawn inside the step from
+`fold_in(train_key, s)`, the input pipeline's position is checkpointed with the state, and
+skipped (non-finite) steps still advance the step counter, so a run resumed from any checkpoint
+ends with the same parameters as an uninterrupted one.
+
+Non-finite loss or gradients: the step's update is dropped inside the jitted step (params, EMA
+and optimizer state keep their values) and counted; config.max_consecutive_nonfinite skipped
+steps in a row stop the run with NonFiniteError, leaving the checkpoints as they were.
+
+EMA: decay min(config.ema_decay, (1 + n) / (10 + n)) after n applied updates, so short runs
+are not dominated by the initial parameters; eval and sampling use the EMA parameters.
+
+Pixels stored with more bits than config.model.n_bits are shifted right (Glow's reduction).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from eiw_flow_jax import checkpointing, config_lib, data, evaluate
+from eiw_flow_jax.model import Flow, build_flow
+
+DATA_AXIS = "data"
+# Fixed offsets folded into the seed, one per use of randomness.
+_INIT_STREAM, _TRAIN_STREAM, _STATS_STREAM = 0, 1, 2
+
+
+class NonFiniteError(RuntimeError):
+  """Too many consecutive steps had a non-finite loss or gradient (their updates were skipped)."""
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a resumed run needs besides the input pipeline's position."""
+
+  step: jax.Array  # batches consumed so far, including skipped (non-finite) steps
+  params: Any
+  constants: Any  # fixed 1x1-conv permutations and signs; never trained
+  ema_params: Any
+  opt_state: Any
+  nonfinite_total: jax.Array
+  nonfinite_consecutive: jax.Array
+
+  def variables(self, ema: bool = True) -> dict[str, Any]:
+    """Variables for the Flow API: EMA (default) or raw parameters."""
+    return {"params": self.ema_params if ema else self.params, "constants": self.constants}
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizer.
+
+
+def make_schedule(config: ml_collections.ConfigDict) -> Callable[[Any], jax.Array]:
+  """Learning rate per applied update: linear warmup, then constant or cosine decay."""
+  opt = config.optimizer
+  peak, warmup = float(opt.learning_rate), int(opt.warmup_steps)
+  total, end = int(config.num_train_steps), float(opt.end_learning_rate_factor)
+
+  def schedule(count: Any) -> jax.Array:
+    count = jnp.asarray(count, jnp.float32)
+    # (count + 1): the first update already moves; Glow-style warmup from lr / warmup.
+    lr = peak * jnp.minimum(1.0, (count + 1.0) / warmup) if warmup > 0 else jnp.full((), peak)
+    if opt.cosine_decay:
+      frac = jnp.clip((count - warmup) / max(1, total - warmup), 0.0, 1.0)
+      lr = lr * (end + (1.0 - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * frac)))
+    return lr
+
+  return schedule
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """Adam with the warmup (+ optional cosine) schedule and global-norm gradient clipping."""
+  opt = config.optimizer
+  parts = []
+  if opt.grad_clip_norm > 0:
+    parts.append(optax.clip_by_global_norm(opt.grad_clip_norm))
+  parts.append(optax.adam(make_schedule(config), b1=opt.b1, b2=opt.b2))
+  return optax.chain(*parts)
+
+
+# ----------------------------------------------------------------------------------------------
+# Mesh and shardings.
+
+
+def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
+  """A 1-D mesh over all devices of all processes (or `devices`), axis "data"."""
+  devices = jax.devices() if devices is None else devices
+  return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def state_shardings(mesh: Mesh, state: Any) -> Any:
+  """Sharding of every train-state leaf: replicated. Change here to shard parameters."""
+  return jax.tree.map(lambda _: replicated(mesh), state)
+
+
+def global_batch(local: np.ndarray, sharding: NamedSharding) -> jax.Array:
+  """This process's rows -> the global array sharded on "data" (works multi-host)."""
+  return jax.make_array_from_process_local_data(sharding, np.asarray(local))
+
+
+def host_replicated(value: np.ndarray, mesh: Mesh) -> jax.Array:
+  """An array every process holds in full -> a global replicated array."""
+  value = np.asarray(value)
+  return jax.make_array_from_callback(value.shape, replicated(mesh), lambda index: value[index])
+
+
+def bits_shift(config: ml_collections.ConfigDict, pixel_bits: int) -> int:
+  """Right shift bringing stored pixels (pixel_bits deep) to the model's n_bits (Glow's way)."""
+  return max(0, pixel_bits - config.model.n_bits)
+
+
+def reduce_bits(images: np.ndarray, shift: int) -> np.ndarray:
+  return images if shift == 0 else np.right_shift(images, shift)
+
+
+# ----------------------------------------------------------------------------------------------
+# State creation.
+
+
+def rng_keys(config: ml_collections.ConfigDict) -> dict[str, jax.Array]:
+  """One key per use of randomness, all derived from config.seed."""
+  base = jax.random.PRNGKey(config.seed)
+  return {
+      "init": jax.random.fold_in(base, _INIT_STREAM),
+      "train": jax.random.fold_in(base, _TRAIN_STREAM),
+      "stats": jax.random.fold_in(base, _STATS_STREAM),
+      "eval": jax.random.fold_in(base, evaluate.EVAL_STREAM),
+      "sample": jax.random.fold_in(base, evaluate.SAMPLE_STREAM),
+  }
+
+
+def _state_from_variables(tx: optax.GradientTransformation, variables: Any) -> TrainState:
+  params = variables["params"]
+  zero = jnp.zeros((), jnp.int32)
+  return TrainState(
+      step=zero,
+      params=params,
+      constants=variables["constants"],
+      ema_params=params,
+      opt_state=tx.init(params),
+      nonfinite_total=zero,
+      nonfinite_consecutive=zero,
+  )
+
+
+@functools.lru_cache(maxsize=8)
+def abstract_state(flow: Flow, tx: optax.GradientTransformation, mesh: Mesh) -> Any:
+  """The train state's structure as ShapeDtypeStructs with shardings (traced, not computed)."""
+  x = jax.ShapeDtypeStruct((1, *flow.image_shape), jnp.uint8)
+  shapes = jax.eval_shape(
+      lambda r, x: _state_from_variables(tx, flow.init(r, x)), jax.random.PRNGKey(0), x
+  )
+  shardings = state_shardings(mesh, shapes)
+  return jax.tree.map(
+      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
+  )
+
+
+def create_state(
+    config: ml_collections.ConfigDict,
+    flow: Flow,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    init_images: np.ndarray,
+) -> TrainState:
+  """Fresh state with data-dependent init on `init_images` (the same on every process)."""
+  # flow.init runs on this process's default device, outside the sharded jit (which would
+  # compile the whole data-dependent init as one graph); every process computes the same
+  # variables from the same examples, then they are placed with the state's shardings.
+  variables = jax.device_get(flow.init(rng_keys(config)["init"], init_images))
+  variables = jax.tree.map(lambda v: host_replicated(v, mesh), variables)
+  shardings = state_shardings(mesh, abstract_state(flow, tx, mesh))
+  return jax.jit(lambda v: _state_from_variables(tx, v), out_shardings=shardings)(variables)
+
+
+# ----------------------------------------------------------------------------------------------
+# The train step.
+
+
+def _split_thetas(params: Any) -> dict[int, jax.Array]:
+  """Level -> theta of each EIW `global` split (the parameter that fixes its permutation)."""
+  out = {}
+  for name, sub in params.items():
+    if name.startswith("level") and name.endswith("_split") and "theta" in sub:
+      out[int(name[len("level") : -len("_split")])] = sub["theta"]
+  return out
+
+
+def _ema_decay(config: ml_collections.ConfigDict, applied: jax.Array) -> jax.Array:
+  # Ramped like TF's ExponentialMovingAverage(num_updates): short runs are not dominated by
+  # the initial parameters.
+  applied = applied.astype(jnp.float32)
+  return jnp.minimum(config.ema_decay, (1.0 + applied) / (10.0 + applied))
+
+
+def make_train_step(
+    config: ml_collections.ConfigDict,
+    flow: Flow,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    *,
+    inject_nonfinite: bool = False,
+) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
+  """The jitted step (state, global uint8 batch) -> (state, metrics).
+
+  A step whose loss or gradient is not finite leaves params, EMA and optimizer state unchanged
+  and is counted. `inject_nonfinite` (tests only) makes every step's loss NaN.
+  """
+  schedule = make_schedule(config)
+  train_key = rng_keys(config)["train"]
+  use_ema = config.ema_decay > 0
+
+  def step_fn(state: TrainState, images: jax.Array):
+    rng = jax.random.fold_in(train_key, state.step)
+
+    def loss_fn(params):
+      loss, aux = flow.loss({"params": params, "constants": state.constants}, images, rng)
+      if inject_nonfinite:
+        loss = loss * jnp.nan
+      return loss, aux
+
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    applied = state.step - state.nonfinite_total  # updates applied before this one
+    if use_ema:
+      decay = _ema_decay(config, applied)
+      ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+    else:
+      ema = params
+
+    def keep_if_finite(new, old):
+      return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+    skipped = (~finite).astype(jnp.int32)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=keep_if_finite(params, state.params),
+        ema_params=keep_if_finite(ema, state.ema_params),
+        opt_state=keep_if_finite(opt_state, state.opt_state),
+        nonfinite_total=state.nonfinite_total + skipped,
+        nonfinite_consecutive=jnp.where(finite, 0, state.nonfinite_consecutive + 1),
+    )
+    metrics = {
+        "loss": loss,
+        "bpd": aux["bpd"],
+        "regularizer": aux["regularizer"],
+        "weight_entropy": aux["weight_entropy"],
+        "grad_norm": grad_norm,
+        "learning_rate": schedule(applied),
+        "finite": finite,
+        "nonfinite_total": new_state.nonfinite_total,
+        "nonfinite_consecutive": new_state.nonfinite_consecutive,
+    }
+    old_thetas, new_thetas = _split_thetas(state.params), _split_thetas(new_state.params)
+    for level, theta in new_thetas.items():
+      before = jnp.argsort(-old_thetas[level], stable=True)
+      after = jnp.argsort(-theta, stable=True)
+      metrics[f"perm_changed/level{level}"] = jnp.any(before != after).astype(jnp.int32)
+    return new_state, metrics
+
+  shardings = state_shardings(mesh, abstract_state(flow, tx, mesh))
+  return jax.jit(
+      step_fn,
+      in_shardings=(shardings, batch_sharding(mesh)),
+      out_shardings=(shardings, replicated(mesh)),
+      donate_argnums=(0,),
+  )
+
+
+def make_stats_fn(flow: Flow, mesh: Mesh) -> Callable[..., list[dict[str, jax.Array]]]:
+  """Jitted (variables, uint8 batch, rng) -> per-level Shuffle diagnostics."""
+  return jax.jit(
+      lambda v, x, rng: flow.shuffle_stats(v, flow.dequantize(x, rng)),
+      out_shardings=replicated(mesh),
+  )
+
+
+# ----------------------------------------------------------------------------------------------
+# Reporting (process 0 only).
+
+
+class _Reporter:
+  """TensorBoard events in the workdir plus a tqdm bar; silent on processes other than 0."""
+
+  def __init__(self, workdir: str, total: int, initial: int, batch_size: int):
+    self.active = jax.process_index() == 0
+    self.batch_size = batch_size
+    self.writer = self.bar = None
+    if self.active:
+      from tensorboardX import SummaryWriter
+      from tqdm import tqdm
+
+      self.writer = SummaryWriter(workdir)
+      self.bar = tqdm(
+          total=total, initial=initial, unit="step", dynamic_ncols=True, mininterval=1.0
+      )
+
+  def advance(self) -> None:
+    if self.bar is not None:
+      self.bar.update(1)
+
+  def scalars(self, step: int, values: dict[str, float]) -> None:
+    if self.writer is not None:
+      for tag, value in values.items():
+        self.writer.add_scalar(tag, value, step)
+
+  def shuffle_stats(self, step: int, stats: list[dict[str, np.ndarray]], changes: dict) -> None:
+    if self.writer is None:
+      return
+    for level, level_stats in enumerate(stats):
+      prefix = f"shuffle/level{level}"
+      for name, value in level_stats.items():
+        value = np.asarray(value)
+        if value.ndim == 0:
+          self.writer.add_scalar(f"{prefix}/{name}", float(value), step)
+        elif name in ("permutation", "kept_channels"):
+          self.writer.add_text(f"{prefix}/{name}", " ".join(map(str, value.tolist())), step)
+        else:
+          self.writer.add_histogram(f"{prefix}/{name}", value, step)
+          for index, item in enumerate(value.tolist()):
+            self.writer.add_scalar(f"{prefix}/{name}/{index}", item, step)
+      if level in changes:
+        self.writer.add_scalar(f"{prefix}/permutation_changes", changes[level], step)
+
+  def postfix(self, **values: Any) -> None:
+    if self.bar is not None:
+      self.bar.set_postfix(**values, refresh=False)
+
+  def close(self) -> None:
+    if self.bar is not None:
+      self.bar.close()
+    if self.writer is not None:
+      self.writer.close()
+
+
+def _summarise(history: list[dict[str, np.ndarray]]) -> tuple[dict[str, float], dict[int, int]]:
+  """Means over the log interval of finite steps, skip counts; permutation changes per level."""
+  finite = np.array([bool(m["finite"]) for m in history])
+  out = {}
+  for name in ("loss", "bpd", "regularizer", "weight_entropy", "grad_norm"):
+    values = np.array([float(m[name]) for m in history])[finite]
+    out[f"train/{name}"] = float(values.mean()) if values.size else math.nan
+  out["train/learning_rate"] = float(history[-1]["learning_rate"])
+  out["train/skipped_steps"] = float(np.sum(~finite))
+  out["train/skipped_steps_total"] = float(history[-1]["nonfinite_total"])
+  changes = {
+      int(name[len("perm_changed/level") :]): sum(int(m[name]) for m in history)
+      for name in history[-1] if name.startswith("perm_changed/level")
+  }
+  return out, changes
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop.
+
+
+@dataclasses.dataclass
+class TrainResult:
+  flow: Flow
+  state: TrainState
+  mesh: Mesh
+  info: data.DatasetInfo
+  step: int
+
+
+def _check_data(config: ml_collections.ConfigDict) -> data.DatasetInfo:
+  try:
+    return data.get_dataset_info(config)
+  except ValueError as e:  # wrong split name, image shape, ...: a config problem
+    raise config_lib.ConfigError(f"Dataset {config.dataset.name!r}: {e}") from e
+
+
+def _save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json(indent=2, sort_keys=True))
+
+
+def train(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    mesh: Mesh | None = None,
+    nonfinite_steps: Callable[[int], bool] | None = None,
+) -> TrainResult:
+  """Trains (resuming from the newest readable checkpoint in `workdir`) to num_train_steps.
+
+  `nonfinite_steps` (tests only): steps for which the loss is made NaN, to exercise the
+  non-finite guard. Raises NonFiniteError after config.max_consecutive_nonfinite skipped steps
+  in a row; the checkpoints saved before are left as they are.
+  """
+  mesh = make_mesh() if mesh is None else mesh
+  config_lib.validate_config(config, num_devices=mesh.size, num_processes=jax.process_count())
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  info = _check_data(config)
+  shift = bits_shift(config, info.pixel_bits)
+  flow = build_flow(config)
+  tx = make_optimizer(config)
+  _save_config(config, workdir)
+
+  manager = checkpointing.make_manager(workdir, keep=config.keep_checkpoints)
+  reporter = None
+  try:
+    train_iter = data.create_train_iterator(config)
+    restored = checkpointing.restore_latest(manager, abstract_state(flow, tx, mesh), train_iter)
+    if restored is None:
+      n_init = min(config.init_batch_size, info.num_train)
+      init_images = data.load_examples(config, data.resolve_split(config, "train"), n_init)
+      state = create_state(config, flow, tx, mesh, reduce_bits(init_images, shift))
+      logging.info("Initialised a fresh model (data-dependent init on %d examples).", n_init)
+    else:
+      restored_step, state = restored
+      logging.info("Resumed from the checkpoint at step %d in %s.", restored_step, workdir)
+    start = int(jax.device_get(state.step))
+    reporter = _Reporter(workdir, config.num_train_steps, start, config.batch_size)
+    state = _train_loop(
+        config, flow, tx, mesh, manager, reporter, state, train_iter, shift, nonfinite_steps
+    )
+    final = int(jax.device_get(state.step))
+    if manager.latest_step() != final:
+      checkpointing.save(manager, final, state, train_iter, force=True)
+  finally:
+    if reporter is not None:
+      reporter.close()
+    # Lets an in-flight async save finish, also when an error is on its way out.
+    manager.wait_until_finished()
+    manager.close()
+  return TrainResult(flow=flow, state=state, mesh=mesh, info=info, step=final)
+
+
+def _train_loop(
+    config: ml_collections.ConfigDict,
+    flow: Flow,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    manager: ocp.CheckpointManager,
+    reporter: _Reporter,
+    state: TrainState,
+    train_iter: Any,
+    shift: int,
+    nonfinite_steps: Callable[[int], bool] | None,
+) -> TrainState:
+  """Steps from state.step to config.num_train_steps with logging, checkpoints and evals."""
+  start, total = int(jax.device_get(state.step)), config.num_train_steps
+  step_fn = make_train_step(config, flow, tx, mesh)
+  poisoned_fn = None
+  stats_fn = make_stats_fn(flow, mesh)
+  keys = rng_keys(config)
+  sharding = batch_sharding(mesh)
+  history: list[dict[str, jax.Array]] = []
+  pending: jax.Array | None = None
+  last_log_time, last_log_step = time.time(), start
+
+  def check_streak(consecutive: jax.Array, at_step: int) -> None:
+    count = int(jax.device_get(consecutive))
+    if count >= config.max_consecutive_nonfinite:
+      manager.wait_until_finished()
+      raise NonFiniteError(
+          f"{count} consecutive training steps (up to step {at_step}) had a non-finite loss or "
+          f"gradient; their updates were skipped and training stopped "
+          f"(config.max_consecutive_nonfinite={config.max_consecutive_nonfinite}). The last "
+          f"checkpoint (step {manager.latest_step()}) in {manager.directory} is unchanged. "
+          f"Consider a lower config.optimizer.learning_rate or config.optimizer.grad_clip_norm."
+      )
+
+  for step in range(start, total):
+    images = global_batch(reduce_bits(next(train_iter)["image"], shift), sharding)
+    if nonfinite_steps is not None and nonfinite_steps(step):
+      if poisoned_fn is None:
+        poisoned_fn = make_train_step(config, flow, tx, mesh, inject_nonfinite=True)
+      state, metrics = poisoned_fn(state, images)
+    else:
+      state, metrics = step_fn(state, images)
+    history.append(metrics)
+    # Checked one step late, so the host never waits for the step it just dispatched.
+    if pending is not None:
+      check_streak(pending, step)
+    pending = metrics["nonfinite_consecutive"]
+    reporter.advance()
+    done = step + 1
+
+    if done % config.log_every_steps == 0 or done == total:
+      check_streak(pending, done)
+      summary, changes = _summarise(jax.device_get(history))
+      history = []
+      now = time.time()
+      summary["train/img_per_sec"] = (
+          (done - last_log_step) * config.batch_size / max(now - last_log_time, 1e-9)
+      )
+      last_log_time, last_log_step = now, done
+      stats = jax.device_get(
+          stats_fn(state.variables(ema=False), images, jax.random.fold_in(keys["stats"], done))
+      )
+      reporter.scalars(done, summary)
+      reporter.shuffle_stats(done, stats, changes)
+      reporter.postfix(
+          bpd=f"{summary['train/bpd']:.4f}", img_s=f"{summary['train/img_per_sec']:.0f}"
+      )
+      logging.info(
+          "step %d: loss %.4f, bpd %.4f, grad norm %.3g, lr %.3g, %.0f img/s, skipped %d",
+          done, summary["train/loss"], summary["train/bpd"], summary["train/grad_norm"],
+          summary["train/learning_rate"], summary["train/img_per_sec"],
+          summary["train/skipped_steps_total"],
+      )
+
+    every = config.checkpoint_every_steps
+    if every and done % every == 0 and done < total:  # the final save happens after the loop
+      if int(jax.device_get(state.nonfinite_consecutive)) == 0:
+        checkpointing.save(manager, done, state, train_iter)
+      else:
+        logging.warning("Step %d: no checkpoint inside a run of non-finite steps.", done)
+
+    if config.eval_every_steps and done % config.eval_every_steps == 0 and done < total:
+      bpd, _ = evaluate.evaluate_bpd(
+          config, flow, state.variables(ema=True), mesh, shift, keys["eval"]
+      )
+      reporter.scalars(done, {"eval/bpd": bpd})
+      logging.info("step %d: test bpd %.4f (EMA parameters)", done, bpd)
+
+  if pending is not None:
+    check_streak(pending, total)
+  return state
+
+
+def restore_for_inference(
+    config: ml_collections.ConfigDict, workdir: str, *, mesh: Mesh | None = None
+) -> TrainResult:
+  """The newest readable checkpoint's state (no input pipeline), for eval and sampling.
+
+  Read-only: safe while a training run writes to the same workdir.
+  """
+  mesh = make_mesh() if mesh is None else mesh
+  config_lib.validate_config(config, num_devices=mesh.size, num_processes=jax.process_count())
+  info = _check_data(config)
+  flow = build_flow(config)
+  tx = make_optimizer(config)
+  directory = checkpointing.checkpoint_dir(workdir)
+  restored = None
+  if os.path.isdir(directory):
+    manager = checkpointing.make_manager(workdir, keep=config.keep_checkpoints, read_only=True)
+    try:
+      restored = checkpointing.restore_latest(
+          manager, abstract_state(flow, tx, mesh), quarantine=False
+      )
+    finally:
+      manager.close()
+  if restored is None:
+    raise FileNotFoundError(
+        f"No checkpoint in {directory}; train first (--mode=train) with the same --workdir."
+    )
+  step, state = restored
+  return TrainResult(flow=flow, state=state, mesh=mesh, info=info, step=step)
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, **kwargs: Any
+) -> dict[str, Any]:
+  """Trains, then evaluates test bpd (EMA params) into results.json and writes sample grids."""
+  result = train(config, workdir, **kwargs)
+  return evaluate_and_sample(config, workdir, result)
+
+
+def evaluate_and_sample(
+    config: ml_collections.ConfigDict, workdir: str, result: TrainResult
+) -> dict[str, Any]:
+  """results.json and sample grids from a trained/restored state; returns the results."""
+  keys = rng_keys(config)
+  shift = bits_shift(config, result.info.pixel_bits)
+  variables = result.state.variables(ema=True)
+  results = evaluate.evaluate_and_write(
+      config, workdir, result.flow, variables, result.mesh, shift, keys["eval"],
+      info=result.info, step=result.step,
+  )
+  evaluate.write_sample_grids(
+      config, workdir, result.flow, variables, result.mesh, keys["sample"]
+  )
+  return results

@@ -1,0 +1,232 @@
+"""The command line end to end: train -> eval -> sample on digits, and its error messages."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import struct
+import subprocess
+import sys
+
+import pytest
+
+from eiw_flow_jax import data, evaluate, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(REPO, "configs")
+TINY = [
+    "--config.model.steps_per_level=1",
+    "--config.model.hidden_channels=8",
+    "--config.batch_size=16",
+    "--config.eval_batch_size=64",
+    "--config.init_batch_size=64",
+    "--config.sample.num_samples=4",
+    "--config.sample.temperatures=(0.5,1.0)",
+    "--config.log_every_steps=50",
+]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("tfds"))
+
+
+def shared_cache_dir(tmp_path_factory) -> str:
+  """One XLA compilation cache for this test session's subprocesses (all test modules)."""
+  path = tmp_path_factory.getbasetemp() / "eiw_flow_xla_cache"
+  path.mkdir(exist_ok=True)
+  return str(path)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+  out = dict(os.environ)
+  out.pop("XLA_FLAGS", None)
+  out.update(
+      JAX_PLATFORMS="cpu",
+      JAX_COMPILATION_CACHE_DIR=shared_cache_dir(tmp_path_factory),
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+      PYTHONPATH=REPO + os.pathsep + out.get("PYTHONPATH", ""),
+  )
+  return out
+
+
+def main_args(workdir: str, config: str = "digits.py", *extra: str) -> list[str]:
+  return [
+      sys.executable, "-m", "eiw_flow_jax.main", f"--config={os.path.join(CONFIGS, config)}",
+      f"--workdir={workdir}", *extra,
+  ]
+
+
+def test_train_eval_sample_on_digits(tmp_path, data_dir, env):
+  workdir = str(tmp_path / "run")
+  args = main_args(
+      workdir, "digits.py", *TINY, f"--config.dataset.data_dir={data_dir}",
+      "--config.num_train_steps=300", "--config.checkpoint_every_steps=100",
+  )
+  result = subprocess.run(args, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-4000:]
+  assert "Final test bpd" in result.stdout
+
+  with open(os.path.join(workdir, "results.json")) as f:
+    results = json.load(f)
+  assert results["dataset"] == "digits"
+  assert results["num_eval"] == results["num_evaluated"] == 297
+  assert results["num_train"] == 1500
+  assert results["step"] == 300
+  for key in ("config_hash", "git_commit", "device_kind", "device_count"):
+    assert results[key]
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", "300"))
+  events = glob.glob(os.path.join(workdir, "events.out.tfevents.*"))
+  assert len(events) == 1
+  tags = event_tags(events[0])
+  for tag in (
+      "train/loss", "train/bpd", "train/regularizer", "train/grad_norm", "train/img_per_sec",
+      "train/learning_rate", "train/skipped_steps_total", "shuffle/level0/g_entropy",
+      "shuffle/level0/mean_s_entropy", "shuffle/level0/regularizer",
+      "shuffle/level0/factored_entropy", "shuffle/level0/permutation_changes",
+  ):
+    assert tags.get(tag) == [50, 100, 150, 200, 250, 300], tag
+  assert sorted(os.listdir(os.path.join(workdir, "samples"))) == [
+      "temperature_0.50.png", "temperature_1.00.png",
+  ]
+
+  # Test bpd of the same model at initialisation (same seed, same init batch, same eval noise).
+  config = _tiny_config(data_dir)
+  flow, tx, mesh = train.build_flow(config), train.make_optimizer(config), train.make_mesh()
+  images = data.load_examples(config, "train", config.init_batch_size)
+  state = train.create_state(config, flow, tx, mesh, images)
+  init_bpd, count = evaluate.evaluate_bpd(
+      config, flow, state.variables(), mesh, 0, train.rng_keys(config)["eval"]
+  )
+  assert count == 297
+  assert results["bpd"] < init_bpd - 0.5, (results["bpd"], init_bpd)
+
+  # --mode=eval recomputes the same number from the checkpoint; --mode=sample rewrites the PNGs.
+  os.remove(os.path.join(workdir, "results.json"))
+  for path in glob.glob(os.path.join(workdir, "samples", "*.png")):
+    os.remove(path)
+  for mode in ("eval", "sample"):
+    result = subprocess.run(
+        [*args, f"--mode={mode}"], env=env, cwd=REPO, capture_output=True, text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+  with open(os.path.join(workdir, "results.json")) as f:
+    assert json.load(f)["bpd"] == pytest.approx(results["bpd"], abs=1e-6)
+  assert len(glob.glob(os.path.join(workdir, "samples", "*.png"))) == 2
+
+
+def event_tags(path: str) -> dict[str, list[int]]:
+  """Tag -> logged steps of a TensorBoard event file (TFRecord framing around Event protos)."""
+  from tensorboardX.proto import event_pb2
+
+  with open(path, "rb") as f:
+    raw = f.read()
+  tags, offset = {}, 0
+  while offset < len(raw):
+    (length,) = struct.unpack("<Q", raw[offset : offset + 8])
+    event = event_pb2.Event.FromString(raw[offset + 12 : offset + 12 + length])
+    offset += 12 + length + 4  # length, its crc, the record, its crc
+    for value in event.summary.value:
+      tags.setdefault(value.tag, []).append(event.step)
+  return tags
+
+
+def _tiny_config(data_dir: str):
+  sys.path.insert(0, CONFIGS)
+  try:
+    import digits  # noqa: PLC0415 - the config file, found via the path above
+  finally:
+    sys.path.pop(0)
+  config = digits.get_config()
+  config.dataset.data_dir = data_dir
+  config.model.steps_per_level = 1
+  config.model.hidden_channels = 8
+  config.batch_size = 16
+  config.eval_batch_size = 64
+  config.init_batch_size = 64
+  return config
+
+
+# Each case: (config file, extra flags, environment additions, expected text on stderr).
+ERROR_CASES = {
+    "unknown_dataset": (
+        "digits.py", ["--config.dataset.name=svhn"], {}, "config.dataset.name must be one of",
+    ),
+    "bad_split": ("digits.py", ["--config.model.split=random"], {}, "model.split must be one of"),
+    "bad_mode": (
+        "digits.py", ["--config.model.eiw.mode=local"], {}, "model.eiw.mode must be one of",
+    ),
+    "image_not_divisible": (
+        "digits.py", ["--config.model.num_levels=4"], {}, "divisible by 2**num_levels",
+    ),
+    "batch_not_divisible": (
+        "digits.py", ["--config.batch_size=12"],
+        {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+        "config.batch_size=12 must be divisible by the number of devices (8)",
+    ),
+    "mnist_idx_missing": (
+        "mnist_idx.py", ["--config.dataset.source_dir=/nonexistent/mnist"], {},
+        "/nonexistent/mnist, which does not exist",
+    ),
+    "catalog_not_prepared": ("cifar10.py", [], {}, "is not prepared in data_dir"),
+}
+
+
+@pytest.fixture(scope="module")
+def error_runs(tmp_path_factory, env):
+  """Runs every error case at once (they only import and fail), keyed by case name."""
+  root = tmp_path_factory.mktemp("errors")
+  procs = {}
+  for name, (config, extra, env_extra, _) in ERROR_CASES.items():
+    args = main_args(
+        str(root / name), config, *extra, f"--config.dataset.data_dir={root / 'tfds'}"
+    )
+    procs[name] = subprocess.Popen(
+        args, env={**env, **env_extra}, cwd=REPO, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )
+  return {name: (proc, *proc.communicate(timeout=300)) for name, proc in procs.items()}
+
+
+@pytest.mark.parametrize("case", sorted(ERROR_CASES))
+def test_cli_errors(case, error_runs):
+  proc, stdout, stderr = error_runs[case]
+  expected = ERROR_CASES[case][3]
+  assert proc.returncode == 1, stderr[-3000:]
+  assert expected in stderr, stderr[-3000:]
+  # A message, not a traceback.
+  assert any(line.startswith("error: ") for line in stderr.splitlines()), stderr[-3000:]
+  assert "Traceback" not in stderr
+
+
+def test_eval_without_checkpoint_fails_clearly(tmp_path, data_dir, env):
+  args = main_args(str(tmp_path / "empty"), "digits.py", "--mode=eval",
+                   f"--config.dataset.data_dir={data_dir}")
+  result = subprocess.run(args, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 1
+  assert "No checkpoint in" in result.stderr
+
+
+
+@pytest.mark.slow
+def test_two_processes_with_distributed_initialize(tmp_path, data_dir, env):
+  """launch/multihost_example.sh: 2 JAX processes x 2 CPU devices train and evaluate together."""
+  workdir = str(tmp_path / "multihost")
+  script = os.path.join(REPO, "launch", "multihost_example.sh")
+  result = subprocess.run(
+      [script, "2", workdir, *TINY, f"--config.dataset.data_dir={data_dir}",
+       "--config.num_train_steps=60", "--config.checkpoint_every_steps=30"],
+      env={**env, "PYTHON": sys.executable, "PORT": "12391"}, cwd=REPO, capture_output=True,
+      text=True, timeout=600,
+  )
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  with open(os.path.join(workdir, "results.json")) as f:
+    results = json.load(f)
+  assert results["process_count"] == 2 and results["device_count"] == 4
+  assert results["num_evaluated"] == 297
+  assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(
+      os.listdir(os.path.join(workdir, "checkpoints", "60", "data"))
+  )

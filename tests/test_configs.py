@@ -1,0 +1,120 @@
+"""Every config in configs/ loads and validates; bad configs and missing data fail clearly."""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import os
+
+import pytest
+
+from eiw_flow_jax import config_lib, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_FILES = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))
+EXPECTED = {
+    "digits", "mnist", "mnist_idx", "cifar10", "imagenet32", "imagenet64", "celeba",
+    "lsun_bedroom", "lsun_church",
+}
+
+
+def load_config(name: str):
+  path = os.path.join(REPO, "configs", f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"config_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def test_all_expected_configs_exist():
+  names = {os.path.splitext(os.path.basename(p))[0] for p in CONFIG_FILES}
+  assert EXPECTED <= names
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_config_is_valid_and_defaults_to_eiw_global(name):
+  config = load_config(name)
+  assert config.dataset.name == name
+  assert config.model.split == "eiw"
+  assert config.model.eiw.mode == "global"
+  # Same fields as the base config, so every override works on every config.
+  assert set(config.keys()) == set(config_lib.base_config().keys())
+  config_lib.validate_config(config, num_devices=8, num_processes=2)
+  # Image side divisible by 2**levels; the Glow-style datasets use 8 bits.
+  height, width, _ = config.model.image_shape
+  assert height % 2**config.model.num_levels == 0
+  if name not in ("digits",):
+    assert config.model.n_bits == 8
+
+
+def test_mnist_idx_points_at_shared_data():
+  config = load_config("mnist_idx")
+  assert config.dataset.source_dir == "../shared/data/mnist"
+
+
+def _bad(**overrides):
+  config = load_config("digits")
+  for dotted, value in overrides.items():
+    node = config
+    *parents, leaf = dotted.split("__")
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+  return config
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"dataset__name": "nope"}, "config.dataset.name must be one of"),
+        ({"model__split": "diagonal"}, "model.split must be one of"),
+        ({"model__eiw__mode": "local"}, "model.eiw.mode must be one of"),
+        ({"model__num_levels": 4}, "divisible by 2**num_levels"),
+        ({"model__image_shape": (12, 12, 1), "model__num_levels": 3}, "divisible by 2**num_levels"),
+        ({"batch_size": 0}, "config.batch_size must be an int >= 1"),
+        ({"num_train_steps": -5}, "config.num_train_steps"),
+        ({"ema_decay": 1.0}, "config.ema_decay"),
+        ({"optimizer__learning_rate": 0.0}, "learning_rate"),
+        ({"optimizer__grad_clip_norm": -1.0}, "grad_clip_norm"),
+        ({"max_consecutive_nonfinite": 0}, "max_consecutive_nonfinite"),
+        ({"sample__temperatures": ()}, "temperatures"),
+        ({"seed": -1}, "config.seed"),
+    ],
+)
+def test_bad_config_raises_config_error(overrides, message):
+  config = _bad(**overrides)
+  with pytest.raises(config_lib.ConfigError, match=message.replace("*", r"\*")):
+    config_lib.validate_config(config)
+  assert issubclass(config_lib.ConfigError, ValueError)
+
+
+@pytest.mark.parametrize("field", ["batch_size", "eval_batch_size"])
+def test_batch_not_divisible_by_devices(field):
+  config = _bad(**{field: 12})
+  config_lib.validate_config(config)  # fine without a device count
+  config_lib.validate_config(config, num_devices=4)
+  with pytest.raises(config_lib.ConfigError, match=rf"config.{field}=12 .*devices \(8\)"):
+    config_lib.validate_config(config, num_devices=8)
+
+
+def test_missing_mnist_idx_source_dir(tmp_path):
+  config = load_config("mnist_idx")
+  config.dataset.source_dir = str(tmp_path / "does_not_exist")
+  config.dataset.data_dir = str(tmp_path / "tfds")
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    train.train(config, str(tmp_path / "work"))
+
+
+def test_catalog_dataset_not_prepared(tmp_path):
+  config = load_config("cifar10")
+  config.dataset.data_dir = str(tmp_path / "tfds")
+  with pytest.raises(FileNotFoundError, match="not prepared"):
+    train.train(config, str(tmp_path / "work"))
+
+
+def test_wrong_split_name_is_a_config_error(tmp_path):
+  config = load_config("digits")
+  config.dataset.data_dir = str(tmp_path / "tfds")
+  config.dataset.eval_split = "validation"
+  with pytest.raises(config_lib.ConfigError, match="no split 'validation'"):
+    train.train(config, str(tmp_path / "work"))

@@ -1,0 +1,275 @@
+"""Training: sharded step equivalence, kill-and-resume, corrupt checkpoints, non-finite guard.
+
+The subprocess tests run the real command line on a tiny digits model and share a persistent
+XLA compilation cache, so only the first process pays for compilation.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from eiw_flow_jax import checkpointing, data, train
+from eiw_flow_jax.config_lib import base_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DIGITS = os.path.join(REPO, "configs", "digits.py")
+
+# A tiny digits model: compiles quickly, a step takes milliseconds.
+TINY = {
+    "model.steps_per_level": 1,
+    "model.hidden_channels": 8,
+    "batch_size": 16,
+    "eval_batch_size": 64,
+    "init_batch_size": 64,
+    "sample.num_samples": 4,
+    "sample.temperatures": (0.7, 1.0),
+    "log_every_steps": 50,
+}
+
+
+def tiny_config(data_dir: str, **overrides):
+  """configs/digits.py with TINY and `overrides` ("a.b" keys), as the CLI would build it."""
+  sys.path.insert(0, os.path.join(REPO, "configs"))
+  try:
+    import digits  # noqa: PLC0415 - the config file, found via the path above
+  finally:
+    sys.path.pop(0)
+  config = digits.get_config()
+  config.dataset.data_dir = data_dir
+  for dotted, value in {**TINY, **overrides}.items():
+    node = config
+    *parents, leaf = dotted.split(".")
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+  return config
+
+
+def cli_args(workdir: str, data_dir: str, **overrides) -> list[str]:
+  args = [sys.executable, "-m", "eiw_flow_jax.main", f"--config={DIGITS}", f"--workdir={workdir}"]
+  for dotted, value in {**TINY, "dataset.data_dir": data_dir, **overrides}.items():
+    if isinstance(value, tuple):
+      value = "(" + ",".join(map(str, value)) + ",)"
+    args.append(f"--config.{dotted}={value}")
+  return args
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("tfds"))
+
+
+def shared_cache_dir(tmp_path_factory) -> str:
+  """One XLA compilation cache for this test session's subprocesses (all test modules)."""
+  path = tmp_path_factory.getbasetemp() / "eiw_flow_xla_cache"
+  path.mkdir(exist_ok=True)
+  return str(path)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+  """Subprocess environment: CPU, one device, a compilation cache shared by this module."""
+  out = dict(os.environ)
+  out.pop("XLA_FLAGS", None)
+  out.update(
+      JAX_PLATFORMS="cpu",
+      JAX_COMPILATION_CACHE_DIR=shared_cache_dir(tmp_path_factory),
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+      PYTHONPATH=REPO + os.pathsep + out.get("PYTHONPATH", ""),
+  )
+  return out
+
+
+def run_cli(args: list[str], env: dict, timeout: float = 240) -> subprocess.CompletedProcess:
+  result = subprocess.run(args, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+  assert result.returncode == 0, result.stderr[-4000:]
+  return result
+
+
+def finalized_steps(workdir: str) -> list[int]:
+  root = os.path.join(workdir, checkpointing.CHECKPOINT_DIR)
+  if not os.path.isdir(root):
+    return []
+  return sorted(int(d) for d in os.listdir(root) if d.isdigit())
+
+
+def restore(config, workdir: str):
+  return jax.device_get(train.restore_for_inference(config, workdir).state)
+
+
+def assert_states_equal(a, b, atol: float = 1e-6) -> None:
+  assert int(a.step) == int(b.step)
+  for name in ("params", "ema_params", "opt_state"):
+    leaves_a, leaves_b = jax.tree.leaves(getattr(a, name)), jax.tree.leaves(getattr(b, name))
+    assert len(leaves_a) == len(leaves_b)
+    for x, y in zip(leaves_a, leaves_b, strict=True):
+      np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=atol, err_msg=name)
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def test_schedule_and_ema_decay():
+  config = base_config()
+  config.num_train_steps = 100
+  config.optimizer.learning_rate = 1e-3
+  config.optimizer.warmup_steps = 10
+  schedule = train.make_schedule(config)
+  assert float(schedule(0)) == pytest.approx(1e-4)
+  assert float(schedule(9)) == pytest.approx(1e-3)
+  assert float(schedule(50)) == pytest.approx(1e-3)
+  config.optimizer.cosine_decay = True
+  config.optimizer.end_learning_rate_factor = 0.1
+  schedule = train.make_schedule(config)
+  assert float(schedule(10)) == pytest.approx(1e-3)
+  assert float(schedule(100)) == pytest.approx(1e-4, rel=1e-4)
+  assert float(schedule(55)) == pytest.approx(0.55e-3, rel=1e-3)
+  assert float(train._ema_decay(config, jax.numpy.asarray(0))) == pytest.approx(0.1)
+  assert float(train._ema_decay(config, jax.numpy.asarray(10**6))) == pytest.approx(0.999)
+
+
+EIGHT_DEVICES = textwrap.dedent(
+    """
+    import sys
+    import jax, numpy as np
+    sys.path.insert(0, {tests!r})
+    from test_train import tiny_config
+    from eiw_flow_jax import data, train
+
+    assert jax.device_count() == 8, jax.devices()
+    config = tiny_config({data_dir!r})
+    flow, tx = train.build_flow(config), train.make_optimizer(config)
+    images = data.load_examples(config, "train", 64)
+    out = {{}}
+    for n in (1, 8):
+      mesh = train.make_mesh(jax.devices()[:n])
+      state = train.create_state(config, flow, tx, mesh, images)
+      step = train.make_train_step(config, flow, tx, mesh)
+      losses = []
+      for i in range(3):
+        batch = train.global_batch(images[16 * i : 16 * (i + 1)], train.batch_sharding(mesh))
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+      assert len(batch.sharding.device_set) == n
+      assert len(state.params["top_prior"]["mean"].sharding.device_set) == n
+      out[n] = (np.array(losses), jax.device_get(state))
+    (loss1, state1), (loss8, state8) = out[1], out[8]
+    np.testing.assert_allclose(loss8, loss1, rtol=1e-6, atol=1e-6)
+    for name in ("params", "ema_params", "opt_state"):
+      pairs = zip(jax.tree.leaves(getattr(state1, name)), jax.tree.leaves(getattr(state8, name)))
+      for a, b in pairs:
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
+    print("OK", loss1.tolist(), loss8.tolist())
+    """
+)
+
+
+def test_train_step_on_8_devices_matches_1_device(data_dir, env):
+  script = EIGHT_DEVICES.format(tests=os.path.join(REPO, "tests"), data_dir=data_dir)
+  env8 = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  result = run_cli([sys.executable, "-c", script], env8)
+  assert "OK" in result.stdout
+
+
+def test_kill_and_resume_matches_uninterrupted_run(tmp_path, data_dir, env):
+  overrides = {"num_train_steps": 600, "checkpoint_every_steps": 50, "keep_checkpoints": 3}
+  config = tiny_config(data_dir, **overrides)
+
+  reference = str(tmp_path / "reference")
+  run_cli(cli_args(reference, data_dir, **overrides), env)
+  assert finalized_steps(reference) == [500, 550, 600]
+
+  # Same command, SIGKILLed once it has written a checkpoint.
+  workdir = str(tmp_path / "killed")
+  args = cli_args(workdir, data_dir, **overrides)
+  proc = subprocess.Popen(
+      args, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+  )
+  deadline = time.time() + 180
+  while not finalized_steps(workdir) and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.02)
+  still_running = proc.poll() is None
+  os.kill(proc.pid, signal.SIGKILL)
+  proc.wait()
+  assert still_running, "the run ended before it could be killed"
+  assert proc.returncode == -signal.SIGKILL
+  killed_at = finalized_steps(workdir)
+  assert killed_at and killed_at[-1] < 600
+
+  # Whatever the kill interrupted (maybe a save), a checkpoint directory is either finalised or
+  # still carries Orbax's temporary name, and the newest finalised one restores.
+  for name in os.listdir(os.path.join(workdir, checkpointing.CHECKPOINT_DIR)):
+    assert name.isdigit() or "orbax-checkpoint-tmp" in name or name[0] in "._", name
+  assert int(restore(config, workdir).step) == killed_at[-1]
+
+  result = run_cli(args, env)
+  assert "Final test bpd" in result.stdout
+  assert_states_equal(restore(config, workdir), restore(config, reference))
+  with open(os.path.join(workdir, "results.json")) as f, open(
+      os.path.join(reference, "results.json")
+  ) as g:
+    assert json.load(f)["bpd"] == pytest.approx(json.load(g)["bpd"], abs=1e-6)
+
+  # Corrupt the newest checkpoint of the finished reference run and run the command again:
+  # it is reported, moved aside, the previous one is used, and training ends where it did.
+  expected = restore(config, reference)
+  latest = os.path.join(reference, checkpointing.CHECKPOINT_DIR, "600", "state")
+  chunks = glob.glob(os.path.join(latest, "**", "d", "*"), recursive=True)
+  assert chunks
+  for chunk in chunks:
+    os.truncate(chunk, 7)
+  result = run_cli(cli_args(reference, data_dir, **overrides), env)
+  assert "Checkpoint at step 600" in result.stderr
+  assert "corrupt or incomplete" in result.stderr
+  assert "Resuming from checkpoint 550" in result.stderr
+  assert glob.glob(os.path.join(reference, checkpointing.CORRUPT_DIR, "600-*"))
+  assert finalized_steps(reference)[-1] == 600
+  assert_states_equal(restore(config, reference), expected)
+
+
+def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, data_dir):
+  config = tiny_config(
+      data_dir, num_train_steps=40, checkpoint_every_steps=10, max_consecutive_nonfinite=4,
+      log_every_steps=5,
+  )
+  workdir = str(tmp_path / "work")
+  # Steps 3 and 4: isolated failures, skipped and counted. From step 15 on, every step fails.
+  bad = lambda step: step in (3, 4) or step >= 15  # noqa: E731
+  with pytest.raises(train.NonFiniteError, match="4 consecutive training steps"):
+    train.train(config, workdir, nonfinite_steps=bad)
+  # Step 10 was saved; step 20 never was; step 10's checkpoint is intact and good.
+  assert finalized_steps(workdir) == [10]
+  state = restore(config, workdir)
+  assert int(state.step) == 10
+  assert int(state.nonfinite_total) == 2
+  assert int(state.nonfinite_consecutive) == 0
+  assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(state.params))
+
+  # A skipped step leaves params, EMA and optimizer state exactly as they were.
+  flow, tx, mesh = train.build_flow(config), train.make_optimizer(config), train.make_mesh()
+  images = data.load_examples(config, "train", 16)
+  before = train.create_state(config, flow, tx, mesh, images)
+  before_host = jax.device_get(before)
+  poisoned = train.make_train_step(config, flow, tx, mesh, inject_nonfinite=True)
+  after, metrics = poisoned(before, train.global_batch(images, train.batch_sharding(mesh)))
+  after = jax.device_get(after)
+  assert not bool(metrics["finite"])
+  assert int(after.step) == 1
+  assert int(after.nonfinite_total) == 1 and int(after.nonfinite_consecutive) == 1
+  for name in ("params", "ema_params", "opt_state"):
+    for x, y in zip(
+        jax.tree.leaves(getattr(before_host, name)), jax.tree.leaves(getattr(after, name)),
+        strict=True,
+    ):
+      np.testing.assert_array_equal(x, y)
