@@ -35,9 +35,10 @@ dataset's usual split (e.g. "validation" for ImageNet and LSUN, which have no "t
 Pipeline (`create_train_iterator`): the train split is shuffled globally with a seed derived
 from `config.seed`, repeated forever with a fresh shuffle per epoch, and cut into global
 batches of `config.batch_size` consecutive examples of that stream. Process `p` of `P` takes
-the stream positions `p, p + P, p + 2P, ...`, so the per-process batches of step `k` together
-form exactly global batch `k`, whatever `P` is. Because the stream is infinite, no example is
-ever dropped; a batch can straddle an epoch boundary.
+block `p` (of `P` equal, contiguous blocks) of every global batch, so the per-process batches
+of step `k`, stacked in process order, are global batch `k` row for row, whatever `P` is.
+Because the stream is infinite, no example is ever dropped; a batch can straddle an epoch
+boundary.
 
 The returned iterator is a `grain.DatasetIterator`: `get_state()` returns a small
 JSON-serialisable dict and `set_state()` restores it, so a resumed run sees exactly the batches
@@ -538,7 +539,7 @@ def create_train_iterator(
   batch = _per_process(config.batch_size, count, "batch_size")
   ds = _image_dataset(config, resolve_split(config, "train"))
   ds = ds.shuffle(seed=_shuffle_seed(config.seed)).repeat(None)
-  ds = ds[index::count].batch(batch, drop_remainder=True)
+  ds = _ProcessBlock(ds, index, count, batch).batch(batch, drop_remainder=True)
   iter_ds = ds.to_iter_dataset(_READ_OPTIONS)
   workers = config.dataset.get("worker_count", 0)
   if workers:
@@ -548,6 +549,37 @@ def create_train_iterator(
       flags.FLAGS.mark_as_parsed()
     iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
   return iter(iter_ds)
+
+
+class _ProcessBlock(grain.MapDataset):
+  """Process p's share of the stream: block p of every global batch of `count * block` positions.
+
+  Contiguous blocks (not a stride) make the per-process batches of a step, stacked in process
+  order as `jax.make_array_from_process_local_data` does, row for row the one-process batch, so
+  a multi-host run sees the very arrays a single-host run would.
+  """
+
+  _MUTATES_ELEMENT_SPEC = False
+
+  def __init__(self, parent: grain.MapDataset, index: int, count: int, block: int):
+    super().__init__(parent)
+    self._index, self._count, self._block = index, count, block
+    self._length = len(parent) // count
+
+  def __len__(self) -> int:
+    return self._length
+
+  def _position(self, i: int) -> int:
+    step, offset = divmod(i, self._block)
+    return (step * self._count + self._index) * self._block + offset
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      raise TypeError("_ProcessBlock does not support slicing.")
+    return self._parent[self._position(index)]
+
+  def __str__(self) -> str:
+    return f"ProcessBlock(index={self._index}, count={self._count}, block={self._block})"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -576,15 +608,16 @@ def eval_batches(
 ) -> Iterator[dict[str, np.ndarray]]:
   """One pass over the whole eval split: {"image": uint8 (B, H, W, C), "mask": bool (B,)}.
 
-  B = config.eval_batch_size // P. Process p takes positions p, p + P, ... of the split in order,
-  padded with all-zero, mask-False examples to `num_eval_batches` full batches, so every
-  process yields the same number of batches and each example is counted exactly once overall.
+  B = config.eval_batch_size // P. The split, in order, is padded with all-zero, mask-False
+  examples to `num_eval_batches` global batches; process p takes block p of each (as in
+  training), so every process yields the same number of batches, each example is counted
+  exactly once overall, and the stacked global batches do not depend on P.
   """
   index, count = _process(process_index, process_count)
   batch = _per_process(config.eval_batch_size, count, "eval_batch_size")
   images = _image_dataset(config, resolve_split(config, "eval"))
   total = num_eval_batches(config, len(images)) * config.eval_batch_size
-  padded = grain.MapDataset.range(total)[index::count].map(
+  padded = _ProcessBlock(grain.MapDataset.range(total), index, count, batch).map(
       _Padded(images, tuple(config.model.image_shape))
   )
   return iter(padded.batch(batch).to_iter_dataset(_READ_OPTIONS))

@@ -52,16 +52,14 @@ def evaluate_bpd(
     flow: Flow,
     variables: Any,
     mesh: Mesh,
-    shift: int,
     rng: jax.Array,
 ) -> tuple[float, int]:
   """(mean test bpd, number of examples) over the whole eval split; one noise draw each."""
   fn = _bpd_sum_fn(flow, mesh)
   sums, counts = [], []
   for index, batch in enumerate(data.eval_batches(config)):
-    images = batch["image"] if shift == 0 else np.right_shift(batch["image"], shift)
     total, count = fn(
-        variables, _global(images, mesh), _global(batch["mask"], mesh),
+        variables, _global(batch["image"], mesh), _global(batch["mask"], mesh),
         jax.random.fold_in(rng, index),
     )
     sums.append(total)
@@ -96,14 +94,13 @@ def evaluate_and_write(
     flow: Flow,
     variables: Any,
     mesh: Mesh,
-    shift: int,
     rng: jax.Array,
     *,
     info: data.DatasetInfo,
     step: int,
 ) -> dict[str, Any]:
   """Test bpd over the whole eval split, written to `<workdir>/results.json` (process 0)."""
-  bpd, count = evaluate_bpd(config, flow, variables, mesh, shift, rng)
+  bpd, count = evaluate_bpd(config, flow, variables, mesh, rng)
   if count != info.num_eval:
     raise RuntimeError(f"Evaluated {count} examples but the eval split has {info.num_eval}.")
   results = {

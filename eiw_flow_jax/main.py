@@ -104,9 +104,8 @@ def run(config, workdir: str, mode: str, *, distributed: bool = False) -> dict |
   keys = train.rng_keys(config)
   variables = restored.state.variables(ema=True)
   if mode == "eval":
-    shift = train.bits_shift(config, restored.info.pixel_bits)
     results = evaluate.evaluate_and_write(
-        config, workdir, restored.flow, variables, restored.mesh, shift, keys["eval"],
+        config, workdir, restored.flow, variables, restored.mesh, keys["eval"],
         info=restored.info, step=restored.step,
     )
     if jax.process_index() == 0:

@@ -16,7 +16,7 @@ steps in a row stop the run with NonFiniteError, leaving the checkpoints as they
 EMA: decay min(config.ema_decay, (1 + n) / (10 + n)) after n applied updates, so short runs
 are not dominated by the initial parameters; eval and sampling use the EMA parameters.
 
-Pixels stored with more bits than config.model.n_bits are shifted right (Glow's reduction).
+Pixels arrive on the model's n_bits grid: the data layer drops extra low bits at the source.
 """
 
 from __future__ import annotations
@@ -133,15 +133,6 @@ def host_replicated(value: np.ndarray, mesh: Mesh) -> jax.Array:
   """An array every process holds in full -> a global replicated array."""
   value = np.asarray(value)
   return jax.make_array_from_callback(value.shape, replicated(mesh), lambda index: value[index])
-
-
-def bits_shift(config: ml_collections.ConfigDict, pixel_bits: int) -> int:
-  """Right shift bringing stored pixels (pixel_bits deep) to the model's n_bits (Glow's way)."""
-  return max(0, pixel_bits - config.model.n_bits)
-
-
-def reduce_bits(images: np.ndarray, shift: int) -> np.ndarray:
-  return images if shift == 0 else np.right_shift(images, shift)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -428,7 +419,6 @@ def train(
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   info = _check_data(config)
-  shift = bits_shift(config, info.pixel_bits)
   flow = build_flow(config)
   tx = make_optimizer(config)
   _save_config(config, workdir)
@@ -441,7 +431,7 @@ def train(
     if restored is None:
       n_init = min(config.init_batch_size, info.num_train)
       init_images = data.load_examples(config, data.resolve_split(config, "train"), n_init)
-      state = create_state(config, flow, tx, mesh, reduce_bits(init_images, shift))
+      state = create_state(config, flow, tx, mesh, init_images)
       logging.info("Initialised a fresh model (data-dependent init on %d examples).", n_init)
     else:
       restored_step, state = restored
@@ -449,7 +439,7 @@ def train(
     start = int(jax.device_get(state.step))
     reporter = _Reporter(workdir, config.num_train_steps, start, config.batch_size)
     state = _train_loop(
-        config, flow, tx, mesh, manager, reporter, state, train_iter, shift, nonfinite_steps
+        config, flow, tx, mesh, manager, reporter, state, train_iter, nonfinite_steps
     )
     final = int(jax.device_get(state.step))
     if manager.latest_step() != final:
@@ -472,7 +462,6 @@ def _train_loop(
     reporter: _Reporter,
     state: TrainState,
     train_iter: Any,
-    shift: int,
     nonfinite_steps: Callable[[int], bool] | None,
 ) -> TrainState:
   """Steps from state.step to config.num_train_steps with logging, checkpoints and evals."""
@@ -499,7 +488,7 @@ def _train_loop(
       )
 
   for step in range(start, total):
-    images = global_batch(reduce_bits(next(train_iter)["image"], shift), sharding)
+    images = global_batch(next(train_iter)["image"], sharding)
     if nonfinite_steps is not None and nonfinite_steps(step):
       if poisoned_fn is None:
         poisoned_fn = make_train_step(config, flow, tx, mesh, inject_nonfinite=True)
@@ -547,7 +536,7 @@ def _train_loop(
 
     if config.eval_every_steps and done % config.eval_every_steps == 0 and done < total:
       bpd, _ = evaluate.evaluate_bpd(
-          config, flow, state.variables(ema=True), mesh, shift, keys["eval"]
+          config, flow, state.variables(ema=True), mesh, keys["eval"]
       )
       reporter.scalars(done, {"eval/bpd": bpd})
       logging.info("step %d: test bpd %.4f (EMA parameters)", done, bpd)
@@ -600,10 +589,9 @@ def evaluate_and_sample(
 ) -> dict[str, Any]:
   """results.json and sample grids from a trained/restored state; returns the results."""
   keys = rng_keys(config)
-  shift = bits_shift(config, result.info.pixel_bits)
   variables = result.state.variables(ema=True)
   results = evaluate.evaluate_and_write(
-      config, workdir, result.flow, variables, result.mesh, shift, keys["eval"],
+      config, workdir, result.flow, variables, result.mesh, keys["eval"],
       info=result.info, step=result.step,
   )
   evaluate.write_sample_grids(

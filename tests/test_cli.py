@@ -98,7 +98,7 @@ def test_train_eval_sample_on_digits(tmp_path, data_dir, env):
   images = data.load_examples(config, "train", config.init_batch_size)
   state = train.create_state(config, flow, tx, mesh, images)
   init_bpd, count = evaluate.evaluate_bpd(
-      config, flow, state.variables(), mesh, 0, train.rng_keys(config)["eval"]
+      config, flow, state.variables(), mesh, train.rng_keys(config)["eval"]
   )
   assert count == 297
   assert results["bpd"] < init_bpd - 0.5, (results["bpd"], init_bpd)
@@ -230,3 +230,18 @@ def test_two_processes_with_distributed_initialize(tmp_path, data_dir, env):
   assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(
       os.listdir(os.path.join(workdir, "checkpoints", "60", "data"))
   )
+
+  # One process with the same 4 devices sees the same global batches row for row (the data
+  # layer gives each process a contiguous block of every batch), so it ends at the same bpd.
+  single = str(tmp_path / "single")
+  result = subprocess.run(
+      main_args(single, "digits.py", *TINY, f"--config.dataset.data_dir={data_dir}",
+                "--config.num_train_steps=60", "--config.checkpoint_every_steps=30"),
+      env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}, cwd=REPO,
+      capture_output=True, text=True, timeout=600,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(os.path.join(single, "results.json")) as f:
+    single_results = json.load(f)
+  assert single_results["device_count"] == 4
+  assert single_results["bpd"] == pytest.approx(results["bpd"], abs=1e-4)
