@@ -1,6 +1,8 @@
-"""Shared test helpers: small configs and parameter perturbation."""
+"""Shared test helpers: small configs, parameter perturbation, subprocess environment."""
 
 from __future__ import annotations
+
+import os
 
 import jax
 import jax.numpy as jnp
@@ -58,3 +60,28 @@ VARIANTS = [("vanilla", "global"), ("eiw", "global"), ("eiw", "per_example")]
 @pytest.fixture(params=VARIANTS, ids=["vanilla", "eiw_global", "eiw_per_example"])
 def variant(request):
   return request.param
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  """A TFDS data_dir per test module, so tests never touch ~/tensorflow_datasets."""
+  return str(tmp_path_factory.mktemp("tfds"))
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+  """Subprocess environment: CPU, one device, one XLA compilation cache for the whole session."""
+  cache = tmp_path_factory.getbasetemp() / "eiw_flow_xla_cache"
+  cache.mkdir(exist_ok=True)
+  out = dict(os.environ)
+  out.pop("XLA_FLAGS", None)
+  out.update(
+      JAX_PLATFORMS="cpu",
+      JAX_COMPILATION_CACHE_DIR=str(cache),
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+      PYTHONPATH=REPO + os.pathsep + out.get("PYTHONPATH", ""),
+  )
+  return out

@@ -10,10 +10,10 @@ import subprocess
 import sys
 
 import pytest
+from conftest import REPO
 
 from eiw_flow_jax import data, evaluate, train
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "configs")
 TINY = [
     "--config.model.steps_per_level=1",
@@ -25,31 +25,6 @@ TINY = [
     "--config.sample.temperatures=(0.5,1.0)",
     "--config.log_every_steps=50",
 ]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("tfds"))
-
-
-def shared_cache_dir(tmp_path_factory) -> str:
-  """One XLA compilation cache for this test session's subprocesses (all test modules)."""
-  path = tmp_path_factory.getbasetemp() / "eiw_flow_xla_cache"
-  path.mkdir(exist_ok=True)
-  return str(path)
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-  out = dict(os.environ)
-  out.pop("XLA_FLAGS", None)
-  out.update(
-      JAX_PLATFORMS="cpu",
-      JAX_COMPILATION_CACHE_DIR=shared_cache_dir(tmp_path_factory),
-      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-      PYTHONPATH=REPO + os.pathsep + out.get("PYTHONPATH", ""),
-  )
-  return out
 
 
 def main_args(workdir: str, config: str = "digits.py", *extra: str) -> list[str]:

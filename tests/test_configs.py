@@ -7,10 +7,10 @@ import importlib.util
 import os
 
 import pytest
+from conftest import REPO
 
 from eiw_flow_jax import config_lib, train
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILES = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))
 EXPECTED = {
     "digits", "mnist", "mnist_idx", "cifar10", "imagenet32", "imagenet64", "celeba",

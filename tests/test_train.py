@@ -18,11 +18,11 @@ import time
 import jax
 import numpy as np
 import pytest
+from conftest import REPO
 
 from eiw_flow_jax import checkpointing, data, train
 from eiw_flow_jax.config_lib import base_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS = os.path.join(REPO, "configs", "digits.py")
 
 # A tiny digits model: compiles quickly, a step takes milliseconds.
@@ -63,32 +63,6 @@ def cli_args(workdir: str, data_dir: str, **overrides) -> list[str]:
       value = "(" + ",".join(map(str, value)) + ",)"
     args.append(f"--config.{dotted}={value}")
   return args
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("tfds"))
-
-
-def shared_cache_dir(tmp_path_factory) -> str:
-  """One XLA compilation cache for this test session's subprocesses (all test modules)."""
-  path = tmp_path_factory.getbasetemp() / "eiw_flow_xla_cache"
-  path.mkdir(exist_ok=True)
-  return str(path)
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-  """Subprocess environment: CPU, one device, a compilation cache shared by this module."""
-  out = dict(os.environ)
-  out.pop("XLA_FLAGS", None)
-  out.update(
-      JAX_PLATFORMS="cpu",
-      JAX_COMPILATION_CACHE_DIR=shared_cache_dir(tmp_path_factory),
-      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-      PYTHONPATH=REPO + os.pathsep + out.get("PYTHONPATH", ""),
-  )
-  return out
 
 
 def run_cli(args: list[str], env: dict, timeout: float = 240) -> subprocess.CompletedProcess:
