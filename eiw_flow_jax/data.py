@@ -182,6 +182,8 @@ class _OfflineBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Shared parts of our builders: uint8 image + int label examples from in-memory arrays."""
 
   IMAGE_SHAPE: ClassVar[tuple[int, int, int]]
+  DESCRIPTION: ClassVar[str]
+  HOMEPAGE: ClassVar[str]
   RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "Initial release."}
 
   @tfds.core.utils.classproperty
@@ -192,11 +194,18 @@ class _OfflineBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     # there is no code directory and the lookup is skipped.
     return None
 
-  def _features(self) -> tfds.features.FeaturesDict:
-    return tfds.features.FeaturesDict({
-        "image": tfds.features.Tensor(shape=self.IMAGE_SHAPE, dtype=np.uint8),
-        "label": tfds.features.Scalar(dtype=np.int64),
-    })
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description=self.DESCRIPTION,
+        features=tfds.features.FeaturesDict({
+            "image": tfds.features.Tensor(shape=self.IMAGE_SHAPE, dtype=np.uint8),
+            "label": tfds.features.Scalar(dtype=np.int64),
+        }),
+        supervised_keys=("image", "label"),
+        disable_shuffling=True,  # keep source order, so "first n" means the same as the source
+        homepage=self.HOMEPAGE,
+    )
 
   def _generate_examples(self, images: np.ndarray, labels: np.ndarray) -> Iterator[Any]:
     for i, (image, label) in enumerate(zip(images, labels, strict=True)):
@@ -209,17 +218,9 @@ class DigitsBuilder(_OfflineBuilder, skip_registration=True):
   name = "digits"
   VERSION = tfds.core.Version("1.0.0")
   IMAGE_SHAPE = (8, 8, 1)
+  DESCRIPTION = "scikit-learn's bundled 8x8 digits with raw pixel values 0..16."
+  HOMEPAGE = "https://scikit-learn.org/stable/datasets/toy_dataset.html#digits-dataset"
   NUM_TRAIN = 1500
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description="scikit-learn's bundled 8x8 digits with raw pixel values 0..16.",
-        features=self._features(),
-        supervised_keys=("image", "label"),
-        disable_shuffling=True,  # keep source order, so "first n" means the same as the source
-        homepage="https://scikit-learn.org/stable/datasets/toy_dataset.html#digits-dataset",
-    )
 
   def _split_generators(self, dl_manager: Any) -> dict[str, Any]:
     del dl_manager  # the data ships with scikit-learn
@@ -241,6 +242,8 @@ class MnistIdxBuilder(_OfflineBuilder, skip_registration=True):
   name = "mnist_idx"
   VERSION = tfds.core.Version("1.0.0")
   IMAGE_SHAPE = (28, 28, 1)
+  DESCRIPTION = "MNIST read from the original idx files."
+  HOMEPAGE = "http://yann.lecun.com/exdb/mnist/"
   BUILDER_CONFIGS: ClassVar[list[tfds.core.BuilderConfig]] = [
       tfds.core.BuilderConfig(
           name="full", description="Real MNIST: 60000 train (train-*) and 10000 test (t10k-*)."
@@ -254,16 +257,6 @@ class MnistIdxBuilder(_OfflineBuilder, skip_registration=True):
       "Put the MNIST idx files (" + ", ".join(MNIST_FILES["t10k"] + MNIST_FILES["train"]) + ")"
       " in a directory and set config.dataset.source_dir to it; the train-* files are optional."
   )
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description="MNIST read from the original idx files.",
-        features=self._features(),
-        supervised_keys=("image", "label"),
-        disable_shuffling=True,  # keep source order, so "first n" means the same as the source
-        homepage="http://yann.lecun.com/exdb/mnist/",
-    )
 
   def _split_generators(self, dl_manager: Any) -> dict[str, Any]:
     source_dir = Path(dl_manager.manual_dir)
