@@ -205,28 +205,36 @@ class EIWPerExampleSplit(_SplitBase):
       log_w = log_w - jnp.mean(log_w, axis=-1, keepdims=True)
     return log_w
 
+  def weights_and_permutation(self, anchor: Array) -> tuple[Array, Array]:
+    """(log w, pi): what the anchor alone decides, recomputed identically by the inverse."""
+    log_w = self.log_weights(anchor)
+    return log_w, jnp.argsort(-log_w, axis=-1, stable=True)
+
   @staticmethod
   def _permute(x: Array, perm: Array) -> Array:
     return jnp.take_along_axis(x, perm[:, None, None, :], axis=-1)
 
-  def split(self, z: Array) -> SplitOutput:
-    check_image_batch(z, "EIWPerExampleSplit", self.channels)
+  def _shuffle(self, z: Array) -> tuple[Array, Array, Array, Array]:
+    """(log w, pi, kept, factored) of the forward Shuffle-then-split."""
     a = self.anchor_width
     anchor, candidates = z[..., :a], z[..., a:]
-    log_w = self.log_weights(anchor)
-    perm = jnp.argsort(-log_w, axis=-1, stable=True)
+    log_w, perm = self.weights_and_permutation(anchor)
     shuffled = self._permute(candidates * jnp.exp(log_w)[:, None, None, :], perm)
     stay = self.num_kept - a
     kept = jnp.concatenate([anchor, shuffled[..., :stay]], axis=-1)
+    return log_w, perm, kept, shuffled[..., stay:]
+
+  def split(self, z: Array) -> SplitOutput:
+    check_image_batch(z, "EIWPerExampleSplit", self.channels)
+    log_w, _, kept, factored = self._shuffle(z)
     log_det = z.shape[1] * z.shape[2] * jnp.sum(log_w, axis=-1)
     aux = {"weight_entropy": categorical_entropy(log_w)}
-    return self._finish(kept, shuffled[..., stay:], log_det, aux)
+    return self._finish(kept, factored, log_det, aux)
 
   def merge(self, kept: Array, factored: Array) -> tuple[Array, Array]:
     a = self.anchor_width
     anchor = kept[..., :a]
-    log_w = self.log_weights(anchor)
-    perm = jnp.argsort(-log_w, axis=-1, stable=True)
+    log_w, perm = self.weights_and_permutation(anchor)
     shuffled = jnp.concatenate([kept[..., a:], factored], axis=-1)
     candidates = self._permute(shuffled, jnp.argsort(perm, axis=-1)) * jnp.exp(-log_w)[
         :, None, None, :
@@ -235,18 +243,15 @@ class EIWPerExampleSplit(_SplitBase):
     return jnp.concatenate([anchor, candidates], axis=-1), log_det
 
   def diagnostics(self, z: Array) -> dict[str, Array]:
-    a = self.anchor_width
-    log_w = self.log_weights(z[..., :a])
-    perm = jnp.argsort(-log_w, axis=-1, stable=True)
+    log_w, perm, kept, _ = self._shuffle(z)
     identity = jnp.arange(perm.shape[-1])
-    stay = self.num_kept - a
+    stay = self.num_kept - self.anchor_width
     stays = jax.nn.one_hot(perm[:, :stay], perm.shape[-1]).sum(axis=1)
-    out = self.split(z)
     return {
         "weight_entropy": jnp.mean(categorical_entropy(log_w)),
         "non_identity_fraction": jnp.mean(jnp.any(perm != identity, axis=-1)),
         "stay_frequency": jnp.mean(stays, axis=0),
-        "factored_entropy": self.factored_entropy(out.kept),
+        "factored_entropy": self.factored_entropy(kept),
     }
 
 

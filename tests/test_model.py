@@ -59,8 +59,7 @@ def _level0_permutations(flow, variables, y):
     h, _ = module.centre(y)
     h, _ = module._level_forward(0, h)
     split = module.splits[0]
-    log_w = split.log_weights(h[..., : split.anchor_width])
-    return jnp.argsort(-log_w, axis=-1, stable=True)
+    return split.weights_and_permutation(h[..., : split.anchor_width])[1]
 
   return flow.module.apply(variables, y, method=fn)
 
