@@ -9,12 +9,16 @@ a run killed mid-save leaves the previous checkpoints untouched (the leftover te
 is ignored and cleaned up on the next start). A checkpoint that was finalised but later damaged
 (a file truncated or deleted) fails to restore: `restore_latest` logs a warning, falls back to
 the previous one and moves the damaged one aside into `<workdir>/checkpoints_corrupt/`.
+A checkpoint of another architecture (the config changed) is not corrupt: restoring raises
+CheckpointMismatchError naming the differing parameters and leaves every checkpoint in place.
+
+The workdir may be local or an `etils.epath` URL (`gs://bucket/run`): paths are never made
+local. A save that fails (disk full, no permission) raises `runtime.StorageError`, one line
+naming the directory; the checkpoints saved before stay intact.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
 from typing import Any
 
@@ -23,7 +27,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
-from eiw_flow_jax import data
+from eiw_flow_jax import data, runtime
 
 STATE = "state"
 DATA = "data"
@@ -33,6 +37,10 @@ CORRUPT_DIR = "checkpoints_corrupt"
 
 class CheckpointError(RuntimeError):
   """Checkpoints exist but none of them can be restored."""
+
+
+class CheckpointMismatchError(CheckpointError):
+  """A checkpoint holds another architecture than the one built from the config."""
 
 
 def make_manager(
@@ -76,29 +84,109 @@ def save(
   if data_iterator is not None:
     # The grain handler reads the position synchronously here, before training moves on.
     items[DATA] = data.iterator_save_args(data_iterator)
-  return manager.save(int(step), args=ocp.args.Composite(**items), force=force)
+  # An earlier async save that failed surfaces here or in `check_saves`; either way as one line.
+  with _saving(manager, step):
+    return manager.save(int(step), args=ocp.args.Composite(**items), force=force)
 
 
-def _step_dir(manager: ocp.CheckpointManager, step: int) -> str:
-  return os.path.join(str(manager.directory), str(step))
+class _saving:  # noqa: N801 - used as a context manager
+  """Turns a failed (sync or background) save into runtime.StorageError naming the directory."""
+
+  def __init__(self, manager: ocp.CheckpointManager, step: int | None):
+    self.manager, self.step = manager, step
+
+  def __enter__(self) -> None:
+    return None
+
+  def __exit__(self, kind: Any, error: BaseException | None, tb: Any) -> bool:
+    if error is None or isinstance(error, runtime.StorageError):
+      return False
+    if not isinstance(error, Exception) or isinstance(error, CheckpointError):
+      return False
+    what = "a checkpoint" if self.step is None else f"the checkpoint of step {self.step}"
+    raise runtime.storage_error(what, self.manager.directory, error) from error
+
+
+def check_saves(manager: ocp.CheckpointManager) -> None:
+  """Raises StorageError if a background save has failed (cheap; call often)."""
+  with _saving(manager, None):
+    manager.check_for_errors()
+
+
+def wait(manager: ocp.CheckpointManager) -> None:
+  """Waits for the background save; StorageError if it failed."""
+  with _saving(manager, None):
+    manager.wait_until_finished()
+
+
+def _step_dir(manager: ocp.CheckpointManager, step: int):
+  return runtime.path(manager.directory, str(step))
 
 
 def _quarantine(manager: ocp.CheckpointManager, step: int) -> None:
   """Moves an unreadable checkpoint aside (kept for inspection) so it is not retried."""
   if jax.process_index() == 0:
     source = _step_dir(manager, step)
-    target_root = os.path.join(os.path.dirname(str(manager.directory)), CORRUPT_DIR)
-    os.makedirs(target_root, exist_ok=True)
-    target = os.path.join(target_root, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if os.path.exists(source):
-      shutil.move(source, target)
+    target_root = runtime.path(manager.directory).parent / CORRUPT_DIR
+    target_root.mkdir(parents=True, exist_ok=True)
+    target = target_root / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if source.exists():
+      source.rename(target)
       logging.warning("Moved unreadable checkpoint %s to %s.", source, target)
   multihost_utils.sync_global_devices(f"eiw_flow_quarantine_{step}")
   manager.reload()
 
 
 def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+  """`<workdir>/checkpoints`; a URL workdir (gs://...) stays a URL."""
+  return runtime.join(runtime.normalize_dir(workdir, "workdir"), CHECKPOINT_DIR)
+
+
+def _key_name(entry: Any) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(entry, attr):
+      return str(getattr(entry, attr))
+  return str(entry)
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  out = {}
+  for key_path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    shape = getattr(leaf, "shape", None)
+    if shape is not None:
+      out["/".join(_key_name(k) for k in key_path)] = tuple(shape)
+  return out
+
+
+def architecture_differences(
+    manager: ocp.CheckpointManager, step: int, abstract_state: Any
+) -> list[str] | None:
+  """Parameters whose presence or shape differ between checkpoint `step` and the model.
+
+  None when the checkpoint's metadata cannot be read (then it is treated as possibly corrupt).
+  """
+  try:
+    metadata = ocp.StandardCheckpointer().metadata(_step_dir(manager, step) / STATE)
+    tree = getattr(metadata, "item_metadata", metadata)
+    saved = {k: v for k, v in _shapes(tree).items() if k.split("/")[0] in ("params", "constants")}
+  except Exception:  # noqa: BLE001 - damaged metadata surfaces as many exception types
+    return None
+  now = {
+      f"{group}/{name}": shape
+      for group in ("params", "constants")
+      for name, shape in _shapes(getattr(abstract_state, group)).items()
+  }
+  if not saved:
+    return None
+  out = []
+  for name in sorted(set(saved) | set(now)):
+    if name not in now:
+      out.append(f"{name} only in the checkpoint")
+    elif name not in saved:
+      out.append(f"{name} only in the model")
+    elif saved[name] != now[name]:
+      out.append(f"{name}: {saved[name]} in the checkpoint, {now[name]} in the model")
+  return out
 
 
 def restore_latest(
@@ -123,6 +211,17 @@ def restore_latest(
     items = {STATE: ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
       items[DATA] = data.iterator_restore_args(data_iterator)
+    differences = architecture_differences(manager, step, abstract_state)
+    if differences:
+      shown = "; ".join(differences[:4]) + (
+          f"; and {len(differences) - 4} more" if len(differences) > 4 else ""
+      )
+      raise CheckpointMismatchError(
+          f"The checkpoint at step {step} in {manager.directory} holds another architecture "
+          f"than the config builds ({len(differences)} parameters differ: {shown}). The "
+          "checkpoints are intact: resume with the config they were trained with "
+          "(config.json in the workdir), or train the new architecture in another --workdir."
+      )
     try:
       restored = manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # noqa: BLE001 - corruption surfaces as many exception types

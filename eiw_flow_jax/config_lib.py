@@ -70,8 +70,12 @@ def base_config() -> ml_collections.ConfigDict:
   config.sample = ml_collections.ConfigDict()
   config.sample.temperatures = (0.5, 0.7, 0.8, 1.0)
   config.sample.num_samples = 64
+  config.sample.display_max = 0  # pixel value shown as white in grids; 0: 2**n_bits - 1
 
   config.distributed = False  # call jax.distributed.initialize() (multi-host)
+  # Locked: setting a field that does not exist (`config.model.memroy = ...`, a typo) raises
+  # instead of being ignored. Values of existing fields can still be changed.
+  config.lock()
   return config
 
 
@@ -254,3 +258,4 @@ def _validate_training(config: ml_collections.ConfigDict) -> None:
       f"config.sample.temperatures must be a non-empty list of numbers >= 0, got {temperatures!r}.",
   )
   _positive_int("config.sample.num_samples", config.sample.num_samples)
+  _positive_int("config.sample.display_max", config.sample.display_max, allow_zero=True)

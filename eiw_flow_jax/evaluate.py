@@ -3,6 +3,10 @@
 Every function takes the variables to use (the training loop passes the EMA parameters) and the
 device mesh; eval batches are sharded over the mesh axis "data" like training batches. The eval
 split is padded to whole batches with masked-out examples, so every example is counted once.
+
+Files (results.json, samples/*.png, TensorBoard events) go through `etils.epath`, so the workdir
+may be a bucket (`gs://...`). TensorBoard gets the final test bpd as `eval/bpd` and each sample
+grid as an image `samples/temperature_<t>`.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from eiw_flow_jax import data
+from eiw_flow_jax import data, runtime
 from eiw_flow_jax.model import Flow
 
 # Offsets folded into the seed for eval noise and sampling (train.py owns the others).
@@ -68,6 +72,30 @@ def evaluate_bpd(
   count = int(np.sum(counts))
   bpd = float(np.sum(np.asarray(sums, np.float64)) / count) if count else math.nan
   return bpd, count
+
+
+def summary_writer(workdir: str) -> Any:
+  """A tensorboardX SummaryWriter on `workdir` (local or a URL such as gs://bucket/run)."""
+  from tensorboardX import SummaryWriter  # noqa: PLC0415
+
+  if runtime.is_remote(workdir):
+    runtime.register_tensorboard_schemes(workdir.split("://", 1)[0])
+  with runtime.writing("TensorBoard events", workdir):
+    return SummaryWriter(os.fspath(workdir))
+
+
+def _log_to_tensorboard(workdir: str, step: int, scalars: dict, images: dict) -> None:
+  """Appends scalars and (H, W, C) uint8 images to the workdir's events (process 0)."""
+  if jax.process_index() != 0:
+    return
+  writer = summary_writer(workdir)
+  try:
+    for tag, value in scalars.items():
+      writer.add_scalar(tag, value, step)
+    for tag, image in images.items():
+      writer.add_image(tag, image, step, dataformats="HWC")
+  finally:
+    writer.close()
 
 
 def config_hash(config: ml_collections.ConfigDict) -> str:
@@ -123,9 +151,9 @@ def evaluate_and_write(
       "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
   }
   if jax.process_index() == 0:
-    path = os.path.join(workdir, RESULTS_FILE)
-    with open(path, "w") as f:
-      json.dump(results, f, indent=2)
+    path = runtime.path(workdir, RESULTS_FILE)
+    runtime.write_text(path, json.dumps(results, indent=2), "results")
+    _log_to_tensorboard(workdir, int(step), {"eval/bpd": bpd}, {})
     logging.info("Test bpd %.4f over %d examples at step %d -> %s", bpd, count, step, path)
   return results
 
@@ -144,15 +172,21 @@ def image_grid(images: np.ndarray, *, max_value: int, pad: int = 1) -> np.ndarra
   return grid
 
 
+def enlarge(grid: np.ndarray, *, min_size: int = 256) -> np.ndarray:
+  """Nearest-neighbour enlargement so tiny images stay visible (longest side >= min_size)."""
+  factor = max(1, math.ceil(min_size / max(grid.shape[:2])))
+  return np.repeat(np.repeat(grid, factor, axis=0), factor, axis=1)
+
+
 def save_png(grid: np.ndarray, path: str, *, min_size: int = 256) -> None:
-  """Writes a grid with Pillow, enlarged (nearest neighbour) so tiny images stay visible."""
+  """Writes a grid with Pillow, enlarged so tiny images stay visible; `path` may be a URL."""
   from PIL import Image
 
+  grid = enlarge(grid, min_size=min_size)
   image = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
-  factor = max(1, math.ceil(min_size / max(image.size)))
-  if factor > 1:
-    image = image.resize((image.size[0] * factor, image.size[1] * factor), Image.NEAREST)
-  image.save(path)
+  file = runtime.path(path)
+  with runtime.writing("a sample grid", file), file.open("wb") as f:
+    image.save(f, format="PNG")
 
 
 @functools.lru_cache(maxsize=8)
@@ -169,19 +203,29 @@ def write_sample_grids(
     variables: Any,
     mesh: Mesh,
     rng: jax.Array,
+    *,
+    step: int | None = None,
 ) -> list[str]:
-  """One PNG grid per temperature in config.sample.temperatures, in `<workdir>/samples/`."""
-  out_dir = os.path.join(workdir, SAMPLES_DIR)
+  """One PNG grid per temperature in config.sample.temperatures, in `<workdir>/samples/`.
+
+  With `step`, the grids also go to TensorBoard as images `samples/temperature_<t>`.
+  """
+  out_dir = runtime.path(workdir, SAMPLES_DIR)
   fn = _sample_fn(flow, mesh, config.sample.num_samples)
   # Pixel value shown as white; by default the top of the model's n_bits range.
   max_value = config.sample.get("display_max", 0) or 2**config.model.n_bits - 1
-  paths = []
+  paths, grids = [], {}
   for index, temperature in enumerate(config.sample.temperatures):
     images = np.asarray(jax.device_get(fn(variables, jax.random.fold_in(rng, index), temperature)))
-    path = os.path.join(out_dir, f"temperature_{float(temperature):.2f}.png")
+    path = os.fspath(out_dir / f"temperature_{float(temperature):.2f}.png")
     if jax.process_index() == 0:
-      os.makedirs(out_dir, exist_ok=True)
-      save_png(image_grid(images, max_value=max_value), path)
+      with runtime.writing("sample grids", out_dir):
+        out_dir.mkdir(parents=True, exist_ok=True)
+      grid = image_grid(images, max_value=max_value)
+      save_png(grid, path)
+      grids[f"samples/temperature_{float(temperature):.2f}"] = enlarge(grid, min_size=128)
     paths.append(path)
+  if step is not None:
+    _log_to_tensorboard(workdir, int(step), {}, grids)
   logging.info("Wrote %d sample grids to %s", len(paths), out_dir)
   return paths

@@ -9,6 +9,11 @@
 Re-running the same train command resumes from the newest readable checkpoint. Every config
 field can be overridden with --config.<field>=<value>; the config is validated before any
 compute, and bad configs, missing data and diverged runs end with a one-line error (exit 1).
+--workdir and the config's data_dir may be local paths or URLs (gs://bucket/run).
+
+Exit status: 0 done; 1 a one-line error (config, data, busy workdir, failed save, config
+mismatch on resume, divergence); 143 stopped by SIGTERM and 130 by SIGINT after saving a
+checkpoint (rerun the same command to resume).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from eiw_flow_jax import checkpointing, config_lib, evaluate, train
+from eiw_flow_jax import checkpointing, config_lib, evaluate, runtime, train
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,6 +54,11 @@ _COORDINATOR = flags.DEFINE_string(
 )
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Process count (multi-host).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    "allow_config_change", False,
+    "Resume even though the config differs from the workdir's config.json in model, batch "
+    "size, seed or dataset (a deliberate change; architecture changes still cannot restore).",
+)
 flags.mark_flag_as_required("workdir")
 
 # Errors that are the user's to fix; anything else keeps its traceback.
@@ -57,6 +67,9 @@ _USER_ERRORS = (
     FileNotFoundError,
     train.NonFiniteError,
     checkpointing.CheckpointError,
+    runtime.StorageError,
+    runtime.WorkdirBusyError,
+    runtime.DivergedError,
 )
 
 
@@ -68,16 +81,20 @@ class _QuietOrbax(py_logging.Filter):
 
 
 def resolve_paths(config, workdir: str) -> str:
-  """Makes the config's data paths and the workdir absolute (relative to the current dir)."""
+  """Makes local data paths and the workdir absolute; URLs (gs://...) are kept as they are."""
   for field in ("data_dir", "source_dir"):
     value = config.dataset[field]
     if value:
-      config.dataset[field] = os.path.abspath(os.path.expanduser(value))
-  return os.path.abspath(os.path.expanduser(workdir))
+      config.dataset[field] = runtime.normalize_dir(value, f"config.dataset.{field}")
+  return runtime.normalize_dir(workdir, "--workdir")
 
 
-def run(config, workdir: str, mode: str, *, distributed: bool = False) -> dict | None:
+def run(
+    config, workdir: str, mode: str, *, distributed: bool = False,
+    allow_config_change: bool = False,
+) -> dict | None:
   """What the command does, callable from Python; returns the results of train/eval."""
+  runtime.normalize_dir(workdir, "--workdir")  # "" must not mean the current directory
   config_lib.validate_config(config)  # what can be checked before touching any device
   if distributed or config.distributed:
     jax.distributed.initialize(
@@ -95,7 +112,9 @@ def run(config, workdir: str, mode: str, *, distributed: bool = False) -> dict |
       mode, workdir, jax.device_count(), jax.devices()[0].device_kind, jax.process_count(),
   )
   if mode == "train":
-    results = train.train_and_evaluate(config, workdir)
+    results = train.train_and_evaluate(
+        config, workdir, allow_config_change=allow_config_change
+    )
     if jax.process_index() == 0:
       print(f"Final test bpd ({results['dataset']}, {results['num_evaluated']} examples, "
             f"step {results['step']}): {results['bpd']:.4f}", flush=True)
@@ -120,16 +139,51 @@ def run(config, workdir: str, mode: str, *, distributed: bool = False) -> dict |
   return None
 
 
+def _fail(message: str, code: int = 1) -> None:
+  print(message, file=sys.stderr, flush=True)
+  sys.exit(code)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's parsing, but a bad --config path or an unknown --config.<field> is one line."""
+  try:
+    rest = flags.FLAGS(argv)
+  except flags.Error as e:
+    _fail(f"error: {e}\nPass --help for the flags.")
+  except (AttributeError, KeyError) as e:  # --config.<field> names no field
+    name = str(e).strip("\"'")
+    bad = [a.split("=", 1)[0] for a in argv if a.startswith("--config.") and name in a]
+    shown = bad[0] if bad else f"--config.*{name}"
+    _fail(
+        f"error: ConfigError: {shown} names no config field ({name!r} is unknown). The fields "
+        "are those of eiw_flow_jax/config_lib.py:base_config and the config file."
+    )
+  except OSError as e:  # the config file itself
+    _fail(f"error: ConfigError: cannot load --config: {str(e).splitlines()[0]}")
+  try:
+    _CONFIG.value.get("model")  # a missing or broken config file surfaces on first use
+  except (OSError, ImportError, SyntaxError, AttributeError) as e:
+    detail = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    given = [a for a in argv if a.startswith("--config=")] or ["--config"]
+    _fail(f"error: ConfigError: cannot load {given[-1]}: {detail[:400]}")
+  return rest
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   py_logging.getLogger("absl").addFilter(_QuietOrbax())
   try:
-    run(_CONFIG.value, _WORKDIR.value, _MODE.value, distributed=_DISTRIBUTED.value)
+    run(_CONFIG.value, _WORKDIR.value, _MODE.value, distributed=_DISTRIBUTED.value,
+        allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+  except runtime.StopRequested as e:
+    _fail(f"stopped: {e}", e.exit_code)
   except _USER_ERRORS as e:
-    print(f"error: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-    sys.exit(1)
+    _fail(f"error: {type(e).__name__}: {e}")
+  except KeyboardInterrupt:
+    _fail("interrupted (Ctrl-C) after training: the checkpoints are saved; rerun with "
+          "--mode=eval / --mode=sample for the results.", 130)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -72,6 +72,9 @@ class Flow:
           f"{name}: expected shape (B, {', '.join(map(str, self.image_shape))}) (NHWC), "
           f"got {tuple(x.shape)}."
       )
+    if x.shape[0] == 0:
+      raise ValueError(f"{name}: expected a batch of at least one image, got shape "
+                       f"{tuple(x.shape)} (B=0).")
 
   def check_uint8(self, x: Array) -> None:
     self._check_images(x, "uint8 images")
@@ -89,8 +92,27 @@ class Flow:
     self._check_images(y, "dequantized images")
     if not jnp.issubdtype(y.dtype, jnp.floating):
       raise ValueError(f"dequantized images: expected a float dtype, got {y.dtype}.")
-    if not isinstance(y, jax.core.Tracer) and not bool(np.all(np.isfinite(np.asarray(y)))):
+    if isinstance(y, jax.core.Tracer):
+      return
+    values = np.asarray(y)
+    if not bool(np.all(np.isfinite(values))):
       raise ValueError("dequantized images: input contains NaN or infinite values.")
+    low, high = float(values.min()), float(values.max())
+    if low < 0.0 or high > 1.0:
+      raise ValueError(
+          f"dequantized images: expected values in [0, 1] (y = (x + u) / 2**n_bits, see "
+          f"`dequantize`), got min {low:.4g} and max {high:.4g}."
+      )
+
+  @staticmethod
+  def check_temperature(temperature: float | Array) -> None:
+    if isinstance(temperature, jax.core.Tracer):
+      return
+    value = np.asarray(temperature)
+    if value.shape != () or not np.isfinite(value) or value < 0:
+      raise ValueError(
+          f"temperature: expected a finite number >= 0 (0 draws the mode), got {temperature!r}."
+      )
 
   def check_latents(self, latents: Sequence[Array]) -> None:
     expected = self.latent_shapes
@@ -155,6 +177,9 @@ class Flow:
       self, variables: Variables, rng: Array, num: int, temperature: float = 1.0
   ) -> tuple[Array, list[Array]]:
     """(y in data space, latents) drawn with prior std scaled by `temperature` (0: the mode)."""
+    self.check_temperature(temperature)
+    if not isinstance(num, (int, np.integer)) or num < 1:
+      raise ValueError(f"num: expected an int >= 1 samples, got {num!r}.")
     return self.module.apply(variables, rng, num, temperature, method="generate")
 
   def sample(

@@ -17,6 +17,10 @@ EMA: decay min(config.ema_decay, (1 + n) / (10 + n)) after n applied updates, so
 are not dominated by the initial parameters; eval and sampling use the EMA parameters.
 
 Pixels arrive on the model's n_bits grid: the data layer drops extra low bits at the source.
+
+Run safety (eiw_flow_jax.runtime): the workdir is locked while training; SIGTERM/SIGINT finish
+the step, save and raise runtime.StopRequested; resuming checks the config against the saved
+config.json and the restored parameters for NaN/inf; failed saves raise runtime.StorageError.
 """
 
 from __future__ import annotations
@@ -24,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -40,7 +43,7 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from eiw_flow_jax import checkpointing, config_lib, data, evaluate
+from eiw_flow_jax import checkpointing, config_lib, data, evaluate, runtime
 from eiw_flow_jax.model import Flow, build_flow
 
 DATA_AXIS = "data"
@@ -312,10 +315,9 @@ class _Reporter:
     self.batch_size = batch_size
     self.writer = self.bar = None
     if self.active:
-      from tensorboardX import SummaryWriter
       from tqdm import tqdm
 
-      self.writer = SummaryWriter(workdir)
+      self.writer = evaluate.summary_writer(workdir)
       self.bar = tqdm(
           total=total, initial=initial, unit="step", dynamic_ncols=True, mininterval=1.0
       )
@@ -397,8 +399,22 @@ def _check_data(config: ml_collections.ConfigDict) -> data.DatasetInfo:
 
 def _save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json(indent=2, sort_keys=True))
+    runtime.write_text(
+        runtime.path(workdir, runtime.CONFIG_FILE), config.to_json(indent=2, sort_keys=True),
+        "the config",
+    )
+
+
+def _check_restored(state: TrainState, step: int, workdir: str) -> None:
+  """A restored state with NaN/inf parameters would train on garbage: refuse it."""
+  bad = runtime.nonfinite_leaves({"params": state.params, "ema_params": state.ema_params})
+  if bad:
+    shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+    raise checkpointing.CheckpointError(
+        f"The checkpoint at step {step} in {checkpointing.checkpoint_dir(workdir)} holds "
+        f"non-finite values (NaN or inf) in {len(bad)} arrays: {shown}. Resume from an older "
+        "checkpoint by moving this step's directory aside, or start in a fresh --workdir."
+    )
 
 
 def train(
@@ -407,25 +423,42 @@ def train(
     *,
     mesh: Mesh | None = None,
     nonfinite_steps: Callable[[int], bool] | None = None,
+    allow_config_change: bool = False,
+    lock_stale_after: float = 600.0,
 ) -> TrainResult:
   """Trains (resuming from the newest readable checkpoint in `workdir`) to num_train_steps.
 
-  `nonfinite_steps` (tests only): steps for which the loss is made NaN, to exercise the
+  `workdir` is a local directory or an `etils.epath` URL (`gs://bucket/run`). It is locked
+  for the run (runtime.WorkdirBusyError if another run holds it; a lock older than
+  `lock_stale_after` seconds without heartbeat, or of a dead process on this host, is taken
+  over). Resuming with a config that differs from the saved config.json in model, batch size,
+  seed or dataset raises runtime.ConfigMismatchError unless `allow_config_change`.
+
+  SIGTERM/SIGINT: the current step finishes, a checkpoint is saved, runtime.StopRequested is
+  raised. `nonfinite_steps` (tests only): steps for which the loss is made NaN, to exercise the
   non-finite guard. Raises NonFiniteError after config.max_consecutive_nonfinite skipped steps
   in a row; the checkpoints saved before are left as they are.
   """
   mesh = make_mesh() if mesh is None else mesh
   config_lib.validate_config(config, num_devices=mesh.size, num_processes=jax.process_count())
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  workdir = runtime.normalize_dir(workdir, "workdir")
+  with runtime.writing("the workdir", workdir):
+    runtime.path(workdir).mkdir(parents=True, exist_ok=True)
   info = _check_data(config)
   flow = build_flow(config)
   tx = make_optimizer(config)
-  _save_config(config, workdir)
 
-  manager = checkpointing.make_manager(workdir, keep=config.keep_checkpoints)
-  reporter = None
+  lock = runtime.acquire_workdir_lock(workdir, stale_after=lock_stale_after)
+  manager = reporter = None
   try:
+    with runtime.writing("checkpoints", checkpointing.checkpoint_dir(workdir)):
+      manager = checkpointing.make_manager(workdir, keep=config.keep_checkpoints)
+    # Before config.json is overwritten: the saved one is what the checkpoints were made with.
+    runtime.check_resume_config(
+        config, workdir, has_checkpoints=bool(manager.all_steps()),
+        allow_change=allow_config_change,
+    )
+    _save_config(config, workdir)
     train_iter = data.create_train_iterator(config)
     restored = checkpointing.restore_latest(manager, abstract_state(flow, tx, mesh), train_iter)
     if restored is None:
@@ -435,21 +468,45 @@ def train(
       logging.info("Initialised a fresh model (data-dependent init on %d examples).", n_init)
     else:
       restored_step, state = restored
+      _check_restored(state, restored_step, workdir)
       logging.info("Resumed from the checkpoint at step %d in %s.", restored_step, workdir)
     start = int(jax.device_get(state.step))
     reporter = _Reporter(workdir, config.num_train_steps, start, config.batch_size)
-    state = _train_loop(
-        config, flow, tx, mesh, manager, reporter, state, train_iter, nonfinite_steps
-    )
-    final = int(jax.device_get(state.step))
-    if manager.latest_step() != final:
-      checkpointing.save(manager, final, state, train_iter, force=True)
+    first_bpd: list[jax.Array] = []
+    with runtime.StopSignals() as signals:
+
+      def after_step(done: int, metrics: dict[str, jax.Array]) -> bool:
+        if done == 1:
+          first_bpd.append(metrics["bpd"])
+        checkpointing.check_saves(manager)  # a failed background save stops the run now
+        return signals.should_stop(done)
+
+      state = _train_loop(
+          config, flow, tx, mesh, manager, reporter, state, train_iter, nonfinite_steps,
+          after_step=after_step,
+      )
+      final = int(jax.device_get(state.step))
+      if first_bpd:
+        runtime.record_initial_bpd(workdir, float(jax.device_get(first_bpd[0])))
+      if manager.latest_step() != final:
+        checkpointing.save(manager, final, state, train_iter, force=True)
+      checkpointing.wait(manager)
+      if final < config.num_train_steps and signals.received is not None:
+        raise runtime.StopRequested(
+            signals.received, final, checkpointing.checkpoint_dir(workdir)
+        )
   finally:
     if reporter is not None:
       reporter.close()
-    # Lets an in-flight async save finish, also when an error is on its way out.
-    manager.wait_until_finished()
-    manager.close()
+    if manager is not None:
+      # Lets an in-flight async save finish, also when an error is on its way out.
+      try:
+        manager.wait_until_finished()
+      except Exception as e:  # noqa: BLE001 - reported by the save that failed, if any
+        logging.warning("A checkpoint save failed: %s", str(e).splitlines()[0][:300])
+      manager.close()
+    if lock is not None:
+      lock.release()
   return TrainResult(flow=flow, state=state, mesh=mesh, info=info, step=final)
 
 
@@ -463,8 +520,13 @@ def _train_loop(
     state: TrainState,
     train_iter: Any,
     nonfinite_steps: Callable[[int], bool] | None,
+    after_step: Callable[[int, dict[str, jax.Array]], bool] | None = None,
 ) -> TrainState:
-  """Steps from state.step to config.num_train_steps with logging, checkpoints and evals."""
+  """Steps from state.step to config.num_train_steps with logging, checkpoints and evals.
+
+  `after_step(done, metrics)` runs after every step; True stops the loop at that step (the
+  caller saves).
+  """
   start, total = int(jax.device_get(state.step)), config.num_train_steps
   step_fn = make_train_step(config, flow, tx, mesh)
   poisoned_fn = None
@@ -479,11 +541,15 @@ def _train_loop(
     count = int(jax.device_get(consecutive))
     if count >= config.max_consecutive_nonfinite:
       manager.wait_until_finished()
+      latest = manager.latest_step()
+      saved = (
+          f"The last checkpoint (step {latest}) in {manager.directory} is unchanged."
+          if latest is not None else f"No checkpoint was saved yet in {manager.directory}."
+      )
       raise NonFiniteError(
           f"{count} consecutive training steps (up to step {at_step}) had a non-finite loss or "
           f"gradient; their updates were skipped and training stopped "
-          f"(config.max_consecutive_nonfinite={config.max_consecutive_nonfinite}). The last "
-          f"checkpoint (step {manager.latest_step()}) in {manager.directory} is unchanged. "
+          f"(config.max_consecutive_nonfinite={config.max_consecutive_nonfinite}). {saved} "
           f"Consider a lower config.optimizer.learning_rate or config.optimizer.grad_clip_norm."
       )
 
@@ -541,8 +607,11 @@ def _train_loop(
       reporter.scalars(done, {"eval/bpd": bpd})
       logging.info("step %d: test bpd %.4f (EMA parameters)", done, bpd)
 
+    if after_step is not None and after_step(done, metrics):
+      break
+
   if pending is not None:
-    check_streak(pending, total)
+    check_streak(pending, int(jax.device_get(state.step)))
   return state
 
 
@@ -560,7 +629,7 @@ def restore_for_inference(
   tx = make_optimizer(config)
   directory = checkpointing.checkpoint_dir(workdir)
   restored = None
-  if os.path.isdir(directory):
+  if runtime.path(directory).is_dir():
     manager = checkpointing.make_manager(workdir, keep=config.keep_checkpoints, read_only=True)
     try:
       restored = checkpointing.restore_latest(
@@ -579,9 +648,16 @@ def restore_for_inference(
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str, **kwargs: Any
 ) -> dict[str, Any]:
-  """Trains, then evaluates test bpd (EMA params) into results.json and writes sample grids."""
+  """Trains, then evaluates test bpd (EMA params) into results.json and writes sample grids.
+
+  Raises runtime.DivergedError (after writing them) if the final test bpd is not finite or far
+  above the first training step's bpd.
+  """
+  workdir = runtime.normalize_dir(workdir, "workdir")
   result = train(config, workdir, **kwargs)
-  return evaluate_and_sample(config, workdir, result)
+  results = evaluate_and_sample(config, workdir, result)
+  runtime.check_final_bpd(results["bpd"], runtime.read_initial_bpd(workdir), workdir)
+  return results
 
 
 def evaluate_and_sample(
@@ -595,6 +671,6 @@ def evaluate_and_sample(
       info=result.info, step=result.step,
   )
   evaluate.write_sample_grids(
-      config, workdir, result.flow, variables, result.mesh, keys["sample"]
+      config, workdir, result.flow, variables, result.mesh, keys["sample"], step=result.step
   )
   return results
