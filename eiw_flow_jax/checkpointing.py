@@ -142,6 +142,15 @@ def checkpoint_dir(workdir: str) -> str:
   return runtime.join(runtime.normalize_dir(workdir, "workdir"), CHECKPOINT_DIR)
 
 
+def has_checkpoints(workdir: str) -> bool:
+  """Whether `<workdir>/checkpoints` holds a finalised step directory."""
+  directory = runtime.path(checkpoint_dir(workdir))
+  try:
+    return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+  except OSError:
+    return False
+
+
 def _key_name(entry: Any) -> str:
   for attr in ("key", "name", "idx"):
     if hasattr(entry, attr):

@@ -444,20 +444,20 @@ def train(
   workdir = runtime.normalize_dir(workdir, "workdir")
   with runtime.writing("the workdir", workdir):
     runtime.path(workdir).mkdir(parents=True, exist_ok=True)
-  info = _check_data(config)
-  flow = build_flow(config)
-  tx = make_optimizer(config)
 
   lock = runtime.acquire_workdir_lock(workdir, stale_after=lock_stale_after)
   manager = reporter = None
   try:
-    with runtime.writing("checkpoints", checkpointing.checkpoint_dir(workdir)):
-      manager = checkpointing.make_manager(workdir, keep=config.keep_checkpoints)
     # Before config.json is overwritten: the saved one is what the checkpoints were made with.
     runtime.check_resume_config(
-        config, workdir, has_checkpoints=bool(manager.all_steps()),
+        config, workdir, has_checkpoints=checkpointing.has_checkpoints(workdir),
         allow_change=allow_config_change,
     )
+    info = _check_data(config)
+    flow = build_flow(config)
+    tx = make_optimizer(config)
+    with runtime.writing("checkpoints", checkpointing.checkpoint_dir(workdir)):
+      manager = checkpointing.make_manager(workdir, keep=config.keep_checkpoints)
     _save_config(config, workdir)
     train_iter = data.create_train_iterator(config)
     restored = checkpointing.restore_latest(manager, abstract_state(flow, tx, mesh), train_iter)
