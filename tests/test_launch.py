@@ -20,7 +20,9 @@ from test_train import TINY, tiny_config
 from eiw_flow_jax import data
 
 LAUNCH = os.path.join(REPO, "launch")
-SCRIPTS = sorted(glob.glob(os.path.join(LAUNCH, "*.sh")) + glob.glob(os.path.join(LAUNCH, "*.sbatch")))
+SCRIPTS = sorted(
+    glob.glob(os.path.join(LAUNCH, "*.sh")) + glob.glob(os.path.join(LAUNCH, "*.sbatch"))
+)
 
 
 def _shellcheck() -> str | None:
