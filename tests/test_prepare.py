@@ -15,14 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from google.protobuf import json_format
 from conftest import REPO
 from fake_catalog import (
-    set_file_format,
-    write_cifar10,
-    write_downsampled_imagenet_sources,
-    write_lsun_lmdb,
+  set_file_format,
+  write_cifar10,
+  write_downsampled_imagenet_sources,
+  write_lsun_lmdb,
 )
+from google.protobuf import json_format
 
 from eiw_flow_jax import data, prepare
 from eiw_flow_jax.config_lib import base_config
