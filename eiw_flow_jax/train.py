@@ -414,6 +414,7 @@ def train(
   non-finite guard. Raises NonFiniteError after config.max_consecutive_nonfinite skipped steps
   in a row; the checkpoints saved before are left as they are.
   """
+  started = time.time()
   mesh = make_mesh() if mesh is None else mesh
   config_lib.validate_config(config, num_devices=mesh.size, num_processes=jax.process_count())
   workdir = os.path.abspath(workdir)
@@ -444,6 +445,7 @@ def train(
     final = int(jax.device_get(state.step))
     if manager.latest_step() != final:
       checkpointing.save(manager, final, state, train_iter, force=True)
+    evaluate.record_train_time(workdir, time.time() - started, final)
   finally:
     if reporter is not None:
       reporter.close()
