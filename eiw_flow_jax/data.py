@@ -24,9 +24,22 @@ Registered names (`config.dataset.name`):
     directory is no longer needed; delete `<data_dir>/mnist_idx` to re-prepare.
 
 * TFDS catalog datasets, which must have been prepared beforehand in the array_record format
-  (that needs TensorFlow and internet; see `CATALOG_HELP`): `mnist`, `cifar10`, `imagenet32`,
-  `imagenet64`, `celeba` (148x148 centre crop resized to the configured size) and
-  `lsun_bedroom` / `lsun_church` (largest centre square resized to the configured size).
+  with `python -m eiw_flow_jax.prepare --dataset=NAME --data_dir=DIR` (see `CATALOG_HELP` and
+  `eiw_flow_jax/prepare.py`); reading them needs neither TensorFlow nor internet:
+
+  - `mnist`, `cifar10`: TFDS `mnist`, `cifar10`.
+  - `imagenet32`, `imagenet64`: TFDS `downsampled_imagenet/32x32` and `/64x64`, the
+    van den Oord et al. (2016) downsampled ImageNet that the density-estimation papers
+    (RealNVP, Glow, Flow++, DenseFlow) report on; eval split "validation".
+  - `imagenet32_resized`, `imagenet64_resized`: TFDS `imagenet_resized` (Chrabaszcz et al.
+    2017, box-resized, meant for supervised learning). A different downsampling of ImageNet:
+    bits/dim on it are NOT comparable with the published density-estimation numbers.
+  - `celeba`: TFDS `celeb_a` (178x218 aligned faces), 148x148 centre crop resized to the
+    configured size (RealNVP's 64x64 CelebA, 8-bit). Not CelebA-HQ (Glow's 5-bit CelebA).
+  - `lsun_bedroom` / `lsun_church`: TFDS `lsun/bedroom` / `lsun/church_outdoor`, prepared from
+    the LSUN lmdb export by `eiw_flow_jax.prepare` (TFDS's own LSUN builder needs
+    tensorflow-io); largest centre square resized to the configured size.
+
   Their pixels are 8-bit (0..255).
 
 `config.dataset.train_split` / `eval_split` are TFDS split names; an empty string picks the
@@ -79,10 +92,19 @@ _ARRAY_RECORD = "array_record"
 _READ_OPTIONS = grain.ReadOptions(num_threads=8, prefetch_buffer_size=16)
 
 CATALOG_HELP = (
-    "Prepare it once on a machine with internet access:\n"
-    "  pip install tensorflow tensorflow-datasets\n"
-    "  tfds build {tfds_name} --file_format=array_record --data_dir={data_dir}\n"
+    "Prepare it once (as array_record; TensorFlow is needed only for this step, and internet "
+    "unless the source files are given with --source_dir):\n"
+    "  pip install -e '.[prepare]'\n"
+    "  python -m eiw_flow_jax.prepare --dataset={name} --data_dir={data_dir}\n"
     "then set config.dataset.data_dir to that directory (or copy it there)."
+)
+# The fix for a dataset that TFDS built in another file format (tfrecord, `tfds build`'s default).
+CONVERT_HELP = (
+    "Convert it in place (adds array_record shards next to the existing ones; needs the "
+    "[prepare] extra, since reading tfrecord needs TensorFlow):\n"
+    "  pip install -e '.[prepare]'\n"
+    "  python -m eiw_flow_jax.prepare --dataset={name} --data_dir={data_dir} --convert\n"
+    "or delete {version_dir} and prepare it again with the command above without --convert."
 )
 
 
@@ -297,9 +319,13 @@ DATASETS: dict[str, DatasetSpec] = {
     "mnist_idx": DatasetSpec("mnist_idx", "train", "test", builder=MnistIdxBuilder),
     "mnist": DatasetSpec("mnist", "train", "test"),
     "cifar10": DatasetSpec("cifar10", "train", "test"),
-    "imagenet32": DatasetSpec("imagenet_resized/32x32", "train", "validation"),
-    "imagenet64": DatasetSpec("imagenet_resized/64x64", "train", "validation"),
-    # The usual CelebA 64x64 preprocessing (RealNVP, Glow): central 148x148 crop, then resize.
+    # The van den Oord et al. data of the density-estimation papers.
+    "imagenet32": DatasetSpec("downsampled_imagenet/32x32", "train", "validation"),
+    "imagenet64": DatasetSpec("downsampled_imagenet/64x64", "train", "validation"),
+    # Chrabaszcz et al.'s box-resized ImageNet: NOT comparable with the published bits/dim.
+    "imagenet32_resized": DatasetSpec("imagenet_resized/32x32", "train", "validation"),
+    "imagenet64_resized": DatasetSpec("imagenet_resized/64x64", "train", "validation"),
+    # The usual CelebA 64x64 preprocessing (RealNVP): central 148x148 crop, then resize.
     "celeba": DatasetSpec(
         "celeb_a", "train", "test", preprocess=functools.partial(center_crop_resize, crop=148)
     ),
@@ -380,20 +406,38 @@ def _mnist_idx_builder(data_dir: str, source_dir: str) -> tfds.core.DatasetBuild
   )
 
 
+def has_array_record(builder: tfds.core.DatasetBuilder) -> bool:
+  """Whether a prepared builder's shards include array_record (main or alternative format).
+
+  `tfds convert_format` (our `prepare --convert`) adds array_record to a tfrecord dataset as an
+  "alternative file format" in dataset_info.json. TFDS 4.9.10 restores that list into the
+  info's proto but not into `available_file_formats()`, which `as_data_source` consults, so
+  such a dataset would be refused; we register the restored alternative on the info here.
+  """
+  info = builder.info
+  restored = list(info.as_proto.alternative_file_formats)
+  known = {f.value for f in info.alternative_file_formats}
+  if _ARRAY_RECORD in restored and _ARRAY_RECORD not in known:
+    info._alternative_file_formats.append(tfds.core.FileFormat.ARRAY_RECORD)  # noqa: SLF001
+  return any(f.value == _ARRAY_RECORD for f in info.available_file_formats())
+
+
 def _catalog_builder(name: str, spec: DatasetSpec, data_dir: str) -> tfds.core.DatasetBuilder:
   """A prepared TFDS catalog builder, or an error saying how to prepare it."""
   builder = tfds.builder(spec.tfds_name, data_dir=data_dir)
-  help_text = CATALOG_HELP.format(tfds_name=spec.tfds_name, data_dir=data_dir)
   if not builder.is_prepared():
     raise FileNotFoundError(
         f"Dataset {name!r} (TFDS {spec.tfds_name!r}) is not prepared in data_dir {data_dir} "
-        f"(looked for {builder.data_dir}). {help_text}"
+        f"(looked for {builder.data_dir}). "
+        + CATALOG_HELP.format(name=name, tfds_name=spec.tfds_name, data_dir=data_dir)
     )
-  file_format = builder.info.file_format
-  if file_format is None or file_format.value != _ARRAY_RECORD:
-    raise ValueError(
+  if not has_array_record(builder):
+    formats = sorted(f.value for f in builder.info.available_file_formats()) or ["unknown"]
+    raise FileNotFoundError(
         f"Dataset {name!r} (TFDS {spec.tfds_name!r}) in {builder.data_dir} is stored as "
-        f"{file_format}, but random access needs array_record. {help_text}"
+        f"{', '.join(formats)} (the default of `tfds build`), but this project reads "
+        f"array_record (random access, no TensorFlow). "
+        + CONVERT_HELP.format(name=name, data_dir=data_dir, version_dir=builder.data_dir)
     )
   return builder
 
@@ -421,6 +465,8 @@ def _open(name: str, data_dir: str, source_dir: str, split: str) -> tuple[Any, D
         f"splits: {spec.train_split!r}/{spec.eval_split!r}; set config.dataset.train_split / "
         f"eval_split, or leave them empty for these)."
     )
+  if spec.builder is None:
+    return builder.as_data_source(split, file_format=_ARRAY_RECORD), spec
   return builder.as_data_source(split), spec
 
 

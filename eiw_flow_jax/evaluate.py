@@ -35,6 +35,8 @@ from eiw_flow_jax.model import Flow
 EVAL_STREAM, SAMPLE_STREAM = 3, 4
 RESULTS_FILE = "results.json"
 SAMPLES_DIR = "samples"
+# Training wall time summed over every (resumed) training run of a workdir.
+TRAIN_TIME_FILE = "train_time.json"
 
 
 def _global(local: np.ndarray, mesh: Mesh) -> jax.Array:
@@ -116,6 +118,37 @@ def git_commit() -> str:
     return "unknown"
 
 
+def num_parameters(variables: Any) -> int:
+  """Number of trained scalars (the `params` collection; fixed constants are not counted)."""
+  return int(sum(np.size(leaf) for leaf in jax.tree_util.tree_leaves(variables["params"])))
+
+
+def read_train_time(workdir: str) -> float | None:
+  """Training wall time in seconds recorded in the workdir, or None if none was recorded."""
+  path = runtime.path(workdir, TRAIN_TIME_FILE)
+  try:
+    return float(json.loads(path.read_text())["wall_time_s"])
+  except FileNotFoundError:
+    return None
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    logging.warning("Ignoring unreadable %s: %s", path, e)
+    return None
+
+
+def record_train_time(workdir: str, seconds: float, step: int) -> float:
+  """Adds one training run's wall time (process 0 writes); returns the total over all runs.
+
+  A run that resumes adds to what earlier runs recorded, so the total is the time spent
+  training this workdir to `step` (a run killed before it finishes records nothing).
+  """
+  total = (read_train_time(workdir) or 0.0) + float(seconds)
+  if jax.process_index() == 0:
+    path = runtime.path(workdir, TRAIN_TIME_FILE)
+    with runtime.writing("the training time record", path):
+      path.write_text(json.dumps({"wall_time_s": total, "step": int(step)}))
+  return total
+
+
 def evaluate_and_write(
     config: ml_collections.ConfigDict,
     workdir: str,
@@ -127,7 +160,12 @@ def evaluate_and_write(
     info: data.DatasetInfo,
     step: int,
 ) -> dict[str, Any]:
-  """Test bpd over the whole eval split, written to `<workdir>/results.json` (process 0)."""
+  """Test bpd over the whole eval split, written to `<workdir>/results.json` (process 0).
+
+  Besides bpd and the data, results.json names the run for `eiw_flow_jax.table`: backbone,
+  split and EIW mode, step, devices, `num_parameters` and the training `wall_time_s` recorded in
+  the workdir by `train.train` (summed over resumed runs; null when the workdir has none).
+  """
   bpd, count = evaluate_bpd(config, flow, variables, mesh, rng)
   if count != info.num_eval:
     raise RuntimeError(f"Evaluated {count} examples but the eval split has {info.num_eval}.")
@@ -141,8 +179,12 @@ def evaluate_and_write(
       "step": int(step),
       "parameters": "ema" if config.ema_decay > 0 else "raw",
       "n_bits": config.model.n_bits,
+      "backbone": config.model.get("backbone", "glow"),
       "split": config.model.split,
       "eiw_mode": config.model.eiw.mode,
+      "image_shape": list(config.model.image_shape),
+      "num_parameters": num_parameters(variables),
+      "wall_time_s": read_train_time(workdir),  # training time; None if not recorded
       "config_hash": config_hash(config),
       "git_commit": git_commit(),
       "device_kind": jax.devices()[0].device_kind,

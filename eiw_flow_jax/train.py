@@ -439,6 +439,7 @@ def train(
   non-finite guard. Raises NonFiniteError after config.max_consecutive_nonfinite skipped steps
   in a row; the checkpoints saved before are left as they are.
   """
+  started = time.time()
   mesh = make_mesh() if mesh is None else mesh
   config_lib.validate_config(config, num_devices=mesh.size, num_processes=jax.process_count())
   workdir = runtime.normalize_dir(workdir, "workdir")
@@ -491,6 +492,7 @@ def train(
       if manager.latest_step() != final:
         checkpointing.save(manager, final, state, train_iter, force=True)
       checkpointing.wait(manager)
+      evaluate.record_train_time(workdir, time.time() - started, final)
       if final < config.num_train_steps and signals.received is not None:
         raise runtime.StopRequested(
             signals.received, final, checkpointing.checkpoint_dir(workdir)

@@ -264,8 +264,8 @@ def test_unprepared_catalog_dataset(tmp_path):
   with pytest.raises(FileNotFoundError) as error:
     data.create_train_iterator(config)
   message = str(error.value)
-  for needle in ("'cifar10'", str(tmp_path), "pip install tensorflow tensorflow-datasets",
-                 f"tfds build cifar10 --file_format=array_record --data_dir={tmp_path}"):
+  for needle in ("'cifar10'", str(tmp_path), "pip install -e '.[prepare]'",
+                 f"python -m eiw_flow_jax.prepare --dataset=cifar10 --data_dir={tmp_path}"):
     assert needle in message
   assert not (tmp_path / "cifar10").exists()  # nothing was downloaded or created
 
