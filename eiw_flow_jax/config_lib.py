@@ -39,11 +39,16 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.eiw.sigma = 1e-3  # weight of the KL regulariser (`global`)
   config.model.eiw.reduction = 16  # SE Solver reduction ratio r (`global`)
   config.model.eiw.regularizer = "kl"  # "kl" (proper KL) or "literal" (the authors' form)
+  # Ablation: pi fixed at the identity; theta, Solver and regulariser still train (`global`).
+  config.model.eiw.freeze_permutation = False
   config.model.eiw.beta = 2.0  # bound on |log w| (`per_example`)
   config.model.eiw.anchor_width = 0  # A; 0 means max(1, C // 4) at each level (`per_example`)
   config.model.eiw.volume_preserving = False  # centre log w per example (`per_example`)
   config.model.eiw.entropy_weight = 0.0  # lambda of the optional entropy term (`per_example`)
   config.model.eiw.solver_hidden = 32  # conv width of the anchor Solver (`per_example`)
+  # Ablations (`per_example`): False gives log w = 0 / the identity permutation respectively.
+  config.model.eiw.use_weights = True
+  config.model.eiw.use_permutation = True
 
   config.batch_size = 64  # global batch, split over all devices of all processes
   config.eval_batch_size = 256
@@ -148,6 +153,11 @@ def validate_model_config(model: ml_collections.ConfigDict) -> None:
   _require(
       eiw.entropy_weight >= 0, f"model.eiw.entropy_weight must be >= 0, got {eiw.entropy_weight!r}."
   )
+  for flag in ("freeze_permutation", "use_weights", "use_permutation"):
+    _require(
+        isinstance(eiw[flag], bool),
+        f"model.eiw.{flag} must be a bool (True or False), got {eiw[flag]!r}.",
+    )
   _require(
       isinstance(eiw.anchor_width, int) and eiw.anchor_width >= 0,
       f"model.eiw.anchor_width must be an int >= 0 (0 = default), got {eiw.anchor_width!r}.",

@@ -107,10 +107,15 @@ class EIWGlobalSplit(_SplitBase):
   pi = stable argsort(-theta). The permutation has log-det 0 and does not depend on z, so the
   split is exact; theta and the Solver learn only through the regulariser
   R = KL(g || s(z)) (or the authors' literal form sum g (log g - s)), returned per example.
+
+  Ablation: `freeze_permutation=True` fixes pi at the identity (the vanilla split) while theta,
+  the Solver and the regulariser still train exactly as before, separating what the reordering
+  does from what the extra term in the loss does.
   """
 
   reduction: int = 16
   regularizer: str = "kl"
+  freeze_permutation: bool = False
 
   def setup(self) -> None:
     self._check_channels()
@@ -123,6 +128,9 @@ class EIWGlobalSplit(_SplitBase):
     self.solver_out = nn.Dense(self.channels, use_bias=False, name="solver_out")
 
   def permutation(self) -> Array:
+    """The channel order pi applied before the split (the identity when frozen)."""
+    if self.freeze_permutation:
+      return jnp.arange(self.channels)
     return jnp.argsort(-self.theta, stable=True)
 
   def solver_log_weights(self, z: Array) -> Array:
@@ -175,12 +183,20 @@ class EIWPerExampleSplit(_SplitBase):
   pi = stable argsort(-log w), and the first C/2 - A of them stay. The inverse sees the anchor,
   recomputes (w, pi) and undoes both. The Solver's last Dense is zero-initialised, so training
   starts from the vanilla split.
+
+  Ablations (both default True, the full method): `use_weights=False` applies no scaling
+  (log w = 0, log-det 0) while pi is still argsort of the Solver's scores; `use_permutation=False`
+  keeps pi at the identity while the scaling stays. With both False the split is the vanilla
+  one. Note: pi is piecewise constant in the scores, so without the scaling the Solver gets no
+  likelihood gradient (only the optional entropy term, computed on the scores, reaches it).
   """
 
   anchor_width: int = 1
   beta: float = 2.0
   volume_preserving: bool = False
   solver_width: int = 32
+  use_weights: bool = True
+  use_permutation: bool = True
 
   def setup(self) -> None:
     self._check_channels()
@@ -196,39 +212,56 @@ class EIWPerExampleSplit(_SplitBase):
         self.channels - self.anchor_width, kernel_init=nn.initializers.zeros, name="solver_out"
     )
 
-  def log_weights(self, anchor: Array) -> Array:
-    """Bounded log-weights (B, C - A) of the candidate channels, from the anchor alone."""
+  def scores(self, anchor: Array) -> Array:
+    """The Solver's bounded scores (B, C - A) of the candidate channels, from the anchor alone.
+
+    They are the log-weights when `use_weights` is on, and always the key that orders pi.
+    """
     h = jnp.mean(nn.relu(self.solver_conv(anchor)), axis=(1, 2))
     s = self.solver_out(h)
-    log_w = self.beta * jnp.tanh(s / self.beta)
+    scores = self.beta * jnp.tanh(s / self.beta)
     if self.volume_preserving:
-      log_w = log_w - jnp.mean(log_w, axis=-1, keepdims=True)
-    return log_w
+      scores = scores - jnp.mean(scores, axis=-1, keepdims=True)
+    return scores
+
+  def log_weights(self, anchor: Array) -> Array:
+    """Log-weights (B, C - A) applied to the candidates: the scores, or 0 without weights."""
+    scores = self.scores(anchor)
+    return scores if self.use_weights else jnp.zeros_like(scores)
 
   def weights_and_permutation(self, anchor: Array) -> tuple[Array, Array]:
     """(log w, pi): what the anchor alone decides, recomputed identically by the inverse."""
-    log_w = self.log_weights(anchor)
-    return log_w, jnp.argsort(-log_w, axis=-1, stable=True)
+    return self._decide(anchor)[1:]
+
+  def _decide(self, anchor: Array) -> tuple[Array, Array, Array]:
+    """(scores, log w, pi) from the anchor."""
+    scores = self.scores(anchor)
+    log_w = scores if self.use_weights else jnp.zeros_like(scores)
+    if self.use_permutation:
+      perm = jnp.argsort(-scores, axis=-1, stable=True)
+    else:
+      perm = jnp.broadcast_to(jnp.arange(scores.shape[-1]), scores.shape)
+    return scores, log_w, perm
 
   @staticmethod
   def _permute(x: Array, perm: Array) -> Array:
     return jnp.take_along_axis(x, perm[:, None, None, :], axis=-1)
 
-  def _shuffle(self, z: Array) -> tuple[Array, Array, Array, Array]:
-    """(log w, pi, kept, factored) of the forward Shuffle-then-split."""
+  def _shuffle(self, z: Array) -> tuple[Array, Array, Array, Array, Array]:
+    """(scores, log w, pi, kept, factored) of the forward Shuffle-then-split."""
     a = self.anchor_width
     anchor, candidates = z[..., :a], z[..., a:]
-    log_w, perm = self.weights_and_permutation(anchor)
+    scores, log_w, perm = self._decide(anchor)
     shuffled = self._permute(candidates * jnp.exp(log_w)[:, None, None, :], perm)
     stay = self.num_kept - a
     kept = jnp.concatenate([anchor, shuffled[..., :stay]], axis=-1)
-    return log_w, perm, kept, shuffled[..., stay:]
+    return scores, log_w, perm, kept, shuffled[..., stay:]
 
   def split(self, z: Array) -> SplitOutput:
     check_image_batch(z, "EIWPerExampleSplit", self.channels)
-    log_w, _, kept, factored = self._shuffle(z)
+    scores, log_w, _, kept, factored = self._shuffle(z)
     log_det = z.shape[1] * z.shape[2] * jnp.sum(log_w, axis=-1)
-    aux = {"weight_entropy": categorical_entropy(log_w)}
+    aux = {"weight_entropy": categorical_entropy(scores)}
     return self._finish(kept, factored, log_det, aux)
 
   def merge(self, kept: Array, factored: Array) -> tuple[Array, Array]:
@@ -243,12 +276,12 @@ class EIWPerExampleSplit(_SplitBase):
     return jnp.concatenate([anchor, candidates], axis=-1), log_det
 
   def diagnostics(self, z: Array) -> dict[str, Array]:
-    log_w, perm, kept, _ = self._shuffle(z)
+    scores, _, perm, kept, _ = self._shuffle(z)
     identity = jnp.arange(perm.shape[-1])
     stay = self.num_kept - self.anchor_width
     stays = jax.nn.one_hot(perm[:, :stay], perm.shape[-1]).sum(axis=1)
     return {
-        "weight_entropy": jnp.mean(categorical_entropy(log_w)),
+        "weight_entropy": jnp.mean(categorical_entropy(scores)),
         "non_identity_fraction": jnp.mean(jnp.any(perm != identity, axis=-1)),
         "stay_frequency": jnp.mean(stays, axis=0),
         "factored_entropy": self.factored_entropy(kept),

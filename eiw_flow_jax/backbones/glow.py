@@ -53,13 +53,18 @@ class MultiScaleFlow(nn.Module):
     if m.split == "vanilla":
       return VanillaSplit(channels, name=name)
     if m.eiw.mode == "global":
-      return EIWGlobalSplit(channels, m.eiw.reduction, m.eiw.regularizer, name=name)
+      return EIWGlobalSplit(
+          channels, m.eiw.reduction, m.eiw.regularizer,
+          freeze_permutation=m.eiw.freeze_permutation, name=name,
+      )
     return EIWPerExampleSplit(
         channels,
         anchor_width=config_lib.resolve_anchor_width(m.eiw.anchor_width, channels),
         beta=m.eiw.beta,
         volume_preserving=m.eiw.volume_preserving,
         solver_width=m.eiw.solver_hidden,
+        use_weights=m.eiw.use_weights,
+        use_permutation=m.eiw.use_permutation,
         name=name,
     )
 
