@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -119,20 +120,23 @@ class ActNorm(Bijector):
     check_image_batch(x, "ActNorm")
     channels = x.shape[-1]
 
+    # Statistics and parameters are float32 whatever the input's dtype (mixed precision).
     def init_bias(_rng, shape):
-      return -jnp.mean(x, axis=(0, 1, 2)).reshape(shape)
+      return -jnp.mean(x.astype(jnp.float32), axis=(0, 1, 2)).reshape(shape)
 
     def init_log_scale(_rng, shape):
-      std = jnp.std(x, axis=(0, 1, 2))
+      std = jnp.std(x.astype(jnp.float32), axis=(0, 1, 2))
       return -jnp.log(std + self.eps).reshape(shape)
 
     bias = self.param("bias", init_bias, (channels,))
     log_scale = self.param("log_scale", init_log_scale, (channels,))
     spatial = x.shape[1] * x.shape[2]
-    log_det = jnp.full((x.shape[0],), spatial * jnp.sum(log_scale), x.dtype)
+    log_det = jnp.full((x.shape[0],), spatial * jnp.sum(log_scale), log_scale.dtype)
+    # Applied in the input's dtype, so a bfloat16 coupling network stays bfloat16.
+    bias_c = bias.astype(x.dtype)
     if reverse:
-      return x * jnp.exp(-log_scale) - bias, -log_det
-    return (x + bias) * jnp.exp(log_scale), log_det
+      return x * jnp.exp(-log_scale).astype(x.dtype) - bias_c, -log_det
+    return (x + bias_c) * jnp.exp(log_scale).astype(x.dtype), log_det
 
 
 def _lu_init(rng: Array, channels: int) -> tuple[np.ndarray, ...]:
@@ -188,30 +192,39 @@ class ZeroConv(nn.Module):
 
   features: int
   logscale_factor: float = 3.0
+  dtype: Any = None  # compute dtype of the convolution (None: the input's); output is float32
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    h = nn.Conv(self.features, (3, 3), padding="SAME", kernel_init=nn.initializers.zeros)(x)
+    h = nn.Conv(
+        self.features, (3, 3), padding="SAME", kernel_init=nn.initializers.zeros, dtype=self.dtype
+    )(x)
     logs = self.param("logs", nn.initializers.zeros, (self.features,))
-    return h * jnp.exp(logs * self.logscale_factor)
+    return h.astype(jnp.float32) * jnp.exp(logs * self.logscale_factor)
 
 
 class CouplingNet(nn.Module):
   """Glow's coupling network.
 
   conv3x3 -> ActNorm -> ReLU -> conv1x1 -> ActNorm -> ReLU -> zero-initialised conv3x3.
+
+  `dtype` (mixed precision): the convolutions and activations compute in that dtype while the
+  parameters stay float32; the output (shift and scale of the coupling) is float32, so the
+  log-determinant and the coupled half are computed in float32.
   """
 
   hidden: int
   out_channels: int
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    h = nn.Conv(self.hidden, (3, 3), padding="SAME", use_bias=False)(x)
+    x = x.astype(self.dtype)
+    h = nn.Conv(self.hidden, (3, 3), padding="SAME", use_bias=False, dtype=self.dtype)(x)
     h = nn.relu(ActNorm()(h)[0])
-    h = nn.Conv(self.hidden, (1, 1), padding="SAME", use_bias=False)(h)
+    h = nn.Conv(self.hidden, (1, 1), padding="SAME", use_bias=False, dtype=self.dtype)(h)
     h = nn.relu(ActNorm()(h)[0])
-    return ZeroConv(self.out_channels)(h)
+    return ZeroConv(self.out_channels, dtype=self.dtype)(h)
 
 
 def _split_halves(x: Array, name: str) -> tuple[Array, Array]:
@@ -226,12 +239,13 @@ class AffineCoupling(Bijector):
   """Glow affine coupling: x_b <- (x_b + t(x_a)) * sigmoid(r(x_a) + 2); x_a unchanged."""
 
   hidden: int = 512
+  dtype: Any = jnp.float32  # the coupling network's compute dtype
 
   @nn.compact
   def __call__(self, x: Array, reverse: bool = False) -> tuple[Array, Array]:
     check_image_batch(x, "AffineCoupling")
     x_a, x_b = _split_halves(x, "AffineCoupling")
-    h = CouplingNet(self.hidden, 2 * x_b.shape[-1], name="net")(x_a)
+    h = CouplingNet(self.hidden, 2 * x_b.shape[-1], self.dtype, name="net")(x_a)
     shift, raw_scale = h[..., 0::2], h[..., 1::2]
     log_scale = jax.nn.log_sigmoid(raw_scale + 2.0)
     log_det = sum_except_batch(log_scale)
@@ -246,12 +260,13 @@ class AdditiveCoupling(Bijector):
   """Additive coupling (NICE / Glow option): x_b <- x_b + t(x_a); log-det 0."""
 
   hidden: int = 512
+  dtype: Any = jnp.float32  # the coupling network's compute dtype
 
   @nn.compact
   def __call__(self, x: Array, reverse: bool = False) -> tuple[Array, Array]:
     check_image_batch(x, "AdditiveCoupling")
     x_a, x_b = _split_halves(x, "AdditiveCoupling")
-    shift = CouplingNet(self.hidden, x_b.shape[-1], name="net")(x_a)
+    shift = CouplingNet(self.hidden, x_b.shape[-1], self.dtype, name="net")(x_a)
     x_b = x_b - shift if reverse else x_b + shift
     return jnp.concatenate([x_a, x_b], axis=-1), jnp.zeros((x.shape[0],), x.dtype)
 
@@ -261,6 +276,7 @@ class FlowStep(Bijector):
 
   hidden: int = 512
   coupling: str = "affine"
+  dtype: Any = jnp.float32  # compute dtype of the coupling network only (mixed precision)
 
   def setup(self) -> None:
     coupling_cls: Callable[..., Bijector] = {
@@ -269,7 +285,9 @@ class FlowStep(Bijector):
     }.get(self.coupling)
     if coupling_cls is None:
       raise ValueError(f"coupling must be 'affine' or 'additive', got {self.coupling!r}.")
-    self.layers = [ActNorm(), InvertibleConv1x1(), coupling_cls(hidden=self.hidden)]
+    self.layers = [
+        ActNorm(), InvertibleConv1x1(), coupling_cls(hidden=self.hidden, dtype=self.dtype)
+    ]
 
   def __call__(self, x: Array, reverse: bool = False) -> tuple[Array, Array]:
     total = jnp.zeros((x.shape[0],), x.dtype)

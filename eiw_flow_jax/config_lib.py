@@ -6,12 +6,16 @@ configs have the same fields and the same checks (`validate_config`) run before 
 
 from __future__ import annotations
 
+from typing import Any
+
 import ml_collections
 
 SPLITS = ("vanilla", "eiw")
 EIW_MODES = ("global", "per_example")
 COUPLINGS = ("affine", "additive")
 REGULARIZERS = ("kl", "literal")
+MEMORY_MODES = ("store", "remat", "invert")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -33,6 +37,16 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.hidden_channels = 64
   config.model.coupling = "affine"
   config.model.n_bits = 8
+  # Activation memory of the backward pass: "store" (keep everything), "remat" (jax.checkpoint
+  # per flow step) or "invert" (rebuild each step's input through its exact inverse: memory
+  # independent of steps_per_level). See eiw_flow_jax/memory.py and docs/performance.md.
+  config.model.memory = "store"
+  # "invert" falls back to an exact recomputation (and warns) when inputs rebuilt through the
+  # inverse drift by more than this (relative max error at a level's input).
+  config.model.invert_tolerance = 1e-3
+  # Compute dtype of the coupling networks ("bfloat16" on TPU, "float16"/"bfloat16" on GPU);
+  # parameters, log-determinants, priors and the loss stay float32.
+  config.model.dtype = "float32"
   config.model.split = "eiw"
   config.model.eiw = ml_collections.ConfigDict()
   config.model.eiw.mode = "global"
@@ -66,6 +80,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.ema_decay = 0.999  # 0 disables EMA (eval uses the raw parameters)
   config.max_consecutive_nonfinite = 10
   config.init_batch_size = 256  # examples for data-dependent ActNorm initialisation
+  config.prefetch_batches = 2  # batches put on the devices ahead of the step (0: none)
 
   config.log_every_steps = 50
   config.checkpoint_every_steps = 200
@@ -109,6 +124,15 @@ def resolve_anchor_width(anchor_width: int, channels: int) -> int:
   return max(1, channels // 4) if anchor_width == 0 else int(anchor_width)
 
 
+def compute_dtype(model: ml_collections.ConfigDict) -> Any:
+  """The coupling networks' compute dtype (`model.dtype`, default float32) as a jnp dtype."""
+  import jax.numpy as jnp
+
+  name = model.get("dtype", "float32")
+  _choice("model.dtype", name, DTYPES)
+  return jnp.dtype(name)
+
+
 def validate_model_config(model: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the field, what was expected and what came."""
   shape = tuple(model.image_shape)
@@ -141,6 +165,13 @@ def validate_model_config(model: ml_collections.ConfigDict) -> None:
   )
   _choice("model.coupling", model.coupling, COUPLINGS)
   _choice("model.split", model.split, SPLITS)
+  _choice("model.memory", model.get("memory", "store"), MEMORY_MODES)
+  _choice("model.dtype", model.get("dtype", "float32"), DTYPES)
+  tolerance = model.get("invert_tolerance", 1e-3)
+  _require(
+      isinstance(tolerance, (int, float)) and not isinstance(tolerance, bool) and tolerance > 0,
+      f"model.invert_tolerance must be a number > 0, got {tolerance!r}.",
+  )
   eiw = model.eiw
   _choice("model.eiw.mode", eiw.mode, EIW_MODES)
   _choice("model.eiw.regularizer", eiw.regularizer, REGULARIZERS)
@@ -237,6 +268,7 @@ def _validate_training(config: ml_collections.ConfigDict) -> None:
     _positive_int(f"config.{field}", config[field])
   for field in ("log_every_steps", "keep_checkpoints", "max_consecutive_nonfinite"):
     _positive_int(f"config.{field}", config[field])
+  _positive_int("config.prefetch_batches", config.get("prefetch_batches", 2), allow_zero=True)
   for field in ("checkpoint_every_steps", "eval_every_steps"):
     _positive_int(f"config.{field}", config[field], allow_zero=True)
   _require(

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from eiw_flow_jax import config_lib
+from eiw_flow_jax import config_lib, memory
 from eiw_flow_jax.bijectors import FlowStep, Shift, Squeeze
 from eiw_flow_jax.splits import (
   EIWGlobalSplit,
@@ -38,8 +38,9 @@ class MultiScaleFlow(nn.Module):
     channels = config_lib.level_channels(tuple(m.image_shape), m.num_levels)
     self.centre = Shift(-0.5)
     self.squeeze = Squeeze()
+    dtype = config_lib.compute_dtype(m)
     self.steps = [
-        [FlowStep(m.hidden_channels, m.coupling, name=f"level{lv}_step{k}")
+        [FlowStep(m.hidden_channels, m.coupling, dtype, name=f"level{lv}_step{k}")
          for k in range(m.steps_per_level)]
         for lv in range(m.num_levels)
     ]
@@ -70,10 +71,36 @@ class MultiScaleFlow(nn.Module):
 
   def _level_forward(self, level: int, h: Array) -> tuple[Array, Array]:
     h, log_det = self.squeeze(h)
-    for step in self.steps[level]:
-      h, step_log_det = step(h)
-      log_det = log_det + step_log_det
-    return h, log_det
+    mode = self.model.get("memory", "store")
+    if mode == "store" or self.is_initializing():
+      # Initialisation (data-dependent ActNorm) always runs the modules themselves.
+      for step in self.steps[level]:
+        h, step_log_det = step(h)
+        log_det = log_det + step_log_det
+      return h, log_det
+    h, steps_log_det = self._run_steps(level, h, mode)
+    return h, log_det + steps_log_det
+
+  def _run_steps(self, level: int, h: Array, mode: str) -> tuple[Array, Array]:
+    """The level's K steps as pure functions of their variables, under memory `mode`."""
+    m = self.model
+    # A parentless twin of every step: applied to each step's variables explicitly, so that
+    # jax.checkpoint / the inverse-based custom VJP see pure functions.
+    twin = FlowStep(m.hidden_channels, m.coupling, config_lib.compute_dtype(m), parent=None)
+    names = [f"level{level}_step{k}" for k in range(m.steps_per_level)]
+    step_variables = [
+        {"params": self.variables["params"][n], "constants": self.variables["constants"][n]}
+        for n in names
+    ]
+    return memory.run_chain(
+        mode,
+        lambda v, x: twin.apply(v, x),
+        lambda v, y: twin.apply(v, y, reverse=True)[0],
+        step_variables,
+        h,
+        name=f"level {level}",
+        tolerance=m.get("invert_tolerance", 1e-3),
+    )
 
   def forward(self, y: Array) -> tuple[list[Array], Array, Array, dict[str, list[Array]]]:
     """y in [0,1]^D -> (latents per level, log|det J|, log prior of latents, aux per split)."""
@@ -133,6 +160,26 @@ class MultiScaleFlow(nn.Module):
       h = self.splits[level].split(h).kept
       means.append(self.splits[level].prior(h)[0])
     return means + [self.top_prior.params_for(h.shape[0])[0]]
+
+  def inverse_drift(self, y: Array) -> list[Array]:
+    """Per level: relative drift of the level's input rebuilt through its K steps' inverses.
+
+    max|x_rebuilt - x| / max(1, max|x|) after the level's K steps forward and K inverses, the
+    quantity memory="invert" checks against model.invert_tolerance (see eiw_flow_jax.memory).
+    """
+    h, _ = self.centre(y)
+    drifts = []
+    for level in range(self.model.num_levels):
+      x, _ = self.squeeze(h)
+      out = x
+      for step in self.steps[level]:
+        out, _ = step(out)
+      rebuilt = out
+      for step in reversed(self.steps[level]):
+        rebuilt, _ = step(rebuilt, reverse=True)
+      drifts.append(memory.relative_drift(rebuilt, x))
+      h = self.splits[level].split(out).kept if level < len(self.splits) else out
+    return drifts
 
   def diagnostics(self, y: Array) -> list[dict[str, Array]]:
     """Per split level: the Shuffle diagnostics listed in the design note."""

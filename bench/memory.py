@@ -1,0 +1,152 @@
+"""Benchmark: activation memory, step time and inverse drift of config.model.memory modes.
+
+1. Memory: XLA's memory analysis of the compiled loss-and-gradient function
+   (`jax.jit(jax.value_and_grad(loss)).lower(...).compile().memory_analysis()`), temporary
+   bytes for K in --ks under "store", "remat" and "invert", with ratios to "store". Only
+   compiled, never run, so the CIFAR config (32x32x3, L=3, width 512, batch 64) is cheap.
+2. Step time: the same function run at --time_k / --time_hidden / --time_batch, modes
+   interleaved over --rounds rounds (min and median, ratio to "store").
+3. Drift: per level, the relative error of the level input rebuilt through the inverses of its
+   K steps (`MultiScaleFlow.inverse_drift`), for parameters perturbed by Gaussian noise of each
+   --drift_scales (a stand-in for trained weights, which move away from the identity init).
+
+  python bench/memory.py                                  # everything, CIFAR config
+  python bench/memory.py --ks=4,8 --rounds=0 --drift_scales=   # memory table only
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+import eiw_flow_jax
+from eiw_flow_jax.config_lib import base_config
+
+flags.DEFINE_list("ks", ["4", "8", "16", "32"], "Steps per level K for the memory table.")
+flags.DEFINE_list("modes", ["store", "remat", "invert"], "Memory modes.")
+flags.DEFINE_integer("batch", 64, "Batch for the memory table.")
+flags.DEFINE_integer("hidden", 512, "Coupling width for the memory table.")
+flags.DEFINE_integer("image_size", 32, "Image height and width.")
+flags.DEFINE_integer("num_levels", 3, "Levels L.")
+flags.DEFINE_string("split", "vanilla", "vanilla | eiw (global).")
+flags.DEFINE_integer("time_k", 8, "K for the timing (0: skip timing).")
+flags.DEFINE_integer("time_hidden", 256, "Width for the timing.")
+flags.DEFINE_integer("time_batch", 16, "Batch for the timing.")
+flags.DEFINE_integer("rounds", 5, "Timed rounds (interleaved over modes).")
+flags.DEFINE_list("drift_ks", ["8", "32"], "K values for the drift measurement.")
+flags.DEFINE_list("drift_scales", ["0.0", "0.02", "0.05"], "Parameter noise for the drift.")
+flags.DEFINE_integer("drift_hidden", 64, "Width for the drift measurement.")
+FLAGS = flags.FLAGS
+
+MIB = 2.0**20
+
+
+def _config(k: int, hidden: int, mode: str):
+  config = base_config()
+  m = config.model
+  m.image_shape = (FLAGS.image_size, FLAGS.image_size, 3)
+  m.num_levels, m.steps_per_level, m.hidden_channels = FLAGS.num_levels, k, hidden
+  m.split, m.memory = FLAGS.split, mode
+  return config
+
+
+def _loss_and_grad(config):
+  flow = eiw_flow_jax.build_flow(config)
+
+  def loss(params, constants, x, key):
+    return flow.loss({"params": params, "constants": constants}, x, key)[0]
+
+  return flow, jax.jit(jax.value_and_grad(loss))
+
+
+def _abstract_args(flow, batch):
+  x = jax.ShapeDtypeStruct((batch, *flow.image_shape), jnp.uint8)
+  variables = jax.eval_shape(flow.init, jax.random.PRNGKey(0), x)
+  return variables["params"], variables["constants"], x, jax.eval_shape(jax.random.PRNGKey, 0)
+
+
+def memory_table() -> None:
+  print(f"## Temporary memory of loss+grad (XLA memory_analysis), {FLAGS.image_size}x"
+        f"{FLAGS.image_size}x3, L={FLAGS.num_levels}, width {FLAGS.hidden}, batch {FLAGS.batch}, "
+        f"split {FLAGS.split}\n")
+  print("| K | " + " | ".join(f"{m} MiB | ratio" for m in FLAGS.modes) + " | compile s |")
+  print("| --- " * (2 * len(FLAGS.modes) + 2) + "|")
+  for k in map(int, FLAGS.ks):
+    temps, start = {}, time.perf_counter()
+    for mode in FLAGS.modes:
+      flow, fn = _loss_and_grad(_config(k, FLAGS.hidden, mode))
+      analysis = fn.lower(*_abstract_args(flow, FLAGS.batch)).compile().memory_analysis()
+      temps[mode] = analysis.temp_size_in_bytes
+    base = temps.get("store", next(iter(temps.values())))
+    cells = " | ".join(f"{temps[m] / MIB:.0f} | {temps[m] / base:.3f}" for m in FLAGS.modes)
+    print(f"| {k} | {cells} | {time.perf_counter() - start:.0f} |", flush=True)
+
+
+def timing() -> None:
+  k, hidden, batch = FLAGS.time_k, FLAGS.time_hidden, FLAGS.time_batch
+  rng = np.random.RandomState(0)
+  x = jnp.asarray(rng.randint(0, 256, (batch, FLAGS.image_size, FLAGS.image_size, 3), np.uint8))
+  jobs = {}
+  variables = None
+  for mode in FLAGS.modes:
+    flow, fn = _loss_and_grad(_config(k, hidden, mode))
+    if variables is None:
+      variables = flow.init(jax.random.PRNGKey(0), x)
+    args = (variables["params"], variables["constants"], x, jax.random.PRNGKey(1))
+    jax.block_until_ready(fn(*args))
+    jobs[mode] = (fn, args)
+  times = {mode: [] for mode in jobs}
+  for _ in range(FLAGS.rounds):
+    for mode, (fn, args) in jobs.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      times[mode].append(time.perf_counter() - start)
+  print(f"\n## Step time (loss+grad), K={k}, width {hidden}, batch {batch}, "
+        f"{FLAGS.rounds} interleaved rounds\n")
+  print("| mode | median s | ratio | min s | ratio |\n| --- | --- | --- | --- | --- |")
+  med0, min0 = np.median(times["store"]), np.min(times["store"])
+  for mode, t in times.items():
+    print(f"| {mode} | {np.median(t):.3f} | {np.median(t) / med0:.3f} | {np.min(t):.3f} | "
+          f"{np.min(t) / min0:.3f} |", flush=True)
+
+
+def drift() -> None:
+  print(f"\n## Inverse drift per level (relative max error of the level input rebuilt through "
+        f"K inverses), width {FLAGS.drift_hidden}, batch 16\n")
+  print("| K | param noise | " + " | ".join(f"level {lv}" for lv in range(FLAGS.num_levels))
+        + " |")
+  print("| --- " * (FLAGS.num_levels + 2) + "|")
+  rng = np.random.RandomState(0)
+  x = jnp.asarray(rng.randint(0, 256, (16, FLAGS.image_size, FLAGS.image_size, 3), np.uint8))
+  for k in map(int, FLAGS.drift_ks):
+    flow = eiw_flow_jax.build_flow(_config(k, FLAGS.drift_hidden, "store"))
+    variables = flow.init(jax.random.PRNGKey(0), x)
+    y = flow.dequantize(x, jax.random.PRNGKey(1))
+    fn = jax.jit(lambda v, y, flow=flow: flow.module.apply(v, y, method="inverse_drift"))
+    for scale in map(float, FLAGS.drift_scales):
+      params = variables["params"]
+      leaves, treedef = jax.tree.flatten(params)
+      keys = jax.random.split(jax.random.PRNGKey(2), len(leaves))
+      noisy = [p + scale * jax.random.normal(key, p.shape) for p, key in zip(leaves, keys)]
+      v = {**variables, "params": jax.tree.unflatten(treedef, noisy)}
+      drifts = [float(d) for d in fn(v, y)]
+      print(f"| {k} | {scale} | " + " | ".join(f"{d:.2e}" for d in drifts) + " |", flush=True)
+
+
+def main(argv):
+  del argv
+  print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}\n")
+  if FLAGS.ks:
+    memory_table()
+  if FLAGS.time_k and FLAGS.rounds:
+    timing()
+  if FLAGS.drift_scales:
+    drift()
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,180 @@
+"""Activation memory of a chain of invertible steps: "store", "remat" or "invert".
+
+A flow level is a chain x_0 -> x_1 -> ... -> x_K of K steps with identical parameter shapes,
+each step `apply(vars_k, x_k) -> (x_{k+1}, log_det_k)` with an exact `inverse(vars_k, x_{k+1})`.
+The log-determinant of the chain is the sum of the steps'. `run_chain` evaluates it under one
+of three memory strategies for the backward pass:
+
+- "store": plain autodiff; every intermediate of every step (the coupling networks' hidden
+  activations dominate) stays alive until the backward pass: memory linear in K.
+- "remat": `jax.checkpoint` per step; only the K step inputs are kept, each step's
+  intermediates are recomputed in the backward pass (about one extra forward).
+- "invert": a custom VJP over the whole chain (memory-saving backprop for reversible networks,
+  Gomez et al. 2017): only the chain's output is kept; the backward pass walks the steps in
+  reverse with `lax.scan`, rebuilding each step's input from its output through the exact
+  inverse, then back-propagating through that one step. Memory is independent of K.
+
+Reconstruction drift ("invert"): floating-point inverses are not bit-exact, so the rebuilt
+inputs drift from the true ones, step after step. The chain's input x_0 (one activation, small
+next to one coupling network's hidden activations) is kept as well; the backward pass compares
+the rebuilt x_0 with it. If max|x0_rebuilt - x0| / max(1, max|x0|) exceeds `tolerance`, the
+gradient is recomputed exactly from x_0 instead (a forward scan that keeps the K step inputs,
+as "remat" does) and a warning is logged from the host (`drift_warnings` counts them). The
+fallback sits in a `lax.cond`, so it costs time only when it triggers.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+
+Array = jax.Array
+StepFn = Callable[[Any, Array], tuple[Array, Array]]
+InverseFn = Callable[[Any, Array], Array]
+
+MEMORY_MODES = ("store", "remat", "invert")
+
+_lock = threading.Lock()
+drift_warnings: list[tuple[str, float]] = []  # (chain name, relative drift), appended on host
+
+
+def stack_trees(trees: list[Any]) -> Any:
+  """K pytrees of identical structure -> one pytree with a leading axis of size K."""
+  return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
+
+
+def unstack_tree(tree: Any, count: int) -> list[Any]:
+  return [jax.tree.map(lambda leaf, k=k: leaf[k], tree) for k in range(count)]
+
+
+def relative_drift(rebuilt: Array, true: Array) -> Array:
+  """max |rebuilt - true| / max(1, max |true|): the measure the "invert" fallback checks."""
+  error = jnp.max(jnp.abs(rebuilt.astype(jnp.float32) - true.astype(jnp.float32)))
+  return error / jnp.maximum(1.0, jnp.max(jnp.abs(true.astype(jnp.float32))))
+
+
+def _warn_drift(name: str, drift: Any, tolerance: float) -> None:
+  value = float(drift)
+  with _lock:
+    drift_warnings.append((name, value))
+  logging.warning(
+      "memory='invert': the inputs of %s rebuilt through the inverse drifted by %.3g (relative "
+      "max error) > tolerance %.3g; this step's gradient was recomputed from the stored input "
+      "instead (exact, slower). If this repeats, use config.model.memory='remat'.",
+      name, value, tolerance,
+  )
+
+
+def _scan_forward(apply: StepFn, stacked: Any, x: Array) -> tuple[Array, Array]:
+  def body(carry, variables):
+    h, log_det = carry
+    h, step_log_det = apply(variables, h)
+    return (h, log_det + step_log_det), None
+
+  log_det = jnp.zeros((x.shape[0],), jnp.float32)
+  (y, log_det), _ = jax.lax.scan(body, (x, log_det), stacked)
+  return y, log_det
+
+
+def _exact_backward(apply: StepFn, stacked: Any, x0: Array, gy: Array, gld: Array):
+  """Gradients from the true input: forward scan keeping the K step inputs, then VJPs."""
+
+  def forward(h, variables):
+    out, _ = apply(variables, h)
+    return out, h
+
+  _, inputs = jax.lax.scan(forward, x0, stacked)
+
+  def backward(g, pair):
+    variables, h = pair
+    _, vjp = jax.vjp(apply, variables, h)
+    gv, gh = vjp((g, gld))
+    return gh, gv
+
+  gx, gvs = jax.lax.scan(backward, gy, (stacked, inputs), reverse=True)
+  return gvs, gx
+
+
+def _invert_chain(
+    apply: StepFn, inverse: InverseFn, name: str, tolerance: float
+) -> Callable[[Any, Any, Array], tuple[Array, Array]]:
+  """custom_vjp function (stacked params, stacked constants, x) -> (y, log_det)."""
+
+  def split_apply(params, constants, h):
+    return apply({"params": params, "constants": constants}, h)
+
+  @jax.custom_vjp
+  def chain(params, constants, x):
+    return _scan_forward(
+        lambda v, h: split_apply(v[0], v[1], h), (params, constants), x
+    )
+
+  def chain_fwd(params, constants, x):
+    y, log_det = chain(params, constants, x)
+    return (y, log_det), (params, constants, x, y)
+
+  def chain_bwd(residuals, cotangents):
+    params, constants, x0, y = residuals
+    gy, gld = cotangents
+    step = lambda p, c, h: split_apply(p, c, h)  # noqa: E731
+
+    def body(carry, pc):
+      p, c = pc
+      out, g = carry
+      h = jax.lax.stop_gradient(inverse({"params": p, "constants": c}, out))
+      _, vjp = jax.vjp(lambda p_, h_: step(p_, c, h_), p, h)
+      gp, gh = vjp((g, gld))
+      return (h, gh), gp
+
+    (x0_rebuilt, gx), gps = jax.lax.scan(body, (y, gy), (params, constants), reverse=True)
+    drift = relative_drift(x0_rebuilt, x0)
+
+    def fallback(_):
+      jax.debug.callback(_warn_drift, name, drift, tolerance)
+      return _exact_backward(
+          lambda p, h: step(p[0], p[1], h), (params, constants), x0, gy, gld
+      )
+
+    def keep(_):
+      return (gps, constants), gx
+
+    (gps, _), gx = jax.lax.cond(drift > tolerance, fallback, keep, None)
+    return gps, jax.tree.map(jnp.zeros_like, constants), gx
+
+  chain.defvjp(chain_fwd, chain_bwd)
+  return chain
+
+
+def run_chain(
+    mode: str,
+    apply: StepFn,
+    inverse: InverseFn,
+    step_variables: list[Any],
+    x: Array,
+    *,
+    name: str = "chain",
+    tolerance: float = 1e-3,
+) -> tuple[Array, Array]:
+  """(x_K, total log-det) of the chain under memory `mode` (see the module docstring).
+
+  `step_variables[k]` is step k's {"params": ..., "constants": ...}; `apply` / `inverse` are
+  pure functions of (variables, array). Gradients flow to every "params" leaf.
+  """
+  if mode not in MEMORY_MODES:
+    raise ValueError(f"memory mode must be one of {MEMORY_MODES}, got {mode!r}.")
+  if mode in ("store", "remat"):
+    fn = apply if mode == "store" else jax.checkpoint(apply)
+    log_det = jnp.zeros((x.shape[0],), jnp.float32)
+    for variables in step_variables:
+      x, step_log_det = fn(variables, x)
+      log_det = log_det + step_log_det
+    return x, log_det
+  stacked = stack_trees([{"params": v["params"], "constants": v["constants"]}
+                         for v in step_variables])
+  chain = _invert_chain(apply, inverse, name, tolerance)
+  return chain(stacked["params"], stacked["constants"], x)
