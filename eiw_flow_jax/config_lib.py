@@ -63,6 +63,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.denseflow.dequant_mid_channels = 64
   config.model.denseflow.dequant_depth = 4
   config.model.denseflow.dequant_growth = 64
+  config.model.denseflow.dequant_context_depth = 4  # the context network's dense blocks
+  config.model.denseflow.dequant_context_growth = 16
 
   config.batch_size = 64  # global batch, split over all devices of all processes
   config.eval_batch_size = 256
@@ -142,7 +144,7 @@ def validate_denseflow_config(model: ml_collections.ConfigDict) -> None:
            f"model.denseflow.layer_mid_chnls must be >= 2 (attention width is half), got {mids}.")
   for field in ("growth_rate", "coupling_depth", "coupling_growth", "dequant_steps",
                 "dequant_context_channels", "dequant_mid_channels", "dequant_depth",
-                "dequant_growth"):
+                "dequant_growth", "dequant_context_depth", "dequant_context_growth"):
     value = df[field]
     _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
              f"model.denseflow.{field} must be an int >= 1, got {value!r}.")

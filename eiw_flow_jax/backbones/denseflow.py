@@ -275,7 +275,8 @@ class DenseFlowBackbone(nn.Module):
     self.shapes = shapes
     self.dequantizer = VariationalDequantizer(
         m.n_bits, df.dequant_steps, df.dequant_context_channels, df.dequant_mid_channels,
-        df.dequant_depth, df.dequant_growth, name="dequantizer")
+        df.dequant_depth, df.dequant_growth, df.dequant_context_growth,
+        df.dequant_context_depth, name="dequantizer")
     n = len(df.block_conf)
     self.blocks = [
         InvertibleDenseBlock(df.block_conf[b], df.layers_conf[b], df.layer_mid_chnls[b],
