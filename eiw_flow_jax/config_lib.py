@@ -16,6 +16,8 @@ COUPLINGS = ("affine", "additive")
 REGULARIZERS = ("kl", "literal")
 MEMORY_MODES = ("store", "remat", "invert")
 DTYPES = ("float32", "bfloat16", "float16")
+BACKBONES = ("glow", "denseflow")
+DENSEFLOW_MEMORY = ("store", "remat")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -31,6 +33,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.dataset.eval_split = "test"
 
   config.model = ml_collections.ConfigDict()
+  config.model.backbone = "glow"  # "glow" or "denseflow" (the paper's model)
   config.model.image_shape = (8, 8, 1)  # (H, W, C)
   config.model.num_levels = 2
   config.model.steps_per_level = 4
@@ -63,6 +66,24 @@ def base_config() -> ml_collections.ConfigDict:
   # Ablations (`per_example`): False gives log w = 0 / the identity permutation respectively.
   config.model.eiw.use_weights = True
   config.model.eiw.use_permutation = True
+  # The DenseFlow backbone (used when model.backbone == "denseflow"); the authors' argument
+  # names. Defaults: DF-74-10. num_levels, steps_per_level, hidden_channels and coupling are
+  # Glow's and ignored by it; split ("eiw" | "vanilla"), eiw.mode ("global" only),
+  # eiw.reduction, eiw.regularizer and eiw.sigma apply to it.
+  config.model.denseflow = ml_collections.ConfigDict()
+  config.model.denseflow.block_conf = (6, 4, 1)  # units per dense block (one block per scale)
+  config.model.denseflow.layers_conf = (5, 6, 20)  # coupling layers per unit, per block
+  config.model.denseflow.layer_mid_chnls = (48, 48, 48)  # coupling-net width, per block
+  config.model.denseflow.growth_rate = 10  # noise channels appended per unit
+  config.model.denseflow.coupling_depth = 7  # dense layers in a coupling net (authors: 7)
+  config.model.denseflow.coupling_growth = 64  # their growth (authors: 64)
+  config.model.denseflow.dequant_steps = 4  # variational dequantization flow (Flow++ style)
+  config.model.denseflow.dequant_context_channels = 64
+  config.model.denseflow.dequant_mid_channels = 64
+  config.model.denseflow.dequant_depth = 4
+  config.model.denseflow.dequant_growth = 64
+  config.model.denseflow.dequant_context_depth = 4  # the context network's dense blocks
+  config.model.denseflow.dequant_context_growth = 16
 
   config.batch_size = 64  # global batch, split over all devices of all processes
   config.eval_batch_size = 256
@@ -133,6 +154,56 @@ def compute_dtype(model: ml_collections.ConfigDict) -> Any:
   return jnp.dtype(name)
 
 
+def _int_tuple(name: str, value: object, length: int | None = None) -> tuple[int, ...]:
+  ok = isinstance(value, (tuple, list)) and len(value) >= 1 and all(
+      isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)
+  _require(ok, f"{name} must be a non-empty list of ints >= 1, got {value!r}.")
+  if length is not None:
+    _require(len(value) == length,
+             f"{name} must have one entry per dense block ({length}, as block_conf), "
+             f"got {len(value)}: {value!r}.")
+  return tuple(value)
+
+
+def validate_denseflow_config(model: ml_collections.ConfigDict) -> None:
+  """Checks `model.denseflow` (and what the DenseFlow backbone reads elsewhere)."""
+  _require("denseflow" in model,
+           "model.backbone='denseflow' needs a model.denseflow sub-config (see base_config).")
+  df = model.denseflow
+  blocks = _int_tuple("model.denseflow.block_conf", df.block_conf)
+  _int_tuple("model.denseflow.layers_conf", df.layers_conf, len(blocks))
+  mids = _int_tuple("model.denseflow.layer_mid_chnls", df.layer_mid_chnls, len(blocks))
+  _require(all(m >= 2 for m in mids),
+           f"model.denseflow.layer_mid_chnls must be >= 2 (attention width is half), got {mids}.")
+  for field in ("growth_rate", "coupling_depth", "coupling_growth", "dequant_steps",
+                "dequant_context_channels", "dequant_mid_channels", "dequant_depth",
+                "dequant_growth", "dequant_context_depth", "dequant_context_growth"):
+    value = df[field]
+    _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+             f"model.denseflow.{field} must be an int >= 1, got {value!r}.")
+  height, width, _ = tuple(model.image_shape)
+  factor = 2 ** len(blocks)
+  _require(
+      height % factor == 0 and width % factor == 0,
+      f"model.image_shape {tuple(model.image_shape)} must have H and W divisible by "
+      f"2**len(block_conf) = {factor} (an initial squeeze and one per transition), "
+      f"got H={height}, W={width}.",
+  )
+  last = (height // factor) * (width // factor)
+  _require(last % 4 == 0,
+           f"model.image_shape {tuple(model.image_shape)}: the last scale has "
+           f"{height // factor}x{width // factor} = {last} pixels; the Nystrom attention needs "
+           "a multiple of its 4 landmarks. Use fewer blocks or larger images.")
+  _require(model.split in SPLITS, f"model.split must be one of {SPLITS}, got {model.split!r}.")
+  _require(model.split == "vanilla" or model.eiw.mode == "global",
+           "model.eiw.mode must be 'global' with the denseflow backbone (the authors' "
+           f"transition), got {model.eiw.mode!r}.")
+  memory = model.get("memory", "store")
+  _require(memory in DENSEFLOW_MEMORY,
+           f"model.memory={memory!r} is not supported by the denseflow backbone: expected one "
+           f"of {DENSEFLOW_MEMORY} ('invert' is supported for the glow backbone only).")
+
+
 def validate_model_config(model: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the field, what was expected and what came."""
   shape = tuple(model.image_shape)
@@ -140,6 +211,19 @@ def validate_model_config(model: ml_collections.ConfigDict) -> None:
       len(shape) == 3 and all(isinstance(s, int) and s > 0 for s in shape),
       f"model.image_shape must be three positive ints (H, W, C), got {model.image_shape!r}.",
   )
+  backbone = model.get("backbone", "glow")
+  _choice("model.backbone", backbone, BACKBONES)
+  if backbone == "denseflow":
+    _require(
+        isinstance(model.n_bits, int) and 1 <= model.n_bits <= 8,
+        f"model.n_bits must be an int in [1, 8] (data is uint8), got {model.n_bits!r}.",
+    )
+    _choice("model.eiw.regularizer", model.eiw.regularizer, REGULARIZERS)
+    _require(model.eiw.sigma >= 0, f"model.eiw.sigma must be >= 0, got {model.eiw.sigma!r}.")
+    _require(model.eiw.reduction >= 1,
+             f"model.eiw.reduction must be >= 1, got {model.eiw.reduction!r}.")
+    validate_denseflow_config(model)
+    return
   _require(
       isinstance(model.num_levels, int) and model.num_levels >= 1,
       f"model.num_levels must be an int >= 1, got {model.num_levels!r}.",

@@ -15,12 +15,14 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from eiw_flow_jax import config_lib
+from eiw_flow_jax.backbones.denseflow import DenseFlowBackbone, denseflow_shapes
 from eiw_flow_jax.backbones.glow import MultiScaleFlow
 from eiw_flow_jax.bijectors import UniformDequantize
 
@@ -36,11 +38,15 @@ class Flow:
   """
 
   model_config: ml_collections.ConfigDict
-  module: MultiScaleFlow
+  module: nn.Module  # MultiScaleFlow (glow) or DenseFlowBackbone (denseflow)
 
   # Configs are mutable, so identity hashing keeps `jax.jit(flow.loss)` valid.
   __hash__ = object.__hash__
   __eq__ = object.__eq__
+
+  @property
+  def backbone(self) -> str:
+    return self.model_config.get("backbone", "glow")
 
   @property
   def image_shape(self) -> tuple[int, int, int]:
@@ -121,8 +127,8 @@ class Flow:
       raise ValueError(f"latents: expected per-example shapes {expected}, got {got}.")
 
   # ---- the API --------------------------------------------------------------------------
-  def dequantize(self, x: Array, rng: Array) -> Array:
-    """uint8 images -> y = (x + u) / 2^n_bits, u ~ U[0,1)."""
+  def dequantize(self, x: Array, rng: Array, variables: Variables | None = None) -> Array:
+    """uint8 images -> y = (x + u) / 2^n_bits, u ~ U[0,1) (`variables` unused by Glow)."""
     self.check_uint8(x)
     return UniformDequantize(self.n_bits).dequantize(x, rng)
 
@@ -204,10 +210,172 @@ class Flow:
     return self.module.apply(variables, y, method="diagnostics")
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class DenseFlow(Flow):
+  """`Flow` over the DenseFlow backbone (`config.model.backbone = "denseflow"`).
+
+  Same API as `Flow`; the differences come from the model being a variational bound:
+  dequantization is variational (so `dequantize` needs the variables) and every unit appends
+  noise (augmentation). All noise is one pytree, `{"dequant": (B, H/2, W/2, 4C) array,
+  "augment": [one (B, h, w, growth_rate) array per unit after a block's first]}` of standard
+  normal draws (`noise_shapes`); methods take it as `noise=` (tests compare to the authors'
+  PyTorch model this way) or draw it from `rng`. Without both, a fixed key (0) is used, so
+  `encode`/`log_prob` stay deterministic functions of their inputs.
+
+  Objective per example, in nats (`elbo_terms`): elbo = -D n ln 2 - log q(u|x) + log-dets
+  (incl. augmentation terms) + log N(factored halves) + log base(top); bpd = -elbo / (D ln 2).
+  `iwbo_bpd` gives the importance-weighted bound with k samples.
+  """
+
+  __hash__ = object.__hash__
+
+  @property
+  def latent_shapes(self) -> list[tuple[int, int, int]]:
+    return denseflow_shapes(self.model_config)["latents"]
+
+  def noise_shapes(self, batch: int) -> dict[str, Any]:
+    shapes = denseflow_shapes(self.model_config)
+    return {
+        "dequant": (batch, *shapes["dequant"]),
+        "augment": [(batch, *s) for s in shapes["augment"]],
+    }
+
+  def draw_noise(self, rng: Array, batch: int) -> dict[str, Any]:
+    """Standard-normal draws for one pass over `batch` examples."""
+    shapes = self.noise_shapes(batch)
+    keys = jax.random.split(rng, 1 + len(shapes["augment"]))
+    return {
+        "dequant": jax.random.normal(keys[0], shapes["dequant"]),
+        "augment": [jax.random.normal(k, s) for k, s in zip(keys[1:], shapes["augment"])],
+    }
+
+  def _noise(self, rng: Array | None, noise: dict[str, Any] | None, batch: int):
+    if noise is not None:
+      expected = self.noise_shapes(batch)
+      got = {"dequant": tuple(noise["dequant"].shape),
+             "augment": [tuple(a.shape) for a in noise["augment"]]}
+      if got != expected:
+        raise ValueError(f"noise: expected shapes {expected}, got {got}.")
+      return noise
+    return self.draw_noise(jax.random.PRNGKey(0) if rng is None else rng, batch)
+
+  def init(self, rng: Array, x: Array) -> Variables:
+    """Variables with data-dependent ActNorm initialisation on the uint8 batch `x`."""
+    self.check_uint8(x)
+    noise_rng, params_rng = jax.random.split(rng)
+    noise = self.draw_noise(noise_rng, x.shape[0])
+    # Jitted (eagerly, its thousands of small ops take minutes on CPU), with an "rbg" key for
+    # the parameter draws: XLA compiles hundreds of threefry draws several times slower.
+    data = params_rng if not jnp.issubdtype(params_rng.dtype, jax.dtypes.prng_key) else (
+        jax.random.key_data(params_rng))
+    data = jnp.asarray(data, jnp.uint32).reshape(-1)[:2]
+    key = jax.random.wrap_key_data(jnp.concatenate([data, data ^ 0x9E3779B9]), impl="rbg")
+    variables = jax.jit(
+        lambda r, x, n: self.module.init({"params": r}, x, n, method="forward_x")
+    )(key, x, noise)
+    return {"params": variables["params"], "constants": variables.get("constants", {})}
+
+  def dequantize(self, x: Array, rng: Array, variables: Variables | None = None) -> Array:
+    """uint8 x -> y = (x + u) / 2^n, u ~ q(u | x) (the variational dequantizer)."""
+    self.check_uint8(x)
+    if variables is None:
+      raise ValueError("DenseFlow.dequantize needs `variables`: its dequantization is learned.")
+    eps = self.draw_noise(rng, x.shape[0])["dequant"]
+    u, _ = self.module.apply(variables, x, eps, method=lambda m, x, e: m.dequantizer(x, e))
+    return (x.astype(u.dtype) + u) / 2.0**self.n_bits
+
+  def elbo_terms(
+      self, variables: Variables, x: Array, rng: Array | None = None,
+      noise: dict[str, Any] | None = None, *, train: bool = False,
+  ) -> dict[str, Any]:
+    """Per-example ELBO terms in nats (see DenseFlowBackbone.forward_x) plus `bpd`.
+
+    `train=True` uses BatchNorm batch statistics (as the authors' `model.train()`) and
+    returns the updated running statistics under "constants".
+    """
+    self.check_uint8(x)
+    noise = self._noise(rng, noise, x.shape[0])
+    if train:
+      (_, terms), updated = self.module.clone(train=True).apply(
+          variables, x, noise, method="forward_x", mutable=["constants"])
+      terms = dict(terms, constants=updated["constants"])
+    else:
+      _, terms = self.module.apply(variables, x, noise, method="forward_x")
+    terms["bpd"] = -terms["elbo"] / (self.num_dims * math.log(2.0))
+    return terms
+
+  def forward(self, variables: Variables, y: Array, rng: Array | None = None,
+              noise: dict[str, Any] | None = None):
+    """(latents, log_det, log_prior, aux) of dequantized y, augmentation drawn from rng."""
+    self.check_continuous(y)
+    augment = self._noise(rng, noise, y.shape[0])["augment"]
+    return self.module.apply(variables, y, augment, method="forward")
+
+  def log_prob(self, variables: Variables, y: Array, rng: Array | None = None) -> Array:
+    """A one-draw lower bound on log p(y) (the augmentation makes it a bound)."""
+    _, log_det, log_prior, _ = self.forward(variables, y, rng)
+    return log_prior + log_det
+
+  def bpd(self, variables: Variables, x: Array, rng: Array) -> Array:
+    """Per-example ELBO bits/dim of uint8 images (one draw of all noise)."""
+    return self.elbo_terms(variables, x, rng)["bpd"]
+
+  def iwbo_bpd(
+      self, variables: Variables, x: Array, rng: Array, k: int, chunk: int = 0
+  ) -> Array:
+    """Per-example importance-weighted bound with k samples, in bits/dim.
+
+    -(logsumexp_j elbo_j - log k) / (D ln 2); the k draws run `chunk` at a time (0: all at
+    once) under a `lax.scan` with a running logsumexp, so memory is that of B * chunk examples.
+    """
+    chunk = k if chunk <= 0 else chunk
+    if k < 1 or k % chunk:
+      raise ValueError(f"iwbo: k={k} must be >= 1 and a multiple of chunk={chunk}.")
+    b = x.shape[0]
+    xs = jnp.tile(x, (chunk, 1, 1, 1))
+
+    def body(carry, key):
+      elbo = self.elbo_terms(variables, xs, key)["elbo"].reshape(chunk, b)
+      return jnp.logaddexp(carry, jax.nn.logsumexp(elbo, axis=0)), None
+
+    init = jnp.full((b,), -jnp.inf, jnp.float32)
+    total, _ = jax.lax.scan(body, init, jax.random.split(rng, k // chunk))
+    return -(total - math.log(k)) / (self.num_dims * math.log(2.0))
+
+  def loss(self, variables: Variables, x: Array, rng: Array) -> tuple[Array, dict[str, Array]]:
+    """ELBO bpd + sigma * sum over transitions of the batch-mean regulariser (the authors').
+
+    aux["constants"] holds the BatchNorm running statistics after this batch.
+    """
+    terms = self.elbo_terms(variables, x, rng, train=True)
+    bpd = jnp.mean(terms["bpd"])
+    regularizer = sum((jnp.mean(r) for r in terms["regularizer"]), jnp.zeros(()))
+    loss = bpd + self.model_config.eiw.sigma * regularizer
+    return loss, {"loss": loss, "bpd": bpd, "regularizer": regularizer,
+                  "weight_entropy": jnp.zeros(()), "constants": terms["constants"]}
+
+  def encode(self, variables: Variables, y: Array, rng: Array | None = None) -> list[Array]:
+    """Dequantized y -> latents (augmentation drawn from rng; decode drops it again)."""
+    return self.forward(variables, y, rng)[0]
+
+  def shuffle_stats(
+      self, variables: Variables, y: Array, rng: Array | None = None
+  ) -> list[dict[str, Array]]:
+    self.check_continuous(y)
+    augment = self._noise(rng, None, y.shape[0])["augment"]
+    return self.module.apply(variables, y, augment, method="diagnostics")
+
+
 def build_flow(config: ml_collections.ConfigDict) -> Flow:
-  """Builds a `Flow` from the whole config (uses `config.model`), validated first."""
+  """Builds a `Flow` from the whole config (uses `config.model`), validated first.
+
+  `config.model.backbone` picks the backbone: "glow" (default) or "denseflow" (a `DenseFlow`,
+  a subclass of `Flow` with the same API).
+  """
   model = config.model if "model" in config else config
   config_lib.validate_model_config(model)
   model = ml_collections.FrozenConfigDict(model)
+  if model.get("backbone", "glow") == "denseflow":
+    return DenseFlow(model, DenseFlowBackbone(model))
   return Flow(model, MultiScaleFlow(model))
 

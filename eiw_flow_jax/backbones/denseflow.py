@@ -1,0 +1,396 @@
+"""The DenseFlow backbone with EIW transitions: the paper's own model.
+
+Follows the authors' PyTorch code (studying910/EIW-Flow, `DIW-Flow/experiments/image/model`,
+on matejgrcic/DenseFlow) literally, so that a converted state_dict gives the same numbers:
+
+  x (uint8) -> variational dequantization y = (x + u) / 2^n, u ~ q(u | x)
+    -> y - 0.5 -> squeeze -> for each scale b: an invertible dense block, then (but at the last
+       scale) a transition: squeeze, EIW Shuffle (or none), split in halves, the second half
+       scored by a standard normal -> the last scale's conv-Gaussian base (loc, log_scale per
+       channel).
+
+Invertible dense block (`block_conf[b]` units): unit 0 maps x; unit i > 0 first appends
+`growth_rate` noise channels eta_hat = mu + exp(2 tanh(r / 2)) * eta, eta ~ N(0, I), where
+(mu, r) come from a network of the block's earlier inputs (the block input and the outputs of
+units 0..i-2), and adds -log N(eta) + sum log-scale to the log-likelihood (the authors count
+this cross-unit augmentation as a log-det: the bound's -log q(eta_hat | x)). A unit is
+`layers_conf[b]` x [ActNorm, 1x1 conv, affine coupling (multi-head DenseNet with gated convs
+and Nystrom attention, zero-initialised output), channel switch].
+
+EIW transition (the authors' `InvertibleTransition`): after the squeeze to C channels, global
+weights g = softmax(W2 relu(W1 [C])) (a bias-free MLP of the constant C), channels sorted by g
+(heaviest first), the SE Solver s on the *sorted* features, the regulariser
+sum_c g_c (log g_c - s_c) per example ('literal', their KLDivLoss on probabilities; 'kl' uses
+log s_c), the first half kept. With `model.split = "vanilla"`: DenseFlow's transition (no sort).
+
+Every stochastic draw (dequantization eps, augmentation eta) is an explicit input (`noise`),
+so the map is a pure function; `Flow` draws it from an rng when none is given.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from eiw_flow_jax.backbones.dense_bijectors import (
+  ActNorm,
+  AffineCoupling,
+  Conv1x1,
+  squeeze2d,
+  std_normal_log_prob,
+  sum_except_batch,
+  switch_channels,
+  unsqueeze2d,
+)
+from eiw_flow_jax.backbones.dense_nets import conv
+from eiw_flow_jax.dequantizers import VariationalDequantizer
+
+Array = jax.Array
+MEMORY_MODES = ("store", "remat")
+
+
+def denseflow_shapes(model: Any) -> dict[str, Any]:
+  """Static shapes of a DenseFlow config: per-scale channels, latents and noise.
+
+  Returns a dict with `block_in` ((h, w, c) entering each dense block), `latents` (per-example
+  shapes in `encode`'s order: each transition's factored half, then the base's input),
+  `augment` (per-example shape of each eta, blocks in order, units 1.. within a block) and
+  `dequant` (the dequantizer's eps).
+  """
+  df = model.denseflow
+  h, w, c = tuple(model.image_shape)
+  dequant = (h // 2, w // 2, 4 * c)
+  h, w, c = h // 2, w // 2, 4 * c
+  block_in, latents, augment = [], [], []
+  num_blocks = len(df.block_conf)
+  for b, units in enumerate(df.block_conf):
+    block_in.append((h, w, c))
+    augment += [(h, w, df.growth_rate)] * (units - 1)
+    c = c + df.growth_rate * (units - 1)
+    if b < num_blocks - 1:
+      h, w, c = h // 2, w // 2, 4 * c
+      latents.append((h, w, c - c // 2))
+      c = c // 2
+  latents.append((h, w, c))
+  return {"block_in": block_in, "latents": latents, "augment": augment, "dequant": dequant}
+
+
+class DenseUnit(nn.Module):
+  """`num_layers` x [ActNorm, 1x1 conv, affine coupling, channel switch]."""
+
+  num_layers: int
+  mid_channels: int
+  depth: int
+  growth: int
+  train: bool = False
+
+  def setup(self) -> None:
+    self.actnorms = [ActNorm(name=f"layer{i}_actnorm") for i in range(self.num_layers)]
+    self.convs = [Conv1x1(name=f"layer{i}_conv1x1") for i in range(self.num_layers)]
+    self.couplings = [
+        AffineCoupling(self.mid_channels, self.depth, self.growth, multihead=True,
+                       train=self.train, name=f"layer{i}_coupling")
+        for i in range(self.num_layers)
+    ]
+
+  def __call__(self, x: Array) -> tuple[Array, Array]:
+    log_det = jnp.zeros((x.shape[0],), x.dtype)
+    for an, cv, cp in zip(self.actnorms, self.convs, self.couplings):
+      for layer in (an, cv, cp):
+        x, ld = layer(x)
+        log_det = log_det + ld
+      x = switch_channels(x)
+    return x, log_det
+
+  def inverse(self, z: Array) -> Array:
+    for an, cv, cp in reversed(list(zip(self.actnorms, self.convs, self.couplings))):
+      z = switch_channels(z, reverse=True)
+      for layer in (cp, cv, an):
+        z, _ = layer(z, reverse=True)
+    return z
+
+
+class NoiseParams(nn.Module):
+  """The authors' `_BNReLUConv`: conv3x3 (-> 4 in) -> ReLU -> zero-init conv1x1 (-> 2 growth)."""
+
+  growth: int
+
+  @nn.compact
+  def __call__(self, x: Array) -> tuple[Array, Array]:
+    h = nn.relu(conv(4 * x.shape[-1], 3, "conv0")(x))
+    h = conv(2 * self.growth, 1, "conv2", zero_init=True)(h)
+    mu, unconstrained = jnp.split(h, 2, axis=-1)
+    return mu, 2.0 * jnp.tanh(unconstrained / 2.0)
+
+
+class InvertibleDenseBlock(nn.Module):
+  """Units with incremental noise augmentation (cross-unit coupling); see the module doc."""
+
+  num_units: int
+  num_layers: int
+  mid_channels: int
+  growth_rate: int
+  depth: int
+  coupling_growth: int
+  memory: str = "store"
+  train: bool = False
+
+  def setup(self) -> None:
+    unit_cls = nn.remat(DenseUnit) if self.memory == "remat" else DenseUnit
+    self.units = [
+        unit_cls(self.num_layers, self.mid_channels, self.depth, self.coupling_growth,
+                 self.train, name=f"unit{i}")
+        for i in range(self.num_units)
+    ]
+    self.noise_nets = [NoiseParams(self.growth_rate, name=f"noise{i}")
+                       for i in range(self.num_units - 1)]
+
+  def __call__(self, x: Array, etas: Sequence[Array]) -> tuple[Array, Array, Array]:
+    """(x, the block's etas) -> (output, log-det of the units, augmentation terms)."""
+    if len(etas) != self.num_units - 1:
+      raise ValueError(f"expected {self.num_units - 1} augmentation draws, got {len(etas)}.")
+    log_det = jnp.zeros((x.shape[0],), x.dtype)
+    augment = jnp.zeros((x.shape[0],), x.dtype)
+    g_inputs = [x]
+    h, ld = self.units[0](x)
+    log_det = log_det + ld
+    for i in range(1, self.num_units):
+      eta = etas[i - 1]
+      mu, log_scale = self.noise_nets[i - 1](jnp.concatenate(g_inputs, axis=-1))
+      eta_hat = mu + jnp.exp(log_scale) * eta
+      augment = augment - std_normal_log_prob(eta) + sum_except_batch(log_scale)
+      g_inputs.append(h)
+      h, ld = self.units[i](jnp.concatenate([h, eta_hat], axis=-1))
+      log_det = log_det + ld
+    return h, log_det, augment
+
+  def inverse(self, z: Array) -> Array:
+    for i in reversed(range(self.num_units)):
+      z = self.units[i].inverse(z)
+      if i > 0:
+        z = z[..., : -self.growth_rate]
+    return z
+
+
+class Transition(nn.Module):
+  """Squeeze, then the EIW Shuffle (`eiw=True`) or none, split in halves (see module doc)."""
+
+  channels: int  # after the squeeze
+  eiw: bool = True
+  reduction: int = 16
+  regularizer: str = "literal"
+
+  def setup(self) -> None:
+    c = self.channels
+    if self.eiw:
+      self.wg_fc0 = self.param("wg_fc0", nn.initializers.lecun_normal(), (1, c // 2))
+      self.wg_fc2 = self.param("wg_fc2", nn.initializers.lecun_normal(), (c // 2, c))
+      self.se_fc0 = self.param("se_fc0", nn.initializers.lecun_normal(), (c, c // self.reduction))
+      self.se_fc2 = self.param("se_fc2", nn.initializers.lecun_normal(), (c // self.reduction, c))
+
+  def weights(self) -> Array:
+    """g: the weight generator's softmax over channels (a function of the constant C)."""
+    h = nn.relu(jnp.full((1, 1), float(self.channels)) @ self.wg_fc0)
+    return jax.nn.softmax(h @ self.wg_fc2, axis=-1)[0]
+
+  def permutation(self) -> Array:
+    if not self.eiw:
+      return jnp.arange(self.channels)
+    return jnp.argsort(-self.weights(), stable=True)
+
+  def solver(self, z_sorted: Array) -> Array:
+    """s: the SE Solver's per-example softmax over the (sorted) channels."""
+    pooled = jnp.mean(z_sorted, axis=(1, 2))
+    return jax.nn.softmax(nn.relu(pooled @ self.se_fc0) @ self.se_fc2, axis=-1)
+
+  def regularizer_per_example(self, z_sorted: Array) -> Array:
+    g = self.weights()
+    s = self.solver(z_sorted)
+    target = jnp.log(s) if self.regularizer == "kl" else s
+    return jnp.sum(g * (jnp.log(g) - target), axis=-1)
+
+  def __call__(self, x: Array) -> tuple[Array, Array, Array, Array]:
+    """x -> (kept, factored, log N(factored), regularizer per example)."""
+    z = squeeze2d(x)
+    if z.shape[-1] != self.channels:
+      raise ValueError(f"transition: expected {self.channels} channels after the squeeze, "
+                       f"got shape {z.shape}.")
+    if self.eiw:
+      z = jnp.take(z, self.permutation(), axis=-1)
+      reg = self.regularizer_per_example(z)
+    else:
+      reg = jnp.zeros((x.shape[0],), x.dtype)
+    kept, factored = z[..., : self.channels // 2], z[..., self.channels // 2:]
+    return kept, factored, std_normal_log_prob(factored), reg
+
+  def inverse(self, kept: Array, factored: Array) -> Array:
+    z = jnp.concatenate([kept, factored], axis=-1)
+    if self.eiw:
+      z = jnp.take(z, jnp.argsort(self.permutation()), axis=-1)
+    return unsqueeze2d(z)
+
+  def diagnostics(self, x: Array) -> dict[str, Array]:
+    z = squeeze2d(x)
+    perm = self.permutation()
+    z = jnp.take(z, perm, axis=-1)
+    factored = z[..., self.channels // 2:]
+    # Differential entropy of N(0, I) per dimension, the prior of the factored half.
+    stats = {"factored_entropy": jnp.asarray(0.5 * math.log(2 * math.pi * math.e))}
+    del factored
+    if self.eiw:
+      g = self.weights()
+      mean_s = jnp.mean(self.solver(z), axis=0)
+      stats.update({
+          "g_entropy": -jnp.sum(g * jnp.log(g)),
+          "mean_s_entropy": -jnp.sum(mean_s * jnp.log(mean_s)),
+          "regularizer": jnp.mean(self.regularizer_per_example(z)),
+          "permutation": perm,
+          "kept_channels": perm[: self.channels // 2],
+      })
+    return stats
+
+
+class DenseFlowBackbone(nn.Module):
+  """The whole DenseFlow (+ EIW) model; methods mirror `MultiScaleFlow`'s plus `forward_x`."""
+
+  model: ml_collections.FrozenConfigDict  # the validated `config.model`
+  train: bool = False  # BatchNorm: batch statistics (True) or running ones (False)
+
+  def setup(self) -> None:
+    m, df = self.model, self.model.denseflow
+    memory = m.get("memory", "store")
+    if memory not in MEMORY_MODES:
+      raise ValueError(
+          f"model.memory={memory!r}: the denseflow backbone supports {MEMORY_MODES}; "
+          "'invert' (recompute activations by inverting the flow) is supported for the glow "
+          "backbone only."
+      )
+    shapes = denseflow_shapes(m)
+    self.shapes = shapes
+    self.dequantizer = VariationalDequantizer(
+        m.n_bits, df.dequant_steps, df.dequant_context_channels, df.dequant_mid_channels,
+        df.dequant_depth, df.dequant_growth, df.dequant_context_growth,
+        df.dequant_context_depth, name="dequantizer")
+    n = len(df.block_conf)
+    self.blocks = [
+        InvertibleDenseBlock(df.block_conf[b], df.layers_conf[b], df.layer_mid_chnls[b],
+                             df.growth_rate, df.coupling_depth, df.coupling_growth, memory,
+                             self.train, name=f"block{b}")
+        for b in range(n)
+    ]
+    self.transitions = [
+        Transition(4 * (shapes["block_in"][b][2] + df.growth_rate * (df.block_conf[b] - 1)),
+                   m.split == "eiw", m.eiw.reduction, m.eiw.regularizer, name=f"transition{b}")
+        for b in range(n - 1)
+    ]
+    top_c = shapes["latents"][-1][2]
+    self.base_loc = self.param("base_loc", nn.initializers.zeros, (top_c,))
+    self.base_log_scale = self.param("base_log_scale", nn.initializers.zeros, (top_c,))
+
+  # ---- helpers ----------------------------------------------------------------------------
+  def _split_etas(self, augment: Sequence[Array]) -> list[list[Array]]:
+    expected = len(self.shapes["augment"])
+    if len(augment) != expected:
+      raise ValueError(f"augmentation noise: expected {expected} arrays, got {len(augment)}.")
+    out, start = [], 0
+    for units in self.model.denseflow.block_conf:
+      out.append(list(augment[start : start + units - 1]))
+      start += units - 1
+    return out
+
+  def base_log_prob(self, z: Array) -> Array:
+    ls, loc = self.base_log_scale, self.base_loc
+    return sum_except_batch(
+        -0.5 * math.log(2 * math.pi) - ls - 0.5 * jnp.exp(-2 * ls) * jnp.square(z - loc))
+
+  # ---- the maps ---------------------------------------------------------------------------
+  def forward(
+      self, y: Array, augment: Sequence[Array]
+  ) -> tuple[list[Array], Array, Array, dict[str, Any]]:
+    """y in [0,1]^D -> (latents, log-det incl. augmentation terms, log prior, aux).
+
+    aux: "regularizer" (per transition, per example) and "augmentation" (the cross-unit
+    terms alone, per example; already inside log-det, as the authors count them).
+    """
+    etas = self._split_etas(augment)
+    h = squeeze2d(y - 0.5)
+    log_det = jnp.zeros((y.shape[0],), y.dtype)
+    log_prior = jnp.zeros_like(log_det)
+    augmentation = jnp.zeros_like(log_det)
+    latents, regs = [], []
+    for b, block in enumerate(self.blocks):
+      h, ld, aug = block(h, etas[b])
+      log_det, augmentation = log_det + ld + aug, augmentation + aug
+      if b < len(self.transitions):
+        h, factored, lp, reg = self.transitions[b](h)
+        latents.append(factored)
+        log_prior, regs = log_prior + lp, regs + [reg]
+    latents.append(h)
+    log_prior = log_prior + self.base_log_prob(h)
+    return latents, log_det, log_prior, {"regularizer": regs, "augmentation": augmentation}
+
+  def forward_x(
+      self, x: Array, noise: dict[str, Any]
+  ) -> tuple[list[Array], dict[str, Any]]:
+    """uint8 x and its noise -> (latents, per-example ELBO terms, in nats).
+
+    Terms: dequant_log_det (-D n ln 2), dequant_log_q (log q(u|x)), log_det (flow log-dets
+    incl. augmentation), augmentation, log_prior, regularizer (list), elbo (the sum, the
+    authors' `log_prob`).
+    """
+    u, log_q = self.dequantizer(x, noise["dequant"])
+    y = (x.astype(u.dtype) + u) / 2.0**self.model.n_bits
+    latents, log_det, log_prior, aux = self.forward(y, noise["augment"])
+    dims = math.prod(x.shape[1:])
+    deq_ld = jnp.full((x.shape[0],), -dims * math.log(2.0**self.model.n_bits), y.dtype)
+    elbo = deq_ld - log_q + log_det + log_prior
+    terms = {
+        "dequant_log_det": deq_ld,
+        "dequant_log_q": log_q,
+        "log_det": log_det,
+        "augmentation": aux["augmentation"],
+        "log_prior": log_prior,
+        "regularizer": aux["regularizer"],
+        "elbo": elbo,
+    }
+    return latents, terms
+
+  def inverse(self, latents: Sequence[Array]) -> Array:
+    """latents -> y (the augmented channels are dropped, as the authors' inverse does)."""
+    h = latents[-1]
+    for b in reversed(range(len(self.blocks))):
+      if b < len(self.transitions):
+        h = self.transitions[b].inverse(h, latents[b])
+      h = self.blocks[b].inverse(h)
+    return unsqueeze2d(h) + 0.5
+
+  def generate(self, rng: Array, num: int, temperature: float) -> tuple[Array, list[Array]]:
+    """Base and factored halves drawn with std scaled by `temperature`, then decoded."""
+    shapes = self.shapes["latents"]
+    rngs = jax.random.split(rng, len(shapes))
+    top = self.base_loc + temperature * jnp.exp(self.base_log_scale) * jax.random.normal(
+        rngs[-1], (num, *shapes[-1]))
+    latents = [temperature * jax.random.normal(r, (num, *s)) for r, s in zip(rngs, shapes[:-1])]
+    latents.append(top)
+    return self.inverse(latents), latents
+
+  def prior_means(self, latents: Sequence[Array]) -> list[Array]:
+    means = [jnp.zeros_like(z) for z in latents[:-1]]
+    return means + [jnp.broadcast_to(self.base_loc, latents[-1].shape)]
+
+  def diagnostics(self, y: Array, augment: Sequence[Array]) -> list[dict[str, Array]]:
+    etas = self._split_etas(augment)
+    h = squeeze2d(y - 0.5)
+    stats = []
+    for b, block in enumerate(self.blocks[:-1]):
+      h, _, _ = block(h, etas[b])
+      stats.append(self.transitions[b].diagnostics(h))
+      h = self.transitions[b](h)[0]
+    return stats
+
