@@ -36,8 +36,13 @@ def _start(args, env):
 
 
 def _signal_after_first_checkpoint(proc, workdir: str, signum: int) -> tuple[str, str]:
-  deadline = time.time() + 180
-  while not finalized_steps(workdir) and proc.poll() is None and time.time() < deadline:
+  """Signals `proc` once it has saved a new checkpoint (so it is surely in its training loop)."""
+  before = set(finalized_steps(workdir))
+  deadline = time.time() + 240
+  while (
+      not set(finalized_steps(workdir)) - before and proc.poll() is None
+      and time.time() < deadline
+  ):
     time.sleep(0.02)
   if proc.poll() is not None:
     stdout, stderr = proc.communicate()
@@ -293,11 +298,12 @@ def test_divergence_is_an_error(trained, tmp_path, monkeypatch):
 def test_gs_workdir_end_to_end_with_a_local_stand_in(tmp_path, data_dir, monkeypatch):
   """gs://bucket/run: the same code path as on GCS (etils.epath's fsspec backend, Orbax's GCS
   handling, tensorboardX through runtime's epath writer), with fsspec's "gcs" protocol and
-  TensorStore's GCS kvstore pointed at a local directory instead of the network."""
+  TensorStore's paths pointed at a local directory instead of the network."""
   import fsspec
   from etils.epath import backend as epath_backend
   from fsspec.implementations.local import LocalFileSystem
   from orbax.checkpoint._src.path import gcs_utils
+  from orbax.checkpoint._src.serialization import tensorstore_utils
 
   root = str(tmp_path / "bucket_root")
 
@@ -321,9 +327,10 @@ def test_gs_workdir_end_to_end_with_a_local_stand_in(tmp_path, data_dir, monkeyp
   fsspec.register_implementation("gcs", FakeGCS, clobber=True)
   fsspec.register_implementation("gs", FakeGCS, clobber=True)
   epath_backend.fsspec_backend._get_filesystem.cache_clear()
+  # TensorStore (Orbax's array writer) gets the bucket's local directory instead of its GCS
+  # driver; everything else in Orbax still sees gs:// paths.
   monkeypatch.setattr(
-      gcs_utils, "get_kvstore_for_gcs",
-      lambda path: {"driver": "file", "path": local(path)},
+      tensorstore_utils, "_normalize_path", lambda path: os.path.normpath(local(path))
   )
   # Orbax asks the GCS API (google-cloud-storage) whether the bucket has a hierarchical namespace.
   monkeypatch.setattr(gcs_utils, "is_hierarchical_namespace_enabled", lambda path: False)
