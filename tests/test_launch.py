@@ -199,6 +199,7 @@ def _task_logs(logs) -> dict[str, str]:
   return {p.name: p.read_text()[-2000:] for p in sorted(logs.iterdir()) if p.suffix == ".log"}
 
 
+@pytest.mark.slow  # two JAX processes compile and train: minutes on 2 CPU cores
 def test_slurm_script_trains_two_processes_in_lockstep_under_a_fake_srun(
     tmp_path, data_dir, env
 ):
