@@ -76,21 +76,27 @@ def evaluate_bpd(
   return bpd, count
 
 
-def summary_writer(workdir: str) -> Any:
-  """A tensorboardX SummaryWriter on `workdir` (local or a URL such as gs://bucket/run)."""
+def summary_writer(workdir: str, suffix: str = "") -> Any:
+  """A tensorboardX SummaryWriter on `workdir` (local or a URL such as gs://bucket/run).
+
+  Each writer starts its own event file (named by time and host, plus `suffix`, so writers
+  opened within the same second do not overwrite each other); TensorBoard reads them all.
+  """
   from tensorboardX import SummaryWriter  # noqa: PLC0415
 
   if runtime.is_remote(workdir):
     runtime.register_tensorboard_schemes(workdir.split("://", 1)[0])
   with runtime.writing("TensorBoard events", workdir):
-    return SummaryWriter(os.fspath(workdir))
+    return SummaryWriter(os.fspath(workdir), filename_suffix=suffix)
 
 
-def _log_to_tensorboard(workdir: str, step: int, scalars: dict, images: dict) -> None:
-  """Appends scalars and (H, W, C) uint8 images to the workdir's events (process 0)."""
+def _log_to_tensorboard(
+    workdir: str, step: int, scalars: dict, images: dict, suffix: str
+) -> None:
+  """Scalars and (H, W, C) uint8 images into a new event file in the workdir (process 0)."""
   if jax.process_index() != 0:
     return
-  writer = summary_writer(workdir)
+  writer = summary_writer(workdir, suffix)
   try:
     for tag, value in scalars.items():
       writer.add_scalar(tag, value, step)
@@ -195,7 +201,7 @@ def evaluate_and_write(
   if jax.process_index() == 0:
     path = runtime.path(workdir, RESULTS_FILE)
     runtime.write_text(path, json.dumps(results, indent=2), "results")
-    _log_to_tensorboard(workdir, int(step), {"eval/bpd": bpd}, {})
+    _log_to_tensorboard(workdir, int(step), {"eval/bpd": bpd}, {}, ".eval")
     logging.info("Test bpd %.4f over %d examples at step %d -> %s", bpd, count, step, path)
   return results
 
@@ -268,6 +274,6 @@ def write_sample_grids(
       grids[f"samples/temperature_{float(temperature):.2f}"] = enlarge(grid, min_size=128)
     paths.append(path)
   if step is not None:
-    _log_to_tensorboard(workdir, int(step), {}, grids)
+    _log_to_tensorboard(workdir, int(step), {}, grids, ".samples")
   logging.info("Wrote %d sample grids to %s", len(paths), out_dir)
   return paths

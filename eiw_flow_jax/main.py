@@ -180,9 +180,9 @@ def main(argv: list[str]) -> None:
     _fail(f"stopped: {e}", e.exit_code)
   except _USER_ERRORS as e:
     _fail(f"error: {type(e).__name__}: {e}")
-  except KeyboardInterrupt:
-    _fail("interrupted (Ctrl-C) after training: the checkpoints are saved; rerun with "
-          "--mode=eval / --mode=sample for the results.", 130)
+  except KeyboardInterrupt:  # outside the training loop (start-up, eval) or a second Ctrl-C
+    _fail("interrupted (Ctrl-C): nothing was saved since the last checkpoint; rerun the same "
+          "command to resume.", 130)
 
 
 if __name__ == "__main__":

@@ -473,12 +473,11 @@ def train(
       logging.info("Resumed from the checkpoint at step %d in %s.", restored_step, workdir)
     start = int(jax.device_get(state.step))
     reporter = _Reporter(workdir, config.num_train_steps, start, config.batch_size)
-    first_bpd: list[jax.Array] = []
     with runtime.StopSignals() as signals:
 
       def after_step(done: int, metrics: dict[str, jax.Array]) -> bool:
-        if done == 1:
-          first_bpd.append(metrics["bpd"])
+        if done == 1:  # the reference for the divergence check (one device read, once)
+          runtime.record_initial_bpd(workdir, float(jax.device_get(metrics["bpd"])))
         checkpointing.check_saves(manager)  # a failed background save stops the run now
         return signals.should_stop(done)
 
@@ -487,8 +486,6 @@ def train(
           after_step=after_step,
       )
       final = int(jax.device_get(state.step))
-      if first_bpd:
-        runtime.record_initial_bpd(workdir, float(jax.device_get(first_bpd[0])))
       if manager.latest_step() != final:
         checkpointing.save(manager, final, state, train_iter, force=True)
       checkpointing.wait(manager)

@@ -53,9 +53,17 @@ def test_train_eval_sample_on_digits(tmp_path, data_dir, env):
   for key in ("config_hash", "git_commit", "device_kind", "device_count"):
     assert results[key]
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "300"))
-  events = glob.glob(os.path.join(workdir, "events.out.tfevents.*"))
-  assert len(events) == 1
-  tags = event_tags(events[0])
+  events = sorted(glob.glob(os.path.join(workdir, "events.out.tfevents.*")))
+  # Training's file, then one with the final eval/bpd and one with the sample grids.
+  assert len(events) == 3, events
+  assert [e.endswith(".eval") for e in events].count(True) == 1
+  assert [e.endswith(".samples") for e in events].count(True) == 1
+  tags = {}
+  for path in events:
+    for tag, steps in event_tags(path).items():
+      tags.setdefault(tag, []).extend(steps)
+  assert tags["eval/bpd"] == [300]
+  assert tags["samples/temperature_0.50"] == tags["samples/temperature_1.00"] == [300]
   for tag in (
       "train/loss", "train/bpd", "train/regularizer", "train/grad_norm", "train/img_per_sec",
       "train/learning_rate", "train/skipped_steps_total", "shuffle/level0/g_entropy",

@@ -151,6 +151,7 @@ FAKE_SRUN = textwrap.dedent(
       SLURM_PROCID=$i SLURM_NTASKS=$ntasks SLURM_LOCALID=0 SLURM_NODEID=$i \\
         "$@" > "$FAKE_SRUN_LOGS/task_$i.log" 2>&1 &
       pids+=($!)
+      echo $! > "$FAKE_SRUN_LOGS/task_$i.pid"
     done
     status=0
     for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
@@ -166,9 +167,8 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_slurm_script_trains_two_processes_in_lockstep_under_a_fake_srun(
-    tmp_path, data_dir, env
-):
+def _fake_slurm_job(tmp_path, data_dir, env, *extra):
+  """Starts launch/slurm_gpu.sbatch under the fake srun/scontrol; (process, workdir, logs)."""
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir()
   for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
@@ -188,12 +188,27 @@ def test_slurm_script_trains_two_processes_in_lockstep_under_a_fake_srun(
       "PORT": str(_free_port()), "JAX_PLATFORMS": "cpu",
       "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo",
   }
-  result = subprocess.run(
-      ["bash", os.path.join(LAUNCH, "slurm_gpu.sbatch"), *flags,
-       "--config.num_train_steps=20", "--config.checkpoint_every_steps=10"],
-      env=job_env, cwd=str(tmp_path), capture_output=True, text=True, timeout=400,
+  proc = subprocess.Popen(
+      ["bash", os.path.join(LAUNCH, "slurm_gpu.sbatch"), *flags, *extra],
+      env=job_env, cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
   )
-  task_logs = {p.name: p.read_text()[-2000:] for p in sorted(logs.iterdir())}
+  return proc, workdir, logs
+
+
+def _task_logs(logs) -> dict[str, str]:
+  return {p.name: p.read_text()[-2000:] for p in sorted(logs.iterdir()) if p.suffix == ".log"}
+
+
+@pytest.mark.slow  # two JAX processes compile and train: minutes on 2 CPU cores
+def test_slurm_script_trains_two_processes_in_lockstep_under_a_fake_srun(
+    tmp_path, data_dir, env
+):
+  proc, workdir, logs = _fake_slurm_job(
+      tmp_path, data_dir, env, "--config.num_train_steps=20", "--config.checkpoint_every_steps=10"
+  )
+  stdout, stderr = proc.communicate(timeout=400)
+  result = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+  task_logs = _task_logs(logs)
   assert result.returncode == 0, (result.stdout, result.stderr, task_logs)
   assert "2 processes on 2 nodes, coordinator 127.0.0.1:" in result.stdout
   with open(workdir / "results.json") as f:
@@ -203,3 +218,34 @@ def test_slurm_script_trains_two_processes_in_lockstep_under_a_fake_srun(
       os.listdir(workdir / "checkpoints" / "20" / "data")
   )
   assert "Final test bpd" in task_logs["task_0.log"]
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_slurm_task_stops_both_at_the_same_step(tmp_path, data_dir, env):
+  """Only task 1 gets SIGTERM; JAX's preemption sync point makes both save the same step."""
+  import signal
+  import time
+
+  proc, workdir, logs = _fake_slurm_job(
+      tmp_path, data_dir, env, "--config.num_train_steps=3000",
+      "--config.checkpoint_every_steps=100",
+  )
+  deadline = time.time() + 400
+  ckpts = workdir / "checkpoints"
+  while proc.poll() is None and time.time() < deadline and not (
+      ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir())
+  ):
+    time.sleep(0.1)
+  assert proc.poll() is None, _task_logs(logs)
+  os.kill(int((logs / "task_1.pid").read_text()), signal.SIGTERM)
+  proc.communicate(timeout=300)
+  task_logs = _task_logs(logs)
+  steps = []
+  for name in ("task_0.log", "task_1.log"):
+    lines = [x for x in task_logs[name].splitlines() if x.startswith("stopped: ")]
+    assert len(lines) == 1, task_logs
+    steps.append(int(lines[0].split("after step ")[1].split(";")[0]))
+    assert "Traceback" not in task_logs[name]
+  assert steps[0] == steps[1] < 3000, steps
+  assert proc.returncode == 143
+  assert str(steps[0]) in os.listdir(ckpts)
