@@ -1,10 +1,22 @@
-"""CIFAR-10 32x32x3, 8-bit, with Glow's CIFAR-10 hyperparameters.
+"""CIFAR-10 32x32x3, 8-bit (TFDS `cifar10`), with Glow's CIFAR-10 hyperparameters.
 
 Glow (Kingma & Dhariwal 2018; github.com/openai/glow README): L=3 levels, K=32 steps per level,
 512 hidden channels, affine coupling, learned top prior, Adam with lr 1e-3 after a linear
-warmup, n_bits 8, and 8 GPUs x 64 = 512 images per batch. Glow reports 3.35 bits/dim.
-The step count, warmup length, EMA and clipping are this project's choices.
-Needs the TFDS dataset prepared in array_record format (see eiw_flow_jax.data.CATALOG_HELP).
+warmup, n_bits 8, and 8 GPUs x 64 = 512 images per batch. The step count, warmup length, EMA
+and clipping are this project's choices.
+
+Published target (test bits/dim): Glow 3.35 (arXiv:1807.03039, Table 2). Also tabulated by
+`eiw_flow_jax.table`: RealNVP 3.49, Flow++ 3.08, DenseFlow 2.98 (other architectures).
+Reproducing Glow needs `--config.model.split=vanilla` (Glow has no Shuffle; this config
+defaults to EIW-Flow, `split=eiw`, `eiw.mode=global`, which is compared with the same rows).
+The backbone differs from openai/glow in three documented ways (top prior per position, no
+ActNorm log-scale factor 3, no edge-bias padding): README.md, "Glow backbone vs openai/glow".
+
+Data: `python -m eiw_flow_jax.prepare --dataset=cifar10 --data_dir=DIR` (needs the [prepare]
+extra and internet once), then `--config.dataset.data_dir=DIR`.
+Hardware: 8 accelerators with >= 16 GB each (Glow's 8 GPUs), 64 images per device.
+Memory per device at 64 images: @MEM_cifar10@
+Wall time: @WALL_cifar10@
 """
 
 from eiw_flow_jax.config_lib import base_config

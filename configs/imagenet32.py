@@ -1,10 +1,24 @@
-"""Downsampled ImageNet 32x32x3 (TFDS imagenet_resized/32x32), 8-bit, Glow's hyperparameters.
+"""ImageNet 32x32x3, 8-bit: van den Oord et al.'s downsampled ImageNet (TFDS
+`downsampled_imagenet/32x32`), the data of the density papers, with Glow's hyperparameters.
 
 Glow (github.com/openai/glow README, "ImageNet 32x32 quantitative result"): L=3, K=48, 512
-hidden channels, affine coupling, lr 1e-3, n_bits 8, 8 GPUs x 64 = 512 images per batch;
-Glow reports 4.09 bits/dim. Evaluated on the "validation" split (ImageNet has no public test
-labels; for density estimation the validation set is the usual test set).
-Step count, warmup, EMA and clipping are this project's choices.
+hidden channels, affine coupling, lr 1e-3, n_bits 8, 8 GPUs x 64 = 512 images per batch.
+Evaluated on the "validation" split (the usual test set for density estimation). Step count,
+warmup, EMA and clipping are this project's choices. `dataset.name="imagenet32_resized"` reads
+TFDS `imagenet_resized/32x32` instead, a different downsampling: NOT comparable.
+
+Published target (test bits/dim): Glow 4.09 (arXiv:1807.03039, Table 2). Also tabulated:
+RealNVP 4.28, Flow++ 3.86, DenseFlow 3.63.
+Reproducing Glow needs `--config.model.split=vanilla` (Glow has no Shuffle; this config
+defaults to EIW-Flow, `split=eiw`, `eiw.mode=global`, which is compared with the same rows).
+The backbone differs from openai/glow in three documented ways (top prior per position, no
+ActNorm log-scale factor 3, no edge-bias padding): README.md, "Glow backbone vs openai/glow".
+
+Data: `python -m eiw_flow_jax.prepare --dataset=imagenet32 --data_dir=DIR --source_dir=SRC` with
+train_32x32.tar and valid_32x32.tar in SRC (no TensorFlow needed for this one).
+Hardware: 8 accelerators with >= 24 GB each, 64 images per device.
+Memory per device at 64 images: @MEM_imagenet32@
+Wall time: @WALL_imagenet32@
 """
 
 from eiw_flow_jax.config_lib import base_config

@@ -1,11 +1,24 @@
-"""LSUN bedroom at 64x64x3, 8-bit, with Glow's LSUN 64x64 hyperparameters.
+"""LSUN bedroom at 64x64x3, 8-bit (TFDS `lsun/bedroom`), with Glow's LSUN 64x64 setup.
 
 Glow (github.com/openai/glow README, "LSUN 64x64 quantitative result"): L=3, K=48, 512 hidden
-channels, affine coupling, lr 1e-3, n_bits 8; Glow's Table 2 lists 2.38 bits/dim on bedroom.
-Glow (like RealNVP) trained on random 64x64 crops of 96x96 images, while the data layer here
-takes the largest centre square resized to 64x64, so numbers are close to but not exactly
-comparable. Batch 256, step count, warmup, EMA and clipping are this project's choices.
-Evaluated on the "validation" split (LSUN has no public test split).
+channels, affine coupling, lr 1e-3, n_bits 8. Glow (like RealNVP) trained on random 64x64 crops
+of 96x96 images, while the data layer here takes the largest centre square resized to 64x64, so
+numbers are close to but not exactly comparable. Batch 256, step count, warmup, EMA and clipping
+are this project's choices. Evaluated on "validation" (LSUN has no public test split).
+
+Published target (bits/dim): Glow 2.38 (arXiv:1807.03039, Table 2); RealNVP 2.72
+(arXiv:1605.08803, Table 1).
+Reproducing Glow needs `--config.model.split=vanilla` (Glow has no Shuffle; this config
+defaults to EIW-Flow, `split=eiw`, `eiw.mode=global`, which is compared with the same rows).
+The backbone differs from openai/glow in three documented ways (top prior per position, no
+ActNorm log-scale factor 3, no edge-bias padding): README.md, "Glow backbone vs openai/glow".
+
+Data: only from the LSUN lmdb export (TFDS's LSUN builder needs tensorflow-io, which does not
+load next to current TensorFlow): unzip bedroom_train_lmdb.zip and bedroom_val_lmdb.zip into
+SRC, then `python -m eiw_flow_jax.prepare --dataset=lsun_bedroom --data_dir=DIR --source_dir=SRC`.
+Hardware: 8 accelerators with >= 40 GB each, 32 images per device.
+Memory per device at 32 images: @MEM_lsun@
+Wall time: @WALL_lsun_bedroom@
 """
 
 from eiw_flow_jax.config_lib import base_config
