@@ -243,6 +243,8 @@ def _conv_leaf(leaf: str) -> str:
 def _convert_value(kind: str, value: np.ndarray) -> tuple[str | None, np.ndarray]:
   if kind == "conv_kernel":
     return "kernel", np.transpose(value, (2, 3, 1, 0))
+  if kind == "bias":
+    return "bias", value
   if kind == "linear":
     return None, value.T
   if kind == "flat":
@@ -271,8 +273,8 @@ def convert_state_dict(
       continue
     collection, path, kind = mapped
     leaf, value = _convert_value(kind, np.asarray(value, np.float32))
-    if leaf is not None:
-      path = (*path[:-1], leaf)
+    if leaf is not None:  # a conv's path names the module; add the leaf
+      path = (*path, leaf)
     node = out[collection]
     for name in path[:-1]:
       node = node.setdefault(name, {})

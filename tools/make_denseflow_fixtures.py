@@ -34,21 +34,20 @@ import numpy as np
 
 SMALL = {
     "coupling_depth": 2,
-    "coupling_growth": 8,
+    "coupling_growth": 4,
     "dequant_steps": 2,
-    "dequant_context_channels": 8,
-    "dequant_mid_channels": 8,
-    "dequant_depth": 2,
-    "dequant_growth": 8,
+    "dequant_context_channels": 4,
+    "dequant_mid_channels": 4,
+    "dequant_depth": 1,
+    "dequant_growth": 4,
     "dequant_context_depth": 2,
     "dequant_context_growth": 4,
 }
 
 CASES = {
     # name: (repo kind, data_shape CHW, block_conf, layers_conf, layer_mid_chnls, growth_rate)
-    "denseflow_eiw_tiny": ("eiw", (3, 8, 8), [2, 2], [1, 2], [8, 6], 2),
     "denseflow_eiw_3scale": ("eiw", (1, 16, 16), [2, 1, 2], [1, 1, 1], [4, 4, 4], 2),
-    "denseflow_vanilla_tiny": ("denseflow", (3, 8, 8), [2, 2], [1, 2], [8, 6], 2),
+    "denseflow_vanilla_tiny": ("denseflow", (3, 8, 8), [2, 2], [1, 2], [6, 4], 2),
 }
 
 FULL_COUNTS = {
