@@ -10,8 +10,16 @@ skipped (non-finite) steps still advance the step counter, so a run resumed from
 ends with the same parameters as an uninterrupted one.
 
 Non-finite loss or gradients: the step's update is dropped inside the jitted step (params, EMA
-and optimizer state keep their values) and counted; config.max_consecutive_nonfinite skipped
-steps in a row stop the run with NonFiniteError, leaving the checkpoints as they were.
+and optimizer state keep their values) and counted on the device; config.max_consecutive_nonfinite
+skipped steps in a row stop the run with NonFiniteError, leaving the checkpoints as they were.
+The host reads the streak only at each logging interval and before each checkpoint (no
+per-step device-to-host read, so several steps stay in flight): the error names the step at
+which the streak reached the limit and comes at the next interval, and a checkpoint is never
+written after such a streak.
+
+Input: `Prefetcher` puts config.prefetch_batches global batches on the devices ahead of the
+step; checkpoints record the input position of the next batch the step takes, not of the
+prefetched ones, so resuming stays exact.
 
 EMA: decay min(config.ema_decay, (1 + n) / (10 + n)) after n applied updates, so short runs
 are not dominated by the initial parameters; eval and sampling use the EMA parameters.
@@ -25,8 +33,10 @@ config.json and the restored parameters for NaN/inf; failed saves raise runtime.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
+import json
 import math
 import time
 from collections.abc import Callable
@@ -436,8 +446,9 @@ def train(
 
   SIGTERM/SIGINT: the current step finishes, a checkpoint is saved, runtime.StopRequested is
   raised. `nonfinite_steps` (tests only): steps for which the loss is made NaN, to exercise the
-  non-finite guard. Raises NonFiniteError after config.max_consecutive_nonfinite skipped steps
-  in a row; the checkpoints saved before are left as they are.
+  non-finite guard. Raises NonFiniteError once config.max_consecutive_nonfinite skipped steps
+  in a row are seen, at the next logging interval (config.log_every_steps) or checkpoint,
+  whichever comes first; the checkpoints saved before are left as they are.
   """
   started = time.time()
   mesh = make_mesh() if mesh is None else mesh
@@ -481,13 +492,13 @@ def train(
         checkpointing.check_saves(manager)  # a failed background save stops the run now
         return signals.should_stop(done)
 
-      state = _train_loop(
+      state, position = _train_loop(
           config, flow, tx, mesh, manager, reporter, state, train_iter, nonfinite_steps,
           after_step=after_step,
       )
       final = int(jax.device_get(state.step))
       if manager.latest_step() != final:
-        checkpointing.save(manager, final, state, train_iter, force=True)
+        checkpointing.save(manager, final, state, position, force=True)
       checkpointing.wait(manager)
       evaluate.record_train_time(workdir, time.time() - started, final)
       if final < config.num_train_steps and signals.received is not None:
@@ -509,6 +520,63 @@ def train(
   return TrainResult(flow=flow, state=state, mesh=mesh, info=info, step=final)
 
 
+class _Position:
+  """The input pipeline's position as it was before a prefetched batch (for checkpoints).
+
+  grain's checkpoint handler calls `get_state()` on a non-DatasetIterator item and expects the
+  JSON bytes; restoring goes into the real iterator as usual.
+  """
+
+  def __init__(self, state: Any):
+    self._state = state
+
+  def get_state(self) -> bytes:
+    return json.dumps(self._state, indent=4).encode()
+
+
+class Prefetcher:
+  """Global batches put on the devices `depth` steps ahead of the train step.
+
+  `jax.make_array_from_process_local_data` starts the host-to-device copy and returns at once,
+  so batch s+depth is in flight while step s runs. The iterator runs ahead of the step by
+  `depth` batches; `position()` is the position of the next batch the step will take (what a
+  checkpoint must hold for an exact resume), recorded before each batch was drawn. Runs in the
+  calling thread, so the iterator is never touched concurrently. At most `limit` batches are
+  drawn in all (the steps left), so the iterator ends where the last step's batch ended.
+  """
+
+  def __init__(
+      self, iterator: Any, sharding: NamedSharding, depth: int, limit: int | None = None
+  ):
+    self.iterator, self.sharding, self.depth = iterator, sharding, depth
+    self._left = math.inf if limit is None else limit
+    self._queue: collections.deque[tuple[Any, jax.Array]] = collections.deque()
+
+  def _fill(self, size: int) -> None:
+    while len(self._queue) < size and self._left > 0:
+      self._left -= 1
+      before = self.iterator.get_state()
+      batch = global_batch(next(self.iterator)["image"], self.sharding)
+      self._queue.append((before, batch))
+
+  def next(self) -> jax.Array:
+    self._fill(1)
+    _, batch = self._queue.popleft()
+    self._fill(self.depth)
+    return batch
+
+  def position(self) -> Any:
+    """For `checkpointing.save`: the iterator itself, or its state before the queued batches."""
+    return _Position(self._queue[0][0]) if self._queue else self.iterator
+
+
+def _saved_message(manager: ocp.CheckpointManager) -> str:
+  latest = manager.latest_step()
+  if latest is None:
+    return f"No checkpoint was saved yet in {manager.directory}."
+  return f"The last checkpoint (step {latest}) in {manager.directory} is unchanged."
+
+
 def _train_loop(
     config: ml_collections.ConfigDict,
     flow: Flow,
@@ -520,57 +588,59 @@ def _train_loop(
     train_iter: Any,
     nonfinite_steps: Callable[[int], bool] | None,
     after_step: Callable[[int, dict[str, jax.Array]], bool] | None = None,
-) -> TrainState:
+) -> tuple[TrainState, Any]:
   """Steps from state.step to config.num_train_steps with logging, checkpoints and evals.
 
+  Nothing is read back from the devices between logging intervals, so the host dispatches
+  steps ahead of the devices; the non-finite streak (computed on the device every step) is
+  checked at each logging interval and before each checkpoint.
+
   `after_step(done, metrics)` runs after every step; True stops the loop at that step (the
-  caller saves).
+  caller saves). Returns the state and the input position to checkpoint with it (prefetched
+  batches not yet consumed are not counted).
   """
   start, total = int(jax.device_get(state.step)), config.num_train_steps
   step_fn = make_train_step(config, flow, tx, mesh)
   poisoned_fn = None
   stats_fn = make_stats_fn(flow, mesh)
   keys = rng_keys(config)
-  sharding = batch_sharding(mesh)
-  history: list[dict[str, jax.Array]] = []
-  pending: jax.Array | None = None
+  batches = Prefetcher(
+      train_iter, batch_sharding(mesh), config.get("prefetch_batches", 2), limit=total - start
+  )
+  history: list[tuple[int, dict[str, jax.Array]]] = []  # (step, its metrics), since last log
   last_log_time, last_log_step = time.time(), start
+  limit = config.max_consecutive_nonfinite
 
-  def check_streak(consecutive: jax.Array, at_step: int) -> None:
-    count = int(jax.device_get(consecutive))
-    if count >= config.max_consecutive_nonfinite:
-      manager.wait_until_finished()
-      latest = manager.latest_step()
-      saved = (
-          f"The last checkpoint (step {latest}) in {manager.directory} is unchanged."
-          if latest is not None else f"No checkpoint was saved yet in {manager.directory}."
-      )
-      raise NonFiniteError(
-          f"{count} consecutive training steps (up to step {at_step}) had a non-finite loss or "
-          f"gradient; their updates were skipped and training stopped "
-          f"(config.max_consecutive_nonfinite={config.max_consecutive_nonfinite}). {saved} "
-          f"Consider a lower config.optimizer.learning_rate or config.optimizer.grad_clip_norm."
-      )
+  def check_streak() -> None:
+    """Raises NonFiniteError if the streak reached the limit at any step since the last log."""
+    streaks = jax.device_get([m["nonfinite_consecutive"] for _, m in history])
+    for (step, _), count in zip(history, streaks):
+      if int(count) >= limit:
+        manager.wait_until_finished()
+        raise NonFiniteError(
+            f"{int(count)} consecutive training steps (up to step {step + 1}) had a non-finite "
+            f"loss or gradient; their updates were skipped and training stopped "
+            f"(config.max_consecutive_nonfinite={limit}; detected at step {history[-1][0] + 1}, "
+            f"the streak is checked every config.log_every_steps and before checkpoints). "
+            f"{_saved_message(manager)} Consider a lower config.optimizer.learning_rate or "
+            f"config.optimizer.grad_clip_norm."
+        )
 
   for step in range(start, total):
-    images = global_batch(next(train_iter)["image"], sharding)
+    images = batches.next()
     if nonfinite_steps is not None and nonfinite_steps(step):
       if poisoned_fn is None:
         poisoned_fn = make_train_step(config, flow, tx, mesh, inject_nonfinite=True)
       state, metrics = poisoned_fn(state, images)
     else:
       state, metrics = step_fn(state, images)
-    history.append(metrics)
-    # Checked one step late, so the host never waits for the step it just dispatched.
-    if pending is not None:
-      check_streak(pending, step)
-    pending = metrics["nonfinite_consecutive"]
+    history.append((step, metrics))
     reporter.advance()
     done = step + 1
 
     if done % config.log_every_steps == 0 or done == total:
-      check_streak(pending, done)
-      summary, changes = _summarise(jax.device_get(history))
+      check_streak()
+      summary, changes = _summarise(jax.device_get([m for _, m in history]))
       history = []
       now = time.time()
       summary["train/img_per_sec"] = (
@@ -594,8 +664,9 @@ def _train_loop(
 
     every = config.checkpoint_every_steps
     if every and done % every == 0 and done < total:  # the final save happens after the loop
+      check_streak()
       if int(jax.device_get(state.nonfinite_consecutive)) == 0:
-        checkpointing.save(manager, done, state, train_iter)
+        checkpointing.save(manager, done, state, batches.position())
       else:
         logging.warning("Step %d: no checkpoint inside a run of non-finite steps.", done)
 
@@ -609,9 +680,8 @@ def _train_loop(
     if after_step is not None and after_step(done, metrics):
       break
 
-  if pending is not None:
-    check_streak(pending, int(jax.device_get(state.step)))
-  return state
+  check_streak()
+  return state, batches.position()
 
 
 def restore_for_inference(

@@ -112,3 +112,79 @@ def test_invert_falls_back_and_warns_when_the_inverse_drifts():
 def test_run_chain_rejects_unknown_mode():
   with pytest.raises(ValueError, match="memory mode must be one of"):
     memory.run_chain("swap", lambda v, x: (x, x[:, 0]), lambda v, y: y, [], jnp.zeros((1, 2)))
+
+
+# ---- mixed precision -----------------------------------------------------------------------
+
+
+def _digits(n: int) -> jax.Array:
+  from sklearn.datasets import load_digits
+
+  images = load_digits().images[:n].astype(np.uint8)  # values 0..16: the 5-bit grid
+  return jnp.asarray(images[..., None])
+
+
+def _digits_config(dtype: str):
+  config = make_config((8, 8, 1), num_levels=2, steps=2, hidden=16, n_bits=5)
+  config.model.dtype = dtype
+  return config
+
+
+def _train(dtype: str, steps: int, variables=None):
+  """Adam on the first 512 digits, batch 64; returns (flow, variables, bpd per step)."""
+  import optax
+
+  flow = eiw_flow_jax.build_flow(_digits_config(dtype))
+  x = _digits(512)
+  if variables is None:
+    variables = flow.init(jax.random.PRNGKey(0), x[:256])
+  tx = optax.adam(3e-3)
+
+  @jax.jit
+  def step(params, opt_state, batch, key):
+    def loss(p):
+      return flow.loss({**variables, "params": p}, batch, key)[0]
+
+    value, grads = jax.value_and_grad(loss)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, value
+
+  params, opt_state, losses = variables["params"], tx.init(variables["params"]), []
+  for i in range(steps):
+    batch = x[(i % 8) * 64 : (i % 8 + 1) * 64]
+    params, opt_state, value = step(params, opt_state, batch, jax.random.PRNGKey(i))
+    losses.append(float(value))
+  return flow, {**variables, "params": params}, losses
+
+
+@functools.cache
+def _trained_float32():
+  return _train("float32", 60)
+
+
+@pytest.mark.parametrize("dtype,tolerance", [("bfloat16", 0.02), ("float16", 0.005)])
+def test_mixed_precision_log_likelihood_matches_float32(dtype, tolerance):
+  """Same trained float32 weights, coupling networks in `dtype`: mean bpd within `tolerance`."""
+  flow32, variables, losses = _trained_float32()
+  assert losses[-1] < losses[0] - 0.5  # the model did train
+  flow = eiw_flow_jax.build_flow(_digits_config(dtype))
+  x, key = _digits(512)[256:], jax.random.PRNGKey(7)
+  bpd32 = jax.jit(flow32.bpd)(variables, x, key)
+  bpd = jax.jit(flow.bpd)(variables, x, key)
+  # Parameters, log-determinants and the loss stay float32.
+  assert bpd.dtype == jnp.float32
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(variables))
+  assert abs(float(jnp.mean(bpd)) - float(jnp.mean(bpd32))) < tolerance
+  assert not np.allclose(bpd, bpd32, rtol=0, atol=1e-7)  # the low precision did take effect
+
+
+@pytest.mark.slow
+def test_bfloat16_training_converges_like_float32():
+  _, _, losses32 = _trained_float32()
+  flow = eiw_flow_jax.build_flow(_digits_config("float32"))
+  variables = flow.init(jax.random.PRNGKey(0), _digits(256))
+  _, trained, losses = _train("bfloat16", 60, variables)
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(trained["params"]))
+  start, end32, end16 = losses[0], np.mean(losses32[-8:]), np.mean(losses[-8:])
+  assert end16 < start - 0.5, (start, end16)
+  assert abs(end16 - end32) < 0.1, (end32, end16)

@@ -1,0 +1,54 @@
+"""train.Prefetcher: batches ahead on the devices, checkpoint position of the step's next batch."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from eiw_flow_jax import config_lib, train
+
+
+class _Counter:
+  """A checkpointable iterator of {"image": batch filled with its index}, like grain's."""
+
+  def __init__(self):
+    self.position = 0
+
+  def __next__(self):
+    batch = np.full((2, 2, 2, 1), self.position, np.uint8)
+    self.position += 1
+    return {"image": batch}
+
+  def get_state(self):
+    return {"position": self.position}
+
+  def set_state(self, state):
+    self.position = state["position"]
+
+
+@pytest.mark.parametrize("depth", [0, 1, 3])
+def test_prefetcher_order_position_and_limit(depth):
+  sharding = train.batch_sharding(train.make_mesh(jax.devices()[:1]))
+  iterator = _Counter()
+  batches = train.Prefetcher(iterator, sharding, depth, limit=5)
+  for expected in range(5):
+    batch = batches.next()
+    assert isinstance(batch, jax.Array) and int(batch[0, 0, 0, 0]) == expected
+    # The iterator runs ahead by `depth` (never past the limit) ...
+    assert iterator.position == min(expected + 1 + depth, 5)
+    # ... but a checkpoint records the position of the batch the next step takes.
+    position = batches.position()
+    state = position.get_state()
+    saved = json.loads(state) if isinstance(state, bytes) else state
+    assert saved == {"position": expected + 1}
+  assert batches.position() is iterator  # nothing left in flight: the iterator itself
+
+
+def test_prefetch_batches_is_validated():
+  config = config_lib.base_config()
+  config.prefetch_batches = -1
+  with pytest.raises(config_lib.ConfigError, match="config.prefetch_batches must be an int >= 0"):
+    config_lib.validate_config(config)
