@@ -239,3 +239,21 @@ def test_command_line(tmp_path):
     assert "Traceback" not in stderr
   proc, stdout, stderr = out["no_data_dir"]
   assert proc.returncode == 1 and "Flag --data_dir must have a value other than None" in stderr
+
+
+def test_not_prepared_message_points_to_the_prepare_command(tmp_path):
+  data._open.cache_clear()
+  for name, shape, needles in (
+      ("cifar10", (32, 32, 3), [f"python -m eiw_flow_jax.prepare --dataset=cifar10 "
+                                f"--data_dir={tmp_path}\n"]),
+      ("imagenet32", (32, 32, 3), ["--dataset=imagenet32", "--source_dir=SRC",
+                                   "train_32x32.tar and valid_32x32.tar",
+                                   "'downsampled_imagenet/32x32'"]),
+      ("lsun_church", (64, 64, 3), ["--source_dir=SRC", "church_outdoor_train_lmdb/"]),
+  ):
+    with pytest.raises(FileNotFoundError) as error:
+      data.get_dataset_info(_config(name, tmp_path, shape))
+    message = str(error.value)
+    assert "pip install -e '.[prepare]'" in message
+    for needle in needles:
+      assert needle in message, (name, needle, message)
