@@ -257,3 +257,22 @@ def test_not_prepared_message_points_to_the_prepare_command(tmp_path):
     assert "pip install -e '.[prepare]'" in message
     for needle in needles:
       assert needle in message, (name, needle, message)
+
+
+def test_reading_a_prepared_catalog_dataset_does_not_import_tensorflow(tmp_path):
+  """Reading stays TensorFlow-free, also where the [prepare] extra installed TensorFlow."""
+  write_cifar10(tmp_path, 8, 4)
+  code = (
+      "import sys\n"
+      "from eiw_flow_jax import data\n"
+      "from eiw_flow_jax.config_lib import base_config\n"
+      "c = base_config(); c.dataset.name = 'cifar10'; c.dataset.data_dir = sys.argv[1]\n"
+      "c.model.image_shape = (32, 32, 3)\n"
+      "assert data.load_examples(c, 'train', 8).shape == (8, 32, 32, 3)\n"
+      "loaded = [m for m in sys.modules if m.split('.')[0] == 'tensorflow']\n"
+      "assert not loaded, loaded\n"
+  )
+  env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
+  result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-3000:]
