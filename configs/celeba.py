@@ -15,8 +15,14 @@ openai/glow are in README.md, "Glow backbone vs openai/glow".
 
 Data: `python -m eiw_flow_jax.prepare --dataset=celeba --data_dir=DIR`.
 Hardware: 8 accelerators with >= 40 GB each, 32 images per device.
-Memory per device at 32 images: @MEM_celeba@
-Wall time: @WALL_celeba@
+Memory per device at 32 images: about 19.9 GiB: params, EMA and Adam state plus fixed buffers
+1.24 GiB, plus 598 MiB per image (bench/config_memory.py: XLA's memory analysis of the
+compiled train step on CPU, fitted over K and batch; XLA's GPU/TPU buffer assignment
+differs by tens of percent, so leave headroom).
+Wall time: not measured (no accelerator was available). Estimate: about 13 h on 8
+devices at an assumed sustained 20 TFLOP/s each, from XLA's count of 97 GFLOP per
+image per train step x batch x 300k steps; normalizing flows in fp32 often sustain
+only 5-10 TFLOP/s, i.e. 26-52 h.
 """
 
 from eiw_flow_jax.config_lib import base_config

@@ -15,8 +15,14 @@ ActNorm log-scale factor 3, no edge-bias padding): README.md, "Glow backbone vs 
 Data: `python -m eiw_flow_jax.prepare --dataset=cifar10 --data_dir=DIR` (needs the [prepare]
 extra and internet once), then `--config.dataset.data_dir=DIR`.
 Hardware: 8 accelerators with >= 16 GB each (Glow's 8 GPUs), 64 images per device.
-Memory per device at 64 images: @MEM_cifar10@
-Wall time: @WALL_cifar10@
+Memory per device at 64 images: about 11.6 GiB: params, EMA and Adam state plus fixed buffers
+0.73 GiB, plus 174 MiB per image (bench/config_memory.py: XLA's memory analysis of the
+compiled train step on CPU, fitted over K and batch; XLA's GPU/TPU buffer assignment
+differs by tens of percent, so leave headroom).
+Wall time: not measured (no accelerator was available). Estimate: about 4 h on 8
+devices at an assumed sustained 20 TFLOP/s each, from XLA's count of 23 GFLOP per
+image per train step x batch x 200k steps; normalizing flows in fp32 often sustain
+only 5-10 TFLOP/s, i.e. 8-16 h.
 """
 
 from eiw_flow_jax.config_lib import base_config

@@ -17,8 +17,14 @@ ActNorm log-scale factor 3, no edge-bias padding): README.md, "Glow backbone vs 
 Data: `python -m eiw_flow_jax.prepare --dataset=imagenet32 --data_dir=DIR --source_dir=SRC` with
 train_32x32.tar and valid_32x32.tar in SRC (no TensorFlow needed for this one).
 Hardware: 8 accelerators with >= 24 GB each, 64 images per device.
-Memory per device at 64 images: @MEM_imagenet32@
-Wall time: @WALL_imagenet32@
+Memory per device at 64 images: about 17.5 GiB: params, EMA and Adam state plus fixed buffers
+1.10 GiB, plus 262 MiB per image (bench/config_memory.py: XLA's memory analysis of the
+compiled train step on CPU, fitted over K and batch; XLA's GPU/TPU buffer assignment
+differs by tens of percent, so leave headroom).
+Wall time: not measured (no accelerator was available). Estimate: about 12 h on 8
+devices at an assumed sustained 20 TFLOP/s each, from XLA's count of 35 GFLOP per
+image per train step x batch x 400k steps; normalizing flows in fp32 often sustain
+only 5-10 TFLOP/s, i.e. 24-48 h.
 """
 
 from eiw_flow_jax.config_lib import base_config

@@ -17,8 +17,14 @@ ActNorm log-scale factor 3, no edge-bias padding): README.md, "Glow backbone vs 
 Data: `python -m eiw_flow_jax.prepare --dataset=imagenet64 --data_dir=DIR --source_dir=SRC` with
 train_64x64.tar and valid_64x64.tar in SRC.
 Hardware: 8 accelerators with >= 40 GB each, 32 images per device.
-Memory per device at 32 images: @MEM_imagenet64@
-Wall time: @WALL_imagenet64@
+Memory per device at 32 images: about 29.9 GiB: params, EMA and Adam state plus fixed buffers
+1.85 GiB, plus 898 MiB per image (bench/config_memory.py: XLA's memory analysis of the
+compiled train step on CPU, fitted over K and batch; XLA's GPU/TPU buffer assignment
+differs by tens of percent, so leave headroom).
+Wall time: not measured (no accelerator was available). Estimate: about 26 h on 8
+devices at an assumed sustained 20 TFLOP/s each, from XLA's count of 146 GFLOP per
+image per train step x batch x 400k steps; normalizing flows in fp32 often sustain
+only 5-10 TFLOP/s, i.e. 52-104 h.
 """
 
 from eiw_flow_jax.config_lib import base_config

@@ -17,8 +17,14 @@ Data: only from the LSUN lmdb export (TFDS's LSUN builder needs tensorflow-io, w
 load next to current TensorFlow): unzip bedroom_train_lmdb.zip and bedroom_val_lmdb.zip into
 SRC, then `python -m eiw_flow_jax.prepare --dataset=lsun_bedroom --data_dir=DIR --source_dir=SRC`.
 Hardware: 8 accelerators with >= 40 GB each, 32 images per device.
-Memory per device at 32 images: @MEM_lsun@
-Wall time: @WALL_lsun_bedroom@
+Memory per device at 32 images: about 27.8 GiB: params, EMA and Adam state plus fixed buffers
+1.04 GiB, plus 856 MiB per image (bench/config_memory.py: XLA's memory analysis of the
+compiled train step on CPU, fitted over K and batch; XLA's GPU/TPU buffer assignment
+differs by tens of percent, so leave headroom).
+Wall time: not measured (no accelerator was available). Estimate: about 19 h on 8
+devices at an assumed sustained 20 TFLOP/s each, from XLA's count of 143 GFLOP per
+image per train step x batch x 300k steps; normalizing flows in fp32 often sustain
+only 5-10 TFLOP/s, i.e. 38-76 h.
 """
 
 from eiw_flow_jax.config_lib import base_config

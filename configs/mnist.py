@@ -7,8 +7,10 @@ bits/dim on MNIST (e.g. RealNVP/Glow-style baselines in the Residual Flows and F
 `eiw_flow_jax.table` tabulates no published number for it.
 
 Hardware: one accelerator (or 8, 32 images each).
-Memory per device at 256 images on one device: @MEM_mnist@
-Wall time: @WALL_mnist@
+Memory per device at 256 images on one device: about 5.6 GiB: 0.06 GiB of state plus 22 MiB
+per image (bench/config_memory.py, XLA's memory analysis on CPU, fitted over K and batch).
+Wall time: not measured. Estimate: about 20 min on one device at an assumed sustained
+20 TFLOP/s (XLA: 2 GFLOP per image per step x 256 x 50k steps); 40-80 min at 5-10 TFLOP/s.
 """
 
 from eiw_flow_jax.config_lib import base_config

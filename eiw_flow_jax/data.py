@@ -98,6 +98,16 @@ CATALOG_HELP = (
     "  python -m eiw_flow_jax.prepare --dataset={name} --data_dir={data_dir}\n"
     "then set config.dataset.data_dir to that directory (or copy it there)."
 )
+# Datasets that `eiw_flow_jax.prepare` builds from local source files (--source_dir).
+SOURCE_HINTS = {
+    "imagenet32": "train_32x32.tar and valid_32x32.tar (van den Oord et al.'s downsampled "
+                  "ImageNet; image-net.org may no longer serve them to TFDS)",
+    "imagenet64": "train_64x64.tar and valid_64x64.tar (van den Oord et al.'s downsampled "
+                  "ImageNet; image-net.org may no longer serve them to TFDS)",
+    "lsun_bedroom": "the unzipped LSUN lmdb export bedroom_train_lmdb/ and bedroom_val_lmdb/",
+    "lsun_church": "the unzipped LSUN lmdb export church_outdoor_train_lmdb/ and "
+                   "church_outdoor_val_lmdb/",
+}
 # The fix for a dataset that TFDS built in another file format (tfrecord, `tfds build`'s default).
 CONVERT_HELP = (
     "Convert it in place (adds array_record shards next to the existing ones; needs the "
@@ -426,10 +436,14 @@ def _catalog_builder(name: str, spec: DatasetSpec, data_dir: str) -> tfds.core.D
   """A prepared TFDS catalog builder, or an error saying how to prepare it."""
   builder = tfds.builder(spec.tfds_name, data_dir=data_dir)
   if not builder.is_prepared():
+    help_text = CATALOG_HELP.format(name=name, tfds_name=spec.tfds_name, data_dir=data_dir)
+    if name in SOURCE_HINTS:
+      help_text = help_text.replace(
+          f"--data_dir={data_dir}\n", f"--data_dir={data_dir} --source_dir=SRC\n", 1
+      ) + f" SRC holds {SOURCE_HINTS[name]}."
     raise FileNotFoundError(
         f"Dataset {name!r} (TFDS {spec.tfds_name!r}) is not prepared in data_dir {data_dir} "
-        f"(looked for {builder.data_dir}). "
-        + CATALOG_HELP.format(name=name, tfds_name=spec.tfds_name, data_dir=data_dir)
+        f"(looked for {builder.data_dir}). " + help_text
     )
   if not has_array_record(builder):
     formats = sorted(f.value for f in builder.info.available_file_formats()) or ["unknown"]

@@ -239,3 +239,40 @@ def test_command_line(tmp_path):
     assert "Traceback" not in stderr
   proc, stdout, stderr = out["no_data_dir"]
   assert proc.returncode == 1 and "Flag --data_dir must have a value other than None" in stderr
+
+
+def test_not_prepared_message_points_to_the_prepare_command(tmp_path):
+  data._open.cache_clear()
+  for name, shape, needles in (
+      ("cifar10", (32, 32, 3), [f"python -m eiw_flow_jax.prepare --dataset=cifar10 "
+                                f"--data_dir={tmp_path}\n"]),
+      ("imagenet32", (32, 32, 3), ["--dataset=imagenet32", "--source_dir=SRC",
+                                   "train_32x32.tar and valid_32x32.tar",
+                                   "'downsampled_imagenet/32x32'"]),
+      ("lsun_church", (64, 64, 3), ["--source_dir=SRC", "church_outdoor_train_lmdb/"]),
+  ):
+    with pytest.raises(FileNotFoundError) as error:
+      data.get_dataset_info(_config(name, tmp_path, shape))
+    message = str(error.value)
+    assert "pip install -e '.[prepare]'" in message
+    for needle in needles:
+      assert needle in message, (name, needle, message)
+
+
+def test_reading_a_prepared_catalog_dataset_does_not_import_tensorflow(tmp_path):
+  """Reading stays TensorFlow-free, also where the [prepare] extra installed TensorFlow."""
+  write_cifar10(tmp_path, 8, 4)
+  code = (
+      "import sys\n"
+      "from eiw_flow_jax import data\n"
+      "from eiw_flow_jax.config_lib import base_config\n"
+      "c = base_config(); c.dataset.name = 'cifar10'; c.dataset.data_dir = sys.argv[1]\n"
+      "c.model.image_shape = (32, 32, 3)\n"
+      "assert data.load_examples(c, 'train', 8).shape == (8, 32, 32, 3)\n"
+      "loaded = [m for m in sys.modules if m.split('.')[0] == 'tensorflow']\n"
+      "assert not loaded, loaded\n"
+  )
+  env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
+  result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-3000:]
