@@ -98,11 +98,19 @@ class Flow:
     self._check_images(y, "dequantized images")
     if not jnp.issubdtype(y.dtype, jnp.floating):
       raise ValueError(f"dequantized images: expected a float dtype, got {y.dtype}.")
+    if not isinstance(y, jax.core.Tracer) and not bool(np.all(np.isfinite(np.asarray(y)))):
+      raise ValueError("dequantized images: input contains NaN or infinite values.")
+
+  def check_unit_cube(self, y: Array) -> None:
+    """The density lives on [0, 1]^D: outside it, log_prob would be a meaningless number.
+
+    Only `log_prob` (and what uses it) checks this; `encode`/`forward` accept any finite y, so
+    samples of an untrained flow, which may leave [0, 1], still round-trip.
+    """
+    self.check_continuous(y)
     if isinstance(y, jax.core.Tracer):
       return
     values = np.asarray(y)
-    if not bool(np.all(np.isfinite(values))):
-      raise ValueError("dequantized images: input contains NaN or infinite values.")
     low, high = float(values.min()), float(values.max())
     if low < 0.0 or high > 1.0:
       raise ValueError(
@@ -147,6 +155,7 @@ class Flow:
 
   def log_prob(self, variables: Variables, y: Array) -> Array:
     """Per-example log density of dequantized y, a density on [0,1]^D."""
+    self.check_unit_cube(y)
     _, log_det, log_prior, _ = self.forward(variables, y)
     return log_prior + log_det
 

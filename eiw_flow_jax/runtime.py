@@ -271,7 +271,8 @@ class WorkdirLock:
 
   def _is_stale(self, holder: dict[str, Any]) -> bool:
     if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
-      return not _pid_alive(holder["pid"])
+      if not _pid_alive(holder["pid"]):
+        return True
     heartbeat = holder.get("heartbeat")
     if not isinstance(heartbeat, (int, float)):
       try:
@@ -333,9 +334,20 @@ class WorkdirLock:
         if holder and holder.get("token") != self.token:
           logging.error("The workdir lock %s was taken by another run: %s", self.file, holder)
           return
-        self.file.write_text(json.dumps(self._record()))
+        self._rewrite()
       except OSError as e:  # a full disk must not kill training from this thread
         logging.warning("Could not refresh the workdir lock %s: %s", self.file, e)
+
+  def _rewrite(self) -> None:
+    """Refreshes the heartbeat; locally via rename, so a reader never sees half a file."""
+    text = json.dumps(self._record())
+    if is_remote(self.file):
+      self.file.write_text(text)
+      return
+    temporary = f"{os.fspath(self.file)}.{self.token}.tmp"
+    with open(temporary, "w") as f:
+      f.write(text)
+    os.replace(temporary, os.fspath(self.file))
 
   def release(self) -> None:
     self._stop.set()

@@ -1,4 +1,4 @@
-"""Notebooks are valid JSON notebooks whose code cells parse (shell/magic lines aside)."""
+"""Notebooks are valid JSON notebooks whose code cells parse, and each runs top to bottom."""
 
 import ast
 import json

@@ -52,7 +52,7 @@ def _signal_after_first_checkpoint(proc, workdir: str, signum: int) -> tuple[str
 
 
 def test_sigterm_saves_then_resume_matches_uninterrupted_run(tmp_path, data_dir, env):
-  overrides = {"num_train_steps": 400, "checkpoint_every_steps": 100, "keep_checkpoints": 5}
+  overrides = {"num_train_steps": 400, "checkpoint_every_steps": 50, "keep_checkpoints": 10}
   config = tiny_config(data_dir, **overrides)
   data.prepare_dataset(config)  # once, before two runs start at the same time
   reference = str(tmp_path / "reference")
@@ -392,7 +392,7 @@ def test_paths_stay_urls():
 def test_api_rejects_empty_batches_bad_y_and_bad_temperatures():
   from conftest import make_config
 
-  flow = train.build_flow(make_config())
+  flow = train.build_flow(make_config(steps=1))
   variables = flow.init(jax.random.PRNGKey(0), jnp.zeros((2, 8, 8, 1), jnp.uint8))
   with pytest.raises(ValueError, match="B=0"):
     flow.bpd(variables, jnp.zeros((0, 8, 8, 1), jnp.uint8), jax.random.PRNGKey(1))
@@ -406,7 +406,6 @@ def test_api_rejects_empty_batches_bad_y_and_bad_temperatures():
       flow.sample(variables, jax.random.PRNGKey(2), 2, temperature)
   with pytest.raises(ValueError, match="num: expected an int >= 1"):
     flow.sample(variables, jax.random.PRNGKey(2), 0)
-  assert flow.sample(variables, jax.random.PRNGKey(2), 2, 0.0).shape == (2, 8, 8, 1)
 
 
 def test_configs_are_locked():
@@ -420,7 +419,7 @@ def test_configs_are_locked():
 
 
 def test_nonfinite_message_without_a_checkpoint(tmp_path, data_dir):
-  config = tiny_config(data_dir, num_train_steps=10, checkpoint_every_steps=0,
+  config = tiny_config(data_dir, num_train_steps=2, checkpoint_every_steps=0,
                        max_consecutive_nonfinite=2)
   with pytest.raises(train.NonFiniteError) as info:
     train.train(config, str(tmp_path / "w"), nonfinite_steps=lambda step: True)
