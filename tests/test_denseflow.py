@@ -21,22 +21,6 @@ DENSEFLOW_CONFIGS = ["cifar10_denseflow", "imagenet32_denseflow", "imagenet64_de
                      "celeba_denseflow"]
 
 
-def tiny_config():
-  config = config_lib.base_config()
-  m = config.model
-  m.backbone = "denseflow"
-  m.image_shape = (8, 8, 1)
-  m.n_bits = 5
-  m.eiw.regularizer = "literal"
-  df = m.denseflow
-  df.block_conf, df.layers_conf, df.layer_mid_chnls, df.growth_rate = (2, 2), (1, 1), (4, 4), 2
-  df.coupling_depth, df.coupling_growth = 1, 4
-  df.dequant_steps, df.dequant_context_channels, df.dequant_mid_channels = 1, 4, 4
-  df.dequant_depth, df.dequant_growth, df.dequant_context_depth = 1, 4, 1
-  df.dequant_context_growth = 4
-  return config
-
-
 def log_det_by_jacobian(fn, x):
   """log |det d fn(x) / dx| per example: the diagonal blocks of the batch's dense Jacobian
   (examples do not interact), computed in one jitted jacfwd."""
@@ -115,40 +99,53 @@ def test_variational_dequantizer_log_q_is_a_change_of_variables():
 
 @pytest.fixture(scope="module")
 def tiny():
-  flow = build_flow(tiny_config())
-  x = jax.random.randint(jax.random.PRNGKey(0), (4, 8, 8, 1), 0, 32).astype(jnp.uint8)
-  variables = flow.init(jax.random.PRNGKey(1), x)
-  variables = dict(variables, params=randomise(variables["params"], scale=0.05))
-  return flow, variables, x
+  """The 3-scale parity model with the authors' (random) weights: no init to compile."""
+  from test_denseflow_parity import config_from_fixture, load_case
+
+  from eiw_flow_jax import convert
+
+  data, cfg, weights = load_case("denseflow_eiw_3scale")
+  config = config_from_fixture(cfg)
+  flow = build_flow(config)
+  variables = jax.tree.map(jnp.asarray, convert.convert_state_dict(weights, flow))
+  x = jnp.asarray(np.transpose(data["inputs/x"], (0, 2, 3, 1)))
+  return flow, variables, x, config
 
 
 def test_tiny_denseflow_round_trips_through_the_flow_api(tiny):
-  flow, variables, x = tiny
+  flow, variables, x, _ = tiny
   assert isinstance(flow, DenseFlow) and flow.backbone == "denseflow"
-  y = flow.dequantize(x, jax.random.PRNGKey(2), variables=variables)
+
+  @jax.jit
+  def round_trip(v, x, rng):
+    y = flow.dequantize(x, rng, variables=v)
+    latents = flow.encode(v, y, rng)
+    return y, latents, flow.decode(v, latents), flow.shuffle_stats(v, y)
+
+  y, latents, back, stats = round_trip(variables, x, jax.random.PRNGKey(2))
   assert bool(jnp.all(flow.quantize(y) == x))
-  latents = flow.encode(variables, y, jax.random.PRNGKey(3))
   assert [tuple(z.shape[1:]) for z in latents] == flow.latent_shapes
-  np.testing.assert_allclose(flow.decode(variables, latents), y, atol=1e-5)
-  samples = flow.sample(variables, jax.random.PRNGKey(4), 3, temperature=0.7)
-  assert samples.shape == (3, 8, 8, 1) and samples.dtype == jnp.uint8
-  stats = flow.shuffle_stats(variables, y)
+  np.testing.assert_allclose(back, y, atol=1e-5)
+  assert len(stats) == 2
   assert set(stats[0]) >= {"g_entropy", "mean_s_entropy", "regularizer", "kept_channels"}
+  samples = jax.jit(lambda v, r: flow.sample(v, r, 3, temperature=0.7))(
+      variables, jax.random.PRNGKey(4))
+  assert samples.shape == (3, *flow.image_shape) and samples.dtype == jnp.uint8
 
 
 def test_tiny_denseflow_elbo_iwbo_and_injected_noise(tiny):
-  flow, variables, x = tiny
+  flow, variables, x, _ = tiny
   noise = flow.draw_noise(jax.random.PRNGKey(5), x.shape[0])
-  fn = jax.jit(lambda v, x, n: flow.elbo_terms(v, x, noise=n))
-  a, b = fn(variables, x, noise), fn(variables, x, noise)
-  np.testing.assert_array_equal(a["elbo"], b["elbo"])  # a pure function of the noise
-  total = (a["dequant_log_det"] - a["dequant_log_q"] + a["log_det"] + a["log_prior"])
+
+  @jax.jit
+  def fn(v, x, n, rng):
+    return flow.elbo_terms(v, x, noise=n), flow.iwbo_bpd(v, x, rng, 4, 2)
+
+  a, iwbo = fn(variables, x, noise, jax.random.PRNGKey(6))
+  total = a["dequant_log_det"] - a["dequant_log_q"] + a["log_det"] + a["log_prior"]
   np.testing.assert_allclose(a["elbo"], total, rtol=1e-6)
-  np.testing.assert_allclose(a["bpd"], -a["elbo"] / (64 * math.log(2.0)), rtol=1e-6)
-  # IWBO with k samples is at most the mean ELBO bpd of those samples (Jensen), here via
-  # the same key stream: k = 1 equals one ELBO draw.
-  iwbo = jax.jit(lambda v, x, r: flow.iwbo_bpd(v, x, r, 4, 2))(variables, x, jax.random.PRNGKey(6))
-  assert iwbo.shape == (4,) and bool(jnp.all(jnp.isfinite(iwbo)))
+  np.testing.assert_allclose(a["bpd"], -a["elbo"] / (flow.num_dims * math.log(2.0)), rtol=1e-6)
+  assert iwbo.shape == (x.shape[0],) and bool(jnp.all(jnp.isfinite(iwbo)))
   with pytest.raises(ValueError, match="noise: expected shapes"):
     flow.elbo_terms(variables, x, noise={"dequant": noise["dequant"], "augment": []})
   with pytest.raises(ValueError, match="multiple of chunk"):
@@ -206,3 +203,25 @@ def test_iwbo_needs_denseflow_and_optimizer_fields_are_checked():
   config.optimizer.decay_rate = 1.5
   with pytest.raises(config_lib.ConfigError, match="decay_rate must be in"):
     config_lib.validate_config(config)
+
+
+@pytest.mark.slow
+def test_remat_per_unit_computes_the_same_training_objective(tiny):
+  """model.memory = "remat" wraps each unit in nn.remat: same parameters, same numbers (also
+  with BatchNorm in training mode updating its running statistics inside the remat)."""
+  flow, variables, x, config = tiny
+  config = config.copy_and_resolve_references()
+  config.model.memory = "remat"
+  remat_flow = build_flow(config)
+  noise = flow.draw_noise(jax.random.PRNGKey(7), x.shape[0])
+
+  def objective(f):
+    return jax.jit(lambda v, x, n: f.elbo_terms(v, x, noise=n, train=True))(variables, x, noise)
+
+  a, b = objective(flow), objective(remat_flow)
+  np.testing.assert_allclose(a["elbo"], b["elbo"], rtol=1e-5)
+  jax.tree.map(lambda p, q: np.testing.assert_allclose(p, q, rtol=1e-5, atol=1e-6),
+               a["constants"], b["constants"])
+  # The running statistics moved: training-mode BatchNorm updated them.
+  before = jax.tree.leaves(variables["constants"])
+  assert any(not np.allclose(p, q) for p, q in zip(before, jax.tree.leaves(a["constants"])))
