@@ -225,3 +225,20 @@ def test_remat_per_unit_computes_the_same_training_objective(tiny):
   # The running statistics moved: training-mode BatchNorm updated them.
   before = jax.tree.leaves(variables["constants"])
   assert any(not np.allclose(p, q) for p, q in zip(before, jax.tree.leaves(a["constants"])))
+
+
+def test_adamax_with_warmup_and_per_epoch_decay():
+  from eiw_flow_jax import train
+
+  config = load_config("cifar10_denseflow")
+  schedule = train.make_schedule(config)
+  epoch = config.optimizer.steps_per_epoch
+  assert epoch == 782  # int(50000 / 64) + 1, as the authors count an epoch's iterations
+  np.testing.assert_allclose(schedule(4999), 1e-3 * 0.9975**6, rtol=1e-5)  # warmup done
+  np.testing.assert_allclose(schedule(10 * epoch + 3), 1e-3 * 0.9975**10, rtol=1e-5)
+  np.testing.assert_allclose(schedule(0), 1e-3 / 5000, rtol=1e-5)
+  tx = train.make_optimizer(config)
+  params = {"w": jnp.ones(3)}
+  updates, _ = tx.update({"w": jnp.array([1.0, -2.0, 0.0])}, tx.init(params), params)
+  # Adamax's first step is -lr * sign(g) (infinity norm), whatever the gradient's size.
+  np.testing.assert_allclose(updates["w"], [-1e-3 / 5000, 1e-3 / 5000, 0.0], rtol=1e-4)
