@@ -110,9 +110,15 @@ def _read_zip_pt(path: str) -> Any:
 
 
 def read_torch_file(path: str) -> Any:
-  """The object saved in a .pt file, tensors as numpy arrays (torch only as a fallback)."""
+  """The object saved in a .pt file, tensors as numpy arrays (torch only as a fallback).
+
+  A .npz file of key -> array is accepted as a state_dict too.
+  """
   if not os.path.exists(path):
     raise FileNotFoundError(f"No such checkpoint: {path}")
+  if path.endswith(".npz"):  # a state_dict saved with numpy.savez (key -> array)
+    with np.load(path) as f:
+      return {k: f[k] for k in f.files}
   try:
     return _read_zip_pt(path)
   except (zipfile.BadZipFile, pickle.UnpicklingError, KeyError, ValueError):

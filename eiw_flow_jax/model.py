@@ -278,7 +278,8 @@ class DenseFlow(Flow):
     data = params_rng if not jnp.issubdtype(params_rng.dtype, jax.dtypes.prng_key) else (
         jax.random.key_data(params_rng))
     data = jnp.asarray(data, jnp.uint32).reshape(-1)[:2]
-    key = jax.random.wrap_key_data(jnp.concatenate([data, data ^ jnp.uint32(0x9E3779B9)]), impl="rbg")
+    data = jnp.concatenate([data, data ^ jnp.uint32(0x9E3779B9)])
+    key = jax.random.wrap_key_data(data, impl="rbg")
     variables = jax.jit(
         lambda r, x, n: self.module.init({"params": r}, x, n, method="forward_x")
     )(key, x, noise)

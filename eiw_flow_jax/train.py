@@ -87,7 +87,8 @@ class TrainState:
 
 
 def make_schedule(config: ml_collections.ConfigDict) -> Callable[[Any], jax.Array]:
-  """Learning rate per applied update: linear warmup, then constant or cosine decay."""
+  """Learning rate per applied update: linear warmup, then constant or cosine decay, times
+  decay_rate ** epoch (DenseFlow's per-epoch exponential decay; decay_rate = 1 disables)."""
   opt = config.optimizer
   peak, warmup = float(opt.learning_rate), int(opt.warmup_steps)
   total, end = int(config.num_train_steps), float(opt.end_learning_rate_factor)
@@ -99,18 +100,23 @@ def make_schedule(config: ml_collections.ConfigDict) -> Callable[[Any], jax.Arra
     if opt.cosine_decay:
       frac = jnp.clip((count - warmup) / max(1, total - warmup), 0.0, 1.0)
       lr = lr * (end + (1.0 - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * frac)))
+    decay_rate = float(opt.get("decay_rate", 1.0))
+    if decay_rate < 1.0:
+      epoch = jnp.floor(count / max(1, int(opt.steps_per_epoch)))
+      lr = lr * decay_rate**epoch
     return lr
 
   return schedule
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """Adam with the warmup (+ optional cosine) schedule and global-norm gradient clipping."""
+  """Adam or Adamax (config.optimizer.name) with the schedule and global-norm clipping."""
   opt = config.optimizer
   parts = []
   if opt.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(opt.grad_clip_norm))
-  parts.append(optax.adam(make_schedule(config), b1=opt.b1, b2=opt.b2))
+  make = {"adam": optax.adam, "adamax": optax.adamax}[opt.get("name", "adam")]
+  parts.append(make(make_schedule(config), b1=opt.b1, b2=opt.b2))
   return optax.chain(*parts)
 
 
@@ -270,7 +276,11 @@ def make_train_step(
       return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
 
     skipped = (~finite).astype(jnp.int32)
+    # DenseFlow's BatchNorm running statistics come back from the loss (not trained).
+    constants = keep_if_finite(aux["constants"], state.constants) if "constants" in aux else (
+        state.constants)
     new_state = state.replace(
+        constants=constants,
         step=state.step + 1,
         params=keep_if_finite(params, state.params),
         ema_params=keep_if_finite(ema, state.ema_params),
@@ -308,7 +318,7 @@ def make_train_step(
 def make_stats_fn(flow: Flow, mesh: Mesh) -> Callable[..., list[dict[str, jax.Array]]]:
   """Jitted (variables, uint8 batch, rng) -> per-level Shuffle diagnostics."""
   return jax.jit(
-      lambda v, x, rng: flow.shuffle_stats(v, flow.dequantize(x, rng)),
+      lambda v, x, rng: flow.shuffle_stats(v, flow.dequantize(x, rng, variables=v)),
       out_shardings=replicated(mesh),
   )
 

@@ -3,9 +3,14 @@
 Every backbone is a linen module built from the validated `config.model` with the methods
 `forward(y) -> (latents, log_det, log_prior, aux)`, `inverse(latents) -> y`,
 `generate(rng, num, temperature) -> (y, latents)`, `prior_means(latents)` and `diagnostics(y)`.
-They share the bijectors (`eiw_flow_jax.bijectors`) and splits (`eiw_flow_jax.splits`).
+Glow's share the bijectors (`eiw_flow_jax.bijectors`) and splits (`eiw_flow_jax.splits`);
+DenseFlow's (`DenseFlowBackbone`, the paper's model) has its own, parameterised as the authors'
+PyTorch code (`dense_bijectors.py`, `dense_nets.py`) and `eiw_flow_jax.dequantizers`; its
+`forward`/`diagnostics` also take the augmentation noise, and `forward_x(x, noise)` runs the
+variational dequantization too.
 """
 
+from eiw_flow_jax.backbones.denseflow import DenseFlowBackbone
 from eiw_flow_jax.backbones.glow import MultiScaleFlow
 
-__all__ = ["MultiScaleFlow"]
+__all__ = ["DenseFlowBackbone", "MultiScaleFlow"]

@@ -178,6 +178,13 @@ class InvertibleDenseBlock(nn.Module):
     return z
 
 
+def _xlogy_safe(p: Array) -> Array:
+  """p log p with 0 log 0 = 0 and finite gradients there (torch's KLDivLoss uses xlogy): the
+  weight generator's softmax over a constant input of size C underflows to exact zeros."""
+  positive = p > 0
+  return jnp.where(positive, p * jnp.log(jnp.where(positive, p, 1.0)), 0.0)
+
+
 class Transition(nn.Module):
   """Squeeze, then the EIW Shuffle (`eiw=True`) or none, split in halves (see module doc)."""
 
@@ -187,12 +194,16 @@ class Transition(nn.Module):
   regularizer: str = "literal"
 
   def setup(self) -> None:
-    c = self.channels
+    c, hidden = self.channels, self.channels // self.reduction
+
+    def init(key, shape):  # torch allows C // r = 0 (an empty layer: s is uniform)
+      return nn.initializers.lecun_normal()(key, shape) if min(shape) else jnp.zeros(shape)
+
     if self.eiw:
-      self.wg_fc0 = self.param("wg_fc0", nn.initializers.lecun_normal(), (1, c // 2))
-      self.wg_fc2 = self.param("wg_fc2", nn.initializers.lecun_normal(), (c // 2, c))
-      self.se_fc0 = self.param("se_fc0", nn.initializers.lecun_normal(), (c, c // self.reduction))
-      self.se_fc2 = self.param("se_fc2", nn.initializers.lecun_normal(), (c // self.reduction, c))
+      self.wg_fc0 = self.param("wg_fc0", init, (1, c // 2))
+      self.wg_fc2 = self.param("wg_fc2", init, (c // 2, c))
+      self.se_fc0 = self.param("se_fc0", init, (c, hidden))
+      self.se_fc2 = self.param("se_fc2", init, (hidden, c))
 
   def weights(self) -> Array:
     """g: the weight generator's softmax over channels (a function of the constant C)."""
@@ -213,7 +224,7 @@ class Transition(nn.Module):
     g = self.weights()
     s = self.solver(z_sorted)
     target = jnp.log(s) if self.regularizer == "kl" else s
-    return jnp.sum(g * (jnp.log(g) - target), axis=-1)
+    return jnp.sum(_xlogy_safe(g) - g * target, axis=-1)
 
   def __call__(self, x: Array) -> tuple[Array, Array, Array, Array]:
     """x -> (kept, factored, log N(factored), regularizer per example)."""
@@ -247,7 +258,7 @@ class Transition(nn.Module):
       g = self.weights()
       mean_s = jnp.mean(self.solver(z), axis=0)
       stats.update({
-          "g_entropy": -jnp.sum(g * jnp.log(g)),
+          "g_entropy": -jnp.sum(_xlogy_safe(g)),
           "mean_s_entropy": -jnp.sum(mean_s * jnp.log(mean_s)),
           "regularizer": jnp.mean(self.regularizer_per_example(z)),
           "permutation": perm,

@@ -1,0 +1,22 @@
+"""CIFAR-10 32x32x3 with the paper's model: DenseFlow DF-74-10 with EIW transitions.
+
+The authors' command (DenseFlow README, EIW-Flow's DIW-Flow/): --epochs 400 --batch_size 64
+--optimizer adamax --lr 1e-3 --gamma 0.9975 --warmup 5000 --block_conf 6 4 1 --layers_conf 5 6
+20 --layer_mid_chnls 48 48 48 --growth_rate 10 (DenseFlow then fine-tunes 20 more epochs at
+lr 2e-5 with train_more.py; not reproduced here). 130,922,462 parameters.
+Target: DenseFlow reports 2.98 bits/dim on the test set (IWBO, k = 1000); EIW-Flow reports its
+own number in its paper's table. Evaluation here: the ELBO and the IWBO with k = 1000
+(`eval.iwbo_samples`), 50 samples per pass as their --kbs 50.
+At batch 64 the model needs gradient checkpointing on most GPUs (their --checkpointing):
+`--config.model.memory=remat` where the config has that field.
+"""
+
+from eiw_flow_jax.config_lib import base_config, denseflow_df_74_10
+
+
+def get_config():
+  config = base_config()
+  config.dataset.name = "cifar10"
+  config.model.image_shape = (32, 32, 3)
+  return denseflow_df_74_10(config, batch_size=64, epochs=400, num_train=50_000,
+                            decay_rate=0.9975, iwbo_samples=1000, iwbo_chunk=50)

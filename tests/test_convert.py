@@ -1,0 +1,66 @@
+"""eiw_flow_jax.convert without torch: .pt files are read, and a converted state_dict becomes
+the Orbax TrainState checkpoint that train.py writes and --mode=eval restores."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from conftest import REPO
+from test_denseflow_parity import config_from_fixture, load_case
+
+from eiw_flow_jax import checkpointing, convert, train
+from eiw_flow_jax.model import build_flow
+
+SMALL_PT = os.path.join(REPO, "tests", "fixtures", "torch_state_dict_small.pt")
+
+
+def test_reads_a_torch_file_without_torch(monkeypatch):
+  monkeypatch.setitem(sys.modules, "torch", None)  # any import of torch would fail
+  state = convert.state_dict_from(convert.read_torch_file(SMALL_PT))
+  # Saved by torch 2.13 from nn.DataParallel-style keys; one tensor is a transposed view.
+  assert set(state) == {"a.weight", "b.bias", "c.num_batches_tracked", "d.weight"}
+  np.testing.assert_array_equal(state["a.weight"], np.arange(12.0).reshape(3, 4).T)
+  np.testing.assert_array_equal(state["b.bias"], [1.5, -2.0])
+  assert state["c.num_batches_tracked"] == 7 and state["d.weight"].dtype == np.float64
+
+
+def test_errors_name_the_problem(tmp_path):
+  with pytest.raises(FileNotFoundError, match="No such checkpoint"):
+    convert.read_torch_file(str(tmp_path / "missing.pt"))
+  with pytest.raises(convert.ConversionError, match="Expected a state_dict"):
+    convert.state_dict_from([1, 2])
+
+
+def test_convert_checkpoint_writes_a_restorable_train_state(tmp_path):
+  _, cfg, weights = load_case("denseflow_vanilla_tiny")
+  config = config_from_fixture(cfg)
+  npz = tmp_path / "weights.npz"
+  np.savez(npz, **weights)
+  workdir = str(tmp_path / "work")
+  convert.convert_checkpoint(str(npz), config, workdir)
+  assert os.path.exists(os.path.join(workdir, "config.json"))
+  flow = build_flow(config)
+  tx = train.make_optimizer(config)
+  mesh = train.make_mesh()
+  manager = checkpointing.make_manager(workdir, keep=1, read_only=True)
+  try:
+    step, state = checkpointing.restore_latest(
+        manager, train.abstract_state(flow, tx, mesh), quarantine=False)
+  finally:
+    manager.close()
+  assert step == 0
+  expected = convert.convert_state_dict(weights, flow)
+  got = jax.device_get(state.variables(ema=True))
+  jax.tree.map(np.testing.assert_array_equal, got, expected)
+
+
+def test_cli_requires_its_flags():
+  out = subprocess.run([sys.executable, "-m", "eiw_flow_jax.convert"], cwd=REPO,
+                       capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=REPO))
+  assert out.returncode != 0 and "torch_checkpoint" in out.stderr

@@ -1,0 +1,244 @@
+"""The DenseFlow backbone: bijectors invert and their log-dets are the Jacobian's, a tiny model
+round-trips through the Flow API, and bad configs fail with clear errors."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_configs import load_config
+
+from eiw_flow_jax import config_lib
+from eiw_flow_jax.backbones import dense_bijectors as db
+from eiw_flow_jax.backbones.denseflow import DenseUnit, Transition
+from eiw_flow_jax.dequantizers import VariationalDequantizer
+from eiw_flow_jax.model import DenseFlow, build_flow
+
+DENSEFLOW_CONFIGS = ["cifar10_denseflow", "imagenet32_denseflow", "imagenet64_denseflow",
+                     "celeba_denseflow"]
+
+
+def log_det_by_jacobian(fn, x):
+  """log |det d fn(x) / dx| per example: the diagonal blocks of the batch's dense Jacobian
+  (examples do not interact), computed in one jitted jacfwd."""
+  b, d = x.shape[0], x[0].size
+
+  @jax.jit
+  def blocks(x):
+    jac = jax.jacfwd(lambda v: fn(v.reshape(x.shape)).reshape(-1))(x.reshape(-1))
+    jac = jac.reshape(b, d, b, d)
+    return jnp.stack([jnp.linalg.slogdet(jac[i, :, i, :])[1] for i in range(b)])
+
+  return blocks(x)
+
+
+def randomise(params, seed=0, scale=0.3):
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+  return jax.tree.unflatten(
+      tree, [p + scale * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+
+
+@pytest.mark.parametrize("make", [
+    lambda: db.ActNorm(),
+    lambda: db.Conv1x1(),
+    lambda: db.AffineCoupling(4, 1, 4, multihead=True),
+    lambda: DenseUnit(2, 4, 1, 4),
+], ids=["actnorm", "conv1x1", "coupling", "unit"])
+def test_bijector_inverts_and_log_det_matches_jacobian(make):
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 2, 2, 5))
+  module = make()
+  variables = module.init(jax.random.PRNGKey(2), x)
+  # Move off the (data-dependent / zero) initial values so every path counts.
+  variables = dict(variables, params=randomise(variables["params"]))
+  y, log_det = jax.jit(module.apply)(variables, x)
+  if isinstance(module, DenseUnit):
+    back = jax.jit(lambda v, y: module.apply(v, y, method="inverse"))(variables, y)
+  else:
+    back, inv_log_det = jax.jit(lambda v, y: module.apply(v, y, reverse=True))(variables, y)
+    np.testing.assert_allclose(inv_log_det, -log_det, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(back, x, atol=2e-4)
+  expected = log_det_by_jacobian(lambda v: module.apply(variables, v)[0], x)
+  np.testing.assert_allclose(log_det, expected, rtol=1e-4, atol=2e-3)
+
+
+def test_squeeze_switch_and_transition_invert():
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 4, 3))
+  np.testing.assert_array_equal(db.unsqueeze2d(db.squeeze2d(x)), x)
+  # The authors' channel order: out channel 4 c + 2 i + j holds x[2h + i, 2w + j, c].
+  z = db.squeeze2d(x)
+  np.testing.assert_array_equal(z[:, 0, 0, 4 * 2 + 2 * 1 + 0], x[:, 1, 0, 2])
+  for c in (4, 5):
+    v = jnp.arange(c, dtype=jnp.float32)[None, None, None]
+    np.testing.assert_array_equal(db.switch_channels(db.switch_channels(v), reverse=True), v)
+  module = Transition(12, reduction=4)
+  variables = module.init(jax.random.PRNGKey(1), x)
+  kept, factored, log_prior, reg = jax.jit(module.apply)(variables, x)
+  assert kept.shape == factored.shape == (2, 2, 2, 6)
+  np.testing.assert_allclose(log_prior, db.std_normal_log_prob(factored), rtol=1e-6)
+  assert reg.shape == (2,)
+  np.testing.assert_allclose(module.apply(variables, kept, factored, method="inverse"), x)
+
+
+def test_variational_dequantizer_log_q_is_a_change_of_variables():
+  """log q(u | x) = log N(eps) - log |det du / deps| for the map eps -> u (a bijection)."""
+  module = VariationalDequantizer(n_bits=5, num_steps=1, context_channels=4, mid_channels=4,
+                                  depth=1, growth=4, context_growth=4, context_depth=1)
+  x = jax.random.randint(jax.random.PRNGKey(0), (2, 4, 4, 1), 0, 32).astype(jnp.uint8)
+  eps = jax.random.normal(jax.random.PRNGKey(1), (2, 2, 2, 4))
+  variables = module.init(jax.random.PRNGKey(2), x, eps)
+  variables = {"params": randomise(variables["params"], scale=0.2)}
+  u, log_q = jax.jit(module.apply)(variables, x, eps)
+  assert bool(jnp.all((u > 0) & (u < 1)))
+  log_det = log_det_by_jacobian(lambda e: module.apply(variables, x, e)[0], eps)
+  np.testing.assert_allclose(log_q, db.std_normal_log_prob(eps) - log_det, rtol=1e-4, atol=2e-3)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  """The 3-scale parity model with the authors' (random) weights: no init to compile."""
+  from test_denseflow_parity import config_from_fixture, load_case
+
+  from eiw_flow_jax import convert
+
+  data, cfg, weights = load_case("denseflow_eiw_3scale")
+  config = config_from_fixture(cfg)
+  flow = build_flow(config)
+  variables = jax.tree.map(jnp.asarray, convert.convert_state_dict(weights, flow))
+  x = jnp.asarray(np.transpose(data["inputs/x"], (0, 2, 3, 1)))
+  return flow, variables, x, config
+
+
+def test_tiny_denseflow_round_trips_through_the_flow_api(tiny):
+  flow, variables, x, _ = tiny
+  assert isinstance(flow, DenseFlow) and flow.backbone == "denseflow"
+
+  @jax.jit
+  def round_trip(v, x, rng):
+    y = flow.dequantize(x, rng, variables=v)
+    latents = flow.encode(v, y, rng)
+    return y, latents, flow.decode(v, latents), flow.shuffle_stats(v, y)
+
+  y, latents, back, stats = round_trip(variables, x, jax.random.PRNGKey(2))
+  assert bool(jnp.all(flow.quantize(y) == x))
+  assert [tuple(z.shape[1:]) for z in latents] == flow.latent_shapes
+  np.testing.assert_allclose(back, y, atol=1e-5)
+  assert len(stats) == 2
+  assert set(stats[0]) >= {"g_entropy", "mean_s_entropy", "regularizer", "kept_channels"}
+  samples = jax.jit(lambda v, r: flow.sample(v, r, 3, temperature=0.7))(
+      variables, jax.random.PRNGKey(4))
+  assert samples.shape == (3, *flow.image_shape) and samples.dtype == jnp.uint8
+
+
+def test_tiny_denseflow_elbo_iwbo_and_injected_noise(tiny):
+  flow, variables, x, _ = tiny
+  noise = flow.draw_noise(jax.random.PRNGKey(5), x.shape[0])
+
+  @jax.jit
+  def fn(v, x, n, rng):
+    return flow.elbo_terms(v, x, noise=n), flow.iwbo_bpd(v, x, rng, 4, 2)
+
+  a, iwbo = fn(variables, x, noise, jax.random.PRNGKey(6))
+  total = a["dequant_log_det"] - a["dequant_log_q"] + a["log_det"] + a["log_prior"]
+  np.testing.assert_allclose(a["elbo"], total, rtol=1e-6)
+  np.testing.assert_allclose(a["bpd"], -a["elbo"] / (flow.num_dims * math.log(2.0)), rtol=1e-6)
+  assert iwbo.shape == (x.shape[0],) and bool(jnp.all(jnp.isfinite(iwbo)))
+  with pytest.raises(ValueError, match="noise: expected shapes"):
+    flow.elbo_terms(variables, x, noise={"dequant": noise["dequant"], "augment": []})
+  with pytest.raises(ValueError, match="multiple of chunk"):
+    flow.iwbo_bpd(variables, x, jax.random.PRNGKey(0), 5, 2)
+
+
+@pytest.mark.parametrize("name", DENSEFLOW_CONFIGS)
+def test_denseflow_configs_are_df_74_10_with_the_recipe(name):
+  config = load_config(name)
+  assert set(config.keys()) == set(config_lib.base_config().keys())
+  config_lib.validate_config(config, num_devices=8, num_processes=1)
+  m = config.model
+  assert m.backbone == "denseflow" and m.split == "eiw" and m.eiw.regularizer == "literal"
+  assert tuple(m.denseflow.block_conf) == (6, 4, 1)
+  assert tuple(m.denseflow.layers_conf) == (5, 6, 20)
+  assert tuple(m.denseflow.layer_mid_chnls) == (48, 48, 48)
+  assert m.denseflow.growth_rate == 10
+  assert config.optimizer.name == "adamax" and config.optimizer.learning_rate == 1e-3
+  assert config.optimizer.warmup_steps == 5000 and config.optimizer.decay_rate < 1
+  assert config.eval.iwbo_samples == (1000 if name.startswith("cifar10") else 200)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("backbone", "resnet", "model.backbone must be one of"),
+    ("denseflow__layers_conf", (5, 6), "one entry per dense block"),
+    ("denseflow__block_conf", (0, 4, 1), "block_conf must be a non-empty list of ints >= 1"),
+    ("denseflow__growth_rate", 0, "growth_rate must be an int >= 1"),
+    ("denseflow__layer_mid_chnls", (1, 48, 48), "layer_mid_chnls must be >= 2"),
+    ("image_shape", (8, 8, 3), "Nystrom attention needs a multiple of its 4 landmarks"),
+    ("image_shape", (12, 12, 3), "divisible by 2\\*\\*len\\(block_conf\\) = 8"),
+    ("eiw__mode", "per_example", "eiw.mode must be 'global' with the denseflow backbone"),
+    ("memory", "invert", "supported for the glow backbone only"),
+])
+def test_bad_denseflow_configs_fail_clearly(field, value, match):
+  config = load_config("cifar10_denseflow")
+  node = config.model
+  *parents, leaf = field.split("__")
+  for parent in parents:
+    node = node[parent]
+  node[leaf] = value
+  with pytest.raises(config_lib.ConfigError, match=match):
+    config_lib.validate_config(config)
+
+
+def test_iwbo_needs_denseflow_and_optimizer_fields_are_checked():
+  config = load_config("digits")
+  config.eval.iwbo_samples = 10
+  with pytest.raises(config_lib.ConfigError, match="iwbo_samples > 0 needs"):
+    config_lib.validate_config(config)
+  config = load_config("cifar10_denseflow")
+  config.optimizer.name = "sgd"
+  with pytest.raises(config_lib.ConfigError, match="optimizer.name must be one of"):
+    config_lib.validate_config(config)
+  config = load_config("cifar10_denseflow")
+  config.optimizer.decay_rate = 1.5
+  with pytest.raises(config_lib.ConfigError, match="decay_rate must be in"):
+    config_lib.validate_config(config)
+
+
+@pytest.mark.slow
+def test_remat_per_unit_computes_the_same_training_objective(tiny):
+  """model.memory = "remat" wraps each unit in nn.remat: same parameters, same numbers (also
+  with BatchNorm in training mode updating its running statistics inside the remat)."""
+  flow, variables, x, config = tiny
+  config = config.copy_and_resolve_references()
+  config.model.memory = "remat"
+  remat_flow = build_flow(config)
+  noise = flow.draw_noise(jax.random.PRNGKey(7), x.shape[0])
+
+  def objective(f):
+    return jax.jit(lambda v, x, n: f.elbo_terms(v, x, noise=n, train=True))(variables, x, noise)
+
+  a, b = objective(flow), objective(remat_flow)
+  np.testing.assert_allclose(a["elbo"], b["elbo"], rtol=1e-5)
+  jax.tree.map(lambda p, q: np.testing.assert_allclose(p, q, rtol=1e-5, atol=1e-6),
+               a["constants"], b["constants"])
+  # The running statistics moved: training-mode BatchNorm updated them.
+  before = jax.tree.leaves(variables["constants"])
+  assert any(not np.allclose(p, q) for p, q in zip(before, jax.tree.leaves(a["constants"])))
+
+
+def test_adamax_with_warmup_and_per_epoch_decay():
+  from eiw_flow_jax import train
+
+  config = load_config("cifar10_denseflow")
+  schedule = train.make_schedule(config)
+  epoch = config.optimizer.steps_per_epoch
+  assert epoch == 782  # int(50000 / 64) + 1, as the authors count an epoch's iterations
+  np.testing.assert_allclose(schedule(4999), 1e-3 * 0.9975**6, rtol=1e-5)  # warmup done
+  np.testing.assert_allclose(schedule(10 * epoch + 3), 1e-3 * 0.9975**10, rtol=1e-5)
+  np.testing.assert_allclose(schedule(0), 1e-3 / 5000, rtol=1e-5)
+  tx = train.make_optimizer(config)
+  params = {"w": jnp.ones(3)}
+  updates, _ = tx.update({"w": jnp.array([1.0, -2.0, 0.0])}, tx.init(params), params)
+  # Adamax's first step is -lr * sign(g) (infinity norm), whatever the gradient's size.
+  np.testing.assert_allclose(updates["w"], [-1e-3 / 5000, 1e-3 / 5000, 0.0], rtol=1e-4)
