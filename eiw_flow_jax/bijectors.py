@@ -203,6 +203,26 @@ class ZeroConv(nn.Module):
     return h.astype(jnp.float32) * jnp.exp(logs * self.logscale_factor)
 
 
+class Conv1x1(nn.Module):
+  """A bias-free 1x1 convolution computed as a matmul over channels.
+
+  Same parameter as `nn.Conv(features, (1, 1), use_bias=False)` (kernel (1, 1, in, out), same
+  initialiser), so checkpoints are interchangeable; on XLA:CPU the dot is about 3x faster than
+  the convolution for the coupling network's 1x1 layer (forward + backward, see
+  docs/benchmarks.md).
+  """
+
+  features: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    kernel = self.param(
+        "kernel", nn.initializers.lecun_normal(), (1, 1, x.shape[-1], self.features)
+    )
+    return jnp.einsum("bhwc,cd->bhwd", x.astype(self.dtype), kernel[0, 0].astype(self.dtype))
+
+
 class CouplingNet(nn.Module):
   """Glow's coupling network.
 
@@ -222,7 +242,7 @@ class CouplingNet(nn.Module):
     x = x.astype(self.dtype)
     h = nn.Conv(self.hidden, (3, 3), padding="SAME", use_bias=False, dtype=self.dtype)(x)
     h = nn.relu(ActNorm()(h)[0])
-    h = nn.Conv(self.hidden, (1, 1), padding="SAME", use_bias=False, dtype=self.dtype)(h)
+    h = Conv1x1(self.hidden, self.dtype, name="Conv_1")(h)
     h = nn.relu(ActNorm()(h)[0])
     return ZeroConv(self.out_channels, dtype=self.dtype)(h)
 

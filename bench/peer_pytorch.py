@@ -1,0 +1,354 @@
+"""Benchmark against PyTorch: one Glow training step (forward, backward, Adam) in three peers.
+
+- `jax`: this project's train step (`train.make_train_step`: loss, gradient, clipping, Adam,
+  EMA, non-finite guard), vanilla split.
+- `torch`: the same Glow written plainly in PyTorch below (ActNorm with data-dependent init,
+  LU-parameterised invertible 1x1 convolution, affine coupling with Glow's network
+  conv3x3-ActNorm-ReLU-conv1x1-ActNorm-ReLU-zero conv3x3 and sigmoid(raw + 2) scale, squeeze,
+  split with a learned conditional Gaussian prior, learned top prior), Adam.
+- `normflows`: normflows' `GlowBlock`s in a `MultiscaleFlow` built to the same L, K, width
+  (LU, affine, sigmoid scale, ActNorm in the coupling network) with `GlowBase` priors (a learned
+  per-channel Gaussian, not conditioned on the kept half), Adam.
+
+Each peer runs in its own process, builds and warms up (JAX compiles), then the parent asks
+them for one step in turn, round after round (interleaved, so machine load hits all alike),
+and prints min and median ms/step with ratios to the JAX step, the JAX step's FLOPs (XLA cost
+analysis), its achieved GFLOP/s and the GFLOP/s of a large float32 matmul through JAX.
+
+torch and normflows are benchmark-only extras: `pip install -e .[bench]`.
+
+  python bench/peer_pytorch.py                    # 32x32x3, L=3, K=8, width 256, batch 16
+  python bench/peer_pytorch.py --rounds=10 --peers=jax,torch
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+from absl import app, flags
+
+flags.DEFINE_integer("batch", 16, "Batch size.")
+flags.DEFINE_integer("image_size", 32, "Image height and width.")
+flags.DEFINE_integer("channels", 3, "Image channels.")
+flags.DEFINE_integer("num_levels", 3, "Levels L.")
+flags.DEFINE_integer("steps_per_level", 8, "Steps K per level.")
+flags.DEFINE_integer("hidden", 256, "Coupling network width.")
+flags.DEFINE_integer("rounds", 7, "Interleaved timed rounds.")
+flags.DEFINE_list("peers", ["jax", "torch", "normflows"], "Peers to run.")
+flags.DEFINE_string("worker", "", "Internal: run as the worker for this peer.")
+FLAGS = flags.FLAGS
+
+
+def _images() -> np.ndarray:
+  rng = np.random.RandomState(0)
+  shape = (FLAGS.batch, FLAGS.image_size, FLAGS.image_size, FLAGS.channels)
+  return rng.randint(0, 256, shape).astype(np.uint8)
+
+
+# ---- peers: each returns (step function, info dict) -------------------------------------------
+
+
+def _jax_peer():
+  import jax
+  import jax.numpy as jnp
+
+  from eiw_flow_jax import train
+  from eiw_flow_jax.config_lib import base_config
+
+  config = base_config()
+  m = config.model
+  m.image_shape = (FLAGS.image_size, FLAGS.image_size, FLAGS.channels)
+  m.num_levels, m.steps_per_level, m.hidden_channels = (
+      FLAGS.num_levels, FLAGS.steps_per_level, FLAGS.hidden)
+  m.split = "vanilla"
+  config.batch_size = FLAGS.batch
+  mesh = train.make_mesh(jax.devices()[:1])
+  flow, tx = train.build_flow(config), train.make_optimizer(config)
+  images = _images()
+  state = train.create_state(config, flow, tx, mesh, images)
+  step = train.make_train_step(config, flow, tx, mesh)
+  batch = train.global_batch(images, train.batch_sharding(mesh))
+  compiled = step.lower(state, batch).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  holder = {"state": state}
+
+  def run():
+    holder["state"], metrics = step(holder["state"], batch)
+    jax.block_until_ready(metrics["loss"])
+
+  def matmul_gflops(n: int = 2048, reps: int = 5) -> float:
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda a: a @ a)
+    f(a).block_until_ready()
+    best = math.inf
+    for _ in range(reps):
+      start = time.perf_counter()
+      f(a).block_until_ready()
+      best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+  return run, {"flops": float(cost.get("flops", 0.0)), "matmul": matmul_gflops}
+
+
+def _torch_glow():
+  import torch
+  from torch import nn
+  from torch.nn import functional as F
+
+  class ActNorm(nn.Module):
+    def __init__(self, c):
+      super().__init__()
+      self.bias = nn.Parameter(torch.zeros(1, c, 1, 1))
+      self.logs = nn.Parameter(torch.zeros(1, c, 1, 1))
+      self.initialised = False
+
+    def forward(self, x):
+      if not self.initialised:
+        with torch.no_grad():
+          self.bias.copy_(-x.mean(dim=(0, 2, 3), keepdim=True))
+          self.logs.copy_(-torch.log(x.std(dim=(0, 2, 3), keepdim=True) + 1e-6))
+        self.initialised = True
+      return (x + self.bias) * torch.exp(self.logs), x.shape[2] * x.shape[3] * self.logs.sum()
+
+  class InvConv(nn.Module):
+    def __init__(self, c):
+      super().__init__()
+      w = torch.linalg.qr(torch.randn(c, c))[0]
+      p, lower, upper = torch.linalg.lu(w)
+      s = torch.diag(upper)
+      self.register_buffer("p", p)
+      self.register_buffer("sign", torch.sign(s))
+      self.register_buffer("mask", torch.tril(torch.ones(c, c), -1))
+      self.register_buffer("eye", torch.eye(c))
+      self.lower = nn.Parameter(lower)
+      self.upper = nn.Parameter(torch.triu(upper, 1))
+      self.log_s = nn.Parameter(torch.log(torch.abs(s)))
+
+    def forward(self, x):
+      lower = self.lower * self.mask + self.eye
+      upper = self.upper * self.mask.T + torch.diag(self.sign * torch.exp(self.log_s))
+      w = self.p @ lower @ upper
+      y = F.conv2d(x, w.view(*w.shape, 1, 1))
+      return y, x.shape[2] * x.shape[3] * self.log_s.sum()
+
+  class ZeroConv(nn.Module):
+    def __init__(self, cin, cout):
+      super().__init__()
+      self.conv = nn.Conv2d(cin, cout, 3, padding=1)
+      nn.init.zeros_(self.conv.weight)
+      nn.init.zeros_(self.conv.bias)
+      self.logs = nn.Parameter(torch.zeros(1, cout, 1, 1))
+
+    def forward(self, x):
+      return self.conv(x) * torch.exp(3.0 * self.logs)
+
+  class Coupling(nn.Module):
+    def __init__(self, c, hidden):
+      super().__init__()
+      self.half = c // 2
+      self.conv1 = nn.Conv2d(self.half, hidden, 3, padding=1, bias=False)
+      self.norm1 = ActNorm(hidden)
+      self.conv2 = nn.Conv2d(hidden, hidden, 1, bias=False)
+      self.norm2 = ActNorm(hidden)
+      self.out = ZeroConv(hidden, 2 * (c - self.half))
+
+    def forward(self, x):
+      xa, xb = x[:, : self.half], x[:, self.half :]
+      h = F.relu(self.norm1(self.conv1(xa))[0])
+      h = F.relu(self.norm2(self.conv2(h))[0])
+      h = self.out(h)
+      shift, raw = h[:, 0::2], h[:, 1::2]
+      log_scale = F.logsigmoid(raw + 2.0)
+      yb = (xb + shift) * torch.exp(log_scale)
+      return torch.cat([xa, yb], 1), log_scale.flatten(1).sum(1)
+
+  def squeeze(x):
+    b, c, h, w = x.shape
+    x = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4)
+    return x.reshape(b, 4 * c, h // 2, w // 2)
+
+  def gaussian(z, mean, logs):
+    return (-0.5 * math.log(2 * math.pi) - logs - 0.5 * ((z - mean) * torch.exp(-logs)) ** 2
+            ).flatten(1).sum(1)
+
+  class Glow(nn.Module):
+    def __init__(self, channels, size, levels, k, hidden):
+      super().__init__()
+      self.levels = nn.ModuleList()
+      self.priors = nn.ModuleList()
+      c = channels
+      for level in range(levels):
+        c, size = 4 * c, size // 2
+        steps = nn.ModuleList()
+        for _ in range(k):
+          steps.append(nn.ModuleList([ActNorm(c), InvConv(c), Coupling(c, hidden)]))
+        self.levels.append(steps)
+        if level < levels - 1:
+          self.priors.append(ZeroConv(c // 2, 2 * (c - c // 2)))
+          c = c // 2
+      self.top = nn.Parameter(torch.zeros(1, 2 * c, size, size))
+
+    def log_prob(self, x):
+      log_det = torch.zeros(x.shape[0])
+      log_prior = torch.zeros(x.shape[0])
+      h = x
+      for level, steps in enumerate(self.levels):
+        h = squeeze(h)
+        for step in steps:
+          for layer in step:
+            h, ld = layer(h)
+            log_det = log_det + ld
+        if level < len(self.priors):
+          half = h.shape[1] // 2
+          kept, factored = h[:, :half], h[:, half:]
+          p = self.priors[level](kept)
+          log_prior = log_prior + gaussian(factored, p[:, 0::2], p[:, 1::2])
+          h = kept
+      mean, logs = self.top[:, 0::2], self.top[:, 1::2]
+      return log_prior + gaussian(h, mean, logs) + log_det
+
+  return Glow
+
+
+def _bpd_loss(log_prob, dims: int):
+  return -(log_prob - dims * math.log(256.0)).mean() / (dims * math.log(2.0))
+
+
+def _torch_peer(kind: str):
+  import torch
+
+  torch.manual_seed(0)
+  x = torch.from_numpy(_images()).permute(0, 3, 1, 2).float()
+  dims = x[0].numel()
+
+  def dequantize():
+    return (x + torch.rand_like(x)) / 256.0 - 0.5
+
+  if kind == "torch":
+    glow = _torch_glow()(FLAGS.channels, FLAGS.image_size, FLAGS.num_levels,
+                         FLAGS.steps_per_level, FLAGS.hidden)
+    with torch.no_grad():
+      glow.log_prob(dequantize())  # data-dependent ActNorm init
+    log_prob = glow.log_prob
+    model = glow
+  else:
+    import normflows as nf
+
+    levels, k = FLAGS.num_levels, FLAGS.steps_per_level
+    c, size = FLAGS.channels, FLAGS.image_size
+    q0, merges, flows = [], [], []
+    for i in range(levels):  # i = 0 is the coarsest level, as in normflows' Glow example
+      level_flows = [nf.flows.GlowBlock(c * 2 ** (levels + 1 - i), FLAGS.hidden,
+                                        split_mode="channel", scale=True, net_actnorm=True)
+                     for _ in range(k)]
+      flows.append(level_flows + [nf.flows.Squeeze()])
+      if i > 0:
+        merges.append(nf.flows.Merge())
+        shape = (c * 2 ** (levels - i), size // 2 ** (levels - i), size // 2 ** (levels - i))
+      else:
+        shape = (c * 2 ** (levels + 1), size // 2**levels, size // 2**levels)
+      q0.append(nf.distributions.GlowBase(shape))
+    model = nf.MultiscaleFlow(q0, flows, merges, class_cond=False)
+    with torch.no_grad():
+      model.log_prob(dequantize(), None)  # data-dependent ActNorm init
+
+    def log_prob(z):
+      return model.log_prob(z, None)
+  optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+  def run():
+    optimizer.zero_grad(set_to_none=True)
+    loss = _bpd_loss(log_prob(dequantize()), dims)
+    loss.backward()
+    optimizer.step()
+    if not math.isfinite(float(loss.detach())):
+      raise FloatingPointError(f"{kind}: non-finite loss")
+
+  return run, {"threads": torch.get_num_threads()}
+
+
+def worker(kind: str) -> None:
+  run, info = _jax_peer() if kind == "jax" else _torch_peer(kind)
+  for _ in range(2):
+    run()
+  matmul = info.pop("matmul", None)
+  print(json.dumps({"ready": kind, **info}), flush=True)
+  for line in sys.stdin:
+    command = line.strip()
+    if command == "step":
+      start = time.perf_counter()
+      run()
+      print(json.dumps({"seconds": time.perf_counter() - start}), flush=True)
+    elif command == "matmul" and matmul is not None:
+      print(json.dumps({"gflops": matmul()}), flush=True)
+    elif command == "quit":
+      break
+
+
+def main(argv):
+  del argv
+  if FLAGS.worker:
+    worker(FLAGS.worker)
+    return
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {**os.environ, "PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", "")}
+  passed = [f"--{name}={getattr(FLAGS, name)}" for name in
+            ("batch", "image_size", "channels", "num_levels", "steps_per_level", "hidden")]
+  procs, infos = {}, {}
+  for peer in FLAGS.peers:  # started one after the other: warm-up (compiling) does not overlap
+    proc = subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__), f"--worker={peer}", *passed],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=repo,
+    )
+    while True:
+      line = proc.stdout.readline()
+      if not line:
+        raise RuntimeError(f"peer {peer} exited during start-up (rc {proc.wait()})")
+      if line.startswith("{"):
+        infos[peer] = json.loads(line)
+        break
+    procs[peer] = proc
+
+  def ask(peer: str, command: str) -> dict:
+    procs[peer].stdin.write(command + "\n")
+    procs[peer].stdin.flush()
+    return json.loads(procs[peer].stdout.readline())
+
+  times = {peer: [] for peer in procs}
+  for _ in range(FLAGS.rounds):
+    for peer in procs:
+      times[peer].append(ask(peer, "step")["seconds"])
+  matmul = ask("jax", "matmul")["gflops"] if "jax" in procs else None
+  for proc in procs.values():
+    proc.stdin.write("quit\n")
+    proc.stdin.flush()
+    proc.wait()
+
+  print(f"{FLAGS.image_size}x{FLAGS.image_size}x{FLAGS.channels}, L={FLAGS.num_levels}, "
+        f"K={FLAGS.steps_per_level}, width {FLAGS.hidden}, batch {FLAGS.batch}; "
+        f"{FLAGS.rounds} interleaved rounds, {os.cpu_count()} CPU cores\n")
+  ref = "jax" if "jax" in times else next(iter(times))
+  med0, min0 = np.median(times[ref]), np.min(times[ref])
+  print(f"| peer | median ms | min ms | speed of {ref} vs peer (median) | (min) |")
+  print("| --- | --- | --- | --- | --- |")
+  for peer, t in times.items():
+    print(f"| {peer} | {1e3 * np.median(t):.0f} | {1e3 * np.min(t):.0f} | "
+          f"{np.median(t) / med0:.2f}x | {np.min(t) / min0:.2f}x |")
+  if "jax" in infos:
+    flops = infos["jax"]["flops"]
+    print(f"\nJAX step: {flops / 1e9:.1f} GFLOP (XLA cost analysis); "
+          f"{flops / np.min(times['jax']) / 1e9:.1f} GFLOP/s at the min time, "
+          f"{flops / np.median(times['jax']) / 1e9:.1f} at the median; a 2048^2 float32 matmul "
+          f"through JAX: {matmul:.1f} GFLOP/s (achieved fraction "
+          f"{flops / np.min(times['jax']) / 1e9 / matmul:.0%}).")
+
+
+if __name__ == "__main__":
+  app.run(main)
