@@ -253,6 +253,10 @@ def validate_denseflow_config(model: ml_collections.ConfigDict) -> None:
   _require(memory in DENSEFLOW_MEMORY,
            f"model.memory={memory!r} is not supported by the denseflow backbone: expected one "
            f"of {DENSEFLOW_MEMORY} ('invert' is supported for the glow backbone only).")
+  dtype = model.get("dtype", "float32")
+  _require(dtype == "float32",
+           f"model.dtype={dtype!r} is not supported by the denseflow backbone: expected "
+           "'float32' (mixed precision is implemented for the glow backbone's coupling networks).")
 
 
 def validate_model_config(model: ml_collections.ConfigDict) -> None:
