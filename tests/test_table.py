@@ -164,3 +164,25 @@ def test_command_line(runs, tmp_path):
                           timeout=120)
   assert result.returncode == 1 and result.stderr.startswith("error: No readable results.json")
   assert "Traceback" not in result.stderr
+
+
+def test_denseflow_rows_compare_the_iwbo_when_evaluated(tmp_path):
+  """DenseFlow's bpd is a bound: the IWBO (what the papers report) is compared when present."""
+  common = {"dataset": "cifar10", "split": "eiw", "eiw_mode": "global", "step": 10,
+            "n_bits": 8, "image_shape": [32, 32, 3], "backbone": "denseflow"}
+  with_iwbo = tmp_path / "with_iwbo"
+  with_iwbo.mkdir()
+  (with_iwbo / "results.json").write_text(json.dumps(
+      {**common, "bpd": 3.10, "elbo_bpd": 3.10, "iwbo_bpd": 3.05, "iwbo_k": 1000}))
+  elbo_only = tmp_path / "elbo_only"
+  elbo_only.mkdir()
+  (elbo_only / "results.json").write_text(json.dumps({**common, "bpd": 3.20, "elbo_bpd": 3.20}))
+  rows, warnings = table.collect([str(with_iwbo), str(elbo_only)])
+  assert not warnings
+  by_dir = {os.path.basename(r["workdir"]): r for r in rows}
+  assert by_dir["with_iwbo"]["bpd"] == pytest.approx(3.05)
+  assert by_dir["with_iwbo"]["measure"] == "IWBO k=1000"
+  assert by_dir["with_iwbo"]["gap"]["DenseFlow"] == pytest.approx(3.05 - 2.98)
+  assert by_dir["elbo_only"]["bpd"] == pytest.approx(3.20)
+  assert by_dir["elbo_only"]["measure"] == "ELBO"
+  assert "IWBO k=1000" in table.markdown(rows)
