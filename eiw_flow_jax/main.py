@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging as py_logging
 import os
+import re
 import sys
 
 import jax
@@ -148,6 +149,19 @@ def _fail(message: str, code: int = 1) -> None:
   sys.exit(code)
 
 
+def _unknown_field(error: Exception) -> tuple[str, str]:
+  """(field name, ', did you mean ...' or '') from ml_collections' error for an unknown field."""
+  message = error.args[0] if error.args else error
+  if isinstance(message, BaseException):  # AttributeError wrapping the KeyError
+    message = message.args[0] if message.args else str(message)
+  message = str(message)
+  first = message.splitlines()[0] if message else ""
+  quoted = re.search(r'Key "([^"]+)"', first) or re.search(r"'([^']+)'", first)
+  name = quoted.group(1) if quoted else first.strip("\"'")
+  suggestion = re.search(r'Did you mean "([^"]+)"', message)
+  return name, f"; did you mean {suggestion.group(1)!r}?" if suggestion else ""
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's parsing, but a bad --config path or an unknown --config.<field> is one line."""
   try:
@@ -155,12 +169,12 @@ def parse_flags(argv: list[str]) -> list[str]:
   except flags.Error as e:
     _fail(f"error: {e}\nPass --help for the flags.")
   except (AttributeError, KeyError) as e:  # --config.<field> names no field
-    name = str(e).strip("\"'")
+    name, hint = _unknown_field(e)
     bad = [a.split("=", 1)[0] for a in argv if a.startswith("--config.") and name in a]
     shown = bad[0] if bad else f"--config.*{name}"
     _fail(
-        f"error: ConfigError: {shown} names no config field ({name!r} is unknown). The fields "
-        "are those of eiw_flow_jax/config_lib.py:base_config and the config file."
+        f"error: ConfigError: {shown} names no config field ({name!r} is unknown{hint}). The "
+        "fields are those of eiw_flow_jax/config_lib.py:base_config and the config file."
     )
   except OSError as e:  # the config file itself
     _fail(f"error: ConfigError: cannot load --config: {str(e).splitlines()[0]}")

@@ -429,7 +429,10 @@ def test_nonfinite_message_without_a_checkpoint(tmp_path, data_dir):
 
 CLI_ERRORS = {
     "unknown_field": (["--config.model.memroy=3"],
-                      "--config.model.memroy names no config field ('memroy' is unknown)"),
+                      "--config.model.memroy names no config field ('memroy' is unknown; did you "
+                      "mean 'memory'?)"),
+    "unknown_field_no_hint": (["--config.model.zzqqxx=3"],
+                              "--config.model.zzqqxx names no config field ('zzqqxx' is unknown)"),
     "missing_config": (["--config=configs/nonexistent.py"],
                        "cannot load --config=configs/nonexistent.py"),
     "empty_workdir": (["--workdir="], "--workdir must name a directory, got ''"),
