@@ -19,6 +19,7 @@ torch and normflows are benchmark-only extras: `pip install -e .[bench]`.
 
   python bench/peer_pytorch.py                    # 32x32x3, L=3, K=8, width 256, batch 16
   python bench/peer_pytorch.py --rounds=10 --peers=jax,torch
+  python bench/peer_pytorch.py --peers=jax --xla_variant=onednn=--xla_cpu_use_onednn=true
 """
 
 from __future__ import annotations
@@ -41,6 +42,14 @@ flags.DEFINE_integer("steps_per_level", 8, "Steps K per level.")
 flags.DEFINE_integer("hidden", 256, "Coupling network width.")
 flags.DEFINE_integer("rounds", 7, "Interleaved timed rounds.")
 flags.DEFINE_list("peers", ["jax", "torch", "normflows"], "Peers to run.")
+flags.DEFINE_multi_string(
+    "xla_variant", [],
+    "Extra JAX peers run with other XLA flags, as NAME=FLAGS (e.g. "
+    "onednn=--xla_cpu_use_onednn=true); each is timed as peer jax[NAME] in its own process.")
+flags.DEFINE_float(
+    "pause_s", 0.3,
+    "Idle seconds before each timed step, so that the previous peer's spinning worker threads "
+    "(OpenMP, XLA's pool) have gone to sleep and do not steal the cores.")
 flags.DEFINE_string("worker", "", "Internal: run as the worker for this peer.")
 FLAGS = flags.FLAGS
 
@@ -275,7 +284,7 @@ def _torch_peer(kind: str):
 
 
 def worker(kind: str) -> None:
-  run, info = _jax_peer() if kind == "jax" else _torch_peer(kind)
+  run, info = _jax_peer() if kind.startswith("jax") else _torch_peer(kind)
   for _ in range(2):
     run()
   matmul = info.pop("matmul", None)
@@ -301,11 +310,19 @@ def main(argv):
   env = {**os.environ, "PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", "")}
   passed = [f"--{name}={getattr(FLAGS, name)}" for name in
             ("batch", "image_size", "channels", "num_levels", "steps_per_level", "hidden")]
+  peer_env = {peer: env for peer in FLAGS.peers}
+  for variant in FLAGS.xla_variant:
+    name, sep, xla_flags = variant.partition("=")
+    if not sep or not name:
+      raise app.UsageError(f"--xla_variant: expected NAME=FLAGS, got {variant!r}.")
+    peer_env[f"jax[{name}]"] = {
+        **env, "XLA_FLAGS": (env.get("XLA_FLAGS", "") + " " + xla_flags).strip()}
   procs, infos = {}, {}
-  for peer in FLAGS.peers:  # started one after the other: warm-up (compiling) does not overlap
+  for peer, peer_environ in peer_env.items():
+    # Started one after the other: warm-up (compiling) does not overlap.
     proc = subprocess.Popen(
         [sys.executable, os.path.abspath(__file__), f"--worker={peer}", *passed],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=repo,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=peer_environ, cwd=repo,
     )
     while True:
       line = proc.stdout.readline()
@@ -324,6 +341,7 @@ def main(argv):
   times = {peer: [] for peer in procs}
   for _ in range(FLAGS.rounds):
     for peer in procs:
+      time.sleep(FLAGS.pause_s)
       times[peer].append(ask(peer, "step")["seconds"])
   matmul = ask("jax", "matmul")["gflops"] if "jax" in procs else None
   for proc in procs.values():
@@ -333,7 +351,8 @@ def main(argv):
 
   print(f"{FLAGS.image_size}x{FLAGS.image_size}x{FLAGS.channels}, L={FLAGS.num_levels}, "
         f"K={FLAGS.steps_per_level}, width {FLAGS.hidden}, batch {FLAGS.batch}; "
-        f"{FLAGS.rounds} interleaved rounds, {os.cpu_count()} CPU cores\n")
+        f"{FLAGS.rounds} interleaved rounds, {os.cpu_count()} CPU cores, load average "
+        f"{os.getloadavg()[0]:.1f} at the end\n")
   ref = "jax" if "jax" in times else next(iter(times))
   med0, min0 = np.median(times[ref]), np.min(times[ref])
   print(f"| peer | median ms | min ms | speed of {ref} vs peer (median) | (min) |")

@@ -196,11 +196,17 @@ class ZeroConv(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    h = nn.Conv(
+    conv = nn.Conv(
         self.features, (3, 3), padding="SAME", kernel_init=nn.initializers.zeros, dtype=self.dtype
-    )(x)
+    )
     logs = self.param("logs", nn.initializers.zeros, (self.features,))
-    return h.astype(jnp.float32) * jnp.exp(logs * self.logscale_factor)
+    scale = jnp.exp(logs * self.logscale_factor)
+    if self.is_initializing():
+      return conv(x).astype(jnp.float32) * scale
+    # (conv(x, W) + b) * scale == conv(x, W * scale) + b * scale: one pass less over the output.
+    params = conv.variables["params"]
+    h = apply_conv(x, params["kernel"] * scale, self.dtype or jnp.result_type(x, jnp.float32))
+    return h.astype(jnp.float32) + params["bias"] * scale
 
 
 class Conv1x1(nn.Module):
@@ -217,16 +223,50 @@ class Conv1x1(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    kernel = self.param(
-        "kernel", nn.initializers.lecun_normal(), (1, 1, x.shape[-1], self.features)
+    return apply_conv(x, self.kernel(x.shape[-1]), self.dtype)
+
+  def kernel(self, in_channels: int) -> Array:
+    return self.param(
+        "kernel", nn.initializers.lecun_normal(), (1, 1, in_channels, self.features)
     )
-    return jnp.einsum("bhwc,cd->bhwd", x.astype(self.dtype), kernel[0, 0].astype(self.dtype))
+
+
+def apply_conv(x: Array, kernel: Array, dtype: Any) -> Array:
+  """SAME, stride-1, bias-free convolution of NHWC `x` by HWIO `kernel`, computed in `dtype`.
+
+  A 1x1 kernel is computed as a dot over channels (faster than lax.conv on XLA:CPU).
+  """
+  x, kernel = x.astype(dtype), kernel.astype(dtype)
+  if kernel.shape[:2] == (1, 1):
+    return jnp.einsum("bhwc,cd->bhwd", x, kernel[0, 0])
+  return jax.lax.conv_general_dilated(
+      x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
+
+
+def conv_actnorm_relu(conv: nn.Module, actnorm: ActNorm, x: Array, dtype: Any) -> Array:
+  """relu(ActNorm(conv(x))) with the ActNorm folded into the convolution.
+
+  (conv(x, W) + b) * exp(s) == conv(x, W * exp(s)) + b * exp(s) per output channel, so the
+  same parameters give the same function with one elementwise pass (bias, ReLU) instead of
+  three (bias, scale, ReLU), and the backward pass needs no reduction over pixels for s: the
+  scale's gradient comes from the kernel's. At `init` the layers run unfolded, because ActNorm's
+  data-dependent initialisation needs the convolution's output statistics.
+  """
+  if conv.is_initializing():
+    return nn.relu(actnorm(conv(x))[0])
+  kernel = conv.variables["params"]["kernel"]
+  bias, log_scale = actnorm.variables["params"]["bias"], actnorm.variables["params"]["log_scale"]
+  scale = jnp.exp(log_scale)
+  h = apply_conv(x, kernel * scale, dtype)
+  return nn.relu(h + (bias * scale).astype(h.dtype))
 
 
 class CouplingNet(nn.Module):
   """Glow's coupling network.
 
   conv3x3 -> ActNorm -> ReLU -> conv1x1 -> ActNorm -> ReLU -> zero-initialised conv3x3.
+  Each ActNorm is folded into the convolution before it (`conv_actnorm_relu`).
 
   `dtype` (mixed precision): the convolutions and activations compute in that dtype while the
   parameters stay float32; the output (shift and scale of the coupling) is float32, so the
@@ -240,10 +280,10 @@ class CouplingNet(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     x = x.astype(self.dtype)
-    h = nn.Conv(self.hidden, (3, 3), padding="SAME", use_bias=False, dtype=self.dtype)(x)
-    h = nn.relu(ActNorm()(h)[0])
-    h = Conv1x1(self.hidden, self.dtype, name="Conv_1")(h)
-    h = nn.relu(ActNorm()(h)[0])
+    conv0 = nn.Conv(self.hidden, (3, 3), padding="SAME", use_bias=False, dtype=self.dtype)
+    h = conv_actnorm_relu(conv0, ActNorm(), x, self.dtype)
+    h = conv_actnorm_relu(Conv1x1(self.hidden, self.dtype, name="Conv_1"), ActNorm(), h,
+                          self.dtype)
     return ZeroConv(self.out_channels, dtype=self.dtype)(h)
 
 
