@@ -263,14 +263,26 @@ def make_train_step(
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
     applied = state.step - state.nonfinite_total  # updates applied before this one
-    if use_ema:
-      decay = _ema_decay(config, applied)
-      ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
-    else:
-      ema = params
+
+    def apply_update(operands):
+      params, ema, opt_state = operands
+      updates, opt_state = tx.update(grads, opt_state, params)
+      params = optax.apply_updates(params, updates)
+      if use_ema:
+        decay = _ema_decay(config, applied)
+        ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
+      else:
+        ema = params
+      return params, ema, opt_state
+
+    # A branch, not a select per leaf: a non-finite step runs no update at all, and XLA can
+    # update the donated params, EMA and optimizer state in place (a select between new and old
+    # values forced a copy of every leaf, ~1000 small copies per step).
+    params, ema, opt_state = jax.lax.cond(
+        finite, apply_update, lambda operands: operands,
+        (state.params, state.ema_params, state.opt_state),
+    )
 
     def keep_if_finite(new, old):
       return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
@@ -282,9 +294,9 @@ def make_train_step(
     new_state = state.replace(
         constants=constants,
         step=state.step + 1,
-        params=keep_if_finite(params, state.params),
-        ema_params=keep_if_finite(ema, state.ema_params),
-        opt_state=keep_if_finite(opt_state, state.opt_state),
+        params=params,
+        ema_params=ema,
+        opt_state=opt_state,
         nonfinite_total=state.nonfinite_total + skipped,
         nonfinite_consecutive=jnp.where(finite, 0, state.nonfinite_consecutive + 1),
     )
