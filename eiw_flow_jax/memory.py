@@ -39,6 +39,7 @@ InverseFn = Callable[[Any, Array], Array]
 
 MEMORY_MODES = ("store", "remat", "invert")
 
+LOOP = "unrolled"  # experiment switch: "unrolled" | "scan"
 _lock = threading.Lock()
 drift_warnings: list[tuple[str, float]] = []  # (chain name, relative drift), appended on host
 
@@ -150,6 +151,99 @@ def _invert_chain(
   return chain
 
 
+def _after(x: Array, *deps: Any) -> Array:
+  """x, but as a value that XLA can only compute once every leaf of `deps` exists.
+
+  `lax.optimization_barrier` does not order anything on XLA:CPU (its expander pass replaces
+  the barrier by its operands before scheduling), so the dependency is made numerical: x plus
+  zero times a sum over the dependencies. XLA does not fold a float product with zero (NaN
+  semantics), so the scheduler must finish the dependencies first. Exact for finite
+  dependencies; a non-finite gradient makes x non-finite too (such a step is dropped anyway).
+  """
+  leaves = [leaf for leaf in jax.tree.leaves(deps) if leaf is not None]
+  if not leaves:
+    return x
+  total = sum(jnp.sum(leaf.astype(jnp.float32)) for leaf in leaves)
+  return x + (0.0 * total).astype(x.dtype)
+
+
+def _forward_loop(apply: StepFn, step_variables: list[Any], x: Array) -> tuple[Array, Array]:
+  log_det = jnp.zeros((x.shape[0],), jnp.float32)
+  for variables in step_variables:
+    x, step_log_det = apply(variables, x)
+    log_det = log_det + step_log_det
+  return x, log_det
+
+
+def _unrolled_chain(
+    mode: str, apply: StepFn, inverse: InverseFn, name: str, tolerance: float
+) -> Callable[[list[Any], list[Any], Array], tuple[Array, Array]]:
+  """custom_vjp function (params per step, constants per step, x) -> (y, log_det).
+
+  The backward pass is an unrolled Python loop over the steps in reverse. Step k's input
+  (stored: "remat"; or rebuilt from step k's output through the inverse: "invert") passes
+  through `lax.optimization_barrier` together with the cotangent from step k+1 and step k+1's
+  parameter gradients, so XLA can neither hoist step k's recomputation before step k+1's
+  backward nor defer step k+1's weight gradients: one step's internals are alive at a time.
+  """
+
+  def as_vars(p, c):
+    return {"params": p, "constants": c}
+
+  @jax.custom_vjp
+  def chain(params, constants, x):
+    return _forward_loop(apply, [as_vars(p, c) for p, c in zip(params, constants)], x)
+
+  def chain_fwd(params, constants, x):
+    if mode == "remat":
+      inputs, h = [], x
+      log_det = jnp.zeros((x.shape[0],), jnp.float32)
+      for p, c in zip(params, constants):
+        inputs.append(h)
+        h, step_log_det = apply(as_vars(p, c), h)
+        log_det = log_det + step_log_det
+      return (h, log_det), (params, constants, inputs)
+    y, log_det = chain(params, constants, x)
+    return (y, log_det), (params, constants, x, y)
+
+  def chain_bwd(residuals, cotangents):
+    gy, gld = cotangents
+    params, constants = residuals[:2]
+    count = len(params)
+    gps: list[Any] = [None] * count
+    g, out, later = gy, (residuals[3] if mode == "invert" else None), ()
+    for k in reversed(range(count)):
+      p, c = params[k], constants[k]
+      if mode == "invert":
+        h = jax.lax.stop_gradient(inverse(as_vars(p, c), _after(out, g, later)))
+      else:
+        h = _after(residuals[2][k], g, later)
+      _, vjp = jax.vjp(lambda p_, h_, c=c: apply(as_vars(p_, c), h_), p, h)
+      gps[k], g = vjp((g, gld))
+      later, out = gps[k], h
+    gx = g
+    zeros = [jax.tree.map(jnp.zeros_like, c) for c in constants]
+    if mode == "remat":
+      return gps, zeros, gx
+    x0 = residuals[2]
+    drift = relative_drift(out, x0)
+
+    def fallback(_):
+      jax.debug.callback(_warn_drift, name, drift, tolerance)
+      stacked = stack_trees([as_vars(p, c) for p, c in zip(params, constants)])
+      gvs, gx_exact = _exact_backward(apply, stacked, x0, gy, gld)
+      return unstack_tree(gvs["params"], count), gx_exact
+
+    def keep(_):
+      return gps, gx
+
+    gps, gx = jax.lax.cond(drift > tolerance, fallback, keep, None)
+    return gps, zeros, gx
+
+  chain.defvjp(chain_fwd, chain_bwd)
+  return chain
+
+
 def run_chain(
     mode: str,
     apply: StepFn,
@@ -168,11 +262,11 @@ def run_chain(
   if mode not in MEMORY_MODES:
     raise ValueError(f"memory mode must be one of {MEMORY_MODES}, got {mode!r}.")
   if mode == "store":
-    log_det = jnp.zeros((x.shape[0],), jnp.float32)
-    for variables in step_variables:
-      x, step_log_det = apply(variables, x)
-      log_det = log_det + step_log_det
-    return x, log_det
+    return _forward_loop(apply, step_variables, x)
+  if LOOP == "unrolled":
+    chain = _unrolled_chain(mode, apply, inverse, name, tolerance)
+    return chain([v["params"] for v in step_variables],
+                 [v["constants"] for v in step_variables], x)
   stacked = stack_trees([{"params": v["params"], "constants": v["constants"]}
                          for v in step_variables])
   if mode == "remat":
