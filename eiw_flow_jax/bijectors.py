@@ -255,6 +255,22 @@ def _split_halves(x: Array, name: str) -> tuple[Array, Array]:
   return x[..., :half], x[..., half:]
 
 
+def affine_couple(net_out: Array, x_b: Array, reverse: bool) -> tuple[Array, Array]:
+  """The affine coupling of half x_b given the network's output on the other half."""
+  shift, raw_scale = net_out[..., 0::2], net_out[..., 1::2]
+  log_scale = jax.nn.log_sigmoid(raw_scale + 2.0)
+  log_det = sum_except_batch(log_scale)
+  if reverse:
+    return x_b * jnp.exp(-log_scale) - shift, -log_det
+  return (x_b + shift) * jnp.exp(log_scale), log_det
+
+
+def additive_couple(net_out: Array, x_b: Array, reverse: bool) -> tuple[Array, Array]:
+  """The additive coupling of half x_b given the network's output (the shift)."""
+  x_b = x_b - net_out if reverse else x_b + net_out
+  return x_b, jnp.zeros((x_b.shape[0],), x_b.dtype)
+
+
 class AffineCoupling(Bijector):
   """Glow affine coupling: x_b <- (x_b + t(x_a)) * sigmoid(r(x_a) + 2); x_a unchanged."""
 
@@ -266,13 +282,7 @@ class AffineCoupling(Bijector):
     check_image_batch(x, "AffineCoupling")
     x_a, x_b = _split_halves(x, "AffineCoupling")
     h = CouplingNet(self.hidden, 2 * x_b.shape[-1], self.dtype, name="net")(x_a)
-    shift, raw_scale = h[..., 0::2], h[..., 1::2]
-    log_scale = jax.nn.log_sigmoid(raw_scale + 2.0)
-    log_det = sum_except_batch(log_scale)
-    if reverse:
-      x_b = x_b * jnp.exp(-log_scale) - shift
-      return jnp.concatenate([x_a, x_b], axis=-1), -log_det
-    x_b = (x_b + shift) * jnp.exp(log_scale)
+    x_b, log_det = affine_couple(h, x_b, reverse)
     return jnp.concatenate([x_a, x_b], axis=-1), log_det
 
 
@@ -287,8 +297,8 @@ class AdditiveCoupling(Bijector):
     check_image_batch(x, "AdditiveCoupling")
     x_a, x_b = _split_halves(x, "AdditiveCoupling")
     shift = CouplingNet(self.hidden, x_b.shape[-1], self.dtype, name="net")(x_a)
-    x_b = x_b - shift if reverse else x_b + shift
-    return jnp.concatenate([x_a, x_b], axis=-1), jnp.zeros((x.shape[0],), x.dtype)
+    x_b, log_det = additive_couple(shift, x_b, reverse)
+    return jnp.concatenate([x_a, x_b], axis=-1), log_det
 
 
 class FlowStep(Bijector):
@@ -315,3 +325,46 @@ class FlowStep(Bijector):
       x, log_det = layer(x, reverse=reverse)
       total = total + log_det
     return x, total
+
+
+def flow_step_inverse_vjp(
+    step: FlowStep, variables: Any, y: Array, g_y: Array, g_log_det: Array
+) -> tuple[Array, Any, Array]:
+  """One step's input rebuilt from its output, and the step's VJP there: (x, d params, d x).
+
+  For memory="invert" (`eiw_flow_jax.memory`): the coupling network runs once, on the half the
+  coupling leaves unchanged (y_a = x_a exactly), and serves both the inverse (shift and scale
+  for x_b) and the backward pass (its VJP), instead of once for the inverse and again in a
+  recomputed forward. ActNorm and the 1x1 convolution (no hidden activations) are inverted,
+  then differentiated generically. Same function and gradients as `jax.vjp` of `step.apply`
+  at the rebuilt input.
+  """
+  params, constants = variables["params"], variables.get("constants", {})
+  y_a, y_b = _split_halves(y, "FlowStep")
+  g_a, g_b = _split_halves(g_y, "FlowStep")
+  out_channels = y_b.shape[-1] * (2 if step.coupling == "affine" else 1)
+  couple = affine_couple if step.coupling == "affine" else additive_couple
+  net = CouplingNet(step.hidden, out_channels, step.dtype, parent=None)
+  net_out, net_vjp = jax.vjp(
+      lambda p, x_a: net.apply({"params": p}, x_a), params["layers_2"]["net"], y_a
+  )
+  z_b = couple(net_out, y_b, True)[0]
+  _, couple_vjp = jax.vjp(lambda n, x_b: couple(n, x_b, False), net_out, z_b)
+  g_net_out, g_zb = couple_vjp((g_b, g_log_det))
+  g_net, g_za = net_vjp(g_net_out)
+  grads = {"layers_2": {"net": g_net}}
+  x = jnp.concatenate([y_a, z_b], axis=-1)
+  g_x = jnp.concatenate([g_a + g_za, g_zb], axis=-1)
+  layers = (("layers_1", InvertibleConv1x1(parent=None)), ("layers_0", ActNorm(parent=None)))
+  for name, layer in layers:
+    layer_vars = {"params": params[name]}
+    if name in constants:
+      layer_vars["constants"] = constants[name]
+    x = layer.apply(layer_vars, x, reverse=True)[0]
+
+    def forward(p, h, layer=layer, layer_vars=layer_vars):
+      return layer.apply({**layer_vars, "params": p}, h)
+
+    _, vjp = jax.vjp(forward, params[name], x)
+    grads[name], g_x = vjp((g_x, g_log_det))
+  return x, grads, g_x

@@ -36,10 +36,13 @@ from absl import logging
 Array = jax.Array
 StepFn = Callable[[Any, Array], tuple[Array, Array]]
 InverseFn = Callable[[Any, Array], Array]
+# (variables, step output y, cotangent of y, cotangent of the log-det) -> (x, d params, d x)
+InverseVjpFn = Callable[[Any, Array, Array, Array], tuple[Array, Any, Array]]
 
 MEMORY_MODES = ("store", "remat", "invert")
 
 LOOP = "unrolled"  # experiment switch: "unrolled" | "scan"
+FUSED_INVERSE = True  # experiment switch
 _lock = threading.Lock()
 drift_warnings: list[tuple[str, float]] = []  # (chain name, relative drift), appended on host
 
@@ -176,7 +179,12 @@ def _forward_loop(apply: StepFn, step_variables: list[Any], x: Array) -> tuple[A
 
 
 def _unrolled_chain(
-    mode: str, apply: StepFn, inverse: InverseFn, name: str, tolerance: float
+    mode: str,
+    apply: StepFn,
+    inverse: InverseFn,
+    name: str,
+    tolerance: float,
+    inverse_vjp: InverseVjpFn | None = None,
 ) -> Callable[[list[Any], list[Any], Array], tuple[Array, Array]]:
   """custom_vjp function (params per step, constants per step, x) -> (y, log_det).
 
@@ -214,12 +222,15 @@ def _unrolled_chain(
     g, out, later = gy, (residuals[3] if mode == "invert" else None), ()
     for k in reversed(range(count)):
       p, c = params[k], constants[k]
-      if mode == "invert":
-        h = jax.lax.stop_gradient(inverse(as_vars(p, c), _after(out, g, later)))
+      if mode == "invert" and inverse_vjp is not None:
+        h, gps[k], g = inverse_vjp(as_vars(p, c), _after(out, g, later), g, gld)
       else:
-        h = _after(residuals[2][k], g, later)
-      _, vjp = jax.vjp(lambda p_, h_, c=c: apply(as_vars(p_, c), h_), p, h)
-      gps[k], g = vjp((g, gld))
+        if mode == "invert":
+          h = jax.lax.stop_gradient(inverse(as_vars(p, c), _after(out, g, later)))
+        else:
+          h = _after(residuals[2][k], g, later)
+        _, vjp = jax.vjp(lambda p_, h_, c=c: apply(as_vars(p_, c), h_), p, h)
+        gps[k], g = vjp((g, gld))
       later, out = gps[k], h
     gx = g
     zeros = [jax.tree.map(jnp.zeros_like, c) for c in constants]
@@ -253,6 +264,7 @@ def run_chain(
     *,
     name: str = "chain",
     tolerance: float = 1e-3,
+    inverse_vjp: InverseVjpFn | None = None,
 ) -> tuple[Array, Array]:
   """(x_K, total log-det) of the chain under memory `mode` (see the module docstring).
 
@@ -264,7 +276,7 @@ def run_chain(
   if mode == "store":
     return _forward_loop(apply, step_variables, x)
   if LOOP == "unrolled":
-    chain = _unrolled_chain(mode, apply, inverse, name, tolerance)
+    chain = _unrolled_chain(mode, apply, inverse, name, tolerance, inverse_vjp)
     return chain([v["params"] for v in step_variables],
                  [v["constants"] for v in step_variables], x)
   stacked = stack_trees([{"params": v["params"], "constants": v["constants"]}

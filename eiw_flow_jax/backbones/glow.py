@@ -8,6 +8,7 @@ same methods: forward, inverse, generate, prior_means, diagnostics) in pure func
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from eiw_flow_jax import config_lib, memory
-from eiw_flow_jax.bijectors import FlowStep, Shift, Squeeze
+from eiw_flow_jax.bijectors import FlowStep, Shift, Squeeze, flow_step_inverse_vjp
 from eiw_flow_jax.splits import (
   EIWGlobalSplit,
   EIWPerExampleSplit,
@@ -100,6 +101,8 @@ class MultiScaleFlow(nn.Module):
         h,
         name=f"level {level}",
         tolerance=m.get("invert_tolerance", 1e-3),
+        inverse_vjp=(functools.partial(flow_step_inverse_vjp, twin)
+                     if memory.FUSED_INVERSE else None),
     )
 
   def forward(self, y: Array) -> tuple[list[Array], Array, Array, dict[str, list[Array]]]:
