@@ -86,7 +86,7 @@ class MultiScaleFlow(nn.Module):
     """The level's K steps as pure functions of their variables, under memory `mode`."""
     m = self.model
     # A parentless twin of every step: applied to each step's variables explicitly, so that
-    # jax.checkpoint / the inverse-based custom VJP see pure functions.
+    # the custom VJPs of memory.run_chain ("remat", "invert") see pure functions.
     twin = FlowStep(m.hidden_channels, m.coupling, config_lib.compute_dtype(m), parent=None)
     names = [f"level{level}_step{k}" for k in range(m.steps_per_level)]
     step_variables = [
@@ -101,8 +101,7 @@ class MultiScaleFlow(nn.Module):
         h,
         name=f"level {level}",
         tolerance=m.get("invert_tolerance", 1e-3),
-        inverse_vjp=(functools.partial(flow_step_inverse_vjp, twin)
-                     if memory.FUSED_INVERSE else None),
+        inverse_vjp=functools.partial(flow_step_inverse_vjp, twin),
     )
 
   def forward(self, y: Array) -> tuple[list[Array], Array, Array, dict[str, list[Array]]]:
