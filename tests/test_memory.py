@@ -139,6 +139,20 @@ def test_fused_step_inverse_vjp_matches_vjp_at_the_true_input(coupling, dtype):
                                rtol=10 * tol)
 
 
+@pytest.mark.parametrize("channels", [1, 3, 12, 48, 100])
+def test_lower_triangular_inverse_matches_triangular_solve(channels):
+  from eiw_flow_jax.bijectors import lower_triangular_inverse
+
+  rng = np.random.RandomState(channels)
+  lower = np.tril(rng.randn(channels, channels) * 0.1, -1) + np.diag(
+      np.exp(rng.randn(channels) * 0.3) * rng.choice([-1.0, 1.0], channels))
+  lower = jnp.asarray(lower, jnp.float32)
+  got = jax.jit(lower_triangular_inverse)(lower)
+  want = jax.scipy.linalg.solve_triangular(lower, jnp.eye(channels), lower=True)
+  np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
+  assert np.all(np.triu(np.asarray(got), 1) == 0)
+
+
 def test_remat_and_invert_keep_temporary_memory_flat():
   """The backward's recomputations are ordered one step at a time (XLA:CPU schedules freely).
 
