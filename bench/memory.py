@@ -73,17 +73,21 @@ def memory_table() -> None:
   print(f"## Temporary memory of loss+grad (XLA memory_analysis), {FLAGS.image_size}x"
         f"{FLAGS.image_size}x3, L={FLAGS.num_levels}, width {FLAGS.hidden}, batch {FLAGS.batch}, "
         f"split {FLAGS.split}\n")
-  print("| K | " + " | ".join(f"{m} MiB | ratio" for m in FLAGS.modes) + " | compile s |")
-  print("| --- " * (2 * len(FLAGS.modes) + 2) + "|")
+  print("| K | " + " | ".join(f"{m} MiB | ratio" for m in FLAGS.modes) + " | "
+        + " | ".join(f"{m} compile s" for m in FLAGS.modes) + " |")
+  print("| --- " * (3 * len(FLAGS.modes) + 1) + "|")
   for k in map(int, FLAGS.ks):
-    temps, start = {}, time.perf_counter()
+    temps, seconds = {}, {}
     for mode in FLAGS.modes:
       flow, fn = _loss_and_grad(_config(k, FLAGS.hidden, mode))
+      start = time.perf_counter()
       analysis = fn.lower(*_abstract_args(flow, FLAGS.batch)).compile().memory_analysis()
+      seconds[mode] = time.perf_counter() - start
       temps[mode] = analysis.temp_size_in_bytes
     base = temps.get("store", next(iter(temps.values())))
     cells = " | ".join(f"{temps[m] / MIB:.0f} | {temps[m] / base:.3f}" for m in FLAGS.modes)
-    print(f"| {k} | {cells} | {time.perf_counter() - start:.0f} |", flush=True)
+    times = " | ".join(f"{seconds[m]:.0f}" for m in FLAGS.modes)
+    print(f"| {k} | {cells} | {times} |", flush=True)
 
 
 def timing() -> None:

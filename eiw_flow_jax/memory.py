@@ -7,20 +7,28 @@ of three memory strategies for the backward pass:
 
 - "store": plain autodiff; every intermediate of every step (the coupling networks' hidden
   activations dominate) stays alive until the backward pass: memory linear in K.
-- "remat": `jax.checkpoint` per step, the steps run by `lax.scan`; only the K step inputs are
-  kept, each step's intermediates are recomputed in the backward pass (one extra forward).
-- "invert": a custom VJP over the whole chain (memory-saving backprop for reversible networks,
-  Gomez et al. 2017): only the chain's output is kept; the backward pass walks the steps in
-  reverse with `lax.scan`, rebuilding each step's input from its output through the exact
-  inverse, then back-propagating through that one step. Memory is independent of K.
+- "remat": per-step rematerialisation (what `jax.checkpoint` per step does): the forward keeps
+  only the K step inputs; the backward recomputes one step's internals at a time.
+- "invert": memory-saving backprop for reversible networks (Gomez et al. 2017): only the
+  chain's input and output are kept; the backward pass walks the steps in reverse, rebuilding
+  each step's input from its output through the exact inverse, then back-propagating through
+  that one step. Memory is independent of K.
+
+Both are one `jax.custom_vjp` over the chain whose backward pass is an unrolled Python loop
+(XLA:CPU runs `lax.scan` bodies 5-10x slower than the same ops unrolled). In an unrolled loop
+XLA's scheduler is free to run every step's recomputation early, which keeps every step's
+internals alive at once (measured: as much memory as "store"), and `lax.optimization_barrier`
+does not prevent it on XLA:CPU. So step k's recomputation is made to depend numerically on the
+cotangent and the parameter gradients of step k+1 (`_after`): one step's internals at a time.
 
 Reconstruction drift ("invert"): floating-point inverses are not bit-exact, so the rebuilt
 inputs drift from the true ones, step after step. The chain's input x_0 (one activation, small
 next to one coupling network's hidden activations) is kept as well; the backward pass compares
 the rebuilt x_0 with it. If max|x0_rebuilt - x0| / max(1, max|x0|) exceeds `tolerance`, the
 gradient is recomputed exactly from x_0 instead (a forward scan that keeps the K step inputs,
-as "remat" does) and a warning is logged from the host (`drift_warnings` counts them). The
-fallback sits in a `lax.cond`, so it costs time only when it triggers.
+then a reverse scan of per-step VJPs) and a warning is logged from the host (`drift_warnings`
+counts them).
+The fallback sits in a `lax.cond`, so it costs time only when it triggers.
 """
 
 from __future__ import annotations
@@ -36,6 +44,8 @@ from absl import logging
 Array = jax.Array
 StepFn = Callable[[Any, Array], tuple[Array, Array]]
 InverseFn = Callable[[Any, Array], Array]
+# (variables, step output y, cotangent of y, cotangent of the log-det) -> (x, d params, d x)
+InverseVjpFn = Callable[[Any, Array, Array, Array], tuple[Array, Any, Array]]
 
 MEMORY_MODES = ("store", "remat", "invert")
 
@@ -43,13 +53,33 @@ _lock = threading.Lock()
 drift_warnings: list[tuple[str, float]] = []  # (chain name, relative drift), appended on host
 
 
-def stack_trees(trees: list[Any]) -> Any:
-  """K pytrees of identical structure -> one pytree with a leading axis of size K."""
-  return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
+def _scan_backward(
+    apply: StepFn, params: list[Any], constants: list[Any], x0: Array, g: Array, g_log_det: Array
+) -> tuple[list[Any], Array]:
+  """Exact gradients from the true chain input, as `lax.scan`s over stacked step variables.
 
+  The "invert" fallback: a forward scan that keeps the K step inputs, then a reverse scan of
+  per-step VJPs. Rolled loops compile once per step body (an unrolled copy took 186 instead of
+  70-76 s to compile the CIFAR model at K=32) and run slowly on XLA:CPU, but only when the
+  fallback triggers; the stacked copy of the parameters is the price in memory.
+  """
+  stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[
+      {"params": p, "constants": c} for p, c in zip(params, constants)
+  ])
 
-def unstack_tree(tree: Any, count: int) -> list[Any]:
-  return [jax.tree.map(lambda leaf, k=k: leaf[k], tree) for k in range(count)]
+  def forward(h, variables):
+    return apply(variables, h)[0], h
+
+  _, inputs = jax.lax.scan(forward, x0, stacked)
+
+  def backward(g, pair):
+    variables, h = pair
+    _, vjp = jax.vjp(lambda p, h: apply({**variables, "params": p}, h), variables["params"], h)
+    gp, gh = vjp((g, g_log_det))
+    return gh, gp
+
+  gx, grads = jax.lax.scan(backward, g, (stacked, inputs), reverse=True)
+  return [jax.tree.map(lambda leaf, k=k: leaf[k], grads) for k in range(len(params))], gx
 
 
 def relative_drift(rebuilt: Array, true: Array) -> Array:
@@ -70,81 +100,124 @@ def _warn_drift(name: str, drift: Any, tolerance: float) -> None:
   )
 
 
-def _scan_forward(apply: StepFn, stacked: Any, x: Array) -> tuple[Array, Array]:
-  def body(carry, variables):
-    h, log_det = carry
-    h, step_log_det = apply(variables, h)
-    return (h, log_det + step_log_det), None
+def _after(x: Array, *deps: Any) -> Array:
+  """x, but as a value that XLA can only compute once every leaf of `deps` exists.
 
+  `lax.optimization_barrier` does not order anything on XLA:CPU (its expander pass replaces
+  the barrier by its operands before scheduling), so the dependency is made numerical: x plus
+  zero times a sum over the dependencies. XLA does not fold a float product with zero (NaN
+  semantics), so the scheduler must finish the dependencies first. Exact for finite
+  dependencies; a non-finite gradient makes x non-finite too (such a step is dropped anyway).
+  """
+  leaves = [leaf for leaf in jax.tree.leaves(deps) if leaf is not None]
+  if not leaves:
+    return x
+  total = sum(jnp.sum(leaf.astype(jnp.float32)) for leaf in leaves)
+  return x + (0.0 * total).astype(x.dtype)
+
+
+def _forward_loop(apply: StepFn, step_variables: list[Any], x: Array) -> tuple[Array, Array]:
   log_det = jnp.zeros((x.shape[0],), jnp.float32)
-  (y, log_det), _ = jax.lax.scan(body, (x, log_det), stacked)
-  return y, log_det
+  for variables in step_variables:
+    x, step_log_det = apply(variables, x)
+    log_det = log_det + step_log_det
+  return x, log_det
 
 
-def _exact_backward(apply: StepFn, stacked: Any, x0: Array, gy: Array, gld: Array):
-  """Gradients from the true input: forward scan keeping the K step inputs, then VJPs."""
+def _backward_loop(
+    apply: StepFn,
+    params: list[Any],
+    constants: list[Any],
+    g: Array,
+    g_log_det: Array,
+    stored_inputs: list[Array] | None = None,
+    out: Array | None = None,
+    inverse: InverseFn | None = None,
+    inverse_vjp: InverseVjpFn | None = None,
+) -> tuple[list[Any], Array, Array | None]:
+  """Steps K-1..0 in reverse: (param gradients per step, input cotangent, rebuilt x_0).
 
-  def forward(h, variables):
-    out, _ = apply(variables, h)
-    return out, h
+  Step k's input is `stored_inputs[k]` ("remat") or rebuilt from its output `out` through
+  `inverse` (or `inverse_vjp`, which also returns the step's VJP). Either way it is computed
+  `_after` step k+1's input cotangent and parameter gradients exist, so XLA cannot hoist step
+  k's recomputation, nor defer step k+1's weight gradients (which hold its internals alive).
+  """
+  count = len(params)
+  grads: list[Any] = [None] * count
+  later: Any = ()
+  for k in reversed(range(count)):
+    variables = {"params": params[k], "constants": constants[k]}
+    if stored_inputs is None and inverse_vjp is not None:
+      out, grads[k], g = inverse_vjp(variables, _after(out, g, later), g, g_log_det)
+    else:
+      if stored_inputs is None:
+        out = jax.lax.stop_gradient(inverse(variables, _after(out, g, later)))
+      else:
+        out = _after(stored_inputs[k], g, later)
 
-  _, inputs = jax.lax.scan(forward, x0, stacked)
+      def step(p, h, c=constants[k]):
+        return apply({"params": p, "constants": c}, h)
 
-  def backward(g, pair):
-    variables, h = pair
-    _, vjp = jax.vjp(apply, variables, h)
-    gv, gh = vjp((g, gld))
-    return gh, gv
-
-  gx, gvs = jax.lax.scan(backward, gy, (stacked, inputs), reverse=True)
-  return gvs, gx
+      _, vjp = jax.vjp(step, params[k], out)
+      grads[k], g = vjp((g, g_log_det))
+    later = grads[k]
+  return grads, g, (out if stored_inputs is None else None)
 
 
-def _invert_chain(
-    apply: StepFn, inverse: InverseFn, name: str, tolerance: float
-) -> Callable[[Any, Any, Array], tuple[Array, Array]]:
-  """custom_vjp function (stacked params, stacked constants, x) -> (y, log_det)."""
+def _forward_keeping_inputs(
+    apply: StepFn, params: list[Any], constants: list[Any], x: Array
+) -> tuple[Array, Array, list[Array]]:
+  inputs = []
+  log_det = jnp.zeros((x.shape[0],), jnp.float32)
+  for p, c in zip(params, constants):
+    inputs.append(x)
+    x, step_log_det = apply({"params": p, "constants": c}, x)
+    log_det = log_det + step_log_det
+  return x, log_det, inputs
 
-  def split_apply(params, constants, h):
-    return apply({"params": params, "constants": constants}, h)
+
+def _chain(
+    mode: str,
+    apply: StepFn,
+    inverse: InverseFn,
+    name: str,
+    tolerance: float,
+    inverse_vjp: InverseVjpFn | None,
+) -> Callable[[list[Any], list[Any], Array], tuple[Array, Array]]:
+  """custom_vjp function (params per step, constants per step, x) -> (y, log_det)."""
 
   @jax.custom_vjp
   def chain(params, constants, x):
-    return _scan_forward(
-        lambda v, h: split_apply(v[0], v[1], h), (params, constants), x
-    )
+    y, log_det, _ = _forward_keeping_inputs(apply, params, constants, x)
+    return y, log_det
 
   def chain_fwd(params, constants, x):
-    y, log_det = chain(params, constants, x)
-    return (y, log_det), (params, constants, x, y)
+    y, log_det, inputs = _forward_keeping_inputs(apply, params, constants, x)
+    kept = inputs if mode == "remat" else (x, y)
+    return (y, log_det), (params, constants, kept)
 
   def chain_bwd(residuals, cotangents):
-    params, constants, x0, y = residuals
+    params, constants, kept = residuals
     gy, gld = cotangents
-    step = lambda p, c, h: split_apply(p, c, h)  # noqa: E731
-
-    def body(carry, pc):
-      p, c = pc
-      out, g = carry
-      h = jax.lax.stop_gradient(inverse({"params": p, "constants": c}, out))
-      _, vjp = jax.vjp(lambda p_, h_: step(p_, c, h_), p, h)
-      gp, gh = vjp((g, gld))
-      return (h, gh), gp
-
-    (x0_rebuilt, gx), gps = jax.lax.scan(body, (y, gy), (params, constants), reverse=True)
+    zeros = [jax.tree.map(jnp.zeros_like, c) for c in constants]
+    if mode == "remat":
+      grads, gx, _ = _backward_loop(apply, params, constants, gy, gld, stored_inputs=kept)
+      return grads, zeros, gx
+    x0, y = kept
+    grads, gx, x0_rebuilt = _backward_loop(
+        apply, params, constants, gy, gld, out=y, inverse=inverse, inverse_vjp=inverse_vjp
+    )
     drift = relative_drift(x0_rebuilt, x0)
 
     def fallback(_):
       jax.debug.callback(_warn_drift, name, drift, tolerance)
-      return _exact_backward(
-          lambda p, h: step(p[0], p[1], h), (params, constants), x0, gy, gld
-      )
+      return _scan_backward(apply, params, constants, x0, gy, gld)
 
     def keep(_):
-      return (gps, constants), gx
+      return grads, gx
 
-    (gps, _), gx = jax.lax.cond(drift > tolerance, fallback, keep, None)
-    return gps, jax.tree.map(jnp.zeros_like, constants), gx
+    grads, gx = jax.lax.cond(drift > tolerance, fallback, keep, None)
+    return grads, zeros, gx
 
   chain.defvjp(chain_fwd, chain_bwd)
   return chain
@@ -159,26 +232,20 @@ def run_chain(
     *,
     name: str = "chain",
     tolerance: float = 1e-3,
+    inverse_vjp: InverseVjpFn | None = None,
 ) -> tuple[Array, Array]:
   """(x_K, total log-det) of the chain under memory `mode` (see the module docstring).
 
   `step_variables[k]` is step k's {"params": ..., "constants": ...}; `apply` / `inverse` are
-  pure functions of (variables, array). Gradients flow to every "params" leaf.
+  pure functions of (variables, array). Gradients flow to every "params" leaf. `inverse_vjp`
+  (optional, "invert" only) fuses a step's inverse with its VJP, so that work shared by the two
+  (a coupling network evaluated on the unchanged half) runs once.
   """
   if mode not in MEMORY_MODES:
     raise ValueError(f"memory mode must be one of {MEMORY_MODES}, got {mode!r}.")
   if mode == "store":
-    log_det = jnp.zeros((x.shape[0],), jnp.float32)
-    for variables in step_variables:
-      x, step_log_det = apply(variables, x)
-      log_det = log_det + step_log_det
-    return x, log_det
-  stacked = stack_trees([{"params": v["params"], "constants": v["constants"]}
-                         for v in step_variables])
-  if mode == "remat":
-    # A scan over checkpointed steps: its backward loop recomputes one step at a time. (An
-    # unrolled loop of jax.checkpoint'ed steps left XLA:CPU free to schedule every
-    # recomputation early, which measured the same temporary memory as "store".)
-    return _scan_forward(jax.checkpoint(apply), stacked, x)
-  chain = _invert_chain(apply, inverse, name, tolerance)
-  return chain(stacked["params"], stacked["constants"], x)
+    return _forward_loop(apply, step_variables, x)
+  chain = _chain(mode, apply, inverse, name, tolerance, inverse_vjp)
+  return chain(
+      [v["params"] for v in step_variables], [v["constants"] for v in step_variables], x
+  )

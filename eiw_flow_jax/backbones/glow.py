@@ -8,6 +8,7 @@ same methods: forward, inverse, generate, prior_means, diagnostics) in pure func
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from eiw_flow_jax import config_lib, memory
-from eiw_flow_jax.bijectors import FlowStep, Shift, Squeeze
+from eiw_flow_jax.bijectors import FlowStep, Shift, Squeeze, flow_step_inverse_vjp
 from eiw_flow_jax.splits import (
   EIWGlobalSplit,
   EIWPerExampleSplit,
@@ -85,7 +86,7 @@ class MultiScaleFlow(nn.Module):
     """The level's K steps as pure functions of their variables, under memory `mode`."""
     m = self.model
     # A parentless twin of every step: applied to each step's variables explicitly, so that
-    # jax.checkpoint / the inverse-based custom VJP see pure functions.
+    # the custom VJPs of memory.run_chain ("remat", "invert") see pure functions.
     twin = FlowStep(m.hidden_channels, m.coupling, config_lib.compute_dtype(m), parent=None)
     names = [f"level{level}_step{k}" for k in range(m.steps_per_level)]
     step_variables = [
@@ -100,6 +101,7 @@ class MultiScaleFlow(nn.Module):
         h,
         name=f"level {level}",
         tolerance=m.get("invert_tolerance", 1e-3),
+        inverse_vjp=functools.partial(flow_step_inverse_vjp, twin),
     )
 
   def forward(self, y: Array) -> tuple[list[Array], Array, Array, dict[str, list[Array]]]:
