@@ -27,10 +27,10 @@ def load(out_dir: str) -> dict[str, dict[int, dict]]:
   return runs
 
 
-def _mean_sd(values: list[float]) -> str:
+def _mean_sd(values: list[float], sign: str = "") -> str:
   if len(values) < 2:
-    return f"{values[0]:.4f}" if values else "-"
-  return f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}"
+    return f"{values[0]:{sign}.4f}" if values else "-"
+  return f"{np.mean(values):{sign}.4f} ± {np.std(values, ddof=1):.4f}"
 
 
 def tables(runs: dict[str, dict[int, dict]]) -> str:
@@ -56,7 +56,7 @@ def tables(runs: dict[str, dict[int, dict]]) -> str:
                and s in runs["vanilla"] else None for s in seeds]
       lines.append("| EIW - vanilla | | "
                    + " | ".join("-" if d is None else f"{d:+.4f}" for d in diffs)
-                   + f" | {_mean_sd([d for d in diffs if d is not None])} |")
+                   + f" | {_mean_sd([d for d in diffs if d is not None], '+')} |")
     lines.append("")
   walls = {split: [r.get("wall_time_s", 0.0) for r in by_seed.values()]
            for split, by_seed in runs.items()}
