@@ -44,6 +44,9 @@ from absl import app, flags
 flags.DEFINE_enum("part", "step", ["step", "unit"], "What to benchmark.")
 flags.DEFINE_string("config", "configs/cifar10_denseflow.py", "Config (relative to the repo).")
 flags.DEFINE_integer("batch", 2, "Batch size of the full train step (part step).")
+flags.DEFINE_list("layers_conf", [], "Override model.denseflow.layers_conf (part step), e.g. "
+                  "1,1,1: the config's widths with fewer coupling layers, which compiles in "
+                  "minutes where DF-74-10's 74 layers take over half an hour on a 2-core CPU.")
 flags.DEFINE_list("modes", ["store", "remat"], "model.memory modes (part step).")
 flags.DEFINE_integer("rounds", 5, "Interleaved timed rounds.")
 flags.DEFINE_integer("unit_block", 0, "Dense block of the benchmarked unit (part unit).")
@@ -53,6 +56,10 @@ flags.DEFINE_list("peers", ["jax", "torch"],
                   "Unit peers: jax, torch, jax_remat (nn.remat unit), torch_ckpt (their "
                   "checkpointing=True).")
 flags.DEFINE_string("authors_repo", "", "Checkout of studying910/EIW-Flow (part unit).")
+flags.DEFINE_string("compilation_cache",
+                    os.path.join(tempfile.gettempdir(), "eiw_denseflow_bench_cache"),
+                    "JAX persistent compilation cache of the step workers ('' disables it): a "
+                    "rerun, or a worker started by hand beforehand, skips the long compile.")
 flags.DEFINE_string("worker", "", "Internal: run as this worker.")
 flags.DEFINE_string("exchange", "", "Internal: directory where the peers exchange weights.")
 FLAGS = flags.FLAGS
@@ -109,8 +116,16 @@ def _step_worker(mode: str):
 
   from eiw_flow_jax import train
 
+  if FLAGS.compilation_cache:
+    jax.config.update("jax_compilation_cache_dir", FLAGS.compilation_cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    lock = os.path.join(FLAGS.compilation_cache, f"{mode}.compiling")
+    while os.path.exists(lock):  # another process is compiling this step into the cache
+      time.sleep(10)
   config = _load_config()
   config.model.memory = mode
+  if FLAGS.layers_conf:
+    config.model.denseflow.layers_conf = tuple(int(v) for v in FLAGS.layers_conf)
   config.batch_size = config.init_batch_size = FLAGS.batch
   h, w, c = config.model.image_shape
   levels = 2**config.model.n_bits
@@ -358,7 +373,8 @@ def _header() -> None:
 
 
 def main_step() -> None:
-  passed = [f"--config={FLAGS.config}", f"--batch={FLAGS.batch}"]
+  passed = [f"--config={FLAGS.config}", f"--batch={FLAGS.batch}",
+            f"--layers_conf={','.join(FLAGS.layers_conf)}"]
   _header()
   procs, infos = {}, {}
   for mode in FLAGS.modes:  # one after the other: compiles do not overlap
@@ -366,7 +382,8 @@ def main_step() -> None:
     print(f"{mode}: started in {infos[mode]['startup_s']:.0f} s", flush=True)
   times = _interleave(procs)
   ref = FLAGS.modes[0]
-  print(f"\n{FLAGS.config}, batch {FLAGS.batch}, {infos[ref]['params']:,} parameters, "
+  layers = f" with layers_conf {','.join(FLAGS.layers_conf)}" if FLAGS.layers_conf else ""
+  print(f"\n{FLAGS.config}{layers}, batch {FLAGS.batch}, {infos[ref]['params']:,} parameters, "
         f"{infos[ref]['flops'] / 1e9:.1f} GFLOP per step (XLA cost analysis, {ref}); "
         f"load average after {tuple(round(v, 2) for v in os.getloadavg())}\n")
   print(f"| model.memory | median s/step | min s/step | vs {ref} (median) | temp MiB | "
