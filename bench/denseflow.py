@@ -24,7 +24,8 @@ variants (jax.checkpoint of the unit; the authors' `checkpointing=True` in the c
 
 torch is a benchmark-only extra (`pip install -e .[bench]`).
 
-  python bench/denseflow.py --part=step --batch=2 --rounds=3
+  python bench/denseflow.py --part=step --batch=2 --rounds=3   # DF-74-10: >30 min compile on CPU
+  python bench/denseflow.py --part=step --batch=16 --rounds=2 --layers_conf=1,1,1
   python bench/denseflow.py --part=unit --authors_repo=/path/to/EIW-Flow --unit_batch=8
   python bench/denseflow.py --part=unit --authors_repo=... --peers=jax,torch,jax_remat,torch_ckpt
 """
