@@ -78,6 +78,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.denseflow.growth_rate = 10  # noise channels appended per unit
   config.model.denseflow.coupling_depth = 7  # dense layers in a coupling net (authors: 7)
   config.model.denseflow.coupling_growth = 64  # their growth (authors: 64)
+  # Landmarks of the coupling nets' Nystrom attention (authors: 4, hard-coded); every dense
+  # block's H*W must be a multiple of it (e.g. 7 for 28x28 MNIST with two blocks: 14x14, 7x7).
+  config.model.denseflow.attention_landmarks = 4
   config.model.denseflow.dequant_steps = 4  # variational dequantization flow (Flow++ style)
   config.model.denseflow.dequant_context_channels = 64
   config.model.denseflow.dequant_mid_channels = 64
@@ -226,7 +229,8 @@ def validate_denseflow_config(model: ml_collections.ConfigDict) -> None:
   mids = _int_tuple("model.denseflow.layer_mid_chnls", df.layer_mid_chnls, len(blocks))
   _require(all(m >= 2 for m in mids),
            f"model.denseflow.layer_mid_chnls must be >= 2 (attention width is half), got {mids}.")
-  for field in ("growth_rate", "coupling_depth", "coupling_growth", "dequant_steps",
+  for field in ("growth_rate", "coupling_depth", "coupling_growth", "attention_landmarks",
+                "dequant_steps",
                 "dequant_context_channels", "dequant_mid_channels", "dequant_depth",
                 "dequant_growth", "dequant_context_depth", "dequant_context_growth"):
     value = df[field]
@@ -240,11 +244,14 @@ def validate_denseflow_config(model: ml_collections.ConfigDict) -> None:
       f"2**len(block_conf) = {factor} (an initial squeeze and one per transition), "
       f"got H={height}, W={width}.",
   )
-  last = (height // factor) * (width // factor)
-  _require(last % 4 == 0,
-           f"model.image_shape {tuple(model.image_shape)}: the last scale has "
-           f"{height // factor}x{width // factor} = {last} pixels; the Nystrom attention needs "
-           "a multiple of its 4 landmarks. Use fewer blocks or larger images.")
+  landmarks = df.get("attention_landmarks", 4)
+  for b in range(len(blocks)):
+    h_b, w_b = height // 2 ** (b + 1), width // 2 ** (b + 1)
+    _require((h_b * w_b) % landmarks == 0,
+             f"model.image_shape {tuple(model.image_shape)}: dense block {b} works at "
+             f"{h_b}x{w_b} = {h_b * w_b} pixels; the Nystrom attention needs a multiple of its "
+             f"{landmarks} landmarks (model.denseflow.attention_landmarks). Use fewer blocks, "
+             "larger images or a landmark count dividing every block's H*W.")
   _require(model.split in SPLITS, f"model.split must be one of {SPLITS}, got {model.split!r}.")
   _require(model.split == "vanilla" or model.eiw.mode == "global",
            "model.eiw.mode must be 'global' with the denseflow backbone (the authors' "

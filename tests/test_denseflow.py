@@ -174,7 +174,9 @@ def test_denseflow_configs_are_df_74_10_with_the_recipe(name):
     ("denseflow__block_conf", (0, 4, 1), "block_conf must be a non-empty list of ints >= 1"),
     ("denseflow__growth_rate", 0, "growth_rate must be an int >= 1"),
     ("denseflow__layer_mid_chnls", (1, 48, 48), "layer_mid_chnls must be >= 2"),
-    ("image_shape", (8, 8, 3), "Nystrom attention needs a multiple of its 4 landmarks"),
+    ("image_shape", (8, 8, 3), "needs a multiple of its 4 landmarks"),
+    ("denseflow__attention_landmarks", 3, "block 0 works at 16x16 = 256 pixels"),
+    ("denseflow__attention_landmarks", 0, "attention_landmarks must be an int >= 1"),
     ("image_shape", (12, 12, 3), "divisible by 2\\*\\*len\\(block_conf\\) = 8"),
     ("eiw__mode", "per_example", "eiw.mode must be 'global' with the denseflow backbone"),
     ("memory", "invert", "supported for the glow backbone only"),
@@ -204,6 +206,34 @@ def test_iwbo_needs_denseflow_and_optimizer_fields_are_checked():
   config.optimizer.decay_rate = 1.5
   with pytest.raises(config_lib.ConfigError, match="decay_rate must be in"):
     config_lib.validate_config(config)
+
+
+@pytest.mark.parametrize("name", ["digits_denseflow", "mnist_idx_denseflow"])
+def test_small_denseflow_configs_validate_and_build(name):
+  """The CPU configs of docs/results.md: MNIST's 7x7 last scale needs 7 landmarks, not 4."""
+  config = load_config(name)
+  assert config.model.backbone == "denseflow" and config.eval.iwbo_samples > 0
+  config_lib.validate_config(config)
+  shapes = build_flow(config).latent_shapes
+  if name == "mnist_idx_denseflow":
+    assert config.model.denseflow.attention_landmarks == 7
+    assert [s[:2] for s in shapes] == [(7, 7), (7, 7)]
+    config.model.denseflow.attention_landmarks = 4
+    with pytest.raises(config_lib.ConfigError, match="block 1 works at 7x7 = 49 pixels"):
+      config_lib.validate_config(config)
+
+
+def test_attention_landmarks_reach_the_coupling_nets():
+  """A unit at 7x7 runs with 7 landmarks (a multiple of H*W), and fails clearly with 4."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 7, 7, 5))
+  unit = DenseUnit(1, 4, 1, 4, num_landmarks=7)
+  variables = unit.init(jax.random.PRNGKey(1), x)
+  variables = dict(variables, params=randomise(variables["params"]))
+  y, log_det = unit.apply(variables, x)
+  assert y.shape == x.shape and bool(jnp.all(jnp.isfinite(log_det)))
+  np.testing.assert_allclose(unit.apply(variables, y, method="inverse"), x, atol=1e-4)
+  with pytest.raises(ValueError, match="H\\*W=49 must be divisible by 4 landmarks"):
+    DenseUnit(1, 4, 1, 4).init(jax.random.PRNGKey(1), x)
 
 
 @pytest.mark.slow

@@ -112,6 +112,7 @@ class AffineCoupling(nn.Module):
   growth: int
   multihead: bool = True
   train: bool = False
+  num_landmarks: int = 4  # Nystrom attention landmarks (multihead nets)
 
   @nn.compact
   def __call__(
@@ -122,7 +123,8 @@ class AffineCoupling(nn.Module):
     x1, x2 = x[..., :n_id], x[..., n_id:]
     h = x1 if context is None else jnp.concatenate([x1, context], axis=-1)
     params = DenseNet(2 * (c // 2), self.mid_channels, self.depth, self.growth,
-                      multihead=self.multihead, train=self.train, name="net")(h)
+                      multihead=self.multihead, train=self.train,
+                      num_landmarks=self.num_landmarks, name="net")(h)
     log_scale = 2.0 * jnp.tanh(params[..., 0::2] / 2.0)
     shift = params[..., 1::2]
     log_det = sum_except_batch(log_scale)

@@ -168,11 +168,12 @@ class MultiHeadDenseBlock(nn.Module):
   growth: int
   gated: bool = True
   train: bool = False
+  num_landmarks: int = 4
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     c = x.shape[-1]
-    att = NystromAttention(c // 2, 4, name="mha")(x)
+    att = NystromAttention(c // 2, self.num_landmarks, name="mha")(x)
     dense = DenseBlock(c, self.depth, self.growth, self.gated, name="dense")(x)
     h = BatchNorm(self.train, name="bn")(jnp.concatenate([att, dense], axis=-1))
     return conv(c, 1, "mix", use_bias=False)(nn.relu(h))
@@ -192,12 +193,14 @@ class DenseNet(nn.Module):
   gated: bool = True
   multihead: bool = True
   train: bool = False
+  num_landmarks: int = 4  # of the multi-head block's Nystrom attention
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     h = conv(self.mid_channels, 1, "conv_in")(x)
     if self.multihead:
-      h = MultiHeadDenseBlock(self.depth, self.growth, self.gated, self.train, name="block")(h)
+      h = MultiHeadDenseBlock(self.depth, self.growth, self.gated, self.train,
+                              self.num_landmarks, name="block")(h)
     else:
       h = h + DenseBlock(self.mid_channels, self.depth, self.growth, self.gated, name="block")(h)
     return conv(self.features, 1, "conv_out", zero_init=True)(h)

@@ -89,13 +89,15 @@ class DenseUnit(nn.Module):
   depth: int
   growth: int
   train: bool = False
+  num_landmarks: int = 4  # of the coupling nets' Nystrom attention
 
   def setup(self) -> None:
     self.actnorms = [ActNorm(name=f"layer{i}_actnorm") for i in range(self.num_layers)]
     self.convs = [Conv1x1(name=f"layer{i}_conv1x1") for i in range(self.num_layers)]
     self.couplings = [
         AffineCoupling(self.mid_channels, self.depth, self.growth, multihead=True,
-                       train=self.train, name=f"layer{i}_coupling")
+                       train=self.train, num_landmarks=self.num_landmarks,
+                       name=f"layer{i}_coupling")
         for i in range(self.num_layers)
     ]
 
@@ -140,12 +142,13 @@ class InvertibleDenseBlock(nn.Module):
   coupling_growth: int
   memory: str = "store"
   train: bool = False
+  num_landmarks: int = 4
 
   def setup(self) -> None:
     unit_cls = nn.remat(DenseUnit) if self.memory == "remat" else DenseUnit
     self.units = [
         unit_cls(self.num_layers, self.mid_channels, self.depth, self.coupling_growth,
-                 self.train, name=f"unit{i}")
+                 self.train, self.num_landmarks, name=f"unit{i}")
         for i in range(self.num_units)
     ]
     self.noise_nets = [NoiseParams(self.growth_rate, name=f"noise{i}")
@@ -292,7 +295,7 @@ class DenseFlowBackbone(nn.Module):
     self.blocks = [
         InvertibleDenseBlock(df.block_conf[b], df.layers_conf[b], df.layer_mid_chnls[b],
                              df.growth_rate, df.coupling_depth, df.coupling_growth, memory,
-                             self.train, name=f"block{b}")
+                             self.train, df.get("attention_landmarks", 4), name=f"block{b}")
         for b in range(n)
     ]
     self.transitions = [
