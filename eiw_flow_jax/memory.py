@@ -29,6 +29,11 @@ gradient is recomputed exactly from x_0 instead (a forward scan that keeps the K
 then a reverse scan of per-step VJPs) and a warning is logged from the host (`drift_warnings`
 counts them).
 The fallback sits in a `lax.cond`, so it costs time only when it triggers.
+
+`remat_call` is the same ordered recomputation for one call of a module whose calls do not
+form a chain of identical steps (DenseFlow's units, whose channel counts grow and whose
+BatchNorm updates running statistics): consecutive calls are ordered by a token threaded
+through them.
 """
 
 from __future__ import annotations
@@ -221,6 +226,53 @@ def _chain(
 
   chain.defvjp(chain_fwd, chain_bwd)
   return chain
+
+
+# (variables, x) -> (outputs, updated "constants"): a module applied as a pure function.
+CallFn = Callable[[Any, Any], tuple[Any, Any]]
+
+
+def remat_call(
+    apply: CallFn, variables: Any, x: Any, token: Array
+) -> tuple[Any, Any, Array]:
+  """`apply(variables, x)` whose internals are recomputed in the backward pass, in order.
+
+  What `jax.checkpoint` promises, made to hold on XLA:CPU: only `x` is kept; the backward pass
+  re-runs `apply` and back-propagates through it. A chain of such calls threads `token` (a
+  float32 scalar, numerically zero) from one call to the next: each call's backward pass
+  starts `_after` its output cotangents and the token's cotangent exist, and hands back as the
+  token's cotangent zero times its parameter gradients. So the recomputation of call i waits
+  for every gradient of call i+1, and one call's internals are alive at a time, which an
+  unrolled loop of `jax.checkpoint`s does not achieve on XLA:CPU (see the module docstring).
+
+  `apply` returns (outputs, updated constants), e.g. BatchNorm running statistics updated in
+  training mode; they are returned, not differentiated. Gradients flow to `variables["params"]`
+  and to `x`. Returns (outputs, updated constants, the token for the next call).
+  """
+
+  @jax.custom_vjp
+  def call(params, constants, x, token):
+    outputs, updated = apply({"params": params, "constants": constants}, x)
+    return outputs, updated, token
+
+  def call_fwd(params, constants, x, token):
+    return call(params, constants, x, token), (params, constants, x)
+
+  def call_bwd(residuals, cotangents):
+    params, constants, x = residuals
+    g_outputs, _, g_token = cotangents
+    x = _after(x, g_outputs, g_token)
+
+    def differentiated(p, h):
+      return apply({"params": p, "constants": constants}, h)[0]
+
+    _, vjp = jax.vjp(differentiated, params, x)
+    g_params, g_x = vjp(g_outputs)
+    g_token = _after(jnp.zeros((), jnp.float32), g_params)
+    return g_params, jax.tree.map(jnp.zeros_like, constants), g_x, g_token
+
+  call.defvjp(call_fwd, call_bwd)
+  return call(variables["params"], variables.get("constants", {}), x, token)
 
 
 def run_chain(

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from eiw_flow_jax import memory
 from eiw_flow_jax.backbones.dense_bijectors import (
   ActNorm,
   AffineCoupling,
@@ -145,23 +146,27 @@ class InvertibleDenseBlock(nn.Module):
   num_landmarks: int = 4
 
   def setup(self) -> None:
-    unit_cls = nn.remat(DenseUnit) if self.memory == "remat" else DenseUnit
     self.units = [
-        unit_cls(self.num_layers, self.mid_channels, self.depth, self.coupling_growth,
-                 self.train, self.num_landmarks, name=f"unit{i}")
+        DenseUnit(self.num_layers, self.mid_channels, self.depth, self.coupling_growth,
+                  self.train, self.num_landmarks, name=f"unit{i}")
         for i in range(self.num_units)
     ]
     self.noise_nets = [NoiseParams(self.growth_rate, name=f"noise{i}")
                        for i in range(self.num_units - 1)]
 
-  def __call__(self, x: Array, etas: Sequence[Array]) -> tuple[Array, Array, Array]:
-    """(x, the block's etas) -> (output, log-det of the units, augmentation terms)."""
+  def __call__(
+      self, x: Array, etas: Sequence[Array], token: Array | None = None
+  ) -> tuple[Array, Array, Array, Array]:
+    """(x, the block's etas, remat token) -> (output, log-det of the units, augmentation
+    terms, remat token); the token orders the units' recomputation (`memory.remat_call`)."""
     if len(etas) != self.num_units - 1:
       raise ValueError(f"expected {self.num_units - 1} augmentation draws, got {len(etas)}.")
+    if token is None:
+      token = jnp.zeros((), jnp.float32)
     log_det = jnp.zeros((x.shape[0],), x.dtype)
     augment = jnp.zeros((x.shape[0],), x.dtype)
     g_inputs = [x]
-    h, ld = self.units[0](x)
+    (h, ld), token = self._unit(0, x, token)
     log_det = log_det + ld
     for i in range(1, self.num_units):
       eta = etas[i - 1]
@@ -169,9 +174,33 @@ class InvertibleDenseBlock(nn.Module):
       eta_hat = mu + jnp.exp(log_scale) * eta
       augment = augment - std_normal_log_prob(eta) + sum_except_batch(log_scale)
       g_inputs.append(h)
-      h, ld = self.units[i](jnp.concatenate([h, eta_hat], axis=-1))
+      (h, ld), token = self._unit(i, jnp.concatenate([h, eta_hat], axis=-1), token)
       log_det = log_det + ld
-    return h, log_det, augment
+    return h, log_det, augment, token
+
+  def _unit(self, i: int, x: Array, token: Array) -> tuple[tuple[Array, Array], Array]:
+    """Unit i on x; under memory="remat" its internals are recomputed in the backward pass."""
+    if self.memory == "store" or self.is_initializing():
+      return self.units[i](x), token
+    name = f"unit{i}"
+    # A parentless twin applied to unit i's variables: memory.remat_call needs a pure function.
+    twin = DenseUnit(self.num_layers, self.mid_channels, self.depth, self.coupling_growth,
+                     self.train, self.num_landmarks, parent=None)
+    variables = {"params": self.variables["params"][name],
+                 "constants": self.variables.get("constants", {}).get(name, {})}
+    update = self.train and self.is_mutable_collection("constants")
+
+    def apply(v: Any, h: Array) -> tuple[Any, Any]:
+      if update:  # training-mode BatchNorm updates its running statistics
+        out, changed = twin.apply(v, h, mutable=["constants"])
+        return out, changed["constants"]
+      return twin.apply(v, h), v["constants"]
+
+    out, constants, token = memory.remat_call(apply, variables, x, token)
+    if update:
+      for key, value in constants.items():
+        self.units[i].put_variable("constants", key, value)
+    return out, token
 
   def inverse(self, z: Array) -> Array:
     for i in reversed(range(self.num_units)):
@@ -338,8 +367,9 @@ class DenseFlowBackbone(nn.Module):
     log_prior = jnp.zeros_like(log_det)
     augmentation = jnp.zeros_like(log_det)
     latents, regs = [], []
+    token = jnp.zeros((), jnp.float32)  # orders the units' recomputation across blocks
     for b, block in enumerate(self.blocks):
-      h, ld, aug = block(h, etas[b])
+      h, ld, aug, token = block(h, etas[b], token)
       log_det, augmentation = log_det + ld + aug, augmentation + aug
       if b < len(self.transitions):
         h, factored, lp, reg = self.transitions[b](h)
@@ -403,7 +433,7 @@ class DenseFlowBackbone(nn.Module):
     h = squeeze2d(y - 0.5)
     stats = []
     for b, block in enumerate(self.blocks[:-1]):
-      h, _, _ = block(h, etas[b])
+      h = block(h, etas[b])[0]
       stats.append(self.transitions[b].diagnostics(h))
       h = self.transitions[b](h)[0]
     return stats
