@@ -17,6 +17,7 @@ from eiw_flow_jax.bijectors import (
     Shift,
     Squeeze,
     UniformDequantize,
+    conv3x3_by_matmul,
 )
 from eiw_flow_jax.splits import EIWGlobalSplit, EIWPerExampleSplit, VanillaSplit
 
@@ -29,6 +30,8 @@ BIJECTORS = {
     "actnorm": ActNorm,
     "conv1x1": InvertibleConv1x1,
     "affine_coupling": lambda: AffineCoupling(hidden=8),
+    # Wide enough that both 3x3 convolutions take the matmul form (conv3x3_by_matmul).
+    "affine_coupling_wide": lambda: AffineCoupling(hidden=32),
     "additive_coupling": lambda: AdditiveCoupling(hidden=8),
     "flow_step": lambda: FlowStep(hidden=8, coupling="affine"),
 }
@@ -162,3 +165,26 @@ def test_per_example_split_rejects_anchor_out_of_range(anchor):
     EIWPerExampleSplit(4, anchor_width=anchor).init(
         {"params": jax.random.PRNGKey(0)}, jnp.zeros((1, 2, 2, 4)), method="split"
     )
+
+
+@pytest.mark.parametrize("cin,cout", [(3, 32), (32, 3), (5, 7)])
+def test_conv3x3_by_matmul_is_lax_conv_in_value_and_both_autodiff_modes(cin, cout):
+  """Few inputs (im2col) and few outputs (nine shifted output blocks): same values, VJP and
+  JVP as lax.conv_general_dilated with SAME padding, border pixels included."""
+  kx, kk, kg = jax.random.split(jax.random.PRNGKey(0), 3)
+  x = jax.random.normal(kx, (2, 5, 6, cin))
+  kernel = jax.random.normal(kk, (3, 3, cin, cout))
+
+  def reference(x, kernel):
+    return jax.lax.conv_general_dilated(
+        x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  want, want_vjp = jax.vjp(reference, x, kernel)
+  got, got_vjp = jax.vjp(conv3x3_by_matmul, x, kernel)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  cotangent = jax.random.normal(kg, want.shape)
+  for a, b in zip(got_vjp(cotangent), want_vjp(cotangent)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+  tangents = (jnp.ones_like(x), 0.1 * kernel)
+  np.testing.assert_allclose(jax.jvp(conv3x3_by_matmul, (x, kernel), tangents)[1],
+                             jax.jvp(reference, (x, kernel), tangents)[1], rtol=1e-5, atol=1e-4)

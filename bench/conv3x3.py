@@ -1,0 +1,158 @@
+"""Benchmark: Glow's skewed 3x3 convolutions as lax.conv against `conv3x3_by_matmul` (CPU).
+
+`bijectors.apply_conv` computes, on CPU, a 3x3 convolution with few channels on one side (the
+coupling network's first layer C/2 -> hidden and its zero-initialised last layer hidden -> C)
+as one matmul plus nine shifted copies. This script measures that choice two ways:
+
+- `--part=layers`: each such layer of the configured Glow alone, forward + backward (gradients
+  with respect to input and kernel), lax.conv against the matmul form, compiled in one process
+  and timed in interleaved rounds; min and median ms, GFLOP/s (2 x MACs x 3 for fwd+bwd) and
+  the speed-up.
+- `--part=step`: the whole train step of `bench/peer_pytorch.py` (loss, gradient, Adam, EMA),
+  once with every convolution on lax.conv and once with the matmul form, each in its own
+  process, interleaved round by round.
+
+  python bench/conv3x3.py --part=layers            # 32x32x3, L=3, K=8, width 256, batch 16
+  python bench/conv3x3.py --part=step --rounds=10
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import peer_pytorch  # noqa: F401  (defines the model-shape flags and the JAX train-step peer)
+from absl import app, flags
+
+flags.DEFINE_enum("part", "layers", ["layers", "step"], "What to time.")
+FLAGS = flags.FLAGS
+
+VARIANTS = ("lax", "matmul")
+
+
+def _use_lax_conv() -> None:
+  """Route every 3x3 convolution back to lax.conv (the reference for this comparison)."""
+  import jax
+
+  from eiw_flow_jax import bijectors
+
+  def lax_conv(x, kernel):
+    return jax.lax.conv_general_dilated(
+        x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  bijectors.conv3x3_by_matmul = lax_conv  # apply_conv looks it up at trace time
+
+
+def _layer_shapes() -> list[tuple[int, int, int]]:
+  """(size, C_in, C_out) of the configured Glow's 3x3 layers that `apply_conv` computes as
+  matmuls on CPU (9 min(C_in, C_out) <= 2 max(C_in, C_out))."""
+  shapes, c, size = [], FLAGS.channels, FLAGS.image_size
+  for level in range(FLAGS.num_levels):
+    c, size = 4 * c, size // 2
+    shapes += [(size, c // 2, FLAGS.hidden), (size, FLAGS.hidden, 2 * (c - c // 2))]
+    if level < FLAGS.num_levels - 1:
+      c //= 2
+  return [(s, i, o) for s, i, o in shapes if 9 * min(i, o) <= 2 * max(i, o)]
+
+
+def _time_layers() -> None:
+  import jax
+  import jax.numpy as jnp
+
+  from eiw_flow_jax.bijectors import conv3x3_by_matmul
+
+  def lax_conv(x, kernel):
+    return jax.lax.conv_general_dilated(
+        x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  print(f"batch {FLAGS.batch}, forward + backward (input and kernel gradients), "
+        f"{FLAGS.rounds} interleaved rounds, backend {jax.default_backend()}\n")
+  print("| layer | lax median ms | lax min ms | matmul median ms | matmul min ms | "
+        "lax GFLOP/s (min) | matmul GFLOP/s (min) | speed-up (min) |")
+  print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+  key = jax.random.PRNGKey(0)
+  for size, cin, cout in _layer_shapes():
+    x = jax.random.normal(key, (FLAGS.batch, size, size, cin))
+    kernel = 0.1 * jax.random.normal(key, (3, 3, cin, cout))
+    cotangent = jax.random.normal(key, (FLAGS.batch, size, size, cout))
+    steps = {}
+    for name, conv in (("lax", lax_conv), ("matmul", conv3x3_by_matmul)):
+      steps[name] = jax.jit(jax.grad(lambda x, k, conv=conv, c=cotangent: jnp.vdot(conv(x, k), c),
+                                     argnums=(0, 1)))
+      jax.block_until_ready(steps[name](x, kernel))
+    times = {name: [] for name in steps}
+    for _ in range(FLAGS.rounds):
+      for name, step in steps.items():
+        start = time.perf_counter()
+        jax.block_until_ready(step(x, kernel))
+        times[name].append(time.perf_counter() - start)
+    flops = 3 * 2 * FLAGS.batch * size * size * 9 * cin * cout
+    lax_t, mm_t = np.array(times["lax"]), np.array(times["matmul"])
+    print(f"| {size}x{size}, {cin} -> {cout} | {1e3 * np.median(lax_t):.2f} | "
+          f"{1e3 * lax_t.min():.2f} | {1e3 * np.median(mm_t):.2f} | {1e3 * mm_t.min():.2f} | "
+          f"{flops / lax_t.min() / 1e9:.0f} | {flops / mm_t.min() / 1e9:.0f} | "
+          f"{lax_t.min() / mm_t.min():.2f}x |")
+
+
+def _time_step() -> None:
+  passed = [f"--{name}={getattr(FLAGS, name)}" for name in
+            ("batch", "image_size", "channels", "num_levels", "steps_per_level", "hidden")]
+  procs = {}
+  for variant in VARIANTS:  # started one after the other: compiles do not overlap
+    proc = subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__), f"--worker={variant}", *passed],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    while True:
+      line = proc.stdout.readline()
+      if not line:
+        raise RuntimeError(f"worker {variant} exited during start-up (rc {proc.wait()})")
+      if line.startswith("{"):
+        break
+    procs[variant] = proc
+
+  def ask(variant: str, command: str) -> dict:
+    procs[variant].stdin.write(command + "\n")
+    procs[variant].stdin.flush()
+    return json.loads(procs[variant].stdout.readline())
+
+  times = {variant: [] for variant in procs}
+  for _ in range(FLAGS.rounds):
+    for variant in procs:
+      time.sleep(FLAGS.pause_s)
+      times[variant].append(ask(variant, "step")["seconds"])
+  for proc in procs.values():
+    proc.stdin.write("quit\n")
+    proc.stdin.flush()
+    proc.wait()
+  print(f"train step, {FLAGS.image_size}x{FLAGS.image_size}x{FLAGS.channels}, "
+        f"L={FLAGS.num_levels}, K={FLAGS.steps_per_level}, width {FLAGS.hidden}, batch "
+        f"{FLAGS.batch}; {FLAGS.rounds} interleaved rounds, load average "
+        f"{os.getloadavg()[0]:.1f} at the end\n")
+  print("| 3x3 convolutions | median ms | min ms | time vs lax (median) | (min) |")
+  print("| --- | --- | --- | --- | --- |")
+  ref_med, ref_min = np.median(times["lax"]), np.min(times["lax"])
+  for variant, t in times.items():
+    print(f"| {variant} | {1e3 * np.median(t):.0f} | {1e3 * np.min(t):.0f} | "
+          f"{np.median(t) / ref_med:.2f}x | {np.min(t) / ref_min:.2f}x |")
+
+
+def main(argv):
+  del argv
+  if FLAGS.worker:
+    if FLAGS.worker not in VARIANTS:
+      raise app.UsageError(f"--worker: expected one of {VARIANTS}, got {FLAGS.worker!r}.")
+    if FLAGS.worker == "lax":
+      _use_lax_conv()
+    peer_pytorch.worker("jax")
+  elif FLAGS.part == "layers":
+    _time_layers()
+  else:
+    _time_step()
+
+
+if __name__ == "__main__":
+  app.run(main)
