@@ -2,7 +2,7 @@
 
 Part `step`: the CIFAR-10 DenseFlow config (configs/cifar10_denseflow.py, DF-74-10 with EIW
 transitions, 130.9M parameters) at a small batch, with `model.memory` = "store" and "remat"
-(jax.checkpoint per dense unit). Each mode runs in its own process: it builds the state
+(per-unit recomputation through `memory.remat_call`). Each mode runs in its own process: it
 compiles `train.make_train_step` (loss, gradient, Adamax update, as training runs it) once from
 the abstract train state, reads XLA's compiled `memory_analysis()` (temp bytes: the activations
 and scratch of the step; argument bytes: state and batch), builds a state with synthetic
@@ -24,7 +24,11 @@ variants (jax.checkpoint of the unit; the authors' `checkpointing=True` in the c
 
 torch is a benchmark-only extra (`pip install -e .[bench]`).
 
-  python bench/denseflow.py --part=step --batch=2 --rounds=3   # DF-74-10: >30 min compile on CPU
+  # DF-74-10: XLA:CPU's default compile of this step takes over 30 minutes; at backend
+  # optimization level 0 it takes 10-15 minutes and ~12 GB (the convolutions and matmuls are
+  # library calls, so their speed does not depend on that level):
+  XLA_FLAGS=--xla_backend_optimization_level=0 python bench/denseflow.py --part=step --batch=2 \
+      --rounds=3 --modes=store   # then --modes=remat (two full compiles at once need ~24 GB)
   python bench/denseflow.py --part=step --batch=16 --rounds=2 --layers_conf=1,1,1
   python bench/denseflow.py --part=unit --authors_repo=/path/to/EIW-Flow --unit_batch=8
   python bench/denseflow.py --part=unit --authors_repo=... --peers=jax,torch,jax_remat,torch_ckpt
