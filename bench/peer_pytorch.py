@@ -20,6 +20,12 @@ torch and normflows are benchmark-only extras: `pip install -e .[bench]`.
   python bench/peer_pytorch.py                    # 32x32x3, L=3, K=8, width 256, batch 16
   python bench/peer_pytorch.py --rounds=10 --peers=jax,torch
   python bench/peer_pytorch.py --peers=jax --xla_variant=onednn=--xla_cpu_use_onednn=true
+  python bench/peer_pytorch.py --peers=jax \
+      --env_variant=hugepages=GLIBC_TUNABLES=glibc.malloc.hugetlb=1
+
+The peers inherit this process's environment: for the comparison the CLI runs under
+(`eiw_flow_jax.host_malloc`: glibc malloc on huge pages), set it for all peers alike,
+`GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python bench/peer_pytorch.py`.
 """
 
 from __future__ import annotations
@@ -46,6 +52,10 @@ flags.DEFINE_multi_string(
     "xla_variant", [],
     "Extra JAX peers run with other XLA flags, as NAME=FLAGS (e.g. "
     "onednn=--xla_cpu_use_onednn=true); each is timed as peer jax[NAME] in its own process.")
+flags.DEFINE_multi_string(
+    "env_variant", [],
+    "Extra JAX peers run with an environment variable set, as NAME=VAR=VALUE (e.g. "
+    "hugepages=GLIBC_TUNABLES=glibc.malloc.hugetlb=1); each is timed as peer jax[NAME].")
 flags.DEFINE_float(
     "pause_s", 0.3,
     "Idle seconds before each timed step, so that the previous peer's spinning worker threads "
@@ -317,6 +327,12 @@ def main(argv):
       raise app.UsageError(f"--xla_variant: expected NAME=FLAGS, got {variant!r}.")
     peer_env[f"jax[{name}]"] = {
         **env, "XLA_FLAGS": (env.get("XLA_FLAGS", "") + " " + xla_flags).strip()}
+  for variant in FLAGS.env_variant:
+    name, _, assignment = variant.partition("=")
+    var, sep, value = assignment.partition("=")
+    if not sep or not name or not var:
+      raise app.UsageError(f"--env_variant: expected NAME=VAR=VALUE, got {variant!r}.")
+    peer_env[f"jax[{name}]"] = {**env, var: value}
   procs, infos = {}, {}
   for peer, peer_environ in peer_env.items():
     # Started one after the other: warm-up (compiling) does not overlap.

@@ -27,7 +27,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from eiw_flow_jax import checkpointing, config_lib, evaluate, runtime, train
+from eiw_flow_jax import checkpointing, config_lib, evaluate, host_malloc, runtime, train
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -204,4 +204,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  host_malloc.reexec_with_huge_pages()  # XLA:CPU's step buffers on 2 MiB pages (see module)
   app.run(main, flags_parser=parse_flags)

@@ -167,7 +167,7 @@ def test_per_example_split_rejects_anchor_out_of_range(anchor):
     )
 
 
-@pytest.mark.parametrize("cin,cout", [(3, 32), (32, 3), (5, 7)])
+@pytest.mark.parametrize("cin,cout", [(3, 32), (32, 3)])
 def test_conv3x3_by_matmul_is_lax_conv_in_value_and_both_autodiff_modes(cin, cout):
   """Few inputs (im2col) and few outputs (nine shifted output blocks): same values, VJP and
   JVP as lax.conv_general_dilated with SAME padding, border pixels included."""
