@@ -25,8 +25,8 @@ variants (jax.checkpoint of the unit; the authors' `checkpointing=True` in the c
 torch is a benchmark-only extra (`pip install -e .[bench]`).
 
   # DF-74-10: XLA:CPU's default compile of this step takes over 30 minutes; at backend
-  # optimization level 0 it takes 10-15 minutes and ~12 GB (the convolutions and matmuls are
-  # library calls, so their speed does not depend on that level):
+  # optimization level 0 it takes 18 (store) to 29 (remat) minutes and ~12 GB (the
+  # convolutions and matmuls are library calls, so their speed does not depend on that level):
   XLA_FLAGS=--xla_backend_optimization_level=0 python bench/denseflow.py --part=step --batch=2 \
       --rounds=3 --modes=store   # then --modes=remat (two full compiles at once need ~24 GB)
   python bench/denseflow.py --part=step --batch=16 --rounds=2 --layers_conf=1,1,1
