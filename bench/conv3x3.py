@@ -18,14 +18,11 @@ as one matmul plus nine shifted copies. This script measures that choice two way
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 import time
 
 import numpy as np
-import peer_pytorch  # noqa: F401  (defines the model-shape flags and the JAX train-step peer)
+import peer_pytorch  # its flags (model shape, rounds, pause) and its JAX train-step peer
 from absl import app, flags
 
 flags.DEFINE_enum("part", "layers", ["layers", "step"], "What to time.")
@@ -34,17 +31,19 @@ FLAGS = flags.FLAGS
 VARIANTS = ("lax", "matmul")
 
 
-def _use_lax_conv() -> None:
-  """Route every 3x3 convolution back to lax.conv (the reference for this comparison)."""
+def _lax_conv(x, kernel):
+  """The reference: XLA's own SAME convolution."""
   import jax
 
+  return jax.lax.conv_general_dilated(
+      x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _use_lax_conv() -> None:
+  """Route every 3x3 convolution back to lax.conv (the reference for this comparison)."""
   from eiw_flow_jax import bijectors
 
-  def lax_conv(x, kernel):
-    return jax.lax.conv_general_dilated(
-        x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-  bijectors.conv3x3_by_matmul = lax_conv  # apply_conv looks it up at trace time
+  bijectors.conv3x3_by_matmul = _lax_conv  # apply_conv looks it up at trace time
 
 
 def _layer_shapes() -> list[tuple[int, int, int]]:
@@ -65,10 +64,6 @@ def _time_layers() -> None:
 
   from eiw_flow_jax.bijectors import conv3x3_by_matmul
 
-  def lax_conv(x, kernel):
-    return jax.lax.conv_general_dilated(
-        x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
   print(f"batch {FLAGS.batch}, forward + backward (input and kernel gradients), "
         f"{FLAGS.rounds} interleaved rounds, backend {jax.default_backend()}\n")
   print("| layer | lax median ms | lax min ms | matmul median ms | matmul min ms | "
@@ -80,7 +75,7 @@ def _time_layers() -> None:
     kernel = 0.1 * jax.random.normal(key, (3, 3, cin, cout))
     cotangent = jax.random.normal(key, (FLAGS.batch, size, size, cout))
     steps = {}
-    for name, conv in (("lax", lax_conv), ("matmul", conv3x3_by_matmul)):
+    for name, conv in (("lax", _lax_conv), ("matmul", conv3x3_by_matmul)):
       steps[name] = jax.jit(jax.grad(lambda x, k, conv=conv, c=cotangent: jnp.vdot(conv(x, k), c),
                                      argnums=(0, 1)))
       jax.block_until_ready(steps[name](x, kernel))
@@ -101,33 +96,11 @@ def _time_layers() -> None:
 def _time_step() -> None:
   passed = [f"--{name}={getattr(FLAGS, name)}" for name in
             ("batch", "image_size", "channels", "num_levels", "steps_per_level", "hidden")]
-  procs = {}
-  for variant in VARIANTS:  # started one after the other: compiles do not overlap
-    proc = subprocess.Popen(
-        [sys.executable, os.path.abspath(__file__), f"--worker={variant}", *passed],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    while True:
-      line = proc.stdout.readline()
-      if not line:
-        raise RuntimeError(f"worker {variant} exited during start-up (rc {proc.wait()})")
-      if line.startswith("{"):
-        break
-    procs[variant] = proc
-
-  def ask(variant: str, command: str) -> dict:
-    procs[variant].stdin.write(command + "\n")
-    procs[variant].stdin.flush()
-    return json.loads(procs[variant].stdout.readline())
-
-  times = {variant: [] for variant in procs}
-  for _ in range(FLAGS.rounds):
-    for variant in procs:
-      time.sleep(FLAGS.pause_s)
-      times[variant].append(ask(variant, "step")["seconds"])
-  for proc in procs.values():
-    proc.stdin.write("quit\n")
-    proc.stdin.flush()
-    proc.wait()
+  workers = peer_pytorch.InterleavedWorkers()
+  for variant in VARIANTS:
+    workers.start(variant, [os.path.abspath(__file__), f"--worker={variant}", *passed])
+  times = workers.time_steps(FLAGS.rounds, FLAGS.pause_s)
+  workers.close()
   print(f"train step, {FLAGS.image_size}x{FLAGS.image_size}x{FLAGS.channels}, "
         f"L={FLAGS.num_levels}, K={FLAGS.steps_per_level}, width {FLAGS.hidden}, batch "
         f"{FLAGS.batch}; {FLAGS.rounds} interleaved rounds, load average "
