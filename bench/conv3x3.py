@@ -23,6 +23,7 @@ import time
 
 import numpy as np
 import peer_pytorch  # its flags (model shape, rounds, pause) and its JAX train-step peer
+import workers
 from absl import app, flags
 
 flags.DEFINE_enum("part", "layers", ["layers", "step"], "What to time.")
@@ -96,11 +97,11 @@ def _time_layers() -> None:
 def _time_step() -> None:
   passed = [f"--{name}={getattr(FLAGS, name)}" for name in
             ("batch", "image_size", "channels", "num_levels", "steps_per_level", "hidden")]
-  workers = peer_pytorch.InterleavedWorkers()
+  pool = workers.InterleavedWorkers()
   for variant in VARIANTS:
-    workers.start(variant, [os.path.abspath(__file__), f"--worker={variant}", *passed])
-  times = workers.time_steps(FLAGS.rounds, FLAGS.pause_s)
-  workers.close()
+    pool.start(variant, [os.path.abspath(__file__), f"--worker={variant}", *passed])
+  times = pool.time_steps(FLAGS.rounds, FLAGS.pause_s)
+  pool.close()
   print(f"train step, {FLAGS.image_size}x{FLAGS.image_size}x{FLAGS.channels}, "
         f"L={FLAGS.num_levels}, K={FLAGS.steps_per_level}, width {FLAGS.hidden}, batch "
         f"{FLAGS.batch}; {FLAGS.rounds} interleaved rounds, load average "

@@ -36,14 +36,13 @@ torch is a benchmark-only extra (`pip install -e .[bench]`).
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 
 import numpy as np
+import workers
 from absl import app, flags
 
 flags.DEFINE_enum("part", "step", ["step", "unit"], "What to benchmark.")
@@ -327,48 +326,13 @@ def worker(name: str) -> None:
   start = time.perf_counter()
   run()  # warm-up (and, for JAX, the first run of the compiled executable)
   info["first_s"] = time.perf_counter() - start
-  print(json.dumps({"ready": name, **info}), flush=True)
-  for line in sys.stdin:
-    command = line.strip()
-    if command == "step":
-      start = time.perf_counter()
-      run()
-      print(json.dumps({"seconds": time.perf_counter() - start}), flush=True)
-    elif command == "quit":
-      break
+  workers.serve(name, run, info)
 
 
-def _start(name: str, passed: list[str]) -> tuple[subprocess.Popen, dict]:
+def _start(pool: workers.InterleavedWorkers, name: str, passed: list[str]) -> dict:
   env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
-  proc = subprocess.Popen(
-      [sys.executable, os.path.abspath(__file__), f"--worker={name}", *passed],
-      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=REPO)
-  start = time.perf_counter()
-  while True:
-    line = proc.stdout.readline()
-    if not line:
-      raise RuntimeError(f"worker {name} exited during start-up (rc {proc.wait()})")
-    if line.startswith("{"):
-      info = json.loads(line)
-      info["startup_s"] = time.perf_counter() - start
-      return proc, info
-
-
-def _interleave(procs: dict[str, subprocess.Popen]) -> dict[str, list[float]]:
-  def ask(name: str) -> float:
-    procs[name].stdin.write("step\n")
-    procs[name].stdin.flush()
-    return json.loads(procs[name].stdout.readline())["seconds"]
-
-  times = {name: [] for name in procs}
-  for _ in range(FLAGS.rounds):
-    for name in procs:
-      times[name].append(ask(name))
-  for proc in procs.values():
-    proc.stdin.write("quit\n")
-    proc.stdin.flush()
-    proc.wait()
-  return times
+  return pool.start(name, [os.path.abspath(__file__), f"--worker={name}", *passed], env=env,
+                    cwd=REPO)
 
 
 def _header() -> None:
@@ -381,11 +345,12 @@ def main_step() -> None:
   passed = [f"--config={FLAGS.config}", f"--batch={FLAGS.batch}",
             f"--layers_conf={','.join(FLAGS.layers_conf)}"]
   _header()
-  procs, infos = {}, {}
+  pool, infos = workers.InterleavedWorkers(), {}
   for mode in FLAGS.modes:  # one after the other: compiles do not overlap
-    procs[mode], infos[mode] = _start(f"step:{mode}", passed)
+    infos[mode] = _start(pool, f"step:{mode}", passed)
     print(f"{mode}: started in {infos[mode]['startup_s']:.0f} s", flush=True)
-  times = _interleave(procs)
+  times = {name.split(":", 1)[1]: t for name, t in pool.time_steps(FLAGS.rounds).items()}
+  pool.close()
   ref = FLAGS.modes[0]
   layers = f" with layers_conf {','.join(FLAGS.layers_conf)}" if FLAGS.layers_conf else ""
   print(f"\n{FLAGS.config}{layers}, batch {FLAGS.batch}, {infos[ref]['params']:,} parameters, "
@@ -415,10 +380,11 @@ def main_unit() -> None:
               f"--unit_index={FLAGS.unit_index}", f"--unit_batch={FLAGS.unit_batch}",
               f"--authors_repo={FLAGS.authors_repo}", f"--exchange={exchange}"]
     order = ["torch"] + [p for p in FLAGS.peers if p != "torch"]
-    procs, infos = {}, {}
+    pool, infos = workers.InterleavedWorkers(), {}
     for peer in order:
-      procs[peer], infos[peer] = _start(peer, passed)
-    times = _interleave(procs)
+      infos[peer] = _start(pool, peer, passed)
+    times = pool.time_steps(FLAGS.rounds)
+    pool.close()
   print(f"Unit {FLAGS.unit_index} of block {FLAGS.unit_block} of {FLAGS.config}: "
         f"{layers} x [ActNorm, 1x1 conv, affine coupling (multi-head DenseNet, mid {mid}), "
         f"switch] on {FLAGS.unit_batch}x{chnls}x{h}x{w}; forward + backward, BatchNorm in "

@@ -30,14 +30,12 @@ The peers inherit this process's environment: for the comparison the CLI runs un
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import subprocess
-import sys
 import time
 
 import numpy as np
+import workers
 from absl import app, flags
 
 flags.DEFINE_integer("batch", 16, "Batch size.")
@@ -298,60 +296,8 @@ def worker(kind: str) -> None:
   for _ in range(2):
     run()
   matmul = info.pop("matmul", None)
-  print(json.dumps({"ready": kind, **info}), flush=True)
-  for line in sys.stdin:
-    command = line.strip()
-    if command == "step":
-      start = time.perf_counter()
-      run()
-      print(json.dumps({"seconds": time.perf_counter() - start}), flush=True)
-    elif command == "matmul" and matmul is not None:
-      print(json.dumps({"gflops": matmul()}), flush=True)
-    elif command == "quit":
-      break
-
-
-class InterleavedWorkers:
-  """Worker processes (each running `worker`), started one after the other so that warm-up
-  (compiling) does not overlap, then asked for one timed step each in turn, round after round,
-  so that machine load hits all of them alike."""
-
-  def __init__(self):
-    self.procs: dict[str, subprocess.Popen] = {}
-    self.infos: dict[str, dict] = {}  # each worker's "ready" line
-
-  def start(self, name: str, args: list[str], env: dict[str, str] | None = None,
-            cwd: str | None = None) -> None:
-    proc = subprocess.Popen([sys.executable, *args], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True, env=env, cwd=cwd)
-    while True:
-      line = proc.stdout.readline()
-      if not line:
-        raise RuntimeError(f"worker {name} exited during start-up (rc {proc.wait()})")
-      if line.startswith("{"):
-        self.infos[name] = json.loads(line)
-        break
-    self.procs[name] = proc
-
-  def ask(self, name: str, command: str) -> dict:
-    self.procs[name].stdin.write(command + "\n")
-    self.procs[name].stdin.flush()
-    return json.loads(self.procs[name].stdout.readline())
-
-  def time_steps(self, rounds: int, pause_s: float) -> dict[str, list[float]]:
-    """Seconds of each worker's steps, `rounds` interleaved rounds, `pause_s` idle before each."""
-    times = {name: [] for name in self.procs}
-    for _ in range(rounds):
-      for name in self.procs:
-        time.sleep(pause_s)
-        times[name].append(self.ask(name, "step")["seconds"])
-    return times
-
-  def close(self) -> None:
-    for proc in self.procs.values():
-      proc.stdin.write("quit\n")
-      proc.stdin.flush()
-      proc.wait()
+  commands = {"matmul": lambda: {"gflops": matmul()}} if matmul is not None else {}
+  workers.serve(kind, run, info, commands)
 
 
 def main(argv):
@@ -376,14 +322,14 @@ def main(argv):
     if not sep or not name or not var:
       raise app.UsageError(f"--env_variant: expected NAME=VAR=VALUE, got {variant!r}.")
     peer_env[f"jax[{name}]"] = {**env, var: value}
-  workers = InterleavedWorkers()
+  pool = workers.InterleavedWorkers()
   for peer, peer_environ in peer_env.items():
-    workers.start(peer, [os.path.abspath(__file__), f"--worker={peer}", *passed],
+    pool.start(peer, [os.path.abspath(__file__), f"--worker={peer}", *passed],
                   env=peer_environ, cwd=repo)
-  times = workers.time_steps(FLAGS.rounds, FLAGS.pause_s)
-  infos = workers.infos
-  matmul = workers.ask("jax", "matmul")["gflops"] if "jax" in infos else None
-  workers.close()
+  times = pool.time_steps(FLAGS.rounds, FLAGS.pause_s)
+  infos = pool.infos
+  matmul = pool.ask("jax", "matmul")["gflops"] if "jax" in infos else None
+  pool.close()
 
   print(f"{FLAGS.image_size}x{FLAGS.image_size}x{FLAGS.channels}, L={FLAGS.num_levels}, "
         f"K={FLAGS.steps_per_level}, width {FLAGS.hidden}, batch {FLAGS.batch}; "

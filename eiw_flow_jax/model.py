@@ -143,9 +143,13 @@ class Flow:
   def init(self, rng: Array, x: Array) -> Variables:
     """Variables with data-dependent ActNorm initialisation on the uint8 batch `x`."""
     self.check_uint8(x)
+    return jax.jit(self._init)(rng, x)
+
+  def _init(self, rng: Array, x: Array) -> Variables:
     noise_rng, params_rng = jax.random.split(rng)
-    y = self.dequantize(x, noise_rng)
-    # Eager on purpose: init runs once, and compiling the whole graph costs more than it saves.
+    y = UniformDequantize(self.n_bits).dequantize(x, noise_rng)
+    # One compiled graph: op by op, every distinct op shape is compiled separately (a tiny
+    # digits model: 23 s eager against 10.5 s jitted on 2 cores; the CIFAR model: about even).
     return self.module.init({"params": params_rng}, y, method="forward")
 
   def forward(self, variables: Variables, y: Array):

@@ -11,6 +11,26 @@ import pytest
 
 from eiw_flow_jax.config_lib import base_config
 
+# The suite's time is mostly XLA:CPU compiling small graphs, and most of that is LLVM
+# optimising the emitted loops: the suite compiles at LLVM optimisation level 0 (a tiny EIW
+# model's init: 10.9 s -> 3.0 s on 2 cores; the whole suite ~0.7x the time). The HLO passes and
+# the matmul/convolution libraries are the same; float round-off differs slightly (a gradient
+# computed two ways: ~6e-7 of its scale), which the tests' float32 tolerances cover.
+# Set EIW_FLOW_JAX_TEST_XLA_FLAGS="" to run the suite under XLA's defaults. Set at import,
+# before any test starts JAX's backend (which reads XLA_FLAGS then), and passed to the
+# subprocesses of the `env` fixture.
+TEST_XLA_FLAGS = os.environ.get(
+    "EIW_FLOW_JAX_TEST_XLA_FLAGS", "--xla_backend_optimization_level=0"
+)
+
+
+def with_test_xla_flags(flags: str = "") -> str:
+  """`flags` plus the suite's compile flags, as one XLA_FLAGS value."""
+  return " ".join(f for f in (flags, TEST_XLA_FLAGS) if f)
+
+
+os.environ["XLA_FLAGS"] = with_test_xla_flags(os.environ.get("XLA_FLAGS", ""))
+
 
 def make_config(
     image_shape=(8, 8, 1), num_levels=2, steps=2, hidden=8, split="eiw", mode="global", n_bits=8
@@ -77,8 +97,8 @@ def env(tmp_path_factory):
   cache = tmp_path_factory.getbasetemp() / "eiw_flow_xla_cache"
   cache.mkdir(exist_ok=True)
   out = dict(os.environ)
-  out.pop("XLA_FLAGS", None)
   out.update(
+      XLA_FLAGS=with_test_xla_flags(),
       JAX_PLATFORMS="cpu",
       JAX_COMPILATION_CACHE_DIR=str(cache),
       JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",

@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from conftest import REPO, with_test_xla_flags
 
 from eiw_flow_jax import data, evaluate, train
 
@@ -147,7 +147,7 @@ ERROR_CASES = {
     ),
     "batch_not_divisible": (
         "digits.py", ["--config.batch_size=12"],
-        {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+        {"XLA_FLAGS": with_test_xla_flags("--xla_force_host_platform_device_count=8")},
         "config.batch_size=12 must be divisible by the number of devices (8)",
     ),
     "mnist_idx_missing": (
@@ -220,7 +220,8 @@ def test_two_processes_with_distributed_initialize(tmp_path, data_dir, env):
   result = subprocess.run(
       main_args(single, "digits.py", *TINY, f"--config.dataset.data_dir={data_dir}",
                 "--config.num_train_steps=60", "--config.checkpoint_every_steps=30"),
-      env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}, cwd=REPO,
+      env={**env, "XLA_FLAGS": with_test_xla_flags("--xla_force_host_platform_device_count=4")},
+      cwd=REPO,
       capture_output=True, text=True, timeout=600,
   )
   assert result.returncode == 0, result.stderr[-3000:]

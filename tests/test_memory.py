@@ -213,8 +213,9 @@ def test_remat_call_chain_matches_autodiff_and_recomputes_one_call_at_a_time():
     compiled = grad.lower(params, x).compile()
     temp[remat] = compiled.memory_analysis().temp_size_in_bytes
     results[remat] = compiled(params, x)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
-               results[False], results[True])
+  # Float32 round-off relative to each leaf's scale (the gradients here reach ~1e3).
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(
+      a, b, rtol=1e-5, atol=1e-5 * max(1.0, float(np.abs(a).max()))), results[False], results[True])
   one_call_hidden = x.shape[0] * width * 4
   assert temp[False] > calls * one_call_hidden, temp  # autodiff keeps every call's hidden
   assert temp[True] < 0.5 * temp[False], temp

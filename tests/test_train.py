@@ -18,7 +18,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, with_test_xla_flags
 
 from eiw_flow_jax import checkpointing, data, train
 from eiw_flow_jax.config_lib import base_config
@@ -151,7 +151,7 @@ EIGHT_DEVICES = textwrap.dedent(
 
 def test_train_step_on_8_devices_matches_1_device(data_dir, env):
   script = EIGHT_DEVICES.format(tests=os.path.join(REPO, "tests"), data_dir=data_dir)
-  env8 = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  env8 = dict(env, XLA_FLAGS=with_test_xla_flags("--xla_force_host_platform_device_count=8"))
   result = run_cli([sys.executable, "-c", script], env8)
   assert "OK" in result.stdout
 

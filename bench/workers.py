@@ -1,0 +1,85 @@
+"""Interleaved timing in separate processes, shared by the benchmarks in bench/.
+
+Each variant runs in its own worker process (its own environment, XLA flags, allocator, thread
+pools), warms up, prints one JSON "ready" line, then answers commands on stdin: `step` times one
+call of its step function, `quit` ends it; extra commands can be served too. The parent starts
+the workers one after the other (compiles do not overlap), then asks each for one step in turn,
+round after round, so that load from elsewhere on the machine hits all variants alike.
+
+No flags here: the scripts that import this module define their own.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+
+def serve(name: str, run: Callable[[], None], info: dict,
+          commands: dict[str, Callable[[], dict]] | None = None) -> None:
+  """Worker side: print the ready line (with `info`), then answer commands until `quit`."""
+  commands = commands or {}
+  print(json.dumps({"ready": name, **info}), flush=True)
+  for line in sys.stdin:
+    command = line.strip()
+    if command == "step":
+      start = time.perf_counter()
+      run()
+      print(json.dumps({"seconds": time.perf_counter() - start}), flush=True)
+    elif command in commands:
+      print(json.dumps(commands[command]()), flush=True)
+    elif command == "quit":
+      break
+    else:
+      print(json.dumps({"error": f"unknown command {command!r}"}), flush=True)
+
+
+class InterleavedWorkers:
+  """Parent side: worker processes started one after the other, then timed in rounds."""
+
+  def __init__(self):
+    self.procs: dict[str, subprocess.Popen] = {}
+    self.infos: dict[str, dict] = {}  # each worker's ready line, plus its "startup_s"
+
+  def start(self, name: str, args: list[str], env: dict[str, str] | None = None,
+            cwd: str | None = None) -> dict:
+    """Runs `python *args` and waits for its ready line; returns it."""
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, *args], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env=env, cwd=cwd)
+    while True:
+      line = proc.stdout.readline()
+      if not line:
+        raise RuntimeError(f"worker {name} exited during start-up (rc {proc.wait()})")
+      if line.startswith("{"):
+        self.infos[name] = {**json.loads(line), "startup_s": time.perf_counter() - start}
+        break
+    self.procs[name] = proc
+    return self.infos[name]
+
+  def ask(self, name: str, command: str) -> dict:
+    self.procs[name].stdin.write(command + "\n")
+    self.procs[name].stdin.flush()
+    answer = json.loads(self.procs[name].stdout.readline())
+    if "error" in answer:
+      raise RuntimeError(f"worker {name}: {answer['error']}")
+    return answer
+
+  def time_steps(self, rounds: int, pause_s: float = 0.0) -> dict[str, list[float]]:
+    """Seconds of each worker's steps, `rounds` interleaved rounds, `pause_s` idle before each
+    (so that the previous worker's spinning threads are asleep)."""
+    times = {name: [] for name in self.procs}
+    for _ in range(rounds):
+      for name in self.procs:
+        time.sleep(pause_s)
+        times[name].append(self.ask(name, "step")["seconds"])
+    return times
+
+  def close(self) -> None:
+    for proc in self.procs.values():
+      proc.stdin.write("quit\n")
+      proc.stdin.flush()
+      proc.wait()
