@@ -47,16 +47,30 @@ def _use_lax_conv() -> None:
   bijectors.conv3x3_by_matmul = _lax_conv  # apply_conv looks it up at trace time
 
 
+def _skewed(kernel_shape: tuple[int, ...]) -> bool:
+  """The candidates: 3x3 with few channels on one side (9 min(C_in, C_out) <= 2 max), at any
+  width (`bijectors.conv3x3_takes_matmul_form` also asks for 256 channels on the other)."""
+  kh, kw, cin, cout = kernel_shape
+  return (kh, kw) == (3, 3) and 9 * min(cin, cout) <= 2 * max(cin, cout)
+
+
+def _force_matmul_form() -> None:
+  """Route every skewed 3x3 convolution to the matmul form, whatever the width, so that the
+  step A/B measures the form itself at small widths too."""
+  from eiw_flow_jax import bijectors
+
+  bijectors.conv3x3_takes_matmul_form = _skewed  # apply_conv looks it up at trace time
+
+
 def _layer_shapes() -> list[tuple[int, int, int]]:
-  """(size, C_in, C_out) of the configured Glow's 3x3 layers that `apply_conv` computes as
-  matmuls on CPU (9 min(C_in, C_out) <= 2 max(C_in, C_out))."""
+  """(size, C_in, C_out) of the configured Glow's skewed 3x3 layers (`_skewed`)."""
   shapes, c, size = [], FLAGS.channels, FLAGS.image_size
   for level in range(FLAGS.num_levels):
     c, size = 4 * c, size // 2
     shapes += [(size, c // 2, FLAGS.hidden), (size, FLAGS.hidden, 2 * (c - c // 2))]
     if level < FLAGS.num_levels - 1:
       c //= 2
-  return [(s, i, o) for s, i, o in shapes if 9 * min(i, o) <= 2 * max(i, o)]
+  return [(s, i, o) for s, i, o in shapes if _skewed((3, 3, i, o))]
 
 
 def _time_layers() -> None:
@@ -121,6 +135,8 @@ def main(argv):
       raise app.UsageError(f"--worker: expected one of {VARIANTS}, got {FLAGS.worker!r}.")
     if FLAGS.worker == "lax":
       _use_lax_conv()
+    else:
+      _force_matmul_form()
     peer_pytorch.worker("jax")
   elif FLAGS.part == "layers":
     _time_layers()

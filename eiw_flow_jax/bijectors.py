@@ -276,8 +276,9 @@ def apply_conv(x: Array, kernel: Array, dtype: Any) -> Array:
   """SAME, stride-1, bias-free convolution of NHWC `x` by HWIO `kernel`, computed in `dtype`.
 
   A 1x1 kernel is computed as a dot over channels (faster than lax.conv on XLA:CPU). On CPU, a
-  3x3 kernel whose channel counts differ a lot (the coupling network's first and last layers)
-  is computed as one matmul plus nine shifted copies (`conv3x3_by_matmul`: a whole Glow train
+  3x3 kernel whose channel counts differ a lot (the coupling network's first and last layers,
+  at width 256 and up: `conv3x3_takes_matmul_form`) is computed as one matmul plus nine
+  shifted copies (`conv3x3_by_matmul`: a whole Glow train
   step 14% faster on 2 cores, docs/performance.md); accelerators keep their convolution
   kernels, as the rewrite is unmeasured there.
   """
@@ -285,12 +286,23 @@ def apply_conv(x: Array, kernel: Array, dtype: Any) -> Array:
   kh, kw, cin, cout = kernel.shape
   if (kh, kw) == (1, 1):
     return jnp.einsum("bhwc,cd->bhwd", x, kernel[0, 0])
-  if ((kh, kw) == (3, 3) and 9 * min(cin, cout) <= 2 * max(cin, cout)
-      and jax.default_backend() == "cpu"):
+  if jax.default_backend() == "cpu" and conv3x3_takes_matmul_form(kernel.shape):
     return conv3x3_by_matmul(x, kernel)
   return jax.lax.conv_general_dilated(
       x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
   )
+
+
+def conv3x3_takes_matmul_form(kernel_shape: tuple[int, ...]) -> bool:
+  """Whether `apply_conv` computes this HWIO kernel by `conv3x3_by_matmul` on CPU.
+
+  3x3 kernels with few channels on one side (9 min(C_in, C_out) <= 2 max) and at least 256 on
+  the other: there the whole CIFAR train step took 0.82-0.88x the time. With 32-128 channels
+  the two forms were within +-8% of each other (docs/performance.md), so lax.conv stays.
+  """
+  kh, kw, cin, cout = kernel_shape
+  return ((kh, kw) == (3, 3) and max(cin, cout) >= 256
+          and 9 * min(cin, cout) <= 2 * max(cin, cout))
 
 
 def _shift(x: Array, di: int, dj: int) -> Array:

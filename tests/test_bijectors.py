@@ -18,6 +18,7 @@ from eiw_flow_jax.bijectors import (
     Squeeze,
     UniformDequantize,
     conv3x3_by_matmul,
+    conv3x3_takes_matmul_form,
 )
 from eiw_flow_jax.splits import EIWGlobalSplit, EIWPerExampleSplit, VanillaSplit
 
@@ -30,8 +31,8 @@ BIJECTORS = {
     "actnorm": ActNorm,
     "conv1x1": InvertibleConv1x1,
     "affine_coupling": lambda: AffineCoupling(hidden=8),
-    # Wide enough that both 3x3 convolutions take the matmul form (conv3x3_by_matmul).
-    "affine_coupling_wide": lambda: AffineCoupling(hidden=32),
+    # Wide enough that both 3x3 convolutions take the matmul form (conv3x3_by_matmul on CPU).
+    "affine_coupling_wide": lambda: AffineCoupling(hidden=256),
     "additive_coupling": lambda: AdditiveCoupling(hidden=8),
     "flow_step": lambda: FlowStep(hidden=8, coupling="affine"),
 }
@@ -165,6 +166,17 @@ def test_per_example_split_rejects_anchor_out_of_range(anchor):
     EIWPerExampleSplit(4, anchor_width=anchor).init(
         {"params": jax.random.PRNGKey(0)}, jnp.zeros((1, 2, 2, 4)), method="split"
     )
+
+
+def test_matmul_form_routing_rule():
+  takes = conv3x3_takes_matmul_form
+  assert takes((3, 3, 2, 256)) and takes((3, 3, 256, 12)) and takes((3, 3, 48, 512))
+  # The wide coupling case above: its first (C/2 -> 256) and last (256 -> C) convolutions.
+  c = _input().shape[-1]
+  assert takes((3, 3, c // 2, 256)) and takes((3, 3, 256, 2 * (c - c // 2)))
+  assert not takes((3, 3, 6, 128))  # narrow: lax.conv (within +-8% there)
+  assert not takes((3, 3, 64, 256))  # balanced channels
+  assert not takes((1, 1, 2, 256))  # 1x1: a dot anyway
 
 
 @pytest.mark.parametrize("cin,cout", [(3, 32), (32, 3)])
