@@ -18,6 +18,7 @@ as one matmul plus nine shifted copies. This script measures that choice two way
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 
@@ -47,30 +48,29 @@ def _use_lax_conv() -> None:
   bijectors.conv3x3_by_matmul = _lax_conv  # apply_conv looks it up at trace time
 
 
-def _skewed(kernel_shape: tuple[int, ...]) -> bool:
-  """The candidates: 3x3 with few channels on one side (9 min(C_in, C_out) <= 2 max), at any
-  width (`bijectors.conv3x3_takes_matmul_form` also asks for 256 channels on the other)."""
-  kh, kw, cin, cout = kernel_shape
-  return (kh, kw) == (3, 3) and 9 * min(cin, cout) <= 2 * max(cin, cout)
-
-
 def _force_matmul_form() -> None:
   """Route every skewed 3x3 convolution to the matmul form, whatever the width, so that the
   step A/B measures the form itself at small widths too."""
   from eiw_flow_jax import bijectors
 
-  bijectors.conv3x3_takes_matmul_form = _skewed  # apply_conv looks it up at trace time
+  # apply_conv looks the rule up at trace time.
+  bijectors.conv3x3_takes_matmul_form = functools.partial(
+      bijectors.conv3x3_takes_matmul_form, min_width=0)
 
 
 def _layer_shapes() -> list[tuple[int, int, int]]:
-  """(size, C_in, C_out) of the configured Glow's skewed 3x3 layers (`_skewed`)."""
+  """(size, C_in, C_out) of the configured Glow's 3x3 layers with few channels on one side
+  (`conv3x3_takes_matmul_form` at any width)."""
+  from eiw_flow_jax.bijectors import conv3x3_takes_matmul_form
+
   shapes, c, size = [], FLAGS.channels, FLAGS.image_size
   for level in range(FLAGS.num_levels):
     c, size = 4 * c, size // 2
     shapes += [(size, c // 2, FLAGS.hidden), (size, FLAGS.hidden, 2 * (c - c // 2))]
     if level < FLAGS.num_levels - 1:
       c //= 2
-  return [(s, i, o) for s, i, o in shapes if _skewed((3, 3, i, o))]
+  return [(s, i, o) for s, i, o in shapes
+          if conv3x3_takes_matmul_form((3, 3, i, o), min_width=0)]
 
 
 def _time_layers() -> None:

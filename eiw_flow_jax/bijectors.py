@@ -278,13 +278,12 @@ def apply_conv(x: Array, kernel: Array, dtype: Any) -> Array:
   A 1x1 kernel is computed as a dot over channels (faster than lax.conv on XLA:CPU). On CPU, a
   3x3 kernel whose channel counts differ a lot (the coupling network's first and last layers,
   at width 256 and up: `conv3x3_takes_matmul_form`) is computed as one matmul plus nine
-  shifted copies (`conv3x3_by_matmul`: a whole Glow train
-  step 14% faster on 2 cores, docs/performance.md); accelerators keep their convolution
-  kernels, as the rewrite is unmeasured there.
+  shifted copies (`conv3x3_by_matmul`: a whole Glow train step 14% faster on 2 cores,
+  docs/performance.md); accelerators keep their convolution kernels, as the rewrite is
+  unmeasured there.
   """
   x, kernel = x.astype(dtype), kernel.astype(dtype)
-  kh, kw, cin, cout = kernel.shape
-  if (kh, kw) == (1, 1):
+  if kernel.shape[:2] == (1, 1):
     return jnp.einsum("bhwc,cd->bhwd", x, kernel[0, 0])
   if jax.default_backend() == "cpu" and conv3x3_takes_matmul_form(kernel.shape):
     return conv3x3_by_matmul(x, kernel)
@@ -293,15 +292,16 @@ def apply_conv(x: Array, kernel: Array, dtype: Any) -> Array:
   )
 
 
-def conv3x3_takes_matmul_form(kernel_shape: tuple[int, ...]) -> bool:
+def conv3x3_takes_matmul_form(kernel_shape: tuple[int, ...], min_width: int = 256) -> bool:
   """Whether `apply_conv` computes this HWIO kernel by `conv3x3_by_matmul` on CPU.
 
-  3x3 kernels with few channels on one side (9 min(C_in, C_out) <= 2 max) and at least 256 on
-  the other: there the whole CIFAR train step took 0.82-0.88x the time. With 32-128 channels
-  the two forms were within +-8% of each other (docs/performance.md), so lax.conv stays.
+  3x3 kernels with few channels on one side (9 min(C_in, C_out) <= 2 max) and at least
+  `min_width` on the other: at 256 the whole CIFAR train step took 0.82-0.88x the time. With
+  32-128 channels the two forms were within +-8% of each other (docs/performance.md), so
+  lax.conv stays there. (bench/conv3x3.py passes min_width=0 to measure the form at any width.)
   """
   kh, kw, cin, cout = kernel_shape
-  return ((kh, kw) == (3, 3) and max(cin, cout) >= 256
+  return ((kh, kw) == (3, 3) and max(cin, cout) >= min_width
           and 9 * min(cin, cout) <= 2 * max(cin, cout))
 
 

@@ -147,7 +147,7 @@ class Flow:
 
   def _init(self, rng: Array, x: Array) -> Variables:
     noise_rng, params_rng = jax.random.split(rng)
-    y = UniformDequantize(self.n_bits).dequantize(x, noise_rng)
+    y = self.dequantize(x, noise_rng)
     # One compiled graph: op by op, every distinct op shape is compiled separately (a tiny
     # digits model: 23 s eager against 10.5 s jitted on 2 cores; the CIFAR model: about even).
     return self.module.init({"params": params_rng}, y, method="forward")

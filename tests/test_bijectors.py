@@ -172,11 +172,12 @@ def test_matmul_form_routing_rule():
   takes = conv3x3_takes_matmul_form
   assert takes((3, 3, 2, 256)) and takes((3, 3, 256, 12)) and takes((3, 3, 48, 512))
   # The wide coupling case above: its first (C/2 -> 256) and last (256 -> C) convolutions.
-  c = _input().shape[-1]
+  c = SHAPE[-1]
   assert takes((3, 3, c // 2, 256)) and takes((3, 3, 256, 2 * (c - c // 2)))
   assert not takes((3, 3, 6, 128))  # narrow: lax.conv (within +-8% there)
   assert not takes((3, 3, 64, 256))  # balanced channels
   assert not takes((1, 1, 2, 256))  # 1x1: a dot anyway
+  assert takes((3, 3, 6, 128), min_width=0)  # the benchmark's any-width candidates
 
 
 @pytest.mark.parametrize("cin,cout", [(3, 32), (32, 3)])
