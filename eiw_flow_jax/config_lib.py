@@ -32,6 +32,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.dataset.source_dir = ""  # raw files for offline builders (e.g. MNIST idx files)
   config.dataset.train_split = "train"
   config.dataset.eval_split = "test"
+  # grain worker processes for the training input pipeline (0: in this process). A checkpoint's
+  # iterator state must be restored with the worker_count it was saved with.
+  config.dataset.worker_count = 0
 
   config.model = ml_collections.ConfigDict()
   config.model.backbone = "glow"  # "glow" or "denseflow" (the paper's model)
@@ -415,6 +418,8 @@ def _validate_training(config: ml_collections.ConfigDict) -> None:
   for field in ("log_every_steps", "keep_checkpoints", "max_consecutive_nonfinite"):
     _positive_int(f"config.{field}", config[field])
   _positive_int("config.prefetch_batches", config.get("prefetch_batches", 2), allow_zero=True)
+  _positive_int("config.dataset.worker_count", config.dataset.get("worker_count", 0),
+                allow_zero=True)
   for field in ("checkpoint_every_steps", "eval_every_steps"):
     _positive_int(f"config.{field}", config[field], allow_zero=True)
   _require(

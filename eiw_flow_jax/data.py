@@ -63,9 +63,10 @@ an uninterrupted run would. With Orbax::
       state=ocp.args.StandardRestore(abstract_state), data=data.iterator_restore_args(train_iter)))
   train_iter = restored.data  # the same object, moved to the saved position
 
-Optional config field: `config.dataset.worker_count` (default 0) runs the pipeline in that many
-grain worker processes (`mp_prefetch`). The batches are the same for any value, but the saved
-iterator state is not: restore a checkpoint with the worker_count it was saved with.
+`config.dataset.worker_count` (default 0; `--config.dataset.worker_count=N`) runs the pipeline
+in that many grain worker processes (`mp_prefetch`). The batches are the same for any value, but
+the saved iterator state is not: a checkpoint restores only with the worker_count it was saved
+with (the training loop refuses a changed one before restoring, `runtime.check_resume_config`).
 """
 
 from __future__ import annotations

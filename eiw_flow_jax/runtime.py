@@ -12,7 +12,8 @@
   on a busy workdir refuses to start. A lock whose process is gone (same host) or whose
   heartbeat is older than `stale_after` seconds (another host) is stale and taken over.
 * Config check: resuming with a config that differs from `<workdir>/config.json` in the model,
-  batch size, seed or dataset is refused (naming the fields) unless `allow_config_change`.
+  batch size, seed or dataset is refused (naming the fields) unless `allow_config_change`; a
+  changed `dataset.worker_count` is refused even then (the saved pipeline position needs it).
 * Divergence: a final test bpd that is not finite or far above the initial one is an error.
 """
 
@@ -394,7 +395,11 @@ def acquire_workdir_lock(workdir: str, *, stale_after: float = 600.0) -> Workdir
 # Resuming: the saved config and the restored state.
 
 # Fields that must match the saved config.json to resume (prefixes of dotted names).
-RESUME_FIELDS = ("model", "batch_size", "seed", "dataset.name", "dataset.train_split")
+RESUME_FIELDS = ("model", "batch_size", "seed", "dataset.name", "dataset.train_split",
+                 "dataset.worker_count")
+# ... of which these cannot change even on purpose: the checkpoint cannot be restored otherwise
+# (grain saves the input pipeline's position in a layout that depends on its worker count).
+UNCHANGEABLE_FIELDS = ("dataset.worker_count",)
 
 
 class ConfigMismatchError(config_lib.ConfigError):
@@ -447,6 +452,14 @@ def check_resume_config(
   if not differences:
     return
   listed = "; ".join(f"{name}: saved {old!r}, now {new!r}" for name, old, new in differences)
+  fixed = [name for name, _, _ in differences if name in UNCHANGEABLE_FIELDS]
+  if fixed:
+    raise ConfigMismatchError(
+        f"The config differs from the one this workdir was trained with ({file}) in: {listed}. "
+        f"{', '.join(fixed)} cannot change on resume, not even with --allow_config_change: the "
+        "checkpoints hold the input pipeline's position in a layout that depends on it. "
+        "Resume with the saved value, or start a new run in another --workdir."
+    )
   if allow_change:
     logging.warning("Resuming %s with a changed config (allowed): %s", workdir, listed)
     return

@@ -47,6 +47,21 @@ def test_config_is_valid_and_defaults_to_eiw_global(name):
     assert config.model.n_bits == 8
 
 
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: os.path.basename(p))
+def test_command_line_overrides_reach_every_config(path, monkeypatch):
+  """`--config.x=y` as the CLI parses it (ml_collections config_flags, locked configs)."""
+  from absl import flags
+  from ml_collections import config_flags
+
+  argv = ["prog", f"--config={path}", "--config.dataset.worker_count=2", "--config.batch_size=32"]
+  monkeypatch.setattr("sys.argv", argv)  # config_flags reads the overrides from sys.argv
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", path, flag_values=values, lock_config=True)
+  values(argv)
+  assert values.config.dataset.worker_count == 2 and values.config.batch_size == 32
+  config_lib.validate_config(values.config)
+
+
 def test_mnist_idx_points_at_shared_data():
   config = load_config("mnist_idx")
   assert config.dataset.source_dir == "../shared/data/mnist"
@@ -79,6 +94,7 @@ def _bad(**overrides):
         ({"max_consecutive_nonfinite": 0}, "max_consecutive_nonfinite"),
         ({"sample__temperatures": ()}, "temperatures"),
         ({"seed": -1}, "config.seed"),
+        ({"dataset__worker_count": -1}, "config.dataset.worker_count must be an int >= 0"),
     ],
 )
 def test_bad_config_raises_config_error(overrides, message):

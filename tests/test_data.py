@@ -191,6 +191,21 @@ def test_iterator_state_resumes_exactly(digits_config):
     np.testing.assert_array_equal(a, b)
 
 
+def test_worker_processes_give_the_same_batches_and_resume(digits_config):
+  """config.dataset.worker_count > 0 (grain worker processes): same stream, resumable."""
+  workers = digits_config.copy_and_resolve_references()
+  workers.dataset.worker_count = 1
+  expected = _take(data.create_train_iterator(digits_config), 6)
+  iterator = data.create_train_iterator(workers)
+  for a, b in zip(expected[:3], _take(iterator, 3), strict=True):
+    np.testing.assert_array_equal(a, b)
+  state = json.loads(json.dumps(iterator.get_state()))
+  resumed = data.create_train_iterator(workers)
+  resumed.set_state(state)
+  for a, b in zip(expected[3:], _take(resumed, 3), strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
 def test_iterator_orbax_checkpoint(digits_config, tmp_path):
   ocp = pytest.importorskip("orbax.checkpoint")
   iterator = data.create_train_iterator(digits_config)

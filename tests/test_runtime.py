@@ -228,6 +228,20 @@ def test_resume_with_a_different_config_is_refused_before_config_json_changes(
   assert not os.path.exists(os.path.join(workdir, checkpointing.CORRUPT_DIR))
 
 
+def test_resume_with_another_worker_count_is_refused_even_when_allowed(trained, tmp_path,
+                                                                      data_dir):
+  workdir = _copy(trained, tmp_path)
+  workers = tiny_config(data_dir, num_train_steps=30, checkpoint_every_steps=10,
+                        **{"dataset.worker_count": 2})
+  with pytest.raises(runtime.ConfigMismatchError) as info:
+    train.train(workers, workdir, allow_config_change=True)
+  message = str(info.value)
+  assert "dataset.worker_count: saved 0, now 2" in message, message
+  assert "not even with --allow_config_change" in message, message
+  assert finalized_steps(workdir) == [10, 20]
+  assert not os.path.exists(os.path.join(workdir, checkpointing.CORRUPT_DIR))
+
+
 def test_nonfinite_restored_state_is_refused(trained, tmp_path, data_dir):
   config, _ = trained
   workdir = _copy(trained, tmp_path)
