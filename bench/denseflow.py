@@ -330,9 +330,8 @@ def worker(name: str) -> None:
 
 
 def _start(pool: workers.InterleavedWorkers, name: str, passed: list[str]) -> dict:
-  env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
-  return pool.start(name, [os.path.abspath(__file__), f"--worker={name}", *passed], env=env,
-                    cwd=REPO)
+  return pool.start(name, [os.path.abspath(__file__), f"--worker={name}", *passed],
+                    env=workers.worker_environ(), cwd=REPO)
 
 
 def _header() -> None:

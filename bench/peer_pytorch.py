@@ -20,12 +20,13 @@ torch and normflows are benchmark-only extras: `pip install -e .[bench]`.
   python bench/peer_pytorch.py                    # 32x32x3, L=3, K=8, width 256, batch 16
   python bench/peer_pytorch.py --rounds=10 --peers=jax,torch
   python bench/peer_pytorch.py --peers=jax --xla_variant=onednn=--xla_cpu_use_onednn=true
-  python bench/peer_pytorch.py --peers=jax \
+  python bench/peer_pytorch.py --nohost_malloc --peers=jax \
       --env_variant=hugepages=GLIBC_TUNABLES=glibc.malloc.hugetlb=1
 
-The peers inherit this process's environment: for the comparison the CLI runs under
-(`eiw_flow_jax.host_malloc`: glibc malloc on huge pages), set it for all peers alike,
-`GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python bench/peer_pytorch.py`.
+Every peer runs under the glibc malloc tunables the project's command line runs under
+(`eiw_flow_jax.host_malloc`: XLA:CPU's step buffers reused instead of page-faulted afresh each
+step, heap on huge pages), all peers alike; `--nohost_malloc` runs them all under glibc's
+defaults (or whatever GLIBC_TUNABLES this process has). The header line says which.
 """
 
 from __future__ import annotations
@@ -54,6 +55,10 @@ flags.DEFINE_multi_string(
     "env_variant", [],
     "Extra JAX peers run with an environment variable set, as NAME=VAR=VALUE (e.g. "
     "hugepages=GLIBC_TUNABLES=glibc.malloc.hugetlb=1); each is timed as peer jax[NAME].")
+flags.DEFINE_bool(
+    "host_malloc", True,
+    "Start every peer with the glibc malloc tunables of the project's command line "
+    "(eiw_flow_jax.host_malloc); --nohost_malloc: this process's environment as it is.")
 flags.DEFINE_float(
     "pause_s", 0.3,
     "Idle seconds before each timed step, so that the previous peer's spinning worker threads "
@@ -100,7 +105,7 @@ def _jax_peer():
     holder["state"], metrics = step(holder["state"], batch)
     jax.block_until_ready(metrics["loss"])
 
-  def matmul_gflops(n: int = 2048, reps: int = 5) -> float:
+  def matmul_gflops(n: int = 2048, reps: int = 10) -> float:
     a = jnp.ones((n, n), jnp.float32)
     f = jax.jit(lambda a: a @ a)
     f(a).block_until_ready()
@@ -305,8 +310,8 @@ def main(argv):
   if FLAGS.worker:
     worker(FLAGS.worker)
     return
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = {**os.environ, "PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", "")}
+  repo = workers.REPO
+  env = workers.worker_environ(host_malloc=FLAGS.host_malloc)
   passed = [f"--{name}={getattr(FLAGS, name)}" for name in
             ("batch", "image_size", "channels", "num_levels", "steps_per_level", "hidden")]
   peer_env = {peer: env for peer in FLAGS.peers}
@@ -328,13 +333,16 @@ def main(argv):
                   env=peer_environ, cwd=repo)
   times = pool.time_steps(FLAGS.rounds, FLAGS.pause_s)
   infos = pool.infos
+  # After a pause, as before each step: the last peer's spinning threads would halve the rate.
+  time.sleep(max(FLAGS.pause_s, 0.3))
   matmul = pool.ask("jax", "matmul")["gflops"] if "jax" in infos else None
   pool.close()
 
   print(f"{FLAGS.image_size}x{FLAGS.image_size}x{FLAGS.channels}, L={FLAGS.num_levels}, "
         f"K={FLAGS.steps_per_level}, width {FLAGS.hidden}, batch {FLAGS.batch}; "
         f"{FLAGS.rounds} interleaved rounds, {os.cpu_count()} CPU cores, load average "
-        f"{os.getloadavg()[0]:.1f} at the end\n")
+        f"{os.getloadavg()[0]:.1f} at the end; GLIBC_TUNABLES="
+        f"{env.get('GLIBC_TUNABLES', '') or '(unset)'}\n")
   ref = "jax" if "jax" in times else next(iter(times))
   med0, min0 = np.median(times[ref]), np.min(times[ref])
   print(f"| peer | median ms | min ms | speed of {ref} vs peer (median) | (min) |")

@@ -12,10 +12,24 @@ No flags here: the scripts that import this module define their own.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def worker_environ(host_malloc: bool = False) -> dict[str, str]:
+  """This process's environment with the repository on PYTHONPATH; with `host_malloc`, also the
+  glibc malloc tunables the project's command line runs under (`eiw_flow_jax.host_malloc`)."""
+  env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+  if host_malloc:
+    from eiw_flow_jax import host_malloc as malloc  # noqa: PLC0415 - only where asked for
+
+    env = malloc.malloc_environ(env) or env
+  return env
 
 
 def serve(name: str, run: Callable[[], None], info: dict,

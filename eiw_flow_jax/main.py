@@ -204,5 +204,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  host_malloc.reexec_with_huge_pages()  # XLA:CPU's step buffers on 2 MiB pages (see module)
+  host_malloc.reexec_with_malloc_tunables()  # XLA:CPU's step buffers reused (see module)
   app.run(main, flags_parser=parse_flags)

@@ -1,4 +1,4 @@
-"""host_malloc: when the CLI asks glibc for huge pages, and that it re-executes itself once."""
+"""host_malloc: which glibc tunables the CLI adds on which host, and that it re-executes once."""
 
 import os
 import subprocess
@@ -10,40 +10,55 @@ from eiw_flow_jax import host_malloc
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MADVISE = "always [madvise] never\n"
+REUSE = ":".join(host_malloc.HEAP_REUSE)
 
 
-def _thp_file(tmp_path, mode: str) -> str:
-  path = tmp_path / "enabled"
+def _thp_file(tmp_path, mode: str, name: str = "enabled") -> str:
+  path = tmp_path / name
   path.write_text(mode)
   return str(path)
 
 
-def test_adds_the_tunable_where_the_kernel_wants_madvise(tmp_path):
-  environ = host_malloc.huge_page_environ({"HOME": "/h"}, _thp_file(tmp_path, MADVISE))
-  assert environ == {"HOME": "/h", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
-
-
-def test_keeps_other_tunables(tmp_path):
-  environ = host_malloc.huge_page_environ(
-      {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, _thp_file(tmp_path, MADVISE))
-  assert environ["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+def test_cpu_host_with_madvise_gets_heap_reuse_and_huge_pages(tmp_path):
+  environ = host_malloc.malloc_environ({"HOME": "/h"}, _thp_file(tmp_path, MADVISE),
+                                       accelerator=False)
+  assert environ == {"HOME": "/h", "GLIBC_TUNABLES": f"{REUSE}:glibc.malloc.hugetlb=1"}
+  assert "glibc.malloc.arena_max=1" in REUSE and "glibc.malloc.mmap_max=0" in REUSE
 
 
 @pytest.mark.parametrize("mode", ["[always] madvise never\n", "always madvise [never]\n"])
-def test_nothing_to_do_when_thp_is_always_or_never(tmp_path, mode):
-  assert host_malloc.huge_page_environ({}, _thp_file(tmp_path, mode)) is None
+def test_no_huge_page_tunable_when_thp_is_always_or_never(tmp_path, mode):
+  environ = host_malloc.malloc_environ({}, _thp_file(tmp_path, mode), accelerator=False)
+  assert environ == {"GLIBC_TUNABLES": REUSE}
+  assert host_malloc.malloc_environ({}, str(tmp_path / "missing"), accelerator=False) == environ
 
 
-@pytest.mark.parametrize("environ", [
-    {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"},  # the user's own choice stands
-    {"EIW_FLOW_JAX_HUGE_PAGES": "0"},
-])
-def test_respects_the_users_setting_and_the_opt_out(tmp_path, environ):
-  assert host_malloc.huge_page_environ(environ, _thp_file(tmp_path, MADVISE)) is None
+def test_accelerator_hosts_get_only_huge_pages(tmp_path):
+  thp = _thp_file(tmp_path, MADVISE)
+  assert host_malloc.malloc_environ({}, thp, accelerator=True) == {
+      "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+  never = _thp_file(tmp_path, "always madvise [never]\n", "never")
+  assert host_malloc.malloc_environ({}, never, accelerator=True) is None
+  # JAX_PLATFORMS decides when set: the first platform listed is the one jax uses.
+  assert host_malloc.malloc_tunables({"JAX_PLATFORMS": "cuda,cpu"}, thp) == (
+      "glibc.malloc.hugetlb=1",)
+  assert host_malloc.malloc_tunables({"JAX_PLATFORMS": "cpu"}, thp)[:3] == (
+      host_malloc.HEAP_REUSE)
 
 
-def test_nothing_to_do_without_the_thp_file(tmp_path):
-  assert host_malloc.huge_page_environ({}, str(tmp_path / "missing")) is None
+def test_keeps_the_users_tunables_and_adds_the_rest(tmp_path):
+  environ = host_malloc.malloc_environ(
+      {"GLIBC_TUNABLES": "glibc.malloc.arena_max=4:glibc.malloc.hugetlb=0"},
+      _thp_file(tmp_path, MADVISE), accelerator=False)
+  assert environ["GLIBC_TUNABLES"] == (
+      "glibc.malloc.arena_max=4:glibc.malloc.hugetlb=0:glibc.malloc.mmap_max=0:"
+      f"glibc.malloc.trim_threshold={1 << 40}")
+
+
+@pytest.mark.parametrize("opt_out", ["EIW_FLOW_JAX_HOST_MALLOC", "EIW_FLOW_JAX_HUGE_PAGES"])
+def test_opt_out(tmp_path, opt_out):
+  assert host_malloc.malloc_environ(
+      {opt_out: "0"}, _thp_file(tmp_path, MADVISE), accelerator=False) is None
 
 
 _CHILD = """
@@ -51,7 +66,7 @@ import os, sys
 print("pid", os.getpid(), "tunables", os.environ.get("GLIBC_TUNABLES"), "argv", sys.argv[1:],
       flush=True)
 from eiw_flow_jax import host_malloc
-host_malloc.reexec_with_huge_pages(sys.argv[1])
+host_malloc.reexec_with_malloc_tunables(sys.argv[1])
 print("done", os.getpid(), flush=True)
 """
 
@@ -60,11 +75,40 @@ print("done", os.getpid(), flush=True)
 def test_reexecutes_once_with_the_same_pid_and_arguments(tmp_path):
   thp = _thp_file(tmp_path, MADVISE)
   env = {k: v for k, v in os.environ.items()
-         if k not in ("GLIBC_TUNABLES", host_malloc.OPT_OUT)}
+         if k not in ("GLIBC_TUNABLES", host_malloc.OPT_OUT, host_malloc.LEGACY_OPT_OUT)}
   env["PYTHONPATH"] = REPO
+  env["JAX_PLATFORMS"] = "cpu"
   out = subprocess.run([sys.executable, "-c", _CHILD, thp, "x"], env=env, capture_output=True,
                        text=True, timeout=300, check=True).stdout.splitlines()
   first, second, done = out
   assert first.split()[1] == second.split()[1] == done.split()[1]  # exec keeps the PID
-  assert "tunables None" in first and "tunables glibc.malloc.hugetlb=1" in second
+  assert "tunables None" in first
+  assert f"tunables {REUSE}:glibc.malloc.hugetlb=1 " in second
   assert first.endswith(f"argv ['{thp}', 'x']") and second.endswith(f"argv ['{thp}', 'x']")
+
+
+_STEPS = """
+import resource, jax, jax.numpy as jnp
+# A 64 MiB temporary (the barrier keeps XLA from fusing it away), small input and output.
+f = jax.jit(lambda x: jnp.sum(jax.lax.optimization_barrier(jnp.tile(x, 64) * 2.0)))
+x = jnp.ones((1 << 18,), jnp.float32)
+f(x).block_until_ready()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(3):
+  f(x).block_until_ready()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 3)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc tunables are Linux-only")
+def test_heap_reuse_stops_the_per_step_page_faults(tmp_path):
+  """What the tunables are for: XLA:CPU's large temporaries stop faulting in every call."""
+  faults = {}
+  for name, tunables in (("default", ""), ("reuse", REUSE)):
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    env.update(GLIBC_TUNABLES=tunables, JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", _STEPS], env=env, capture_output=True, text=True,
+                         timeout=300, check=True).stdout
+    faults[name] = int(out.split()[-1])
+  # A 64 MiB block is 16,384 pages of 4 KiB: faulted afresh per call unless it is reused.
+  assert faults["default"] > 10_000 and faults["reuse"] < 1_000, faults

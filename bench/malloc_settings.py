@@ -1,0 +1,112 @@
+"""Benchmark: the train step back to back under glibc malloc settings (eiw_flow_jax.host_malloc).
+
+Each setting runs in a fresh process (glibc reads GLIBC_TUNABLES at start): build the train
+step (same model and protocol as bench/peer_pytorch.py's JAX peer), warm up, then time --steps
+steps back to back, as the training loop runs them, with `getrusage` around them for the minor
+page faults and kernel time per step. Settings alternate, --repeats times, so machine load hits
+them alike; one table row per process.
+
+  python bench/malloc_settings.py                      # CIFAR config: 32x32x3, L=3, K=8, width 256
+  python bench/malloc_settings.py --steps=5 --repeats=1 --hidden=32 --steps_per_level=2   # quick
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+from absl import app, flags
+
+from eiw_flow_jax import host_malloc
+
+flags.DEFINE_integer("batch", 16, "Batch size.")
+flags.DEFINE_integer("image_size", 32, "Image height and width.")
+flags.DEFINE_integer("channels", 3, "Image channels.")
+flags.DEFINE_integer("num_levels", 3, "Levels L.")
+flags.DEFINE_integer("steps_per_level", 8, "Steps K per level.")
+flags.DEFINE_integer("hidden", 256, "Coupling network width.")
+flags.DEFINE_integer("steps", 10, "Timed steps per process, back to back.")
+flags.DEFINE_integer("warmup", 3, "Untimed steps first.")
+flags.DEFINE_integer("repeats", 2, "Processes per setting (alternating).")
+flags.DEFINE_bool("worker", False, "Internal: measure in this process and print one JSON line.")
+FLAGS = flags.FLAGS
+
+SETTINGS = {
+    "glibc defaults": "",
+    "huge pages": ":".join(host_malloc.HUGE_PAGES),
+    "heap reuse": ":".join(host_malloc.HEAP_REUSE),
+    "heap reuse + huge pages (the CLI's)": ":".join(
+        host_malloc.HEAP_REUSE + host_malloc.HUGE_PAGES),
+}
+
+
+def measure() -> dict:
+  import jax  # noqa: PLC0415 - workers only
+
+  from eiw_flow_jax import train  # noqa: PLC0415
+  from eiw_flow_jax.config_lib import base_config  # noqa: PLC0415
+
+  config = base_config()
+  m = config.model
+  m.image_shape = (FLAGS.image_size, FLAGS.image_size, FLAGS.channels)
+  m.num_levels, m.steps_per_level, m.hidden_channels = (
+      FLAGS.num_levels, FLAGS.steps_per_level, FLAGS.hidden)
+  m.split = "vanilla"
+  config.batch_size = FLAGS.batch
+  mesh = train.make_mesh(jax.devices()[:1])
+  flow, tx = train.build_flow(config), train.make_optimizer(config)
+  images = np.random.RandomState(0).randint(0, 256, (FLAGS.batch, *m.image_shape), np.uint8)
+  state = train.create_state(config, flow, tx, mesh, images)
+  step = train.make_train_step(config, flow, tx, mesh)
+  batch = train.global_batch(images, train.batch_sharding(mesh))
+  for _ in range(FLAGS.warmup):
+    state, metrics = step(state, batch)
+    jax.block_until_ready(metrics["loss"])
+  before, times = resource.getrusage(resource.RUSAGE_SELF), []
+  for _ in range(FLAGS.steps):
+    start = time.perf_counter()
+    state, metrics = step(state, batch)
+    jax.block_until_ready(metrics["loss"])
+    times.append(time.perf_counter() - start)
+  after = resource.getrusage(resource.RUSAGE_SELF)
+  return {
+      "median_ms": 1e3 * float(np.median(times)), "min_ms": 1e3 * min(times),
+      "faults": (after.ru_minflt - before.ru_minflt) / FLAGS.steps,
+      "kernel_s": (after.ru_stime - before.ru_stime) / FLAGS.steps,
+      "maxrss_mib": after.ru_maxrss / 1024,
+  }
+
+
+def main(argv):
+  if FLAGS.worker:
+    print(json.dumps(measure()), flush=True)
+    return
+  rows = []
+  base = {k: v for k, v in os.environ.items()
+          if k not in ("GLIBC_TUNABLES", host_malloc.OPT_OUT, host_malloc.LEGACY_OPT_OUT)}
+  for _ in range(FLAGS.repeats):
+    for name, tunables in SETTINGS.items():
+      env = {**base, "GLIBC_TUNABLES": tunables}
+      out = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", *argv[1:]],
+                           env=env, capture_output=True, text=True, check=True).stdout
+      rows.append((name, json.loads(out.strip().splitlines()[-1])))
+  print(f"{FLAGS.image_size}x{FLAGS.image_size}x{FLAGS.channels}, L={FLAGS.num_levels}, "
+        f"K={FLAGS.steps_per_level}, width {FLAGS.hidden}, batch {FLAGS.batch}; {FLAGS.steps} "
+        f"steps back to back per process, {os.cpu_count()} CPU cores, load average "
+        f"{os.getloadavg()[0]:.1f} at the end\n")
+  print("| setting | median ms | min ms | minor faults/step | kernel s/step | max RSS MiB |")
+  print("| --- | --- | --- | --- | --- | --- |")
+  for name, r in rows:
+    print(f"| {name} | {r['median_ms']:.0f} | {r['min_ms']:.0f} | {r['faults']:.0f} | "
+          f"{r['kernel_s']:.3f} | {r['maxrss_mib']:.0f} |")
+  print("\n" + "; ".join(f"{name}: GLIBC_TUNABLES={value or '(unset)'}"
+                         for name, value in SETTINGS.items()))
+
+
+if __name__ == "__main__":
+  app.run(main)
