@@ -7,7 +7,8 @@ page faults and kernel time per step. Settings alternate, --repeats times, so ma
 them alike; one table row per process.
 
   python bench/malloc_settings.py                      # CIFAR config: 32x32x3, L=3, K=8, width 256
-  python bench/malloc_settings.py --steps=5 --repeats=1 --hidden=32 --steps_per_level=2   # quick
+  python bench/malloc_settings.py --image_size=8 --channels=1 --num_levels=2 \
+      --steps_per_level=4 --hidden=64 --batch=64          # the digits config
 """
 
 from __future__ import annotations
@@ -38,9 +39,9 @@ FLAGS = flags.FLAGS
 
 SETTINGS = {
     "glibc defaults": "",
-    "huge pages": ":".join(host_malloc.HUGE_PAGES),
+    "huge pages (the CLI's default)": ":".join(host_malloc.HUGE_PAGES),
     "heap reuse": ":".join(host_malloc.HEAP_REUSE),
-    "heap reuse + huge pages (the CLI's)": ":".join(
+    "heap reuse + huge pages (EIW_FLOW_JAX_HOST_MALLOC=reuse)": ":".join(
         host_malloc.HEAP_REUSE + host_malloc.HUGE_PAGES),
 }
 
@@ -86,13 +87,17 @@ def main(argv):
   if FLAGS.worker:
     print(json.dumps(measure()), flush=True)
     return
+  del argv
   rows = []
+  passed = [f"--{name}={getattr(FLAGS, name)}" for name in (
+      "batch", "image_size", "channels", "num_levels", "steps_per_level", "hidden", "steps",
+      "warmup")]
   base = {k: v for k, v in os.environ.items()
-          if k not in ("GLIBC_TUNABLES", host_malloc.OPT_OUT, host_malloc.LEGACY_OPT_OUT)}
+          if k not in ("GLIBC_TUNABLES", host_malloc.MODE_VARIABLE, host_malloc.LEGACY_OPT_OUT)}
   for _ in range(FLAGS.repeats):
     for name, tunables in SETTINGS.items():
       env = {**base, "GLIBC_TUNABLES": tunables}
-      out = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", *argv[1:]],
+      out = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", *passed],
                            env=env, capture_output=True, text=True, check=True).stdout
       rows.append((name, json.loads(out.strip().splitlines()[-1])))
   print(f"{FLAGS.image_size}x{FLAGS.image_size}x{FLAGS.channels}, L={FLAGS.num_levels}, "

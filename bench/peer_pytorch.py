@@ -20,13 +20,14 @@ torch and normflows are benchmark-only extras: `pip install -e .[bench]`.
   python bench/peer_pytorch.py                    # 32x32x3, L=3, K=8, width 256, batch 16
   python bench/peer_pytorch.py --rounds=10 --peers=jax,torch
   python bench/peer_pytorch.py --peers=jax --xla_variant=onednn=--xla_cpu_use_onednn=true
-  python bench/peer_pytorch.py --nohost_malloc --peers=jax \
+  python bench/peer_pytorch.py --host_malloc=none --peers=jax \
       --env_variant=hugepages=GLIBC_TUNABLES=glibc.malloc.hugetlb=1
 
 Every peer runs under the glibc malloc tunables the project's command line runs under
-(`eiw_flow_jax.host_malloc`: XLA:CPU's step buffers reused instead of page-faulted afresh each
-step, heap on huge pages), all peers alike; `--nohost_malloc` runs them all under glibc's
-defaults (or whatever GLIBC_TUNABLES this process has). The header line says which.
+(`eiw_flow_jax.host_malloc`: huge pages where THP is in madvise mode), all peers alike;
+`--host_malloc=reuse` adds heap reuse (XLA:CPU's step buffers reused instead of page-faulted
+afresh each step), `--host_malloc=none` leaves this process's environment as it is. The
+header line says which GLIBC_TUNABLES the peers ran with.
 """
 
 from __future__ import annotations
@@ -55,10 +56,11 @@ flags.DEFINE_multi_string(
     "env_variant", [],
     "Extra JAX peers run with an environment variable set, as NAME=VAR=VALUE (e.g. "
     "hugepages=GLIBC_TUNABLES=glibc.malloc.hugetlb=1); each is timed as peer jax[NAME].")
-flags.DEFINE_bool(
-    "host_malloc", True,
-    "Start every peer with the glibc malloc tunables of the project's command line "
-    "(eiw_flow_jax.host_malloc); --nohost_malloc: this process's environment as it is.")
+flags.DEFINE_enum(
+    "host_malloc", "cli", ["cli", "reuse", "none"],
+    "glibc malloc tunables for every peer alike (eiw_flow_jax.host_malloc): cli = those the "
+    "project's command line runs under by default (huge pages), reuse = heap reuse as well "
+    "(EIW_FLOW_JAX_HOST_MALLOC=reuse), none = this process's environment as it is.")
 flags.DEFINE_float(
     "pause_s", 0.3,
     "Idle seconds before each timed step, so that the previous peer's spinning worker threads "
@@ -311,7 +313,7 @@ def main(argv):
     worker(FLAGS.worker)
     return
   repo = workers.REPO
-  env = workers.worker_environ(host_malloc=FLAGS.host_malloc)
+  env = workers.worker_environ({"cli": "1", "reuse": "reuse", "none": None}[FLAGS.host_malloc])
   passed = [f"--{name}={getattr(FLAGS, name)}" for name in
             ("batch", "image_size", "channels", "num_levels", "steps_per_level", "hidden")]
   peer_env = {peer: env for peer in FLAGS.peers}

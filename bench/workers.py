@@ -21,14 +21,16 @@ from collections.abc import Callable
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def worker_environ(host_malloc: bool = False) -> dict[str, str]:
-  """This process's environment with the repository on PYTHONPATH; with `host_malloc`, also the
-  glibc malloc tunables the project's command line runs under (`eiw_flow_jax.host_malloc`)."""
+def worker_environ(malloc_mode: str | None = None) -> dict[str, str]:
+  """This process's environment with the repository on PYTHONPATH; with `malloc_mode` ("1": the
+  command line's default, "reuse", "0"), also the glibc malloc tunables that mode of
+  `eiw_flow_jax.host_malloc` gives the command line."""
   env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
-  if host_malloc:
-    from eiw_flow_jax import host_malloc as malloc  # noqa: PLC0415 - only where asked for
+  if malloc_mode is not None:
+    from eiw_flow_jax import host_malloc  # noqa: PLC0415 - only where asked for
 
-    env = malloc.malloc_environ(env) or env
+    env = {**env, host_malloc.MODE_VARIABLE: malloc_mode}
+    env = host_malloc.malloc_environ(env) or env
   return env
 
 

@@ -19,46 +19,48 @@ def _thp_file(tmp_path, mode: str, name: str = "enabled") -> str:
   return str(path)
 
 
-def test_cpu_host_with_madvise_gets_heap_reuse_and_huge_pages(tmp_path):
-  environ = host_malloc.malloc_environ({"HOME": "/h"}, _thp_file(tmp_path, MADVISE),
-                                       accelerator=False)
-  assert environ == {"HOME": "/h", "GLIBC_TUNABLES": f"{REUSE}:glibc.malloc.hugetlb=1"}
-  assert "glibc.malloc.arena_max=1" in REUSE and "glibc.malloc.mmap_max=0" in REUSE
+def test_adds_huge_pages_where_the_kernel_wants_madvise(tmp_path):
+  environ = host_malloc.malloc_environ({"HOME": "/h"}, _thp_file(tmp_path, MADVISE))
+  assert environ == {"HOME": "/h", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
 
 
 @pytest.mark.parametrize("mode", ["[always] madvise never\n", "always madvise [never]\n"])
-def test_no_huge_page_tunable_when_thp_is_always_or_never(tmp_path, mode):
-  environ = host_malloc.malloc_environ({}, _thp_file(tmp_path, mode), accelerator=False)
-  assert environ == {"GLIBC_TUNABLES": REUSE}
-  assert host_malloc.malloc_environ({}, str(tmp_path / "missing"), accelerator=False) == environ
+def test_nothing_to_do_when_thp_is_always_or_never(tmp_path, mode):
+  assert host_malloc.malloc_environ({}, _thp_file(tmp_path, mode)) is None
+  assert host_malloc.malloc_environ({}, str(tmp_path / "missing")) is None
 
 
-def test_accelerator_hosts_get_only_huge_pages(tmp_path):
-  thp = _thp_file(tmp_path, MADVISE)
-  assert host_malloc.malloc_environ({}, thp, accelerator=True) == {
-      "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+def test_heap_reuse_on_request(tmp_path):
+  reuse = {"EIW_FLOW_JAX_HOST_MALLOC": "reuse"}
+  environ = host_malloc.malloc_environ(reuse, _thp_file(tmp_path, MADVISE))
+  assert environ["GLIBC_TUNABLES"] == f"{REUSE}:glibc.malloc.hugetlb=1"
+  assert "glibc.malloc.arena_max=1" in REUSE and "glibc.malloc.mmap_max=0" in REUSE
   never = _thp_file(tmp_path, "always madvise [never]\n", "never")
-  assert host_malloc.malloc_environ({}, never, accelerator=True) is None
-  # JAX_PLATFORMS decides when set: the first platform listed is the one jax uses.
-  assert host_malloc.malloc_tunables({"JAX_PLATFORMS": "cuda,cpu"}, thp) == (
-      "glibc.malloc.hugetlb=1",)
-  assert host_malloc.malloc_tunables({"JAX_PLATFORMS": "cpu"}, thp)[:3] == (
-      host_malloc.HEAP_REUSE)
+  assert host_malloc.malloc_environ(reuse, never)["GLIBC_TUNABLES"] == REUSE
 
 
 def test_keeps_the_users_tunables_and_adds_the_rest(tmp_path):
   environ = host_malloc.malloc_environ(
-      {"GLIBC_TUNABLES": "glibc.malloc.arena_max=4:glibc.malloc.hugetlb=0"},
-      _thp_file(tmp_path, MADVISE), accelerator=False)
+      {"GLIBC_TUNABLES": "glibc.malloc.arena_max=4:glibc.malloc.hugetlb=0",
+       "EIW_FLOW_JAX_HOST_MALLOC": "reuse"}, _thp_file(tmp_path, MADVISE))
   assert environ["GLIBC_TUNABLES"] == (
       "glibc.malloc.arena_max=4:glibc.malloc.hugetlb=0:glibc.malloc.mmap_max=0:"
       f"glibc.malloc.trim_threshold={1 << 40}")
-
-
-@pytest.mark.parametrize("opt_out", ["EIW_FLOW_JAX_HOST_MALLOC", "EIW_FLOW_JAX_HUGE_PAGES"])
-def test_opt_out(tmp_path, opt_out):
   assert host_malloc.malloc_environ(
-      {opt_out: "0"}, _thp_file(tmp_path, MADVISE), accelerator=False) is None
+      {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, _thp_file(tmp_path, MADVISE)) is None
+
+
+@pytest.mark.parametrize("environ", [
+    {"EIW_FLOW_JAX_HOST_MALLOC": "0"}, {"EIW_FLOW_JAX_HUGE_PAGES": "0"},
+    {"EIW_FLOW_JAX_HOST_MALLOC": "reuse", "EIW_FLOW_JAX_HUGE_PAGES": "0"},
+])
+def test_opt_out(tmp_path, environ):
+  assert host_malloc.malloc_environ(environ, _thp_file(tmp_path, MADVISE)) is None
+
+
+def test_unknown_mode_is_an_error(tmp_path):
+  with pytest.raises(ValueError, match="EIW_FLOW_JAX_HOST_MALLOC must be one of 0, 1, reuse"):
+    host_malloc.malloc_environ({"EIW_FLOW_JAX_HOST_MALLOC": "yes"}, _thp_file(tmp_path, MADVISE))
 
 
 _CHILD = """
@@ -75,15 +77,13 @@ print("done", os.getpid(), flush=True)
 def test_reexecutes_once_with_the_same_pid_and_arguments(tmp_path):
   thp = _thp_file(tmp_path, MADVISE)
   env = {k: v for k, v in os.environ.items()
-         if k not in ("GLIBC_TUNABLES", host_malloc.OPT_OUT, host_malloc.LEGACY_OPT_OUT)}
+         if k not in ("GLIBC_TUNABLES", host_malloc.MODE_VARIABLE, host_malloc.LEGACY_OPT_OUT)}
   env["PYTHONPATH"] = REPO
-  env["JAX_PLATFORMS"] = "cpu"
   out = subprocess.run([sys.executable, "-c", _CHILD, thp, "x"], env=env, capture_output=True,
                        text=True, timeout=300, check=True).stdout.splitlines()
   first, second, done = out
   assert first.split()[1] == second.split()[1] == done.split()[1]  # exec keeps the PID
-  assert "tunables None" in first
-  assert f"tunables {REUSE}:glibc.malloc.hugetlb=1 " in second
+  assert "tunables None" in first and "tunables glibc.malloc.hugetlb=1 " in second
   assert first.endswith(f"argv ['{thp}', 'x']") and second.endswith(f"argv ['{thp}', 'x']")
 
 
@@ -102,7 +102,7 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 3)
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc tunables are Linux-only")
 def test_heap_reuse_stops_the_per_step_page_faults(tmp_path):
-  """What the tunables are for: XLA:CPU's large temporaries stop faulting in every call."""
+  """What heap reuse is for: XLA:CPU's large temporaries stop faulting in every call."""
   faults = {}
   for name, tunables in (("default", ""), ("reuse", REUSE)):
     env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
