@@ -204,5 +204,8 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  host_malloc.reexec_with_malloc_tunables()  # XLA:CPU's step buffers reused (see module)
+  try:
+    host_malloc.reexec_with_malloc_tunables()  # glibc malloc for XLA:CPU's buffers (see module)
+  except ValueError as e:  # a bad EIW_FLOW_JAX_HOST_MALLOC
+    _fail(f"error: {e}", 2)
   app.run(main, flags_parser=parse_flags)

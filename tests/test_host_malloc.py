@@ -112,3 +112,14 @@ def test_heap_reuse_stops_the_per_step_page_faults(tmp_path):
     faults[name] = int(out.split()[-1])
   # A 64 MiB block is 16,384 pages of 4 KiB: faulted afresh per call unless it is reused.
   assert faults["default"] > 10_000 and faults["reuse"] < 1_000, faults
+
+
+def test_command_line_names_a_bad_mode_in_one_line(tmp_path):
+  env = {**os.environ, "PYTHONPATH": REPO, "EIW_FLOW_JAX_HOST_MALLOC": "on"}
+  result = subprocess.run(
+      [sys.executable, "-m", "eiw_flow_jax.main", f"--workdir={tmp_path / 'w'}"], env=env,
+      capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2, result.stderr
+  assert result.stderr.strip() == (
+      "error: EIW_FLOW_JAX_HOST_MALLOC must be one of 0, 1, reuse, got 'on'.")
+  assert not (tmp_path / "w").exists()
