@@ -13,7 +13,7 @@ pages: ~70,000 minor faults and ~0.27 s of kernel time per CIFAR benchmark step 
   a step after the first. (XLA's threads otherwise allocate from per-thread arenas, whose heaps
   are capped at 64 MiB and which mmap anything larger regardless of `mmap_max`.) Not the
   default: the single arena serialises the threads' mallocs, which made smaller models' steps
-  1.1-1.8x slower (digits, widths 32-128), against 0.95-0.97x for the CIFAR config back to back;
+  1.1-1.8x slower (digits, widths 32-128), against 0.95-1.03x for the CIFAR config back to back;
   and freed memory is kept for reuse, so the resident size stays at its peak.
 
 glibc reads tunables once, at process start, so the command line re-executes itself with them
