@@ -109,11 +109,10 @@ def _time_layers() -> None:
 
 
 def _time_step() -> None:
-  passed = [f"--{name}={getattr(FLAGS, name)}" for name in
-            ("batch", "image_size", "channels", "num_levels", "steps_per_level", "hidden")]
   pool = workers.InterleavedWorkers()
   for variant in VARIANTS:
-    pool.start(variant, [os.path.abspath(__file__), f"--worker={variant}", *passed])
+    pool.start(variant, [os.path.abspath(__file__), f"--worker={variant}",
+                         *peer_pytorch.model_flag_args()])
   times = pool.time_steps(FLAGS.rounds, FLAGS.pause_s)
   pool.close()
   print(f"train step, {FLAGS.image_size}x{FLAGS.image_size}x{FLAGS.channels}, "

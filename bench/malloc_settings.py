@@ -1,7 +1,7 @@
 """Benchmark: the train step back to back under glibc malloc settings (eiw_flow_jax.host_malloc).
 
 Each setting runs in a fresh process (glibc reads GLIBC_TUNABLES at start): build the train
-step (same model and protocol as bench/peer_pytorch.py's JAX peer), warm up, then time --steps
+step (bench/peer_pytorch.py's JAX peer, with its model flags), warm up, then time --steps
 steps back to back, as the training loop runs them, with `getrusage` around them for the minor
 page faults and kernel time per step. Settings alternate, --repeats times, so machine load hits
 them alike; one table row per process.
@@ -21,20 +21,14 @@ import sys
 import time
 
 import numpy as np
+import peer_pytorch  # its model-shape flags (--batch, --hidden, ...) and its JAX train step
 from absl import app, flags
 
 from eiw_flow_jax import host_malloc
 
-flags.DEFINE_integer("batch", 16, "Batch size.")
-flags.DEFINE_integer("image_size", 32, "Image height and width.")
-flags.DEFINE_integer("channels", 3, "Image channels.")
-flags.DEFINE_integer("num_levels", 3, "Levels L.")
-flags.DEFINE_integer("steps_per_level", 8, "Steps K per level.")
-flags.DEFINE_integer("hidden", 256, "Coupling network width.")
 flags.DEFINE_integer("steps", 10, "Timed steps per process, back to back.")
 flags.DEFINE_integer("warmup", 3, "Untimed steps first.")
 flags.DEFINE_integer("repeats", 2, "Processes per setting (alternating).")
-flags.DEFINE_bool("worker", False, "Internal: measure in this process and print one JSON line.")
 FLAGS = flags.FLAGS
 
 SETTINGS = {
@@ -47,32 +41,13 @@ SETTINGS = {
 
 
 def measure() -> dict:
-  import jax  # noqa: PLC0415 - workers only
-
-  from eiw_flow_jax import train  # noqa: PLC0415
-  from eiw_flow_jax.config_lib import base_config  # noqa: PLC0415
-
-  config = base_config()
-  m = config.model
-  m.image_shape = (FLAGS.image_size, FLAGS.image_size, FLAGS.channels)
-  m.num_levels, m.steps_per_level, m.hidden_channels = (
-      FLAGS.num_levels, FLAGS.steps_per_level, FLAGS.hidden)
-  m.split = "vanilla"
-  config.batch_size = FLAGS.batch
-  mesh = train.make_mesh(jax.devices()[:1])
-  flow, tx = train.build_flow(config), train.make_optimizer(config)
-  images = np.random.RandomState(0).randint(0, 256, (FLAGS.batch, *m.image_shape), np.uint8)
-  state = train.create_state(config, flow, tx, mesh, images)
-  step = train.make_train_step(config, flow, tx, mesh)
-  batch = train.global_batch(images, train.batch_sharding(mesh))
+  run, _ = peer_pytorch.jax_peer()
   for _ in range(FLAGS.warmup):
-    state, metrics = step(state, batch)
-    jax.block_until_ready(metrics["loss"])
+    run()
   before, times = resource.getrusage(resource.RUSAGE_SELF), []
   for _ in range(FLAGS.steps):
     start = time.perf_counter()
-    state, metrics = step(state, batch)
-    jax.block_until_ready(metrics["loss"])
+    run()
     times.append(time.perf_counter() - start)
   after = resource.getrusage(resource.RUSAGE_SELF)
   return {
@@ -84,20 +59,19 @@ def measure() -> dict:
 
 
 def main(argv):
-  if FLAGS.worker:
+  if FLAGS.worker:  # peer_pytorch's --worker flag: here any value means "measure and print"
     print(json.dumps(measure()), flush=True)
     return
   del argv
   rows = []
-  passed = [f"--{name}={getattr(FLAGS, name)}" for name in (
-      "batch", "image_size", "channels", "num_levels", "steps_per_level", "hidden", "steps",
-      "warmup")]
+  passed = [*peer_pytorch.model_flag_args(), f"--steps={FLAGS.steps}",
+            f"--warmup={FLAGS.warmup}"]
   base = {k: v for k, v in os.environ.items()
           if k not in ("GLIBC_TUNABLES", host_malloc.MODE_VARIABLE, host_malloc.LEGACY_OPT_OUT)}
   for _ in range(FLAGS.repeats):
     for name, tunables in SETTINGS.items():
       env = {**base, "GLIBC_TUNABLES": tunables}
-      out = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", *passed],
+      out = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker=measure", *passed],
                            env=env, capture_output=True, text=True, check=True).stdout
       rows.append((name, json.loads(out.strip().splitlines()[-1])))
   print(f"{FLAGS.image_size}x{FLAGS.image_size}x{FLAGS.channels}, L={FLAGS.num_levels}, "

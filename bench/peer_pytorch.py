@@ -69,6 +69,14 @@ flags.DEFINE_string("worker", "", "Internal: run as the worker for this peer.")
 FLAGS = flags.FLAGS
 
 
+MODEL_FLAGS = ("batch", "image_size", "channels", "num_levels", "steps_per_level", "hidden")
+
+
+def model_flag_args() -> list[str]:
+  """The model-shape flags as arguments, for worker processes (this and the scripts using it)."""
+  return [f"--{name}={getattr(FLAGS, name)}" for name in MODEL_FLAGS]
+
+
 def _images() -> np.ndarray:
   rng = np.random.RandomState(0)
   shape = (FLAGS.batch, FLAGS.image_size, FLAGS.image_size, FLAGS.channels)
@@ -78,7 +86,7 @@ def _images() -> np.ndarray:
 # ---- peers: each returns (step function, info dict) -------------------------------------------
 
 
-def _jax_peer():
+def jax_peer():
   import jax
   import jax.numpy as jnp
 
@@ -103,8 +111,8 @@ def _jax_peer():
   cost = cost[0] if isinstance(cost, list) else cost
   holder = {"state": state}
 
-  def run():
-    holder["state"], metrics = step(holder["state"], batch)
+  def run():  # the executable compiled above (calling `step` would compile it once more)
+    holder["state"], metrics = compiled(holder["state"], batch)
     jax.block_until_ready(metrics["loss"])
 
   def matmul_gflops(n: int = 2048, reps: int = 10) -> float:
@@ -299,7 +307,7 @@ def _torch_peer(kind: str):
 
 
 def worker(kind: str) -> None:
-  run, info = _jax_peer() if kind.startswith("jax") else _torch_peer(kind)
+  run, info = jax_peer() if kind.startswith("jax") else _torch_peer(kind)
   for _ in range(2):
     run()
   matmul = info.pop("matmul", None)
@@ -314,8 +322,7 @@ def main(argv):
     return
   repo = workers.REPO
   env = workers.worker_environ({"cli": "1", "reuse": "reuse", "none": None}[FLAGS.host_malloc])
-  passed = [f"--{name}={getattr(FLAGS, name)}" for name in
-            ("batch", "image_size", "channels", "num_levels", "steps_per_level", "hidden")]
+  passed = model_flag_args()
   peer_env = {peer: env for peer in FLAGS.peers}
   for variant in FLAGS.xla_variant:
     name, sep, xla_flags = variant.partition("=")

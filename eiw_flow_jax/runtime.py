@@ -452,20 +452,19 @@ def check_resume_config(
   if not differences:
     return
   listed = "; ".join(f"{name}: saved {old!r}, now {new!r}" for name, old, new in differences)
+  differ = f"The config differs from the one this workdir was trained with ({file}) in: {listed}. "
   fixed = [name for name, _, _ in differences if name in UNCHANGEABLE_FIELDS]
   if fixed:
     raise ConfigMismatchError(
-        f"The config differs from the one this workdir was trained with ({file}) in: {listed}. "
-        f"{', '.join(fixed)} cannot change on resume, not even with --allow_config_change: the "
-        "checkpoints hold the input pipeline's position in a layout that depends on it. "
-        "Resume with the saved value, or start a new run in another --workdir."
+        differ + f"{', '.join(fixed)} cannot change on resume, not even with "
+        "--allow_config_change: the checkpoints hold the input pipeline's position in a layout "
+        "that depends on it. Resume with the saved value, or start a new run in another --workdir."
     )
   if allow_change:
     logging.warning("Resuming %s with a changed config (allowed): %s", workdir, listed)
     return
   raise ConfigMismatchError(
-      f"The config differs from the one this workdir was trained with ({file}) in: {listed}. "
-      "Use the same config to resume, another --workdir for a new run, or "
+      differ + "Use the same config to resume, another --workdir for a new run, or "
       "--allow_config_change to resume with the change on purpose."
   )
 
