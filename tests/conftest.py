@@ -91,16 +91,32 @@ def data_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp("tfds"))
 
 
+def _compilation_cache(tmp_path_factory) -> str:
+  cache = tmp_path_factory.getbasetemp() / "eiw_flow_xla_cache"
+  cache.mkdir(exist_ok=True)
+  return str(cache)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory):
+  """One persistent XLA compilation cache for the session, shared by the tests' own process and
+  the command-line subprocesses (`env`): many tests build the same tiny models, whose compiled
+  programs are then loaded instead of compiled again."""
+  cache = _compilation_cache(tmp_path_factory)
+  jax.config.update("jax_compilation_cache_dir", cache)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  return cache
+
+
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
   """Subprocess environment: CPU, one device, one XLA compilation cache for the whole session."""
-  cache = tmp_path_factory.getbasetemp() / "eiw_flow_xla_cache"
-  cache.mkdir(exist_ok=True)
+  cache = _compilation_cache(tmp_path_factory)
   out = dict(os.environ)
   out.update(
       XLA_FLAGS=with_test_xla_flags(),
       JAX_PLATFORMS="cpu",
-      JAX_COMPILATION_CACHE_DIR=str(cache),
+      JAX_COMPILATION_CACHE_DIR=cache,
       JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
       PYTHONPATH=REPO + os.pathsep + out.get("PYTHONPATH", ""),
   )

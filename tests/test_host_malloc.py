@@ -123,3 +123,33 @@ def test_command_line_names_a_bad_mode_in_one_line(tmp_path):
   assert result.stderr.strip() == (
       "error: EIW_FLOW_JAX_HOST_MALLOC must be one of 0, 1, reuse, got 'on'.")
   assert not (tmp_path / "w").exists()
+
+
+def test_command_line_reexecutes_before_importing_jax():
+  # The package's __init__ is lazy and main.py re-executes before its imports, so JAX loads
+  # once per start (it loaded twice, ~4 s more, when the re-exec came after the imports).
+  env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+  env.update(PYTHONPATH=REPO, EIW_FLOW_JAX_HOST_MALLOC="reuse")  # re-executes on any kernel
+  result = subprocess.run(
+      [sys.executable, "-X", "importtime", "-m", "eiw_flow_jax.main", "--helpshort"], env=env,
+      capture_output=True, text=True, timeout=300)
+  assert "--workdir" in result.stdout, result.stderr[-2000:]  # absl's help (exit status 1)
+  imported = [line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()
+              if line.startswith("import time:")]
+  assert imported.count("site") == 2  # two interpreter starts: it did re-execute
+  assert imported.count("jax") == 1
+
+
+def test_package_import_is_light_and_its_names_load_on_use():
+  code = ("import sys, eiw_flow_jax; assert 'jax' not in sys.modules, 'jax imported'; "
+          "from eiw_flow_jax import build_flow, base_config; "
+          "print(eiw_flow_jax.train.__name__, sorted(eiw_flow_jax.__all__) == "
+          "sorted(n for n in eiw_flow_jax.__all__ if n in dir(eiw_flow_jax)))")
+  result = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": REPO},
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.split() == ["eiw_flow_jax.train", "True"]
+  with pytest.raises(AttributeError, match="no attribute 'nope'"):
+    import eiw_flow_jax
+
+    eiw_flow_jax.nope  # noqa: B018
