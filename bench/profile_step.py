@@ -143,7 +143,10 @@ def main(argv):
     run()
     walls.append(time.perf_counter() - start)
   jax.profiler.stop_trace()
-  (path,) = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)[-1:]
+  paths = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True))
+  if not paths:
+    raise SystemExit(f"no *.trace.json.gz under {trace_dir}: the profiler wrote no trace")
+  path = paths[-1]
   with gzip.open(path) as f:
     trace = json.load(f)
   events = trace["traceEvents"] if isinstance(trace, dict) else trace

@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 def __getattr__(name: str) -> Any:
   if name in _EXPORTS:
     value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+  elif name == "main":  # the command line defines absl flags on import: only when asked for
+    raise AttributeError(f"module {__name__!r} has no attribute 'main' (import eiw_flow_jax.main)")
   else:
     try:  # `eiw_flow_jax.train` without `import eiw_flow_jax.train`, as when __init__ imported it
       value = importlib.import_module(f"{__name__}.{name}")

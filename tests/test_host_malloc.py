@@ -149,7 +149,10 @@ def test_package_import_is_light_and_its_names_load_on_use():
                           capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]
   assert result.stdout.split() == ["eiw_flow_jax.train", "True"]
-  with pytest.raises(AttributeError, match="no attribute 'nope'"):
-    import eiw_flow_jax
+  import eiw_flow_jax
 
+  with pytest.raises(AttributeError, match="no attribute 'nope'"):
     eiw_flow_jax.nope  # noqa: B018
+  if "eiw_flow_jax.main" not in sys.modules:  # the CLI module loads only when imported by name
+    with pytest.raises(AttributeError, match="import eiw_flow_jax.main"):
+      eiw_flow_jax.main  # noqa: B018
