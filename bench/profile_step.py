@@ -12,7 +12,9 @@ CIFAR benchmark config by default; same model flags), runs a few warm-up steps, 
   coupling network, split priors, optimizer, EMA, ...), with flow-step and level numbers folded.
 
 Op time is summed over threads, so with ops running concurrently it can exceed the wall time;
-both are printed. Runs under the command line's glibc malloc tunables (as the CLI does).
+both are printed. An XLA (Eigen) `dot`'s event covers only its launch: its work shows up as time
+when no op runs, just before the op that waits for its result. Runs under the command line's
+glibc malloc tunables (as the CLI does).
 
   python bench/profile_step.py                           # CIFAR config, 3 traced steps
   python bench/profile_step.py --hidden=64 --top_rows=30
@@ -98,8 +100,9 @@ def summarise(events: list[dict], names: dict[str, str]) -> dict[str, collection
 
 
 def busy_micros(events: list[dict], names: dict[str, str]) -> float:
-  """Length of the union of the traced ops' intervals: time when at least one op ran. The rest
-  of the wall time is between ops (dispatch, allocation, page faults, waiting)."""
+  """Length of the union of the traced ops' intervals: time when at least one op's event was
+  open. The rest of the wall time is dispatch, waiting, and work whose event covers only its
+  launch: XLA:CPU's Eigen dots run asynchronously (docs/performance.md)."""
   spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
                  if e.get("ph") == "X" and e.get("name", "") in names)
   busy, end = 0.0, -float("inf")
