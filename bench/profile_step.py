@@ -28,7 +28,6 @@ import gzip
 import json
 import os
 import re
-import sys
 import tempfile
 import time
 
@@ -130,9 +129,7 @@ def main(argv):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                              + " --xla_cpu_enable_xprof_traceme=true").strip()
   import jax  # noqa: PLC0415
-
-  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  import peer_pytorch  # noqa: PLC0415 - defines the model flags parsed above
+  import peer_pytorch  # noqa: PLC0415 - already imported under __main__, for its model flags
 
   run, info = peer_pytorch.jax_peer()
   names = op_names(info["compiled"].as_text())
@@ -166,7 +163,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   import peer_pytorch  # noqa: F401,E402 - registers the model flags before absl parses argv
 
   app.run(main)

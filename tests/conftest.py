@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import types
 
 import jax
 import jax.numpy as jnp
@@ -85,16 +87,18 @@ def variant(request):
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def load_bench_module(name: str) -> types.ModuleType:
+  """bench/<name>.py as a module (bench/ is scripts, not a package)."""
+  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "bench", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
   """A TFDS data_dir per test module, so tests never touch ~/tensorflow_datasets."""
   return str(tmp_path_factory.mktemp("tfds"))
-
-
-def _compilation_cache(tmp_path_factory) -> str:
-  cache = tmp_path_factory.getbasetemp() / "eiw_flow_xla_cache"
-  cache.mkdir(exist_ok=True)
-  return str(cache)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -103,21 +107,22 @@ def compilation_cache(tmp_path_factory):
   the command-line subprocesses (`env`), so a program compiled once (the same tiny model in
   several tests, or in a test and a CLI run) is loaded after that. (The suite on 2 cores:
   1145 -> 1100 s with it, within that machine's noise.)"""
-  cache = _compilation_cache(tmp_path_factory)
+  path = tmp_path_factory.getbasetemp() / "eiw_flow_xla_cache"
+  path.mkdir(exist_ok=True)
+  cache = str(path)
   jax.config.update("jax_compilation_cache_dir", cache)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   return cache
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-  """Subprocess environment: CPU, one device, one XLA compilation cache for the whole session."""
-  cache = _compilation_cache(tmp_path_factory)
+def env(compilation_cache):
+  """Subprocess environment: CPU, one device, the session's XLA compilation cache."""
   out = dict(os.environ)
   out.update(
       XLA_FLAGS=with_test_xla_flags(),
       JAX_PLATFORMS="cpu",
-      JAX_COMPILATION_CACHE_DIR=cache,
+      JAX_COMPILATION_CACHE_DIR=compilation_cache,
       JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
       PYTHONPATH=REPO + os.pathsep + out.get("PYTHONPATH", ""),
   )

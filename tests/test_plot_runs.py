@@ -6,26 +6,15 @@ so the test runs in seconds without training anything.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 
 import numpy as np
 import pytest
-from conftest import REPO, make_config
+from conftest import load_bench_module, make_config
 from tensorboardX import SummaryWriter
 
-
-def _load_module():
-  spec = importlib.util.spec_from_file_location(
-      "plot_runs", os.path.join(REPO, "bench", "plot_runs.py")
-  )
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-plot_runs = _load_module()
+plot_runs = load_bench_module("plot_runs")
 
 FINAL = {  # variant -> seed -> final test bpd
     "vanilla": {0: 2.50, 1: 2.54},

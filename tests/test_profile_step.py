@@ -6,23 +6,10 @@ trace of the train step), so the test runs without compiling or tracing anything
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
-from conftest import REPO
+from conftest import load_bench_module
 
-
-def _load_module():
-  spec = importlib.util.spec_from_file_location(
-      "profile_step", os.path.join(REPO, "bench", "profile_step.py")
-  )
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-profile_step = _load_module()
+profile_step = load_bench_module("profile_step")
 
 PREFIX = "jit(step_fn)/jvp(MultiScaleFlow.forward)/MultiScaleFlow._level_forward"
 HLO = "\n".join([
