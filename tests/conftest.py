@@ -13,16 +13,18 @@ import pytest
 
 from eiw_flow_jax.config_lib import base_config
 
-# The suite's time is mostly XLA:CPU compiling small graphs, and most of that is LLVM
-# optimising the emitted loops: the suite compiles at LLVM optimisation level 0 (a tiny EIW
-# model's init: 10.9 s -> 3.0 s on 2 cores; the whole suite ~0.7x the time). The HLO passes and
-# the matmul/convolution libraries are the same; float round-off differs slightly (a gradient
-# computed two ways: ~6e-7 of its scale), which the tests' float32 tolerances cover.
-# Set EIW_FLOW_JAX_TEST_XLA_FLAGS="" to run the suite under XLA's defaults. Set at import,
-# before any test starts JAX's backend (which reads XLA_FLAGS then), and passed to the
-# subprocesses of the `env` fixture.
+# The suite's time is mostly XLA:CPU compiling small graphs. Two compile-only flags: LLVM
+# optimisation level 0 (most of the compile time is LLVM optimising the emitted loops: a tiny EIW
+# model's init 10.9 s -> 3.0 s on 2 cores; the whole suite ~0.7x the time) and XLA:CPU's older
+# loop emitters instead of its MLIR fusion emitters (a tiny flow's loss-and-gradient: 2.2 s ->
+# 0.8 s to compile). The matmul/convolution libraries are the same, the fusions nearly so; float
+# round-off differs slightly (a gradient computed two ways: ~6e-7 of its scale), which the
+# tests' float32 tolerances cover. Set EIW_FLOW_JAX_TEST_XLA_FLAGS="" to run the suite under
+# XLA's defaults. Set at import, before any test starts JAX's backend (which reads XLA_FLAGS
+# then), and passed to the subprocesses of the `env` fixture.
 TEST_XLA_FLAGS = os.environ.get(
-    "EIW_FLOW_JAX_TEST_XLA_FLAGS", "--xla_backend_optimization_level=0"
+    "EIW_FLOW_JAX_TEST_XLA_FLAGS",
+    "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false",
 )
 
 
@@ -51,14 +53,16 @@ def make_config(
 
 
 def perturb(variables, rng, scale=0.1):
-  """Adds Gaussian noise to every trained parameter, so zero-initialised parts become active."""
-  params = variables.get("params", {})
-  leaves, treedef = jax.tree_util.tree_flatten(params)
-  keys = jax.random.split(rng, len(leaves))
-  noisy = [
-      leaf + scale * jax.random.normal(k, leaf.shape, leaf.dtype) for leaf, k in zip(leaves, keys)
-  ]
-  return {**variables, "params": jax.tree_util.tree_unflatten(treedef, noisy)}
+  """Adds Gaussian noise to every trained parameter, so zero-initialised parts become active.
+
+  The noise is drawn on the host (numpy, seeded by `rng`'s key data): drawn with JAX, op by op
+  or jitted, every parameter shape compiled its own random kernels (~8 s per tiny model)."""
+  seed = np.asarray(jax.random.key_data(rng) if jax.dtypes.issubdtype(
+      rng.dtype, jax.dtypes.prng_key) else rng).ravel().tolist()
+  noise = np.random.default_rng(seed)
+  return {**variables, "params": jax.tree_util.tree_map(
+      lambda leaf: jnp.asarray(np.asarray(leaf) + scale * noise.standard_normal(
+          leaf.shape).astype(leaf.dtype)), variables.get("params", {}))}
 
 
 def random_uint8(shape, n_bits=8, seed=0):
