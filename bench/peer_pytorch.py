@@ -11,7 +11,8 @@
   per-channel Gaussian, not conditioned on the kept half), Adam.
 
 Each peer runs in its own process, builds and warms up (JAX compiles), then the parent asks
-them for one step in turn, round after round (interleaved, so machine load hits all alike),
+them for one step in turn, round after round (interleaved, so machine load hits all alike; with
+--steps_per_turn=S, S steps back to back per turn, of which the first is left out),
 and prints min and median ms/step with ratios to the JAX step, the JAX step's FLOPs (XLA cost
 analysis), its achieved GFLOP/s and the GFLOP/s of a large float32 matmul through JAX.
 
@@ -19,6 +20,7 @@ torch and normflows are benchmark-only extras: `pip install -e .[bench]`.
 
   python bench/peer_pytorch.py                    # 32x32x3, L=3, K=8, width 256, batch 16
   python bench/peer_pytorch.py --rounds=10 --peers=jax,torch
+  python bench/peer_pytorch.py --rounds=10 --steps_per_turn=4   # back to back, as in training
   python bench/peer_pytorch.py --peers=jax --xla_variant=onednn=--xla_cpu_use_onednn=true
   python bench/peer_pytorch.py --host_malloc=none --peers=jax \
       --env_variant=hugepages=GLIBC_TUNABLES=glibc.malloc.hugetlb=1
@@ -65,6 +67,11 @@ flags.DEFINE_float(
     "pause_s", 0.3,
     "Idle seconds before each timed step, so that the previous peer's spinning worker threads "
     "(OpenMP, XLA's pool) have gone to sleep and do not steal the cores.")
+flags.DEFINE_integer(
+    "steps_per_turn", 1,
+    "Steps each peer runs back to back per turn. 1 (the default): one step after the pause. "
+    "S > 1: the training loop's pattern; the first step of each turn is left out of the "
+    "figures, which then hold rounds x (S - 1) steps per peer.")
 flags.DEFINE_string("worker", "", "Internal: run as the worker for this peer.")
 FLAGS = flags.FLAGS
 
@@ -322,6 +329,8 @@ def main(argv):
   if FLAGS.worker:
     worker(FLAGS.worker)
     return
+  if FLAGS.steps_per_turn < 1:
+    raise app.UsageError(f"--steps_per_turn must be at least 1, got {FLAGS.steps_per_turn}.")
   repo = workers.REPO
   env = workers.worker_environ({"cli": "1", "reuse": "reuse", "none": None}[FLAGS.host_malloc])
   passed = model_flag_args()
@@ -342,7 +351,7 @@ def main(argv):
   for peer, peer_environ in peer_env.items():
     pool.start(peer, [os.path.abspath(__file__), f"--worker={peer}", *passed],
                   env=peer_environ, cwd=repo)
-  times = pool.time_steps(FLAGS.rounds, FLAGS.pause_s)
+  times = pool.time_steps(FLAGS.rounds, FLAGS.pause_s, FLAGS.steps_per_turn)
   infos = pool.infos
   # After a pause, as before each step: the last peer's spinning threads would halve the rate.
   time.sleep(max(FLAGS.pause_s, 0.3))
@@ -351,7 +360,9 @@ def main(argv):
 
   print(f"{FLAGS.image_size}x{FLAGS.image_size}x{FLAGS.channels}, L={FLAGS.num_levels}, "
         f"K={FLAGS.steps_per_level}, width {FLAGS.hidden}, batch {FLAGS.batch}; "
-        f"{FLAGS.rounds} interleaved rounds, {os.cpu_count()} CPU cores, load average "
+        f"{FLAGS.rounds} interleaved rounds of {FLAGS.steps_per_turn} step(s) per peer"
+        f"{' (the first of each turn left out)' if FLAGS.steps_per_turn > 1 else ''}, "
+        f"{os.cpu_count()} CPU cores, load average "
         f"{os.getloadavg()[0]:.1f} at the end; GLIBC_TUNABLES="
         f"{env.get('GLIBC_TUNABLES', '') or '(unset)'}\n")
   ref = "jax" if "jax" in times else next(iter(times))

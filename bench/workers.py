@@ -2,9 +2,10 @@
 
 Each variant runs in its own worker process (its own environment, XLA flags, allocator, thread
 pools), warms up, prints one JSON "ready" line, then answers commands on stdin: `step` times one
-call of its step function, `quit` ends it; extra commands can be served too. The parent starts
-the workers one after the other (compiles do not overlap), then asks each for one step in turn,
-round after round, so that load from elsewhere on the machine hits all variants alike.
+call of its step function, `steps N` N calls back to back, `quit` ends it; extra commands can be
+served too. The parent starts the workers one after the other (compiles do not overlap), then
+asks each for one step (or a few back to back) in turn, round after round, so that load from
+elsewhere on the machine hits all variants alike.
 
 No flags here: the scripts that import this module define their own.
 """
@@ -41,10 +42,14 @@ def serve(name: str, run: Callable[[], None], info: dict,
   print(json.dumps({"ready": name, **info}), flush=True)
   for line in sys.stdin:
     command = line.strip()
-    if command == "step":
-      start = time.perf_counter()
-      run()
-      print(json.dumps({"seconds": time.perf_counter() - start}), flush=True)
+    word, _, count = command.partition(" ")
+    if command == "step" or (word == "steps" and count.isdigit() and int(count) > 0):
+      seconds = []
+      for _ in range(int(count) if word == "steps" else 1):
+        start = time.perf_counter()
+        run()
+        seconds.append(time.perf_counter() - start)
+      print(json.dumps({"seconds": seconds if word == "steps" else seconds[0]}), flush=True)
     elif command in commands:
       print(json.dumps(commands[command]()), flush=True)
     elif command == "quit":
@@ -84,14 +89,25 @@ class InterleavedWorkers:
       raise RuntimeError(f"worker {name}: {answer['error']}")
     return answer
 
-  def time_steps(self, rounds: int, pause_s: float = 0.0) -> dict[str, list[float]]:
+  def time_steps(self, rounds: int, pause_s: float = 0.0,
+                 steps_per_turn: int = 1) -> dict[str, list[float]]:
     """Seconds of each worker's steps, `rounds` interleaved rounds, `pause_s` idle before each
-    (so that the previous worker's spinning threads are asleep)."""
+    turn (so that the previous worker's spinning threads are asleep).
+
+    With `steps_per_turn` S > 1 a turn is S steps back to back (the training loop's pattern), and
+    only the last S - 1 of each turn are kept: the first follows the pause and the other
+    workers' turns (cold caches, sleeping threads, memory given back), which one step per turn
+    measures instead."""
+    if steps_per_turn < 1:
+      raise ValueError(f"steps_per_turn must be at least 1, got {steps_per_turn}.")
     times = {name: [] for name in self.procs}
     for _ in range(rounds):
       for name in self.procs:
         time.sleep(pause_s)
-        times[name].append(self.ask(name, "step")["seconds"])
+        if steps_per_turn == 1:
+          times[name].append(self.ask(name, "step")["seconds"])
+        else:
+          times[name].extend(self.ask(name, f"steps {steps_per_turn}")["seconds"][1:])
     return times
 
   def close(self) -> None:
