@@ -2,11 +2,12 @@
 
 Each setting runs in a fresh process (glibc reads GLIBC_TUNABLES at start): build the train
 step (bench/peer_pytorch.py's JAX peer, with its model flags), warm up, then time --steps
-steps back to back, as the training loop runs them, with `getrusage` around them for the minor
-page faults and kernel time per step. Settings alternate, --repeats times, so machine load hits
-them alike; one table row per process.
+steps back to back, as the training loop runs them (or with --idle_s of sleep before each),
+with `getrusage` around them for the minor page faults and kernel time per step. Settings
+alternate, --repeats times, so machine load hits them alike; one table row per process.
 
   python bench/malloc_settings.py                      # CIFAR config: 32x32x3, L=3, K=8, width 256
+  python bench/malloc_settings.py --idle_s=0.3         # idle before each step, as in peer_pytorch
   python bench/malloc_settings.py --image_size=8 --channels=1 --num_levels=2 \
       --steps_per_level=4 --hidden=64 --batch=64          # the digits config
 """
@@ -29,6 +30,8 @@ from eiw_flow_jax import host_malloc
 flags.DEFINE_integer("steps", 10, "Timed steps per process, back to back.")
 flags.DEFINE_integer("warmup", 3, "Untimed steps first.")
 flags.DEFINE_integer("repeats", 2, "Processes per setting (alternating).")
+flags.DEFINE_float("idle_s", 0.0, "Idle seconds before each timed step (0: back to back; "
+                   "peer_pytorch's --pause_s is the same idea across processes).")
 FLAGS = flags.FLAGS
 
 SETTINGS = {
@@ -46,6 +49,7 @@ def measure() -> dict:
     run()
   before, times = resource.getrusage(resource.RUSAGE_SELF), []
   for _ in range(FLAGS.steps):
+    time.sleep(FLAGS.idle_s)
     start = time.perf_counter()
     run()
     times.append(time.perf_counter() - start)
@@ -65,7 +69,7 @@ def main(argv):
   del argv
   rows = []
   passed = [*peer_pytorch.model_flag_args(), f"--steps={FLAGS.steps}",
-            f"--warmup={FLAGS.warmup}"]
+            f"--warmup={FLAGS.warmup}", f"--idle_s={FLAGS.idle_s}"]
   base = {k: v for k, v in os.environ.items()
           if k not in ("GLIBC_TUNABLES", host_malloc.MODE_VARIABLE, host_malloc.LEGACY_OPT_OUT)}
   for _ in range(FLAGS.repeats):
@@ -74,9 +78,10 @@ def main(argv):
       out = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker=measure", *passed],
                            env=env, capture_output=True, text=True, check=True).stdout
       rows.append((name, json.loads(out.strip().splitlines()[-1])))
+  pattern = f"{FLAGS.idle_s} s idle before each" if FLAGS.idle_s else "back to back"
   print(f"{FLAGS.image_size}x{FLAGS.image_size}x{FLAGS.channels}, L={FLAGS.num_levels}, "
         f"K={FLAGS.steps_per_level}, width {FLAGS.hidden}, batch {FLAGS.batch}; {FLAGS.steps} "
-        f"steps back to back per process, {os.cpu_count()} CPU cores, load average "
+        f"steps per process, {pattern}, {os.cpu_count()} CPU cores, load average "
         f"{os.getloadavg()[0]:.1f} at the end\n")
   print("| setting | median ms | min ms | minor faults/step | kernel s/step | max RSS MiB |")
   print("| --- | --- | --- | --- | --- | --- |")
