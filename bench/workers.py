@@ -96,8 +96,7 @@ class InterleavedWorkers:
 
     With `steps_per_turn` S > 1 a turn is S steps back to back (the training loop's pattern), and
     only the last S - 1 of each turn are kept: the first follows the pause and the other
-    workers' turns (cold caches, sleeping threads, memory given back), which one step per turn
-    measures instead."""
+    workers' turns, which is what one step per turn measures instead."""
     if steps_per_turn < 1:
       raise ValueError(f"steps_per_turn must be at least 1, got {steps_per_turn}.")
     times = {name: [] for name in self.procs}
