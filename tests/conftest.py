@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
+import sys
 import types
 
 import jax
@@ -22,10 +24,22 @@ from eiw_flow_jax.config_lib import base_config
 # tests' float32 tolerances cover. Set EIW_FLOW_JAX_TEST_XLA_FLAGS="" to run the suite under
 # XLA's defaults. Set at import, before any test starts JAX's backend (which reads XLA_FLAGS
 # then), and passed to the subprocesses of the `env` fixture.
-TEST_XLA_FLAGS = os.environ.get(
-    "EIW_FLOW_JAX_TEST_XLA_FLAGS",
-    "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false",
-)
+LOOP_EMITTERS_FLAG = "--xla_cpu_use_fusion_emitters=false"
+
+
+def xla_accepts(flag: str) -> bool:
+  """Whether this jaxlib's XLA knows `flag`: an unknown flag in XLA_FLAGS aborts the process, and
+  the loop-emitter switch may not exist in every jax version requirements.txt allows (~2 s)."""
+  probe = subprocess.run(
+      [sys.executable, "-c", "import jax; jax.devices()"], capture_output=True, timeout=120,
+      env={**os.environ, "XLA_FLAGS": flag, "JAX_PLATFORMS": "cpu"})
+  return probe.returncode == 0
+
+
+TEST_XLA_FLAGS = os.environ.get("EIW_FLOW_JAX_TEST_XLA_FLAGS")
+if TEST_XLA_FLAGS is None:
+  TEST_XLA_FLAGS = "--xla_backend_optimization_level=0" + (
+      f" {LOOP_EMITTERS_FLAG}" if xla_accepts(LOOP_EMITTERS_FLAG) else "")
 
 
 def with_test_xla_flags(flags: str = "") -> str:
