@@ -1,11 +1,11 @@
 """Interleaved timing in separate processes, shared by the benchmarks in bench/.
 
 Each variant runs in its own worker process (its own environment, XLA flags, allocator, thread
-pools), warms up, prints one JSON "ready" line, then answers commands on stdin: `step` times one
-call of its step function, `steps N` N calls back to back, `quit` ends it; extra commands can be
-served too. The parent starts the workers one after the other (compiles do not overlap), then
-asks each for one step (or a few back to back) in turn, round after round, so that load from
-elsewhere on the machine hits all variants alike.
+pools), warms up, prints one JSON "ready" line, then answers commands on stdin: `steps N` times
+N calls of its step function back to back, `quit` ends it; extra commands can be served too.
+The parent starts the workers one after the other (compiles do not overlap), then asks each for
+one step (or a few back to back) in turn, round after round, so that load from elsewhere on the
+machine hits all variants alike.
 
 No flags here: the scripts that import this module define their own.
 """
@@ -43,13 +43,13 @@ def serve(name: str, run: Callable[[], None], info: dict,
   for line in sys.stdin:
     command = line.strip()
     word, _, count = command.partition(" ")
-    if command == "step" or (word == "steps" and count.isdigit() and int(count) > 0):
+    if word == "steps" and count.isdigit() and int(count) > 0:
       seconds = []
-      for _ in range(int(count) if word == "steps" else 1):
+      for _ in range(int(count)):
         start = time.perf_counter()
         run()
         seconds.append(time.perf_counter() - start)
-      print(json.dumps({"seconds": seconds if word == "steps" else seconds[0]}), flush=True)
+      print(json.dumps({"seconds": seconds}), flush=True)
     elif command in commands:
       print(json.dumps(commands[command]()), flush=True)
     elif command == "quit":
@@ -103,10 +103,8 @@ class InterleavedWorkers:
     for _ in range(rounds):
       for name in self.procs:
         time.sleep(pause_s)
-        if steps_per_turn == 1:
-          times[name].append(self.ask(name, "step")["seconds"])
-        else:
-          times[name].extend(self.ask(name, f"steps {steps_per_turn}")["seconds"][1:])
+        seconds = self.ask(name, f"steps {steps_per_turn}")["seconds"]
+        times[name].extend(seconds[1:] if steps_per_turn > 1 else seconds)
     return times
 
   def close(self) -> None:

@@ -74,9 +74,12 @@ def perturb(variables, rng, scale=0.1):
   seed = np.asarray(jax.random.key_data(rng) if jax.dtypes.issubdtype(
       rng.dtype, jax.dtypes.prng_key) else rng).ravel().tolist()
   noise = np.random.default_rng(seed)
-  return {**variables, "params": jax.tree_util.tree_map(
-      lambda leaf: jnp.asarray(np.asarray(leaf) + scale * noise.standard_normal(
-          leaf.shape).astype(leaf.dtype)), variables.get("params", {}))}
+
+  def noisy(leaf):
+    return jnp.asarray(np.asarray(leaf) + scale * noise.standard_normal(leaf.shape).astype(
+        leaf.dtype))
+
+  return {**variables, "params": jax.tree_util.tree_map(noisy, variables.get("params", {}))}
 
 
 def random_uint8(shape, n_bits=8, seed=0):
