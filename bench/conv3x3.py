@@ -10,7 +10,8 @@ as one matmul plus nine shifted copies. This script measures that choice two way
   the speed-up.
 - `--part=step`: the whole train step of `bench/peer_pytorch.py` (loss, gradient, Adam, EMA),
   once with every convolution on lax.conv and once with the matmul form, each in its own
-  process, interleaved round by round.
+  process, interleaved round by round (`--steps_per_turn` steps back to back per turn, as in
+  `bench/peer_pytorch.py`).
 
   python bench/conv3x3.py --part=layers            # 32x32x3, L=3, K=8, width 256, batch 16
   python bench/conv3x3.py --part=step --rounds=10
@@ -109,15 +110,18 @@ def _time_layers() -> None:
 
 
 def _time_step() -> None:
+  if FLAGS.steps_per_turn < 1:
+    raise app.UsageError(f"--steps_per_turn must be at least 1, got {FLAGS.steps_per_turn}.")
   pool = workers.InterleavedWorkers()
   for variant in VARIANTS:
     pool.start(variant, [os.path.abspath(__file__), f"--worker={variant}",
                          *peer_pytorch.model_flag_args()])
-  times = pool.time_steps(FLAGS.rounds, FLAGS.pause_s)
+  times = pool.time_steps(FLAGS.rounds, FLAGS.pause_s, FLAGS.steps_per_turn)
   pool.close()
   print(f"train step, {FLAGS.image_size}x{FLAGS.image_size}x{FLAGS.channels}, "
         f"L={FLAGS.num_levels}, K={FLAGS.steps_per_level}, width {FLAGS.hidden}, batch "
-        f"{FLAGS.batch}; {FLAGS.rounds} interleaved rounds, load average "
+        f"{FLAGS.batch}; {FLAGS.rounds} interleaved rounds of {FLAGS.steps_per_turn} step(s)"
+        f"{' (the first of each turn left out)' if FLAGS.steps_per_turn > 1 else ''}, load average "
         f"{os.getloadavg()[0]:.1f} at the end\n")
   print("| 3x3 convolutions | median ms | min ms | time vs lax (median) | (min) |")
   print("| --- | --- | --- | --- | --- |")

@@ -11,16 +11,22 @@
   per-channel Gaussian, not conditioned on the kept half), Adam.
 
 Each peer runs in its own process, builds and warms up (JAX compiles), then the parent asks
-them for one step in turn, round after round (interleaved, so machine load hits all alike; with
---steps_per_turn=S, S steps back to back per turn, of which the first is left out),
-and prints min and median ms/step with ratios to the JAX step, the JAX step's FLOPs (XLA cost
-analysis), its achieved GFLOP/s and the GFLOP/s of a large float32 matmul through JAX.
+each in turn for --steps_per_turn steps back to back (3 by default, as the training loop runs
+them; the first of each turn is left out), round after round (interleaved, so machine load hits
+all alike), and prints min and median ms/step with ratios to the JAX step, the JAX step's FLOPs
+(XLA cost analysis), its achieved GFLOP/s and the GFLOP/s of a large float32 matmul through JAX.
+
+`--steps_per_turn=1` times one step per turn, after the other peers' turns and the pause. That
+first step measures the host as much as the step: XLA:CPU maps its step buffers afresh each step
+(the peers' tensors stay in malloc's heap), and a virtual machine that hands freed memory back
+to its hypervisor (free page reporting) makes the first touch after a second or more of idle
+cost up to a second more (`bench/host_refault.py` measures it; docs/performance.md).
 
 torch and normflows are benchmark-only extras: `pip install -e .[bench]`.
 
   python bench/peer_pytorch.py                    # 32x32x3, L=3, K=8, width 256, batch 16
   python bench/peer_pytorch.py --rounds=10 --peers=jax,torch
-  python bench/peer_pytorch.py --rounds=10 --steps_per_turn=4   # back to back, as in training
+  python bench/peer_pytorch.py --rounds=10 --steps_per_turn=1   # one step per turn
   python bench/peer_pytorch.py --peers=jax --xla_variant=onednn=--xla_cpu_use_onednn=true
   python bench/peer_pytorch.py --host_malloc=none --peers=jax \
       --env_variant=hugepages=GLIBC_TUNABLES=glibc.malloc.hugetlb=1
@@ -34,9 +40,11 @@ header line says which GLIBC_TUNABLES the peers ran with.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import time
+from collections.abc import Callable
 
 import numpy as np
 import workers
@@ -68,10 +76,10 @@ flags.DEFINE_float(
     "Idle seconds before each timed step, so that the previous peer's spinning worker threads "
     "(OpenMP, XLA's pool) have gone to sleep and do not steal the cores.")
 flags.DEFINE_integer(
-    "steps_per_turn", 1,
-    "Steps each peer runs back to back per turn. 1 (the default): one step after the pause. "
-    "S > 1: the training loop's pattern; the first step of each turn is left out of the "
-    "figures, which then hold rounds x (S - 1) steps per peer.")
+    "steps_per_turn", 3,
+    "Steps each peer runs back to back per turn. S > 1: the training loop's pattern; the first "
+    "step of each turn is left out of the figures, which then hold rounds x (S - 1) steps per "
+    "peer. 1: one step per turn, after the pause and the other peers' turns, all kept.")
 flags.DEFINE_string("worker", "", "Internal: run as the worker for this peer.")
 FLAGS = flags.FLAGS
 
@@ -314,6 +322,31 @@ def _torch_peer(kind: str):
   return run, {"threads": torch.get_num_threads()}
 
 
+PEERS = ("jax", "torch", "normflows")
+# The modules each peer imports beyond this project's requirements (benchmark-only extras).
+PEER_EXTRAS = {"torch": ("torch",), "normflows": ("torch", "normflows")}
+
+
+def peer_problems(peers: list[str],
+                  find_spec: Callable[[str], object] = importlib.util.find_spec) -> list[str]:
+  """Why `peers` cannot run here (unknown names, missing extras); empty when they can."""
+  problems = []
+  unknown = [peer for peer in peers if peer not in PEERS]
+  if unknown:
+    problems.append(f"expected peers among {', '.join(PEERS)}, got {', '.join(unknown)}.")
+  if not peers:
+    problems.append(f"expected at least one peer among {', '.join(PEERS)}.")
+  needs = []
+  for peer in peers:
+    missing = [module for module in PEER_EXTRAS.get(peer, ()) if find_spec(module) is None]
+    if missing:
+      needs.append(f"peer {peer} needs {' and '.join(missing)}")
+  if needs:
+    problems.append(f"{'; '.join(needs)}, not installed here: pip install -e .[bench] "
+                    "(torch==2.13.0, normflows).")
+  return problems
+
+
 def worker(kind: str) -> None:
   run, info = jax_peer() if kind.startswith("jax") else _torch_peer(kind)
   for _ in range(2):
@@ -331,6 +364,9 @@ def main(argv):
     return
   if FLAGS.steps_per_turn < 1:
     raise app.UsageError(f"--steps_per_turn must be at least 1, got {FLAGS.steps_per_turn}.")
+  problems = peer_problems(FLAGS.peers)
+  if problems:
+    raise app.UsageError("--peers: " + " ".join(problems))
   repo = workers.REPO
   env = workers.worker_environ({"cli": "1", "reuse": "reuse", "none": None}[FLAGS.host_malloc])
   passed = model_flag_args()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -52,9 +53,49 @@ def test_bad_counts_are_refused(pool):
   assert pool.ask("a", "steps 2")["seconds"][1] > 0
 
 
-def test_peer_benchmark_refuses_a_bad_steps_per_turn():
-  out = subprocess.run(
-      [sys.executable, os.path.join(REPO, "bench", "peer_pytorch.py"), "--steps_per_turn=0"],
-      capture_output=True, text=True, cwd=REPO, timeout=120)
+PEER_SCRIPT = os.path.join(REPO, "bench", "peer_pytorch.py")
+TINY_MODEL = ["--image_size=8", "--channels=1", "--num_levels=2", "--steps_per_level=1",
+              "--hidden=16", "--batch=4", "--pause_s=0"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--steps_per_turn=0"], "--steps_per_turn must be at least 1, got 0"),
+    (["--peers=jax,glow"], "--peers: expected peers among jax, torch, normflows, got glow."),
+    (["--peers="], "--peers: expected at least one peer among jax, torch, normflows."),
+])
+def test_peer_benchmark_refuses_bad_flags(args, message):
+  out = subprocess.run([sys.executable, PEER_SCRIPT, *args],
+                       capture_output=True, text=True, cwd=REPO, timeout=120)
   assert out.returncode != 0
-  assert "--steps_per_turn must be at least 1, got 0" in out.stderr
+  assert message in out.stderr
+
+
+def test_peer_benchmark_names_missing_extras():
+  # In a subprocess: importing the script defines its absl flags, once per process.
+  code = (
+      "import json, sys; sys.path.insert(0, {bench!r}); import peer_pytorch\n"
+      "def only_torch(module):\n"
+      "  return object() if module == 'torch' else None\n"
+      "print(json.dumps([peer_pytorch.peer_problems(['jax', 'torch'], only_torch),\n"
+      "                  peer_pytorch.peer_problems(['jax', 'torch', 'normflows'], only_torch),\n"
+      "                  peer_pytorch.peer_problems(['torch', 'normflows'], lambda m: None)]))\n"
+  ).format(bench=os.path.join(REPO, "bench"))
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120, check=True).stdout
+  with_torch, without_normflows, without_either = json.loads(out)
+  assert with_torch == []
+  assert without_normflows == [
+      "peer normflows needs normflows, not installed here: pip install -e .[bench] "
+      "(torch==2.13.0, normflows)."]
+  assert without_either[0].startswith(
+      "peer torch needs torch; peer normflows needs torch and normflows, not installed here")
+
+
+def test_peer_benchmark_jax_alone_back_to_back_by_default():
+  """The JAX peer needs no extras: a tiny model end to end, in the default protocol."""
+  out = subprocess.run([sys.executable, PEER_SCRIPT, "--peers=jax", "--rounds=2", *TINY_MODEL],
+                       capture_output=True, text=True, cwd=REPO, timeout=600, check=True).stdout
+  assert "2 interleaved rounds of 3 step(s) per peer (the first of each turn left out)" in out
+  rows = [line for line in out.splitlines() if line.startswith("| jax |")]
+  assert len(rows) == 1 and rows[0].endswith("| 1.00x | 1.00x |")
+  assert "GFLOP (XLA cost analysis)" in out and "matmul through JAX" in out
