@@ -20,7 +20,8 @@ all alike), and prints min and median ms/step with ratios to the JAX step, the J
 first step measures the host as much as the step: XLA:CPU maps its step buffers afresh each step
 (the peers' tensors stay in malloc's heap), and a virtual machine that hands freed memory back
 to its hypervisor (free page reporting) makes the first touch after a second or more of idle
-cost up to a second more (`bench/host_refault.py` measures it; docs/performance.md).
+slow: 0.3-0.8 s more for the CIFAR config's step on one such VM (`bench/host_refault.py`
+measures a host; docs/performance.md).
 
 torch and normflows are benchmark-only extras: `pip install -e .[bench]`.
 
