@@ -27,6 +27,17 @@ def test_notebook_code_cells_parse(path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_is_valid_nbformat_with_cell_ids(path):
+  """nbformat 4.5 requires unique cell ids; nbformat warns of missing ones (a future error)."""
+  import nbformat
+
+  notebook = json.loads(path.read_text())
+  ids = [cell.get("id") for cell in notebook["cells"]]
+  assert all(ids) and len(set(ids)) == len(ids), ids
+  nbformat.validate(nbformat.reads(path.read_text(), as_version=4))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_runs_top_to_bottom(path, monkeypatch):
   """Every cell runs in a fresh kernel (the install cell finds the package and skips itself)."""
   import nbclient
