@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.custom_derivatives import SymbolicZero
 
 Array = jax.Array
 
@@ -250,6 +251,54 @@ class ZeroConv(nn.Module):
     return h.astype(jnp.float32) + params["bias"] * scale
 
 
+def channel_matmul(x: Array, w: Array) -> Array:
+  """`x @ w` over the last (channel) axis of `x`: the coupling network's 1x1 layers and the
+  products of `conv3x3_by_matmul`.
+
+  On CPU the same product with another derivative rule (`_channel_matmul_cpu`), whose kernel
+  gradient XLA:CPU computes as a YNNPACK matmul rather than an Eigen dot: the whole CIFAR
+  benchmark train step took 0.72-0.88x the time on a 2-core AMD Zen 5, the digits one
+  0.95-0.99x (docs/performance.md). Other backends keep the plain einsum.
+  """
+  if jax.default_backend() == "cpu":
+    return _channel_matmul_cpu(x, w)
+  return jnp.einsum("...c,cd->...d", x, w)
+
+
+@jax.custom_jvp
+def _channel_matmul_cpu(x: Array, w: Array) -> Array:
+  return jnp.einsum("...c,cd->...d", x, w)
+
+
+def _channel_matmul_cpu_jvp(primals, tangents):
+  """The product rule, with the `x @ dw` term written on a materialised transpose of x.
+
+  Reverse mode transposes that term into the kernel gradient X^T dY (contracted over the
+  N = B H W rows). From plain autodiff XLA:CPU gets a dot contracting both operands' leading
+  axis, which it runs as an Eigen dot (asynchronously, beside the layer's YNNPACK input-gradient
+  matmul, at about half the rate either reaches alone on 2 cores). Here X^T (C, N) is computed
+  in the forward pass behind an optimization barrier (so the algebraic simplifier does not
+  fold the transpose back into the dot) and kept in place of X, the same bytes; its transposed
+  term is a row-major (C, N) @ (N, D) matmul, which XLA:CPU hands to YNNPACK. Symbolic-zero
+  tangents (data inputs, frozen kernels) skip their term.
+  """
+  x, w = primals
+  dx, dw = tangents
+  y = _channel_matmul_cpu(x, w)
+  terms = []
+  if not isinstance(dx, SymbolicZero):
+    terms.append(jnp.einsum("...c,cd->...d", dx, w))
+  if not isinstance(dw, SymbolicZero):
+    x_t = jax.lax.optimization_barrier(x.reshape(-1, x.shape[-1]).T)
+    terms.append((x_t.T @ dw).reshape(y.shape))
+  if not terms:
+    return y, jnp.zeros_like(y)
+  return y, sum(terms[1:], terms[0])
+
+
+_channel_matmul_cpu.defjvp(_channel_matmul_cpu_jvp, symbolic_zeros=True)
+
+
 class Conv1x1(nn.Module):
   """A bias-free 1x1 convolution computed as a matmul over channels.
 
@@ -275,7 +324,8 @@ class Conv1x1(nn.Module):
 def apply_conv(x: Array, kernel: Array, dtype: Any) -> Array:
   """SAME, stride-1, bias-free convolution of NHWC `x` by HWIO `kernel`, computed in `dtype`.
 
-  A 1x1 kernel is computed as a dot over channels (faster than lax.conv on XLA:CPU). On CPU, a
+  A 1x1 kernel is computed as a dot over channels (`channel_matmul`; faster than lax.conv on
+  XLA:CPU). On CPU, a
   3x3 kernel whose channel counts differ a lot (the coupling network's first and last layers,
   at width 256 and up: `conv3x3_takes_matmul_form`) is computed as one matmul plus nine
   shifted copies (`conv3x3_by_matmul`: a whole Glow train step 14% faster on 2 cores,
@@ -284,7 +334,7 @@ def apply_conv(x: Array, kernel: Array, dtype: Any) -> Array:
   """
   x, kernel = x.astype(dtype), kernel.astype(dtype)
   if kernel.shape[:2] == (1, 1):
-    return jnp.einsum("bhwc,cd->bhwd", x, kernel[0, 0])
+    return channel_matmul(x, kernel[0, 0])
   if jax.default_backend() == "cpu" and conv3x3_takes_matmul_form(kernel.shape):
     return conv3x3_by_matmul(x, kernel)
   return jax.lax.conv_general_dilated(
@@ -321,16 +371,16 @@ def conv3x3_by_matmul(x: Array, kernel: Array) -> Array:
   nine shifted copies of x (9 C_in channels), then one matmul. With few outputs: one matmul to
   nine output blocks (9 C_out channels), each shifted into place and summed. Plain JAX ops whose
   transposes are again matmuls, pads and a concatenate (`lax.split` transposes to one), so
-  reverse- and forward-mode autodiff both stay fast, with no custom rules. Same function as
+  reverse- and forward-mode autodiff both stay fast; the only custom rule is the matmuls'
+  (`channel_matmul`, a JVP rule, so both modes still work). Same function as
   `lax.conv_general_dilated(x, kernel, (1, 1), "SAME")` up to float round-off.
   """
   kh, kw, cin, cout = kernel.shape
   offsets = [(i - 1, j - 1) for i in range(kh) for j in range(kw)]
   if cin <= cout:
     patches = jnp.concatenate([_shift(x, di, dj) for di, dj in offsets], axis=-1)
-    return jnp.einsum("bhwd,do->bhwo", patches, kernel.reshape(kh * kw * cin, cout))
-  blocks = jnp.einsum(
-      "bhwc,cd->bhwd", x, kernel.transpose(2, 0, 1, 3).reshape(cin, kh * kw * cout))
+    return channel_matmul(patches, kernel.reshape(kh * kw * cin, cout))
+  blocks = channel_matmul(x, kernel.transpose(2, 0, 1, 3).reshape(cin, kh * kw * cout))
   blocks = jax.lax.split(blocks, [cout] * (kh * kw), axis=3)
   out = _shift(blocks[0], *offsets[0])
   for block, (di, dj) in zip(blocks[1:], offsets[1:]):

@@ -17,6 +17,7 @@ from eiw_flow_jax.bijectors import (
     Shift,
     Squeeze,
     UniformDequantize,
+    channel_matmul,
     conv3x3_by_matmul,
     conv3x3_takes_matmul_form,
 )
@@ -178,6 +179,63 @@ def test_matmul_form_routing_rule():
   assert not takes((3, 3, 64, 256))  # balanced channels
   assert not takes((1, 1, 2, 256))  # 1x1: a dot anyway
   assert takes((3, 3, 6, 128), min_width=0)  # the benchmark's any-width candidates
+
+
+def test_channel_matmul_has_the_plain_einsums_derivatives():
+  """Its CPU derivative rule (the kernel gradient from a materialised x^T) gives the same
+  gradients, Jacobians and Hessians as the plain einsum, with either input held fixed too."""
+  kx, kw = jax.random.split(jax.random.PRNGKey(0))
+  x = jax.random.normal(kx, (2, 3, 3, 4))
+  w = jax.random.normal(kw, (4, 5))
+
+  def plain(x, w):
+    return jnp.sum(jnp.sin(jnp.einsum("bhwc,cd->bhwd", x, w)))
+
+  def ours(x, w):
+    return jnp.sum(jnp.sin(channel_matmul(x, w)))
+
+  np.testing.assert_allclose(channel_matmul(x, w), jnp.einsum("bhwc,cd->bhwd", x, w),
+                             rtol=1e-6, atol=1e-6)
+  for derivative in (jax.grad, jax.jacfwd, jax.jacrev):
+    for argnums in ((0, 1), 0, 1):
+      got = derivative(ours, argnums=argnums)(x, w)
+      want = derivative(plain, argnums=argnums)(x, w)
+      for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(jax.hessian(ours, argnums=1)(x, w),
+                             jax.hessian(plain, argnums=1)(x, w), rtol=1e-5, atol=1e-5)
+  grads = jax.jit(jax.vmap(jax.grad(ours, argnums=1), in_axes=(0, None)))(x[:, None], w)
+  assert grads.shape == (2, 4, 5)
+  low = jax.grad(lambda w: jnp.sum(channel_matmul(x.astype(jnp.bfloat16), w)))(
+      w.astype(jnp.bfloat16))
+  assert low.dtype == jnp.bfloat16
+
+
+def test_channel_matmul_kernel_gradient_is_not_an_eigen_dot_on_cpu():
+  """The point of its derivative rule: on XLA:CPU the kernel gradient X^T dY compiles to a
+  YNNPACK fusion, not to a standalone (Eigen) dot over transposed operands, as plain autodiff
+  of the einsum does with this jaxlib. Checked against the plain einsum, so a jaxlib that
+  compiles both alike skips instead of failing."""
+  if jax.default_backend() != "cpu":
+    pytest.skip("the derivative rule is CPU-only")
+  x, w = jnp.ones((4, 8, 8, 256)), jnp.ones((256, 256))
+
+  def standalone_dots(f):
+    hlo = jax.jit(jax.grad(lambda w: jnp.sum(f(x, w) ** 2))).lower(w).compile().as_text()
+    # Instructions of the entry computation and of non-fusion computations; fused bodies
+    # (YNNPACK fusions hold their dot inside) are left out.
+    dots, in_fusion = 0, False
+    for line in hlo.splitlines():
+      if line and not line.startswith(" "):
+        in_fusion = "fused" in line or "ynn" in line.lower()
+      elif not in_fusion and " dot(" in line:
+        dots += 1
+    return dots
+
+  plain = standalone_dots(lambda x, w: jnp.einsum("bhwc,cd->bhwd", x, w))
+  if plain == 0:
+    pytest.skip("this jaxlib compiles the plain einsum's kernel gradient without an Eigen dot")
+  assert standalone_dots(channel_matmul) == 0
 
 
 @pytest.mark.parametrize("cin,cout", [(3, 32), (32, 3)])
