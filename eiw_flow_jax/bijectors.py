@@ -325,12 +325,11 @@ def apply_conv(x: Array, kernel: Array, dtype: Any) -> Array:
   """SAME, stride-1, bias-free convolution of NHWC `x` by HWIO `kernel`, computed in `dtype`.
 
   A 1x1 kernel is computed as a dot over channels (`channel_matmul`; faster than lax.conv on
-  XLA:CPU). On CPU, a
-  3x3 kernel whose channel counts differ a lot (the coupling network's first and last layers,
-  at width 256 and up: `conv3x3_takes_matmul_form`) is computed as one matmul plus nine
-  shifted copies (`conv3x3_by_matmul`: a whole Glow train step 14% faster on 2 cores,
-  docs/performance.md); accelerators keep their convolution kernels, as the rewrite is
-  unmeasured there.
+  XLA:CPU). On CPU, a 3x3 kernel whose channel counts differ a lot (the coupling network's
+  first and last layers, at width 256 and up: `conv3x3_takes_matmul_form`) is computed as one
+  matmul plus nine shifted copies (`conv3x3_by_matmul`: a whole Glow train step 14% faster on
+  2 cores, docs/performance.md); accelerators keep their convolution kernels, as the rewrite
+  is unmeasured there.
   """
   x, kernel = x.astype(dtype), kernel.astype(dtype)
   if kernel.shape[:2] == (1, 1):
