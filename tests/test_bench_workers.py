@@ -1,4 +1,5 @@
-"""bench/workers.py: the interleaved-timing protocol the benchmarks share (no model involved)."""
+"""bench/workers.py: the interleaved-timing protocol the benchmarks share (fake workers, no model);
+bench/peer_pytorch.py: its refusals, its missing-extras message, and its JAX peer end to end."""
 
 from __future__ import annotations
 
