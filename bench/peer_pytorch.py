@@ -23,7 +23,9 @@ to its hypervisor (free page reporting) makes the first touch after a second or 
 slow: 0.3-0.8 s more for the CIFAR config's step on one such VM (`bench/host_refault.py`
 measures a host; docs/performance.md).
 
-torch and normflows are benchmark-only extras: `pip install -e .[bench]`.
+torch and normflows are benchmark-only extras: `pip install -e .[bench]`. On a GPU machine the
+PyTorch peers run on CUDA where torch sees it (`--torch_device`), the JAX peer on JAX's default
+backend; the header names each peer's device.
 
   python bench/peer_pytorch.py                    # 32x32x3, L=3, K=8, width 256, batch 16
   python bench/peer_pytorch.py --rounds=10 --peers=jax,torch
@@ -81,6 +83,10 @@ flags.DEFINE_integer(
     "Steps each peer runs back to back per turn. S > 1: the training loop's pattern; the first "
     "step of each turn is left out of the figures, which then hold rounds x (S - 1) steps per "
     "peer. 1: one step per turn, after the pause and the other peers' turns, all kept.")
+flags.DEFINE_enum(
+    "torch_device", "auto", ["auto", "cpu", "cuda"],
+    "Where the PyTorch peers run: auto is cuda when torch sees a GPU, else cpu. (The JAX peer "
+    "runs on JAX's default backend.)")
 flags.DEFINE_string("worker", "", "Internal: run as the worker for this peer.")
 FLAGS = flags.FLAGS
 
@@ -142,8 +148,9 @@ def jax_peer():
       best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best / 1e9
 
+  device = jax.devices()[0]
   return run, {"flops": float(cost.get("flops", 0.0)), "matmul": matmul_gflops,
-               "compiled": compiled}
+               "compiled": compiled, "device": f"{device.platform} ({device.device_kind})"}
 
 
 def _torch_glow():
@@ -245,8 +252,8 @@ def _torch_glow():
       self.top = nn.Parameter(torch.zeros(1, 2 * c, size, size))
 
     def log_prob(self, x):
-      log_det = torch.zeros(x.shape[0])
-      log_prior = torch.zeros(x.shape[0])
+      log_det = torch.zeros(x.shape[0], device=x.device)
+      log_prior = torch.zeros(x.shape[0], device=x.device)
       h = x
       for level, steps in enumerate(self.levels):
         h = squeeze(h)
@@ -274,7 +281,8 @@ def _torch_peer(kind: str):
   import torch
 
   torch.manual_seed(0)
-  x = torch.from_numpy(_images()).permute(0, 3, 1, 2).float()
+  device = torch_device(torch.cuda.is_available())
+  x = torch.from_numpy(_images()).permute(0, 3, 1, 2).float().to(device)
   dims = x[0].numel()
 
   def dequantize():
@@ -282,7 +290,7 @@ def _torch_peer(kind: str):
 
   if kind == "torch":
     glow = _torch_glow()(FLAGS.channels, FLAGS.image_size, FLAGS.num_levels,
-                         FLAGS.steps_per_level, FLAGS.hidden)
+                         FLAGS.steps_per_level, FLAGS.hidden).to(device)
     with torch.no_grad():
       glow.log_prob(dequantize())  # data-dependent ActNorm init
     log_prob = glow.log_prob
@@ -304,7 +312,7 @@ def _torch_peer(kind: str):
       else:
         shape = (c * 2 ** (levels + 1), size // 2**levels, size // 2**levels)
       q0.append(nf.distributions.GlowBase(shape))
-    model = nf.MultiscaleFlow(q0, flows, merges, class_cond=False)
+    model = nf.MultiscaleFlow(q0, flows, merges, class_cond=False).to(device)
     with torch.no_grad():
       model.log_prob(dequantize(), None)  # data-dependent ActNorm init
 
@@ -317,10 +325,20 @@ def _torch_peer(kind: str):
     loss = _bpd_loss(log_prob(dequantize()), dims)
     loss.backward()
     optimizer.step()
-    if not math.isfinite(float(loss.detach())):
+    if not math.isfinite(float(loss.detach())):  # also waits for a GPU to finish the step
       raise FloatingPointError(f"{kind}: non-finite loss")
 
-  return run, {"threads": torch.get_num_threads()}
+  return run, {"threads": torch.get_num_threads(), "device": device}
+
+
+def torch_device(cuda_available: bool) -> str:
+  """The PyTorch peers' device for --torch_device; refuses cuda where torch sees no GPU."""
+  if FLAGS.torch_device == "cuda" and not cuda_available:
+    raise RuntimeError("--torch_device=cuda, but torch sees no CUDA device here (a CPU-only "
+                       "wheel, or no GPU): use --torch_device=cpu or auto.")
+  if FLAGS.torch_device == "auto":
+    return "cuda" if cuda_available else "cpu"
+  return FLAGS.torch_device
 
 
 PEERS = ("jax", "torch", "normflows")
@@ -386,7 +404,8 @@ def main(argv):
     peer_env[f"jax[{name}]"] = {**env, var: value}
   pool = workers.InterleavedWorkers()
   for peer, peer_environ in peer_env.items():
-    pool.start(peer, [os.path.abspath(__file__), f"--worker={peer}", *passed],
+    pool.start(peer, [os.path.abspath(__file__), f"--worker={peer}", *passed,
+                      f"--torch_device={FLAGS.torch_device}"],
                   env=peer_environ, cwd=repo)
   times = pool.time_steps(FLAGS.rounds, FLAGS.pause_s, FLAGS.steps_per_turn)
   infos = pool.infos
@@ -402,6 +421,8 @@ def main(argv):
         f"{os.cpu_count()} CPU cores, load average "
         f"{os.getloadavg()[0]:.1f} at the end; GLIBC_TUNABLES="
         f"{env.get('GLIBC_TUNABLES', '') or '(unset)'}\n")
+  print("devices: " + ", ".join(f"{peer} {info['device']}" for peer, info in infos.items()
+                                 if "device" in info) + "\n")
   ref = "jax" if "jax" in times else next(iter(times))
   med0, min0 = np.median(times[ref]), np.min(times[ref])
   print(f"| peer | median ms | min ms | speed of {ref} vs peer (median) | (min) |")

@@ -100,3 +100,25 @@ def test_peer_benchmark_jax_alone_back_to_back_by_default():
   rows = [line for line in out.splitlines() if line.startswith("| jax |")]
   assert len(rows) == 1 and rows[0].endswith("| 1.00x | 1.00x |")
   assert "GFLOP (XLA cost analysis)" in out and "matmul through JAX" in out
+
+
+def test_peer_benchmark_torch_device_choice():
+  """--torch_device: auto follows torch's CUDA availability; cuda without a GPU is refused."""
+  code = (
+      "import json, sys; sys.path.insert(0, {bench!r}); import peer_pytorch\n"
+      "flags = peer_pytorch.FLAGS\n"
+      "out = []\n"
+      "for choice in ('auto', 'cpu', 'cuda'):\n"
+      "  flags(['peer_pytorch', '--torch_device=' + choice])\n"
+      "  for cuda in (True, False):\n"
+      "    try:\n"
+      "      out.append(peer_pytorch.torch_device(cuda))\n"
+      "    except RuntimeError as error:\n"
+      "      out.append(str(error))\n"
+      "print(json.dumps(out))\n"
+  ).format(bench=os.path.join(REPO, "bench"))
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120, check=True).stdout
+  choices = json.loads(out)
+  assert choices[:5] == ["cuda", "cpu", "cpu", "cpu", "cuda"]
+  assert choices[5].startswith("--torch_device=cuda, but torch sees no CUDA device here")
