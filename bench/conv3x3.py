@@ -120,8 +120,8 @@ def _time_step() -> None:
   pool.close()
   print(f"train step, {FLAGS.image_size}x{FLAGS.image_size}x{FLAGS.channels}, "
         f"L={FLAGS.num_levels}, K={FLAGS.steps_per_level}, width {FLAGS.hidden}, batch "
-        f"{FLAGS.batch}; {FLAGS.rounds} interleaved rounds of {FLAGS.steps_per_turn} step(s)"
-        f"{' (the first of each turn left out)' if FLAGS.steps_per_turn > 1 else ''}, load average "
+        f"{FLAGS.batch}; {pool.describe(FLAGS.rounds, FLAGS.steps_per_turn, 'variant')}, "
+        f"load average "
         f"{os.getloadavg()[0]:.1f} at the end\n")
   print("| 3x3 convolutions | median ms | min ms | time vs lax (median) | (min) |")
   print("| --- | --- | --- | --- | --- |")

@@ -386,6 +386,13 @@ def main(argv):
   problems = peer_problems(FLAGS.peers)
   if problems:
     raise app.UsageError("--peers: " + " ".join(problems))
+  if FLAGS.torch_device == "cuda" and any(peer in PEER_EXTRAS for peer in FLAGS.peers):
+    import torch  # noqa: PLC0415 - a benchmark extra, only where a torch peer runs on CUDA
+
+    try:  # here, not only in the workers: before the JAX worker spends its compile
+      torch_device(torch.cuda.is_available())
+    except RuntimeError as error:
+      raise app.UsageError(str(error)) from None
   repo = workers.REPO
   env = workers.worker_environ({"cli": "1", "reuse": "reuse", "none": None}[FLAGS.host_malloc])
   passed = model_flag_args()
@@ -416,8 +423,7 @@ def main(argv):
 
   print(f"{FLAGS.image_size}x{FLAGS.image_size}x{FLAGS.channels}, L={FLAGS.num_levels}, "
         f"K={FLAGS.steps_per_level}, width {FLAGS.hidden}, batch {FLAGS.batch}; "
-        f"{FLAGS.rounds} interleaved rounds of {FLAGS.steps_per_turn} step(s) per peer"
-        f"{' (the first of each turn left out)' if FLAGS.steps_per_turn > 1 else ''}, "
+        f"{pool.describe(FLAGS.rounds, FLAGS.steps_per_turn, 'peer')}, "
         f"{os.cpu_count()} CPU cores, load average "
         f"{os.getloadavg()[0]:.1f} at the end; GLIBC_TUNABLES="
         f"{env.get('GLIBC_TUNABLES', '') or '(unset)'}\n")

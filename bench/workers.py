@@ -107,6 +107,12 @@ class InterleavedWorkers:
         times[name].extend(seconds[1:] if steps_per_turn > 1 else seconds)
     return times
 
+  @staticmethod
+  def describe(rounds: int, steps_per_turn: int, per: str = "worker") -> str:
+    """How `time_steps` timed, for a benchmark's header line."""
+    left_out = " (the first of each turn left out)" if steps_per_turn > 1 else ""
+    return f"{rounds} interleaved rounds of {steps_per_turn} step(s) per {per}{left_out}"
+
   def close(self) -> None:
     for proc in self.procs.values():
       proc.stdin.write("quit\n")

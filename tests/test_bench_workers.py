@@ -71,19 +71,23 @@ def test_peer_benchmark_refuses_bad_flags(args, message):
   assert message in out.stderr
 
 
+def _in_peer_script_process(body: str):
+  """Runs `body` (which prints JSON) after `import peer_pytorch` in a fresh Python: importing
+  the script defines its absl flags, once per process. Returns the printed value."""
+  code = (f"import json, sys; sys.path.insert(0, {os.path.join(REPO, 'bench')!r}); "
+          "import peer_pytorch\n" + body)
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120, check=True).stdout
+  return json.loads(out)
+
+
 def test_peer_benchmark_names_missing_extras():
-  # In a subprocess: importing the script defines its absl flags, once per process.
-  code = (
-      "import json, sys; sys.path.insert(0, {bench!r}); import peer_pytorch\n"
+  with_torch, without_normflows, without_either = _in_peer_script_process(
       "def only_torch(module):\n"
       "  return object() if module == 'torch' else None\n"
       "print(json.dumps([peer_pytorch.peer_problems(['jax', 'torch'], only_torch),\n"
       "                  peer_pytorch.peer_problems(['jax', 'torch', 'normflows'], only_torch),\n"
-      "                  peer_pytorch.peer_problems(['torch', 'normflows'], lambda m: None)]))\n"
-  ).format(bench=os.path.join(REPO, "bench"))
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       timeout=120, check=True).stdout
-  with_torch, without_normflows, without_either = json.loads(out)
+      "                  peer_pytorch.peer_problems(['torch', 'normflows'], lambda m: None)]))\n")
   assert with_torch == []
   assert without_normflows == [
       "peer normflows needs normflows, not installed here: pip install -e .[bench] "
@@ -104,8 +108,7 @@ def test_peer_benchmark_jax_alone_back_to_back_by_default():
 
 def test_peer_benchmark_torch_device_choice():
   """--torch_device: auto follows torch's CUDA availability; cuda without a GPU is refused."""
-  code = (
-      "import json, sys; sys.path.insert(0, {bench!r}); import peer_pytorch\n"
+  choices = _in_peer_script_process(
       "flags = peer_pytorch.FLAGS\n"
       "out = []\n"
       "for choice in ('auto', 'cpu', 'cuda'):\n"
@@ -115,10 +118,6 @@ def test_peer_benchmark_torch_device_choice():
       "      out.append(peer_pytorch.torch_device(cuda))\n"
       "    except RuntimeError as error:\n"
       "      out.append(str(error))\n"
-      "print(json.dumps(out))\n"
-  ).format(bench=os.path.join(REPO, "bench"))
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       timeout=120, check=True).stdout
-  choices = json.loads(out)
+      "print(json.dumps(out))\n")
   assert choices[:5] == ["cuda", "cpu", "cpu", "cpu", "cuda"]
   assert choices[5].startswith("--torch_device=cuda, but torch sees no CUDA device here")
