@@ -256,9 +256,11 @@ def channel_matmul(x: Array, w: Array) -> Array:
   products of `conv3x3_by_matmul`.
 
   On CPU the same product with another derivative rule (`_channel_matmul_cpu`), whose kernel
-  gradient XLA:CPU computes as a YNNPACK matmul rather than an Eigen dot: the whole CIFAR
+  gradient XLA:CPU computes as YNNPACK matmuls rather than an Eigen dot: the whole CIFAR
   benchmark train step took 0.72-0.88x the time on a 2-core AMD Zen 5, the digits one
-  0.95-0.99x (docs/performance.md). Other backends keep the plain einsum.
+  0.95-0.99x; blocking its transpose (`transpose_block_rows`) then took the CIFAR step to
+  0.84-0.87x the time on a 2-core Intel Xeon (docs/performance.md). Other backends keep the
+  plain einsum.
   """
   if jax.default_backend() == "cpu":
     return _channel_matmul_cpu(x, w)
@@ -279,8 +281,16 @@ def _channel_matmul_cpu_jvp(primals, tangents):
   matmul, at about half the rate either reaches alone on 2 cores). Here X^T (C, N) is computed
   in the forward pass behind an optimization barrier (so the algebraic simplifier does not
   fold the transpose back into the dot) and kept in place of X, the same bytes; its transposed
-  term is a row-major (C, N) @ (N, D) matmul, which XLA:CPU hands to YNNPACK. Symbolic-zero
-  tangents (data inputs, frozen kernels) skip their term.
+  term is a row-major (C, N) @ (N, D) matmul, which XLA:CPU hands to YNNPACK.
+
+  A large X is transposed in blocks of rows (`transpose_block_rows`), each block its own
+  (C, T) array and its own matmul, the kernel gradient their sum. XLA:CPU's transpose loop
+  reads a whole column of X per output row; with C a power of two those N reads fall in a few
+  cache sets, and past a few hundred rows they evict each other before the next column reuses
+  them: one (4096, 256) transpose took 3.1 ms alone, in blocks 0.7 ms. (The blocks as one array
+  in a batched matmul instead: XLA's layout assignment folds the transposes back into an Eigen
+  dot, or YNNPACK's batched product runs at half rate.) Symbolic-zero tangents (data inputs,
+  frozen kernels) skip their term.
   """
   x, w = primals
   dx, dw = tangents
@@ -289,14 +299,39 @@ def _channel_matmul_cpu_jvp(primals, tangents):
   if not isinstance(dx, SymbolicZero):
     terms.append(jnp.einsum("...c,cd->...d", dx, w))
   if not isinstance(dw, SymbolicZero):
-    x_t = jax.lax.optimization_barrier(x.reshape(-1, x.shape[-1]).T)
-    terms.append((x_t.T @ dw).reshape(y.shape))
+    rows = x.reshape(-1, x.shape[-1])
+    block = transpose_block_rows(*rows.shape)
+    products = [jax.lax.optimization_barrier(rows[start:start + block].T).T @ dw
+                for start in range(0, rows.shape[0], block)]
+    terms.append(jnp.concatenate(products).reshape(y.shape))
   if not terms:
     return y, jnp.zeros_like(y)
   return y, sum(terms[1:], terms[0])
 
 
 _channel_matmul_cpu.defjvp(_channel_matmul_cpu_jvp, symbolic_zeros=True)
+
+# Elements of X per block of its transpose in `_channel_matmul_cpu_jvp` (512 KiB in float32):
+# 512 rows at 256 channels, 256 at 512. The CIFAR step was as fast with 2**16 to 2**18 on a
+# 2-core Intel Xeon, and no faster than unblocked with 2**20 at width 512 (docs/performance.md).
+TRANSPOSE_BLOCK_ELEMENTS = 1 << 17
+# Fewer rows than this per block and the matmuls get thin: one transpose instead.
+MIN_TRANSPOSE_BLOCK_ROWS = 64
+
+
+def transpose_block_rows(rows: int, channels: int) -> int:
+  """Rows per block in which `channel_matmul`'s CPU rule transposes its (rows, channels) input.
+
+  The largest divisor of `rows` whose block holds at most `TRANSPOSE_BLOCK_ELEMENTS` elements;
+  all rows (one block) when the input is that small already, or when no divisor of at least
+  `MIN_TRANSPOSE_BLOCK_ROWS` rows fits (rows = B H W with a large prime factor).
+  """
+  if rows * channels <= TRANSPOSE_BLOCK_ELEMENTS:
+    return rows
+  for block in range(min(rows, TRANSPOSE_BLOCK_ELEMENTS // channels), 0, -1):
+    if rows % block == 0:
+      return block if block >= MIN_TRANSPOSE_BLOCK_ROWS else rows
+  return rows
 
 
 class Conv1x1(nn.Module):

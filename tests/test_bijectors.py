@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from conftest import log_abs_det_jacobian, perturb
 
+from eiw_flow_jax import bijectors
 from eiw_flow_jax.bijectors import (
     ActNorm,
     AdditiveCoupling,
@@ -20,6 +21,7 @@ from eiw_flow_jax.bijectors import (
     channel_matmul,
     conv3x3_by_matmul,
     conv3x3_takes_matmul_form,
+    transpose_block_rows,
 )
 from eiw_flow_jax.splits import EIWGlobalSplit, EIWPerExampleSplit, VanillaSplit
 
@@ -181,9 +183,15 @@ def test_matmul_form_routing_rule():
   assert takes((3, 3, 6, 128), min_width=0)  # the benchmark's any-width candidates
 
 
-def test_channel_matmul_has_the_plain_einsums_derivatives():
-  """Its CPU derivative rule (the kernel gradient from a materialised x^T) gives the same
-  gradients, Jacobians and Hessians as the plain einsum, with either input held fixed too."""
+@pytest.mark.parametrize("blocks", [1, 3])
+def test_channel_matmul_has_the_plain_einsums_derivatives(blocks, monkeypatch):
+  """Its CPU derivative rule (the kernel gradient from a materialised x^T, in one block or in
+  several) gives the same gradients, Jacobians and Hessians as the plain einsum, with either
+  input held fixed too."""
+  if blocks > 1:  # 18 rows of 4 channels in blocks of 6 rows
+    monkeypatch.setattr(bijectors, "TRANSPOSE_BLOCK_ELEMENTS", 24)
+    monkeypatch.setattr(bijectors, "MIN_TRANSPOSE_BLOCK_ROWS", 1)
+  assert 18 // transpose_block_rows(18, 4) == blocks
   kx, kw = jax.random.split(jax.random.PRNGKey(0))
   x = jax.random.normal(kx, (2, 3, 3, 4))
   w = jax.random.normal(kw, (4, 5))
@@ -196,6 +204,9 @@ def test_channel_matmul_has_the_plain_einsums_derivatives():
 
   np.testing.assert_allclose(channel_matmul(x, w), jnp.einsum("bhwc,cd->bhwd", x, w),
                              rtol=1e-6, atol=1e-6)
+  if jax.default_backend() == "cpu":  # the rule in use: one barrier'd transpose per block
+    jaxpr = str(jax.make_jaxpr(jax.grad(ours, argnums=1))(x, w))
+    assert jaxpr.count("optimization_barrier") == blocks
   for derivative in (jax.grad, jax.jacfwd, jax.jacrev):
     for argnums in ((0, 1), 0, 1):
       got = derivative(ours, argnums=argnums)(x, w)
@@ -211,17 +222,39 @@ def test_channel_matmul_has_the_plain_einsums_derivatives():
   assert low.dtype == jnp.bfloat16
 
 
-def test_channel_matmul_kernel_gradient_is_not_an_eigen_dot_on_cpu():
-  """The point of its derivative rule: on XLA:CPU the kernel gradient X^T dY compiles to a
-  YNNPACK fusion, not to a standalone (Eigen) dot over transposed operands, as plain autodiff
-  of the einsum does with this jaxlib. Checked against the plain einsum, so a jaxlib that
+def test_transpose_block_rows():
+  """Blocks divide the rows and hold at most TRANSPOSE_BLOCK_ELEMENTS; small inputs, and rows
+  with no divisor of a useful size, stay one block."""
+  budget = bijectors.TRANSPOSE_BLOCK_ELEMENTS
+  assert transpose_block_rows(4096, 256) == budget // 256  # CIFAR level 0, width 256
+  assert transpose_block_rows(16384, 512) == budget // 512
+  assert transpose_block_rows(256, 256) == 256  # small enough: one block
+  assert transpose_block_rows(4099, 256) == 4099  # prime: no divisor fits
+  assert transpose_block_rows(2 * 4099, 256) == 2 * 4099  # only divisors below the minimum
+  assert transpose_block_rows(100, 4 * budget) == 100  # one row exceeds the budget
+  for rows, channels in [(3136, 256), (4096, 54), (4096, 108), (16 * 24 * 24, 320)]:
+    block = transpose_block_rows(rows, channels)
+    assert rows % block == 0 and block * channels <= budget
+    assert block >= bijectors.MIN_TRANSPOSE_BLOCK_ROWS
+
+
+@pytest.mark.parametrize("shape", [(4, 8, 8, 256), (16, 16, 16, 256)])
+def test_channel_matmul_kernel_gradient_is_not_an_eigen_dot_on_cpu(shape):
+  """The point of its derivative rule: on XLA:CPU the kernel gradient X^T dY compiles to
+  YNNPACK fusions, not to a standalone (Eigen) dot over transposed operands, as plain autodiff
+  of the einsum does with this jaxlib; with X in blocks (the larger shape) too, where no
+  (C, N) transpose of the whole X is left. Checked against the plain einsum, so a jaxlib that
   compiles both alike skips instead of failing."""
   if jax.default_backend() != "cpu":
     pytest.skip("the derivative rule is CPU-only")
-  x, w = jnp.ones((4, 8, 8, 256)), jnp.ones((256, 256))
+  x, w = jnp.ones(shape), jnp.ones((256, 256))
+  rows = int(np.prod(shape[:-1]))
+
+  def compiled(f):
+    return jax.jit(jax.grad(lambda w: jnp.sum(f(x, w) ** 2))).lower(w).compile().as_text()
 
   def standalone_dots(f):
-    hlo = jax.jit(jax.grad(lambda w: jnp.sum(f(x, w) ** 2))).lower(w).compile().as_text()
+    hlo = compiled(f)
     # Instructions of the entry computation and of non-fusion computations; fused bodies
     # (YNNPACK fusions hold their dot inside) are left out.
     dots, in_fusion = 0, False
@@ -236,6 +269,11 @@ def test_channel_matmul_kernel_gradient_is_not_an_eigen_dot_on_cpu():
   if plain == 0:
     pytest.skip("this jaxlib compiles the plain einsum's kernel gradient without an Eigen dot")
   assert standalone_dots(channel_matmul) == 0
+  block = transpose_block_rows(rows, 256)
+  hlo = compiled(channel_matmul)
+  assert f"f32[256,{block}]" in hlo
+  if block < rows:
+    assert f"f32[256,{rows}]" not in hlo
 
 
 @pytest.mark.parametrize("cin,cout", [(3, 32), (32, 3)])
