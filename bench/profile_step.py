@@ -76,7 +76,10 @@ def model_part(op_name: str) -> tuple[str, str]:
           if not p.startswith(("jit(", "jvp(", "transpose(", "MultiScaleFlow."))]
   if phase == "update":
     return phase, "Adam + EMA (under the finite cond)" if "cond" in path else "gradient norm, guard"
-  for index, name in enumerate(path):
+  # The last flow-step name: a custom rule's ops (channel_matmul's kernel gradient) carry the
+  # path of the forward op they came from nested inside the backward one.
+  for index in reversed(range(len(path))):
+    name = path[index]
     if _STEP_NAME.fullmatch(name):
       inner = path[index + 1:]
       if not inner:

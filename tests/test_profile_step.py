@@ -46,6 +46,10 @@ def test_op_names_and_kinds_come_from_the_compiled_hlo():
     ("jit(step_fn)/transpose(jvp(MultiScaleFlow.forward))/MultiScaleFlow._level_forward/"
      "level2_step0/layers_2/net/ZeroConv_0/dot_general", ("backward", "coupling/net/ZeroConv_0")),
     (f"{PREFIX}/level1_step0/layers_0/add", ("forward", "ActNorm")),
+    ("jit(step_fn)/transpose(jvp(MultiScaleFlow.forward))/MultiScaleFlow._level_forward/"
+     "level0_step4/layers_2/net/ZeroConv_0/jvp(MultiScaleFlow.forward)/"
+     "MultiScaleFlow._level_forward/level0_step4/layers_2/net/ZeroConv_0/...c,cd->...d/"
+     "dot_general", ("backward", "coupling/net/ZeroConv_0/...c,cd->...d")),
     (f"{PREFIX}/level1_step7/layers_1/bhwc,dc->bhwd/dot_general",
      ("forward", "1x1 conv (LU)/bhwc,dc->bhwd")),
     (f"{PREFIX}/level1_step7/add", ("forward", "flow step")),
