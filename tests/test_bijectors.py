@@ -223,18 +223,23 @@ def test_channel_matmul_has_the_plain_einsums_derivatives(blocks, monkeypatch):
 
 
 def test_transpose_block_rows():
-  """Blocks divide the rows and hold at most TRANSPOSE_BLOCK_ELEMENTS; small inputs, and rows
-  with no divisor of a useful size, stay one block."""
-  budget = bijectors.TRANSPOSE_BLOCK_ELEMENTS
+  """Blocks divide the rows and hold at most TRANSPOSE_BLOCK_ELEMENTS, unless that would take
+  more than MAX_TRANSPOSE_BLOCKS blocks; small inputs, and rows with no divisor of a useful
+  size, stay one block."""
+  budget, most = bijectors.TRANSPOSE_BLOCK_ELEMENTS, bijectors.MAX_TRANSPOSE_BLOCKS
   assert transpose_block_rows(4096, 256) == budget // 256  # CIFAR level 0, width 256
-  assert transpose_block_rows(16384, 512) == budget // 512
+  assert transpose_block_rows(4096, 512) == budget // 512
+  assert transpose_block_rows(16384, 512) == 16384 // most  # the cap: larger blocks
   assert transpose_block_rows(256, 256) == 256  # small enough: one block
   assert transpose_block_rows(4099, 256) == 4099  # prime: no divisor fits
-  assert transpose_block_rows(2 * 4099, 256) == 2 * 4099  # only divisors below the minimum
+  assert transpose_block_rows(2 * 4099, 256) == 4099  # over the budget: the smallest that fits
+  assert transpose_block_rows(37 * 61, 256) == 37 * 61  # no divisor of 64 rows or more
   assert transpose_block_rows(100, 4 * budget) == 100  # one row exceeds the budget
-  for rows, channels in [(3136, 256), (4096, 54), (4096, 108), (16 * 24 * 24, 320)]:
+  for rows, channels in [(3136, 256), (4096, 54), (4096, 108), (16 * 24 * 24, 320),
+                         (64 * 32 * 32, 256)]:
     block = transpose_block_rows(rows, channels)
-    assert rows % block == 0 and block * channels <= budget
+    assert rows % block == 0 and rows // block <= most
+    assert block * channels <= budget or rows // block == most
     assert block >= bijectors.MIN_TRANSPOSE_BLOCK_ROWS
 
 
