@@ -232,7 +232,7 @@ def test_transpose_block_rows():
   assert transpose_block_rows(16384, 512) == 16384 // most  # the cap: larger blocks
   assert transpose_block_rows(256, 256) == 256  # small enough: one block
   assert transpose_block_rows(4099, 256) == 4099  # prime: no divisor fits
-  assert transpose_block_rows(2 * 4099, 256) == 4099  # over the budget: the smallest that fits
+  assert transpose_block_rows(2 * 4099, 256) == 4099  # none within the budget: the smallest
   assert transpose_block_rows(37 * 61, 256) == 37 * 61  # no divisor of 64 rows or more
   assert transpose_block_rows(100, 4 * budget) == 100  # one row exceeds the budget
   for rows, channels in [(3136, 256), (4096, 54), (4096, 108), (16 * 24 * 24, 320),
