@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -326,3 +327,37 @@ def test_adamax_with_warmup_and_per_epoch_decay():
   updates, _ = tx.update({"w": jnp.array([1.0, -2.0, 0.0])}, tx.init(params), params)
   # Adamax's first step is -lr * sign(g) (infinity norm), whatever the gradient's size.
   np.testing.assert_allclose(updates["w"], [-1e-3 / 5000, 1e-3 / 5000, 0.0], rtol=1e-4)
+
+
+@pytest.mark.parametrize("use_bias, zero_init", [(True, False), (False, False), (True, True)])
+def test_matmul_conv1x1_is_nn_conv_in_parameters_values_and_gradients(use_bias, zero_init):
+  """The nets' 1x1 convolutions (`dense_nets.conv(..., 1, ...)`, a matmul) have nn.Conv's
+  parameter names, shapes and initial values, so converted state_dicts load unchanged, and
+  compute its function and gradients."""
+  from eiw_flow_jax.backbones import dense_nets
+
+  layer = dense_nets.conv(96, 1, "c", use_bias=use_bias, zero_init=zero_init)
+  assert isinstance(layer, dense_nets.MatmulConv1x1)
+  reference = nn.Conv(96, (1, 1), padding="VALID", use_bias=use_bias,
+                      kernel_init=(nn.initializers.zeros if zero_init
+                                   else nn.initializers.lecun_normal()),
+                      bias_init=nn.initializers.zeros)
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 40))
+  params = layer.init(jax.random.PRNGKey(0), x)
+  reference_params = reference.init(jax.random.PRNGKey(0), x)
+  assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, reference_params)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(reference_params)):
+    np.testing.assert_array_equal(a, b)
+  params = randomise(params)
+
+  def loss(module, params, x):
+    return jnp.sum(jnp.sin(module.apply(params, x)))
+
+  np.testing.assert_allclose(layer.apply(params, x), reference.apply(params, x),
+                             rtol=1e-5, atol=1e-5)
+  got = jax.grad(loss, argnums=(1, 2))(layer, params, x)
+  want = jax.grad(loss, argnums=(1, 2))(reference, params, x)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  assert isinstance(dense_nets.conv(8, 3, "c"), nn.Conv)  # 3x3 and strided ones stay convs
+  assert isinstance(dense_nets.conv(8, 2, "c", stride=2), nn.Conv)
