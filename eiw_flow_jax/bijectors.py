@@ -347,25 +347,29 @@ def _divisors(n: int) -> list[int]:
 
 
 class Conv1x1(nn.Module):
-  """A bias-free 1x1 convolution computed as a matmul over channels.
+  """A 1x1 convolution computed as a matmul over channels, bias-free unless `use_bias`.
 
-  Same parameter as `nn.Conv(features, (1, 1), use_bias=False)` (kernel (1, 1, in, out), same
-  initialiser), so checkpoints are interchangeable; on XLA:CPU the dot is about 3x faster than
-  the convolution for the coupling network's 1x1 layer (forward + backward, see
-  docs/benchmarks.md).
+  Same parameters as `nn.Conv(features, (1, 1), use_bias=...)` (kernel (1, 1, in, out), bias
+  (out,) zero-initialised, the same initialisers), so checkpoints and converted state_dicts are
+  interchangeable; on XLA:CPU the dot is about 3x faster than the convolution for the coupling
+  network's 1x1 layer (forward + backward, see docs/benchmarks.md). Glow's coupling networks
+  and DenseFlow's nets (`dense_nets.conv`) use it.
   """
 
   features: int
   dtype: Any = jnp.float32
+  use_bias: bool = False
+  kernel_init: Any = nn.initializers.lecun_normal()
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    return apply_conv(x, self.kernel(x.shape[-1]), self.dtype)
+    y = apply_conv(x, self.kernel(x.shape[-1]), self.dtype)
+    if self.use_bias:
+      y = y + self.param("bias", nn.initializers.zeros, (self.features,))
+    return y
 
   def kernel(self, in_channels: int) -> Array:
-    return self.param(
-        "kernel", nn.initializers.lecun_normal(), (1, 1, in_channels, self.features)
-    )
+    return self.param("kernel", self.kernel_init, (1, 1, in_channels, self.features))
 
 
 def apply_conv(x: Array, kernel: Array, dtype: Any) -> Array:

@@ -335,9 +335,10 @@ def test_matmul_conv1x1_is_nn_conv_in_parameters_values_and_gradients(use_bias, 
   parameter names, shapes and initial values, so converted state_dicts load unchanged, and
   compute its function and gradients."""
   from eiw_flow_jax.backbones import dense_nets
+  from eiw_flow_jax.bijectors import Conv1x1
 
   layer = dense_nets.conv(96, 1, "c", use_bias=use_bias, zero_init=zero_init)
-  assert isinstance(layer, dense_nets.MatmulConv1x1)
+  assert isinstance(layer, Conv1x1)
   reference = nn.Conv(96, (1, 1), padding="VALID", use_bias=use_bias,
                       kernel_init=(nn.initializers.zeros if zero_init
                                    else nn.initializers.lecun_normal()),

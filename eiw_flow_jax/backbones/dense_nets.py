@@ -10,13 +10,11 @@ reinterprets an NCHW buffer with a raw `reshape` (the Nystrom attention) are rep
 
 from __future__ import annotations
 
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from eiw_flow_jax.bijectors import apply_conv
+from eiw_flow_jax.bijectors import Conv1x1
 
 Array = jax.Array
 
@@ -35,11 +33,13 @@ def conv(
 ) -> nn.Module:
   """A convolution padded like the authors' (3x3: padding 1; 1x1 and the 2x2 stride-2: none).
 
-  1x1 ones are `MatmulConv1x1` (the same parameters as `nn.Conv`, computed as a matmul)."""
+  1x1 ones are `bijectors.Conv1x1`: the same parameters as `nn.Conv`, computed as a matmul,
+  which XLA:CPU runs faster (the DenseFlow CIFAR-10 train step, one coupling layer per unit,
+  batch 16, took 0.84-0.86x the time on 2 CPU cores; docs/benchmarks.md)."""
   zeros = nn.initializers.zeros
   kernel_init = zeros if zero_init else nn.initializers.lecun_normal()
   if kernel == 1 and stride == 1:
-    return MatmulConv1x1(features, use_bias=use_bias, kernel_init=kernel_init, name=name)
+    return Conv1x1(features, use_bias=use_bias, kernel_init=kernel_init, name=name)
   padding = ((1, 1), (1, 1)) if kernel == 3 else "VALID"
   return nn.Conv(
       features,
@@ -51,30 +51,6 @@ def conv(
       bias_init=zeros,
       name=name,
   )
-
-
-class MatmulConv1x1(nn.Module):
-  """`nn.Conv(features, (1, 1))` computed as a matmul over channels (`bijectors.apply_conv`).
-
-  Same parameters (kernel (1, 1, in, out), bias (out,)), initialisers and dtype promotion, so
-  converted state_dicts and checkpoints are unchanged. XLA:CPU runs a 1x1 `lax.conv` slower
-  than the same dot (about 3x for Glow's coupling layer, forward and backward), and the dot
-  takes `channel_matmul`'s kernel-gradient rule: the DenseFlow CIFAR-10 train step (one
-  coupling layer per unit, batch 16) took 0.84-0.86x the time on 2 CPU cores
-  (docs/benchmarks.md).
-  """
-
-  features: int
-  use_bias: bool = True
-  kernel_init: Any = nn.initializers.lecun_normal()
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    kernel = self.param("kernel", self.kernel_init, (1, 1, x.shape[-1], self.features))
-    y = apply_conv(x, kernel, jnp.result_type(x, kernel))
-    if self.use_bias:
-      y = y + self.param("bias", nn.initializers.zeros, (self.features,))
-    return y
 
 
 class DenseLayer(nn.Module):
