@@ -302,3 +302,57 @@ def test_conv3x3_by_matmul_is_lax_conv_in_value_and_both_autodiff_modes(cin, cou
   tangents = (jnp.ones_like(x), 0.1 * kernel)
   np.testing.assert_allclose(jax.jvp(conv3x3_by_matmul, (x, kernel), tangents)[1],
                              jax.jvp(reference, (x, kernel), tangents)[1], rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("hidden", [16, 256])  # 256: the first and last 3x3s in matmul form
+def test_coupling_net_is_the_unfolded_conv_actnorm_relu_network(hidden):
+  """Folding each ActNorm (and the zero convolution's output scale) into the convolution before
+  it changes neither the function nor its parameter gradients: CouplingNet against Glow's
+  network written out layer by layer with the same (perturbed, non-identity) parameters."""
+  net = bijectors.CouplingNet(hidden=hidden, out_channels=4)
+  kx, kp = jax.random.split(jax.random.PRNGKey(3))
+  x = jax.random.normal(kx, (2, 4, 4, 3))
+  params = perturb(net.init(jax.random.PRNGKey(0), x), kp)["params"]
+
+  def conv(h, kernel):
+    return jax.lax.conv_general_dilated(
+        h, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        precision="highest")
+
+  def actnorm(h, p):
+    return (h + p["bias"]) * jnp.exp(p["log_scale"])
+
+  def unfolded(params):
+    h = jax.nn.relu(actnorm(conv(x, params["Conv_0"]["kernel"]), params["ActNorm_0"]))
+    h = jax.nn.relu(actnorm(conv(h, params["Conv_1"]["kernel"]), params["ActNorm_1"]))
+    zero = params["ZeroConv_0"]
+    return (conv(h, zero["Conv_0"]["kernel"]) + zero["Conv_0"]["bias"]) * jnp.exp(3 * zero["logs"])
+
+  def folded(params):
+    return net.apply({"params": params}, x)
+
+  np.testing.assert_allclose(folded(params), unfolded(params), rtol=1e-4, atol=1e-4)
+  got = jax.grad(lambda p: jnp.sum(jnp.sin(folded(p))))(params)
+  want = jax.grad(lambda p: jnp.sum(jnp.sin(unfolded(p))))(params)
+  for path, leaf in jax.tree_util.tree_leaves_with_path(got):
+    reference = want
+    for key in path:
+      reference = reference[key.key]
+    np.testing.assert_allclose(leaf, reference, rtol=2e-3, atol=2e-3,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+def test_scale_output_channels_gradient_reduces_a_2d_view():
+  """The per-channel scale's gradient of a folded 1x1 kernel is a sum over axis 0 of (C, D),
+  not over axis 2 of (1, 1, C, D), which XLA:CPU ran about 10x slower (docs/performance.md)."""
+  kernel, scale, x = jnp.ones((1, 1, 64, 32)), jnp.zeros((32,)), jnp.ones((128, 64))
+  np.testing.assert_array_equal(bijectors.scale_output_channels(kernel, scale + 2.0),
+                                kernel * 2.0)
+
+  def loss(kernel, scale, x):  # all arguments: constants would be folded differently
+    return jnp.sum(jnp.tanh(x @ bijectors.scale_output_channels(kernel, jnp.exp(scale))[0, 0]))
+
+  hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(kernel, scale, x).compile().as_text()
+  reduces = [line for line in hlo.splitlines() if " reduce(" in line]
+  assert reduces, "expected the scale's gradient to be a reduce"
+  assert not [line for line in reduces if "f32[1,1," in line], reduces
