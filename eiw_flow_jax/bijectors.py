@@ -473,7 +473,9 @@ class CouplingNet(nn.Module):
   """Glow's coupling network.
 
   conv3x3 -> ActNorm -> ReLU -> conv1x1 -> ActNorm -> ReLU -> zero-initialised conv3x3.
-  Each ActNorm is folded into the convolution before it (`conv_actnorm_relu`).
+  Each ActNorm is folded into the convolution before it (`conv_actnorm_relu`). On CPU, at
+  widths where `coupling_net_takes_channels_first` holds, the same function of the same
+  parameters is computed with channels-first activations (`coupling_net_channels_first`).
 
   `dtype` (mixed precision): the convolutions and activations compute in that dtype while the
   parameters stay float32; the output (shift and scale of the coupling) is float32, so the
@@ -487,11 +489,115 @@ class CouplingNet(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     x = x.astype(self.dtype)
+    if not self.is_initializing() and coupling_net_takes_channels_first(
+        x.shape, self.hidden, self.out_channels):
+      return coupling_net_channels_first(self.variables["params"], x, self.dtype)
     conv0 = nn.Conv(self.hidden, (3, 3), padding="SAME", use_bias=False, dtype=self.dtype)
     h = conv_actnorm_relu(conv0, ActNorm(), x, self.dtype)
     h = conv_actnorm_relu(Conv1x1(self.hidden, self.dtype, name="Conv_1"), ActNorm(), h,
                           self.dtype)
     return ZeroConv(self.out_channels, dtype=self.dtype)(h)
+
+
+# Narrowest image width (W of NHWC) at which the CPU coupling network runs channels-first: the
+# shifts of its 3x3 convolutions then move rows of at least 16 floats. At width 8 the two layouts
+# took the same time, at 4 channels-first took 1.15x (docs/performance.md).
+CHANNELS_FIRST_MIN_WIDTH = 16
+
+
+def coupling_net_takes_channels_first(x_shape: tuple[int, ...], hidden: int,
+                                      out_channels: int) -> bool:
+  """Whether `CouplingNet` computes NHWC input of `x_shape` by `coupling_net_channels_first`:
+  on CPU, when both 3x3 convolutions take the matmul form (`conv3x3_takes_matmul_form`: width
+  256 and up) and the image is at least `CHANNELS_FIRST_MIN_WIDTH` wide."""
+  _, _, width, channels = x_shape
+  return (jax.default_backend() == "cpu" and width >= CHANNELS_FIRST_MIN_WIDTH
+          and conv3x3_takes_matmul_form((3, 3, channels, hidden))
+          and conv3x3_takes_matmul_form((3, 3, hidden, out_channels)))
+
+
+def coupling_net_channels_first(params: Any, x: Array, dtype: Any) -> Array:
+  """`CouplingNet`'s function of its (folded) parameters with the hidden activations stored
+  channels-first, (C, B H W), instead of NHWC.
+
+  Row-major NHWC activations X (N, C) make every kernel gradient X^T dY contract the major axis
+  of both operands, which XLA:CPU runs as an Eigen dot unless X is transposed first
+  (`channel_matmul`): those transposes were 7% of the CIFAR step's op time. Channels-first, each
+  layer is W^T X (a small transposed kernel times X), its input gradient W dY and its kernel
+  gradient dY X^T, a product over the minor axis of both: all three YNNPACK matmuls, with no
+  transpose bigger than a kernel (`channels_first_matmul`). Only the coupling network's input
+  (C/2 channels) and output (C) change layout. The 3x3 convolutions are the two forms of
+  `conv3x3_by_matmul`, the shifts moving along H and W. Same function up to float round-off
+  (tests/test_bijectors.py compares it with the layer-by-layer network, values and gradients).
+  """
+  batch, height, width, _ = x.shape
+  offsets = [(i - 1, j - 1) for i in range(3) for j in range(3)]
+
+  def folded(kernel, log_scale, bias):
+    scale = jnp.exp(log_scale)
+    return scale_output_channels(kernel, scale).astype(dtype), (bias * scale).astype(dtype)
+
+  # Conv_0 (few inputs): the nine shifted copies of the input stacked, one matmul.
+  x_first = x.transpose(3, 0, 1, 2)
+  patches = jnp.concatenate([_shift_channels_first(x_first, di, dj) for di, dj in offsets])
+  kernel, bias = folded(params["Conv_0"]["kernel"], params["ActNorm_0"]["log_scale"],
+                        params["ActNorm_0"]["bias"])
+  h = channels_first_matmul(kernel.reshape(patches.shape[0], -1),
+                            patches.reshape(patches.shape[0], -1))
+  h = nn.relu(h + bias[:, None])
+  # Conv_1, 1x1.
+  kernel, bias = folded(params["Conv_1"]["kernel"], params["ActNorm_1"]["log_scale"],
+                        params["ActNorm_1"]["bias"])
+  h = nn.relu(channels_first_matmul(kernel.reshape(h.shape[0], -1), h) + bias[:, None])
+  # ZeroConv (few outputs): one matmul to nine output blocks, each shifted into place.
+  zero = params["ZeroConv_0"]
+  scale = jnp.exp(zero["logs"] * ZeroConv.logscale_factor)
+  kernel = scale_output_channels(zero["Conv_0"]["kernel"], scale).astype(dtype)
+  out_channels = kernel.shape[-1]
+  blocks = channels_first_matmul(
+      kernel.transpose(2, 0, 1, 3).reshape(h.shape[0], -1), h,
+  ).reshape(len(offsets), out_channels, batch, height, width)
+  out = _shift_channels_first(blocks[0], *offsets[0])
+  for block, (di, dj) in zip(blocks[1:], offsets[1:]):
+    out = out + _shift_channels_first(block, di, dj)
+  return out.transpose(1, 2, 3, 0).astype(jnp.float32) + zero["Conv_0"]["bias"] * scale
+
+
+def _shift_channels_first(x: Array, di: int, dj: int) -> Array:
+  """`_shift` for (C, B, H, W) arrays: x[:, :, p + di, q + dj], zeros outside."""
+  zero = jnp.zeros((), x.dtype)
+  return jax.lax.pad(x, zero, ((0, 0, 0), (0, 0, 0), (-di, di, 0), (-dj, dj, 0)))
+
+
+@jax.custom_jvp
+def channels_first_matmul(kernel: Array, x: Array) -> Array:
+  """`kernel^T @ x`: a (C, D) kernel applied to channels-first activations x (C, N) -> (D, N).
+
+  Computed on a materialised kernel^T behind an optimization barrier, and its derivative rule
+  keeps the kernel's own layout for the input gradient (kernel @ dY), so that XLA:CPU runs the
+  forward product, the input gradient and the kernel gradient (dY x^T, contracting the minor
+  axis of both) as YNNPACK matmuls; folded into the dot, a transposed kernel makes an Eigen dot.
+  """
+  return jax.lax.optimization_barrier(kernel.T) @ x
+
+
+def _channels_first_matmul_jvp(primals, tangents):
+  kernel, x = primals
+  dkernel, dx = tangents
+  y = channels_first_matmul(kernel, x)
+  # Reverse mode transposes these terms: dx's into kernel @ ct, dkernel's into (ct @ x^T)^T.
+  # Symbolic-zero tangents (data inputs, frozen kernels) skip their term.
+  terms = []
+  if not isinstance(dx, SymbolicZero):
+    terms.append(jax.lax.optimization_barrier(kernel).T @ dx)
+  if not isinstance(dkernel, SymbolicZero):
+    terms.append(dkernel.T @ x)
+  if not terms:
+    return y, jnp.zeros_like(y)
+  return y, sum(terms[1:], terms[0])
+
+
+channels_first_matmul.defjvp(_channels_first_matmul_jvp, symbolic_zeros=True)
 
 
 def _split_halves(x: Array, name: str) -> tuple[Array, Array]:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -243,6 +246,18 @@ def test_transpose_block_rows():
     assert block >= bijectors.MIN_TRANSPOSE_BLOCK_ROWS
 
 
+def _standalone_dots(hlo: str) -> int:
+  """Dots in the entry computation and in non-fusion computations of compiled HLO text: XLA:CPU
+  runs those as Eigen dots; fused bodies (YNNPACK fusions hold their dot inside) are left out."""
+  dots, in_fusion = 0, False
+  for line in hlo.splitlines():
+    if line and not line.startswith(" "):
+      in_fusion = "fused" in line or "ynn" in line.lower()
+    elif not in_fusion and " dot(" in line:
+      dots += 1
+  return dots
+
+
 @pytest.mark.parametrize("shape", [(4, 8, 8, 256), (16, 16, 16, 256)])
 def test_channel_matmul_kernel_gradient_is_not_an_eigen_dot_on_cpu(shape):
   """The point of its derivative rule: on XLA:CPU the kernel gradient X^T dY compiles to
@@ -259,16 +274,7 @@ def test_channel_matmul_kernel_gradient_is_not_an_eigen_dot_on_cpu(shape):
     return jax.jit(jax.grad(lambda w: jnp.sum(f(x, w) ** 2))).lower(w).compile().as_text()
 
   def standalone_dots(f):
-    hlo = compiled(f)
-    # Instructions of the entry computation and of non-fusion computations; fused bodies
-    # (YNNPACK fusions hold their dot inside) are left out.
-    dots, in_fusion = 0, False
-    for line in hlo.splitlines():
-      if line and not line.startswith(" "):
-        in_fusion = "fused" in line or "ynn" in line.lower()
-      elif not in_fusion and " dot(" in line:
-        dots += 1
-    return dots
+    return _standalone_dots(compiled(f))
 
   plain = standalone_dots(lambda x, w: jnp.einsum("bhwc,cd->bhwd", x, w))
   if plain == 0:
@@ -304,14 +310,19 @@ def test_conv3x3_by_matmul_is_lax_conv_in_value_and_both_autodiff_modes(cin, cou
                              jax.jvp(reference, (x, kernel), tangents)[1], rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("hidden", [16, 256])  # 256: the first and last 3x3s in matmul form
-def test_coupling_net_is_the_unfolded_conv_actnorm_relu_network(hidden):
+# (16, 4): lax.conv; (256, 4): the 3x3s in matmul form; (256, 16): channels-first on CPU.
+@pytest.mark.parametrize("hidden,size", [(16, 4), (256, 4), (256, 16)])
+def test_coupling_net_is_the_unfolded_conv_actnorm_relu_network(hidden, size):
   """Folding each ActNorm (and the zero convolution's output scale) into the convolution before
-  it changes neither the function nor its parameter gradients: CouplingNet against Glow's
-  network written out layer by layer with the same (perturbed, non-identity) parameters."""
+  it, and the channels-first form, change neither the function nor its derivatives: CouplingNet
+  against Glow's network written out layer by layer with the same (perturbed, non-identity)
+  parameters, in value, parameter and input gradients, and forward mode."""
   net = bijectors.CouplingNet(hidden=hidden, out_channels=4)
   kx, kp = jax.random.split(jax.random.PRNGKey(3))
-  x = jax.random.normal(kx, (2, 4, 4, 3))
+  x = jax.random.normal(kx, (2, size, size, 3))
+  on_cpu = jax.default_backend() == "cpu"
+  assert bijectors.coupling_net_takes_channels_first(x.shape, hidden, 4) == (
+      on_cpu and size == 16 and hidden == 256)
   params = perturb(net.init(jax.random.PRNGKey(0), x), kp)["params"]
 
   def conv(h, kernel):
@@ -322,24 +333,28 @@ def test_coupling_net_is_the_unfolded_conv_actnorm_relu_network(hidden):
   def actnorm(h, p):
     return (h + p["bias"]) * jnp.exp(p["log_scale"])
 
-  def unfolded(params):
+  def unfolded(params, x=x):
     h = jax.nn.relu(actnorm(conv(x, params["Conv_0"]["kernel"]), params["ActNorm_0"]))
     h = jax.nn.relu(actnorm(conv(h, params["Conv_1"]["kernel"]), params["ActNorm_1"]))
     zero = params["ZeroConv_0"]
     return (conv(h, zero["Conv_0"]["kernel"]) + zero["Conv_0"]["bias"]) * jnp.exp(3 * zero["logs"])
 
-  def folded(params):
+  def folded(params, x=x):
     return net.apply({"params": params}, x)
 
   np.testing.assert_allclose(folded(params), unfolded(params), rtol=1e-4, atol=1e-4)
-  got = jax.grad(lambda p: jnp.sum(jnp.sin(folded(p))))(params)
-  want = jax.grad(lambda p: jnp.sum(jnp.sin(unfolded(p))))(params)
-  for path, leaf in jax.tree_util.tree_leaves_with_path(got):
-    reference = want
+  got = jax.grad(lambda p, x: jnp.sum(jnp.sin(folded(p, x))), argnums=(0, 1))(params, x)
+  want = jax.grad(lambda p, x: jnp.sum(jnp.sin(unfolded(p, x))), argnums=(0, 1))(params, x)
+  np.testing.assert_allclose(got[1], want[1], rtol=2e-3, atol=2e-3)
+  for path, leaf in jax.tree_util.tree_leaves_with_path(got[0]):
+    reference = want[0]
     for key in path:
       reference = reference[key.key]
     np.testing.assert_allclose(leaf, reference, rtol=2e-3, atol=2e-3,
                                err_msg=jax.tree_util.keystr(path))
+  tangents = (jax.tree.map(lambda a: 0.1 * jnp.ones_like(a), params), jnp.ones_like(x))
+  np.testing.assert_allclose(jax.jvp(folded, (params, x), tangents)[1],
+                             jax.jvp(unfolded, (params, x), tangents)[1], rtol=2e-3, atol=2e-3)
 
 
 def test_scale_output_channels_gradient_reduces_a_2d_view():
@@ -356,3 +371,39 @@ def test_scale_output_channels_gradient_reduces_a_2d_view():
   reduces = [line for line in hlo.splitlines() if " reduce(" in line]
   assert reduces, "expected the scale's gradient to be a reduce"
   assert not [line for line in reduces if "f32[1,1," in line], reduces
+
+
+def test_channels_first_coupling_net_gradient_has_no_activation_transpose_or_eigen_dot():
+  """The point of the channels-first form: its compiled gradient (parameters and input) holds no
+  transpose as large as the hidden activations, and no Eigen dot; the NHWC form at the same
+  size transposes them (for `channel_matmul`'s kernel gradients)."""
+  if jax.default_backend() != "cpu":
+    pytest.skip("the channels-first form is CPU-only")
+  net = bijectors.CouplingNet(hidden=256, out_channels=12)
+  x = jnp.ones((2, 16, 16, 6))
+  params = net.init(jax.random.PRNGKey(0), x)["params"]
+  activation_elements = 2 * 16 * 16 * 256
+
+  def compiled():
+    loss = jax.grad(lambda p, x: jnp.sum(jnp.sin(net.apply({"params": p}, x))), argnums=(0, 1))
+    return jax.jit(loss).lower(params, x).compile().as_text()
+
+  def large_transposes(hlo):
+    found = []
+    for line in hlo.splitlines():
+      match = re.search(r"^\s*(?:ROOT )?%?(\S+) = f32\[([\d,]+)\]\S* (transpose|fusion)\(", line)
+      if not match:
+        continue
+      name, dims, op = match.groups()
+      is_transpose = op == "transpose" or "transpose" in name  # a transpose_copy_fusion
+      if is_transpose and math.prod(int(d) for d in dims.split(",")) >= activation_elements:
+        found.append(line.strip()[:100])
+    return found
+
+  assert bijectors.coupling_net_takes_channels_first(x.shape, 256, 12)
+  hlo = compiled()
+  assert not large_transposes(hlo), large_transposes(hlo)
+  assert _standalone_dots(hlo) == 0
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(bijectors, "CHANNELS_FIRST_MIN_WIDTH", 10**6)
+    assert large_transposes(compiled()), "expected the NHWC form to transpose the activations"
