@@ -253,8 +253,9 @@ class ZeroConv(nn.Module):
 
 
 def channel_matmul(x: Array, w: Array) -> Array:
-  """`x @ w` over the last (channel) axis of `x`: the coupling network's 1x1 layers and the
-  products of `conv3x3_by_matmul`.
+  """`x @ w` over the last (channel) axis of `x`: the 1x1 layers and the products of
+  `conv3x3_by_matmul` in NHWC (DenseFlow's nets; Glow's coupling network where it does not run
+  channels-first, `coupling_net_takes_channels_first`).
 
   On CPU the same product with another derivative rule (`_channel_matmul_cpu`), whose kernel
   gradient XLA:CPU computes as YNNPACK matmuls rather than an Eigen dot: the whole CIFAR
