@@ -407,3 +407,24 @@ def test_channels_first_coupling_net_gradient_has_no_activation_transpose_or_eig
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(bijectors, "CHANNELS_FIRST_MIN_WIDTH", 10**6)
     assert large_transposes(compiled()), "expected the NHWC form to transpose the activations"
+
+
+@pytest.mark.parametrize("size", [4, 16])  # 16: channels-first on CPU
+def test_coupling_net_mixed_precision_computes_low_and_returns_float32(size):
+  """`dtype=bfloat16`: the network computes in bfloat16 in both layouts, returns float32 close
+  to the float32 network's output, and its parameter gradients stay float32."""
+  net32 = bijectors.CouplingNet(hidden=256, out_channels=4)
+  net16 = bijectors.CouplingNet(hidden=256, out_channels=4, dtype=jnp.bfloat16)
+  kx, kp = jax.random.split(jax.random.PRNGKey(5))
+  x = jax.random.normal(kx, (2, size, size, 3))
+  params = perturb(net32.init(jax.random.PRNGKey(0), x), kp)["params"]
+  want = net32.apply({"params": params}, x)
+  got = net16.apply({"params": params}, x)
+  assert got.dtype == jnp.float32
+  np.testing.assert_allclose(got, want, rtol=0.05, atol=0.05 * float(jnp.max(jnp.abs(want))))
+  hlo = jax.jit(lambda p: net16.apply({"params": p}, x)).lower(params).compile().as_text()
+  hidden = "bf16[256,512]" if size == 16 and jax.default_backend() == "cpu" else (
+      f"bf16[2,{size},{size},256]")  # the hidden activations, channels-first or NHWC
+  assert hidden in hlo
+  grads = jax.grad(lambda p: jnp.sum(net16.apply({"params": p}, x)))(params)
+  assert {leaf.dtype for leaf in jax.tree.leaves(grads)} == {jnp.dtype(jnp.float32)}
