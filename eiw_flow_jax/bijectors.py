@@ -501,8 +501,9 @@ class CouplingNet(nn.Module):
 
 
 # Narrowest image width (W of NHWC) at which the CPU coupling network runs channels-first: the
-# shifts of its 3x3 convolutions then move rows of at least 16 floats. At width 8 the two layouts
-# took the same time, at 4 channels-first took 1.15x (docs/performance.md).
+# shifts of its 3x3 convolutions then move rows of at least 16 floats. One network forward and
+# backward took 0.82-0.87x the NHWC time at widths 16 and 32, 1.00-1.04x at 8, 1.07-1.16x at 4
+# (docs/performance.md).
 CHANNELS_FIRST_MIN_WIDTH = 16
 
 
