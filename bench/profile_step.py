@@ -126,9 +126,10 @@ def _print_table(title: str, sums: collections.Counter, total: float, steps: int
 
 def main(argv):
   del argv
-  from eiw_flow_jax import host_malloc  # noqa: PLC0415 - before jax: may re-exec this process
+  from eiw_flow_jax import host_malloc, host_threads  # noqa: PLC0415 - before jax (re-exec)
 
   host_malloc.reexec_with_malloc_tunables()
+  host_threads.limit_blas_threads()
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                              + " --xla_cpu_enable_xprof_traceme=true").strip()
   import jax  # noqa: PLC0415

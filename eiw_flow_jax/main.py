@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import sys
 
-from eiw_flow_jax import host_malloc
+from eiw_flow_jax import host_malloc, host_threads
 
 if __name__ == "__main__":
   # First thing, before JAX and the rest are imported (the package's __init__ imports nothing
@@ -30,6 +30,7 @@ if __name__ == "__main__":
   except ValueError as e:  # a bad EIW_FLOW_JAX_HOST_MALLOC
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(2)
+  host_threads.limit_blas_threads()  # OpenBLAS under XLA's LAPACK calls: one thread (see module)
 
 import logging as py_logging
 import os
