@@ -247,9 +247,9 @@ class ZeroConv(nn.Module):
       return conv(x).astype(jnp.float32) * scale
     # (conv(x, W) + b) * scale == conv(x, W * scale) + b * scale: one pass less over the output.
     params = conv.variables["params"]
-    h = apply_conv(x, scale_output_channels(params["kernel"], scale),
-                   self.dtype or jnp.result_type(x, jnp.float32))
-    return h.astype(jnp.float32) + params["bias"] * scale
+    kernel, bias = fold_output_scale(params["kernel"], params["bias"], scale)
+    h = apply_conv(x, kernel, self.dtype or jnp.result_type(x, jnp.float32))
+    return h.astype(jnp.float32) + bias
 
 
 def channel_matmul(x: Array, w: Array) -> Array:
@@ -407,11 +407,13 @@ def conv3x3_takes_matmul_form(kernel_shape: tuple[int, ...], min_width: int = 25
           and 9 * min(cin, cout) <= 2 * max(cin, cout))
 
 
-def _shift(x: Array, di: int, dj: int) -> Array:
-  """x[:, p + di, q + dj] with zeros outside, |di|, |dj| <= 1: one lax.pad (negative = crop),
-  whose transpose is again one pad (the opposite shift)."""
-  zero = jnp.zeros((), x.dtype)
-  return jax.lax.pad(x, zero, ((0, 0, 0), (-di, di, 0), (-dj, dj, 0), (0, 0, 0)))
+def _shift(x: Array, di: int, dj: int, height_axis: int = 1) -> Array:
+  """x[:, p + di, q + dj] (NHWC; `height_axis=2` for (C, B, H, W): x[:, :, p + di, q + dj]) with
+  zeros outside, |di|, |dj| <= 1: one lax.pad (negative = crop), whose transpose is again one
+  pad (the opposite shift)."""
+  padding = [(0, 0, 0)] * x.ndim
+  padding[height_axis], padding[height_axis + 1] = (-di, di, 0), (-dj, dj, 0)
+  return jax.lax.pad(x, jnp.zeros((), x.dtype), padding)
 
 
 def conv3x3_by_matmul(x: Array, kernel: Array) -> Array:
@@ -453,9 +455,16 @@ def conv_actnorm_relu(conv: nn.Module, actnorm: ActNorm, x: Array, dtype: Any) -
     return nn.relu(actnorm(conv(x))[0])
   kernel = conv.variables["params"]["kernel"]
   bias, log_scale = actnorm.variables["params"]["bias"], actnorm.variables["params"]["log_scale"]
-  scale = jnp.exp(log_scale)
-  h = apply_conv(x, scale_output_channels(kernel, scale), dtype)
-  return nn.relu(h + (bias * scale).astype(h.dtype))
+  kernel, bias = fold_output_scale(kernel, bias, jnp.exp(log_scale))
+  h = apply_conv(x, kernel, dtype)
+  return nn.relu(h + bias.astype(h.dtype))
+
+
+def fold_output_scale(kernel: Array, bias: Array, scale: Array) -> tuple[Array, Array]:
+  """(conv(x, kernel) + bias) * scale == conv(x, kernel') + bias' per output channel: returns
+  (kernel', bias') = (kernel * scale, bias * scale), the kernel through `scale_output_channels`.
+  The fold behind `conv_actnorm_relu` (ActNorm after a convolution) and `ZeroConv`."""
+  return scale_output_channels(kernel, scale), bias * scale
 
 
 def scale_output_channels(kernel: Array, scale: Array) -> Array:
@@ -535,40 +544,31 @@ def coupling_net_channels_first(params: Any, x: Array, dtype: Any) -> Array:
   batch, height, width, _ = x.shape
   offsets = [(i - 1, j - 1) for i in range(3) for j in range(3)]
 
-  def folded(kernel, log_scale, bias):
-    scale = jnp.exp(log_scale)
-    return scale_output_channels(kernel, scale).astype(dtype), (bias * scale).astype(dtype)
+  def folded(kernel, actnorm):
+    kernel, bias = fold_output_scale(kernel, actnorm["bias"], jnp.exp(actnorm["log_scale"]))
+    return kernel.astype(dtype), bias.astype(dtype)
 
   # Conv_0 (few inputs): the nine shifted copies of the input stacked, one matmul.
   x_first = x.transpose(3, 0, 1, 2)
-  patches = jnp.concatenate([_shift_channels_first(x_first, di, dj) for di, dj in offsets])
-  kernel, bias = folded(params["Conv_0"]["kernel"], params["ActNorm_0"]["log_scale"],
-                        params["ActNorm_0"]["bias"])
+  patches = jnp.concatenate([_shift(x_first, di, dj, height_axis=2) for di, dj in offsets])
+  kernel, bias = folded(params["Conv_0"]["kernel"], params["ActNorm_0"])
   h = channels_first_matmul(kernel.reshape(patches.shape[0], -1),
                             patches.reshape(patches.shape[0], -1))
   h = nn.relu(h + bias[:, None])
   # Conv_1, 1x1.
-  kernel, bias = folded(params["Conv_1"]["kernel"], params["ActNorm_1"]["log_scale"],
-                        params["ActNorm_1"]["bias"])
+  kernel, bias = folded(params["Conv_1"]["kernel"], params["ActNorm_1"])
   h = nn.relu(channels_first_matmul(kernel.reshape(h.shape[0], -1), h) + bias[:, None])
   # ZeroConv (few outputs): one matmul to nine output blocks, each shifted into place.
   zero = params["ZeroConv_0"]
-  scale = jnp.exp(zero["logs"] * ZeroConv.logscale_factor)
-  kernel = scale_output_channels(zero["Conv_0"]["kernel"], scale).astype(dtype)
-  out_channels = kernel.shape[-1]
+  kernel, bias = fold_output_scale(zero["Conv_0"]["kernel"], zero["Conv_0"]["bias"],
+                                   jnp.exp(zero["logs"] * ZeroConv.logscale_factor))
   blocks = channels_first_matmul(
-      kernel.transpose(2, 0, 1, 3).reshape(h.shape[0], -1), h,
-  ).reshape(len(offsets), out_channels, batch, height, width)
-  out = _shift_channels_first(blocks[0], *offsets[0])
+      kernel.astype(dtype).transpose(2, 0, 1, 3).reshape(h.shape[0], -1), h,
+  ).reshape(len(offsets), kernel.shape[-1], batch, height, width)
+  out = _shift(blocks[0], *offsets[0], height_axis=2)
   for block, (di, dj) in zip(blocks[1:], offsets[1:]):
-    out = out + _shift_channels_first(block, di, dj)
-  return out.transpose(1, 2, 3, 0).astype(jnp.float32) + zero["Conv_0"]["bias"] * scale
-
-
-def _shift_channels_first(x: Array, di: int, dj: int) -> Array:
-  """`_shift` for (C, B, H, W) arrays: x[:, :, p + di, q + dj], zeros outside."""
-  zero = jnp.zeros((), x.dtype)
-  return jax.lax.pad(x, zero, ((0, 0, 0), (0, 0, 0), (-di, di, 0), (-dj, dj, 0)))
+    out = out + _shift(block, di, dj, height_axis=2)
+  return out.transpose(1, 2, 3, 0).astype(jnp.float32) + bias
 
 
 @jax.custom_jvp
