@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from eiw_flow_jax import train  # noqa: E402
+from eiw_flow_jax import optimizer, sharding, train, train_state  # noqa: E402
 from eiw_flow_jax.model import build_flow  # noqa: E402
 
 
@@ -44,12 +44,12 @@ def step_costs(config, steps_per_level: int, batch: int) -> tuple[float, float]:
   config = config.copy_and_resolve_references()
   config.model.steps_per_level = steps_per_level
   config.batch_size = batch
-  mesh = train.make_mesh(jax.devices()[:1])
+  mesh = sharding.make_mesh(jax.devices()[:1])
   flow = build_flow(config)
-  tx = train.make_optimizer(config)
-  state = train.abstract_state(flow, tx, mesh)
+  tx = optimizer.make_optimizer(config)
+  state = train_state.abstract_state(flow, tx, mesh)
   images = jax.ShapeDtypeStruct((batch, *config.model.image_shape), jnp.uint8,
-                                sharding=train.batch_sharding(mesh))
+                                sharding=sharding.batch_sharding(mesh))
   step = train.make_train_step(config, flow, tx, mesh)
   compiled = step.lower(state, images).compile()
   analysis = compiled.memory_analysis()

@@ -112,7 +112,7 @@ def jax_peer():
   import jax
   import jax.numpy as jnp
 
-  from eiw_flow_jax import train
+  from eiw_flow_jax import model, optimizer, sharding, train, train_state
   from eiw_flow_jax.config_lib import base_config
 
   config = base_config()
@@ -122,12 +122,12 @@ def jax_peer():
       FLAGS.num_levels, FLAGS.steps_per_level, FLAGS.hidden)
   m.split = "vanilla"
   config.batch_size = FLAGS.batch
-  mesh = train.make_mesh(jax.devices()[:1])
-  flow, tx = train.build_flow(config), train.make_optimizer(config)
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  flow, tx = model.build_flow(config), optimizer.make_optimizer(config)
   images = _images()
-  state = train.create_state(config, flow, tx, mesh, images)
+  state = train_state.create_state(config, flow, tx, mesh, images)
   step = train.make_train_step(config, flow, tx, mesh)
-  batch = train.global_batch(images, train.batch_sharding(mesh))
+  batch = sharding.global_batch(images, sharding.batch_sharding(mesh))
   compiled = step.lower(state, batch).compile()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost

@@ -317,20 +317,20 @@ def convert_checkpoint(torch_checkpoint: str, config: Any, workdir: str) -> str:
   import jax
   import jax.numpy as jnp
 
-  from eiw_flow_jax import checkpointing, config_lib, train
+  from eiw_flow_jax import checkpointing, config_lib, optimizer, resume, sharding, train_state
   from eiw_flow_jax.model import build_flow
 
   config_lib.validate_config(config)
   flow = build_flow(config)
   variables = convert_state_dict(state_dict_from(read_torch_file(torch_checkpoint)), flow)
   variables = jax.tree.map(jnp.asarray, variables)
-  tx = train.make_optimizer(config)
-  mesh = train.make_mesh()
-  state = train._state_from_variables(tx, variables)
-  shardings = train.state_shardings(mesh, train.abstract_state(flow, tx, mesh))
+  tx = optimizer.make_optimizer(config)
+  mesh = sharding.make_mesh()
+  state = train_state.state_from_variables(tx, variables)
+  shardings = sharding.state_shardings(mesh, train_state.abstract_state(flow, tx, mesh))
   state = jax.device_put(state, shardings)
   os.makedirs(workdir, exist_ok=True)
-  train._save_config(config, workdir)
+  resume.save_config(config, workdir)
   manager = checkpointing.make_manager(workdir, keep=config.keep_checkpoints)
   try:
     checkpointing.save(manager, 0, state, force=True)

@@ -13,7 +13,7 @@ import pytest
 from conftest import REPO
 from test_denseflow_parity import config_from_fixture, load_case
 
-from eiw_flow_jax import checkpointing, convert, train
+from eiw_flow_jax import checkpointing, convert, optimizer, sharding, train_state
 from eiw_flow_jax.model import build_flow
 
 SMALL_PT = os.path.join(REPO, "tests", "fixtures", "torch_state_dict_small.pt")
@@ -45,12 +45,12 @@ def test_convert_checkpoint_writes_a_restorable_train_state(tmp_path):
   convert.convert_checkpoint(str(npz), config, workdir)
   assert os.path.exists(os.path.join(workdir, "config.json"))
   flow = build_flow(config)
-  tx = train.make_optimizer(config)
-  mesh = train.make_mesh()
+  tx = optimizer.make_optimizer(config)
+  mesh = sharding.make_mesh()
   manager = checkpointing.make_manager(workdir, keep=1, read_only=True)
   try:
     step, state = checkpointing.restore_latest(
-        manager, train.abstract_state(flow, tx, mesh), quarantine=False)
+        manager, train_state.abstract_state(flow, tx, mesh), quarantine=False)
   finally:
     manager.close()
   assert step == 0

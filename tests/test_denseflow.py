@@ -14,8 +14,8 @@ from test_configs import load_config
 
 from eiw_flow_jax import config_lib
 from eiw_flow_jax.backbones import dense_bijectors as db
+from eiw_flow_jax.backbones.dense_dequantizer import VariationalDequantizer
 from eiw_flow_jax.backbones.denseflow import DenseUnit, Transition
-from eiw_flow_jax.dequantizers import VariationalDequantizer
 from eiw_flow_jax.model import DenseFlow, build_flow
 
 DENSEFLOW_CONFIGS = ["cifar10_denseflow", "imagenet32_denseflow", "imagenet64_denseflow",
@@ -313,16 +313,16 @@ def test_remat_per_unit_gives_the_training_objective_and_gradients_of_store(tiny
 
 
 def test_adamax_with_warmup_and_per_epoch_decay():
-  from eiw_flow_jax import train
+  from eiw_flow_jax import optimizer
 
   config = load_config("cifar10_denseflow")
-  schedule = train.make_schedule(config)
+  schedule = optimizer.make_schedule(config)
   epoch = config.optimizer.steps_per_epoch
   assert epoch == 782  # int(50000 / 64) + 1, as the authors count an epoch's iterations
   np.testing.assert_allclose(schedule(4999), 1e-3 * 0.9975**6, rtol=1e-5)  # warmup done
   np.testing.assert_allclose(schedule(10 * epoch + 3), 1e-3 * 0.9975**10, rtol=1e-5)
   np.testing.assert_allclose(schedule(0), 1e-3 / 5000, rtol=1e-5)
-  tx = train.make_optimizer(config)
+  tx = optimizer.make_optimizer(config)
   params = {"w": jnp.ones(3)}
   updates, _ = tx.update({"w": jnp.array([1.0, -2.0, 0.0])}, tx.init(params), params)
   # Adamax's first step is -lr * sign(g) (infinity norm), whatever the gradient's size.

@@ -49,8 +49,8 @@ from eiw_flow_jax.backbones.dense_bijectors import (
   switch_channels,
   unsqueeze2d,
 )
+from eiw_flow_jax.backbones.dense_dequantizer import VariationalDequantizer
 from eiw_flow_jax.backbones.dense_nets import conv
-from eiw_flow_jax.dequantizers import VariationalDequantizer
 
 Array = jax.Array
 MEMORY_MODES = ("store", "remat")
