@@ -119,7 +119,7 @@ EIGHT_DEVICES = textwrap.dedent(
     import jax, numpy as np
     sys.path.insert(0, {tests!r})
     from test_train import tiny_config
-    from eiw_flow_jax import data, train
+    from eiw_flow_jax import data, model, optimizer, sharding, train, train_state
 
     assert jax.device_count() == 8, jax.devices()
     config = tiny_config({data_dir!r})
