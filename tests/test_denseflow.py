@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import ON_PINNED_COMPILER
 from test_configs import load_config
 
 from eiw_flow_jax import config_lib
@@ -280,7 +281,8 @@ def test_remat_units_give_the_same_gradients_with_less_memory():
   moved = [not np.allclose(a, b) for a, b in zip(jax.tree.leaves(variables["constants"]),
                                                  jax.tree.leaves(remat_stats))]
   assert any(moved), "training-mode BatchNorm did not update its running statistics"
-  assert temp["remat"] < 0.7 * temp["store"], temp
+  if ON_PINNED_COMPILER:  # XLA's buffer sizes: checked on the pinned jaxlib only
+    assert temp["remat"] < 0.7 * temp["store"], temp
 
 
 @pytest.mark.slow
