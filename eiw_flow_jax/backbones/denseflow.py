@@ -24,10 +24,10 @@ sum_c g_c (log g_c - s_c) per example ('literal', their KLDivLoss on probabiliti
 log s_c), the first half kept. With `model.split = "vanilla"`: DenseFlow's transition (no sort).
 
 The order is computed from the logits W2 relu(W1 [C]) (stable descending argsort), not from g:
-the softmax saturates (logits hundreds apart at default scale), torch's float32 g on CPU keeps
-subnormals (1e-45) and sorts them as distinct, while XLA (CPU, GPU, TPU) flushes them to exact
-zeros whose ties an argsort would break by channel index, another permutation than the
-authors'. Softmax is monotone, so the logit order is the authors' wherever their float32
+the softmax saturates (logits tens to hundreds apart at default scale), torch's float32 g on
+CPU keeps subnormals (1e-45) and sorts them as distinct, while XLA (CPU, GPU, TPU) flushes them
+to exact zeros whose ties an argsort would break by channel index, another permutation than
+the authors'. Softmax is monotone, so the logit order is the authors' wherever their float32
 weights differ; where those tie exactly (underflow to 0), torch's unstable sort leaves their
 order undefined (`authors_weight_ties` finds such ties, `convert` reports them).
 
@@ -246,9 +246,9 @@ def authors_weight_bits(logits: Array) -> Array:
   Computed without subnormal arithmetic (which XLA flushes on every backend): exp(d) =
   exp(f) 2^n with f = d - n ln 2 (Cody-Waite), every value scaled by 2^100, and a subnormal
   rounded to its integer multiple of 2^-149 explicitly. Positive float32 values order as
-  their bit patterns, so equal patterns are exactly the authors' ties. Matches torch's values
-  but at rounding boundaries (torch's exp and sum order differ from XLA's by an ulp); ties,
-  which arise between underflowing weights, are reproduced (tests/test_denseflow.py checks
+  their bit patterns, so equal patterns are exactly the authors' ties. Equal to torch's values
+  but at rounding boundaries (torch's exp and summation order differ from XLA's by an ulp);
+  its ties, which arise between underflowing weights, are torch's (tests/test_denseflow.py checks
   against numpy's float32 arithmetic, tests/test_denseflow_parity.py against torch's).
   """
   logits = logits.astype(jnp.float32)
