@@ -274,8 +274,10 @@ def make_case(name: str, spec, out_dir: str, seed: int) -> str:
         generator_class.sort = torch_sort
       out["expected/elbo_logit_order"] = logit_out["expected/elbo"]
       out["expected/scale_loss_logit_order"] = np.float32(sum(float(v) for v in logit_losses))
-      gap = np.max(np.abs(logit_out["expected/elbo"] - out["expected/elbo"]))
-      if not gap <= 1e-3:  # every tie is in the factored half: the order of N(0, I) terms
+      # Every tie is in the factored half, so only the order of N(0, I) terms in a float32
+      # sum changes: within the parity test's tolerance.
+      gap = np.abs(logit_out["expected/elbo"] - out["expected/elbo"])
+      if not np.all(gap <= 2e-3 + 1e-5 * np.abs(out["expected/elbo"])):
         raise SystemExit(f"{name}: the ELBO depends on the order of tied channels ({gap}).")
 
   for key, p in model.state_dict().items():
