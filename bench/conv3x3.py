@@ -1,6 +1,6 @@
 """Benchmark: Glow's skewed 3x3 convolutions as lax.conv against `conv3x3_by_matmul` (CPU).
 
-`bijectors.apply_conv` computes, on CPU, a 3x3 convolution with few channels on one side (the
+`kernels.apply_conv` computes, on CPU, a 3x3 convolution with few channels on one side (the
 coupling network's first layer C/2 -> hidden and its zero-initialised last layer hidden -> C)
 as one matmul plus nine shifted copies. This script measures that choice two ways:
 
@@ -44,25 +44,25 @@ def _lax_conv(x, kernel):
 
 def _use_lax_conv() -> None:
   """Route every 3x3 convolution back to lax.conv (the reference for this comparison)."""
-  from eiw_flow_jax import bijectors
+  from eiw_flow_jax.kernels import xla_cpu
 
-  bijectors.conv3x3_by_matmul = _lax_conv  # apply_conv looks it up at trace time
+  xla_cpu.conv3x3_by_matmul = _lax_conv  # xla_cpu.conv looks it up at trace time
 
 
 def _force_matmul_form() -> None:
   """Route every skewed 3x3 convolution to the matmul form, whatever the width, so that the
   step A/B measures the form itself at small widths too."""
-  from eiw_flow_jax import bijectors
+  from eiw_flow_jax.kernels import xla_cpu
 
-  # apply_conv looks the rule up at trace time.
-  bijectors.conv3x3_takes_matmul_form = functools.partial(
-      bijectors.conv3x3_takes_matmul_form, min_width=0)
+  # The dispatcher looks the rule up at trace time.
+  xla_cpu.conv3x3_takes_matmul_form = functools.partial(
+      xla_cpu.conv3x3_takes_matmul_form, min_width=0)
 
 
 def _layer_shapes() -> list[tuple[int, int, int]]:
   """(size, C_in, C_out) of the configured Glow's 3x3 layers with few channels on one side
   (`conv3x3_takes_matmul_form` at any width)."""
-  from eiw_flow_jax.bijectors import conv3x3_takes_matmul_form
+  from eiw_flow_jax.kernels.xla_cpu import conv3x3_takes_matmul_form
 
   shapes, c, size = [], FLAGS.channels, FLAGS.image_size
   for level in range(FLAGS.num_levels):
@@ -78,7 +78,7 @@ def _time_layers() -> None:
   import jax
   import jax.numpy as jnp
 
-  from eiw_flow_jax.bijectors import conv3x3_by_matmul
+  from eiw_flow_jax.kernels.xla_cpu import conv3x3_by_matmul
 
   print(f"batch {FLAGS.batch}, forward + backward (input and kernel gradients), "
         f"{FLAGS.rounds} interleaved rounds, backend {jax.default_backend()}\n")

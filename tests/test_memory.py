@@ -117,7 +117,8 @@ def test_fused_step_inverse_vjp_matches_vjp_at_the_true_input(coupling, dtype):
   In bfloat16 XLA:CPU may round the coupling network's intermediates differently in the two
   compiled graphs, so the rebuilt input is exact only to bfloat16 precision there.
   """
-  from eiw_flow_jax.bijectors import FlowStep, flow_step_inverse_vjp
+  from eiw_flow_jax.bijectors import FlowStep
+  from eiw_flow_jax.memory import flow_step_inverse_vjp
 
   step = FlowStep(8, coupling, jnp.dtype(dtype), parent=None)
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 4, 6))

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from eiw_flow_jax import config_lib, memory
-from eiw_flow_jax.bijectors import FlowStep, Shift, Squeeze, flow_step_inverse_vjp
+from eiw_flow_jax.bijectors import FlowStep, Shift, Squeeze
 from eiw_flow_jax.splits import (
   EIWGlobalSplit,
   EIWPerExampleSplit,
@@ -101,7 +101,7 @@ class MultiScaleFlow(nn.Module):
         h,
         name=f"level {level}",
         tolerance=m.get("invert_tolerance", 1e-3),
-        inverse_vjp=functools.partial(flow_step_inverse_vjp, twin),
+        inverse_vjp=functools.partial(memory.flow_step_inverse_vjp, twin),
     )
 
   def forward(self, y: Array) -> tuple[list[Array], Array, Array, dict[str, list[Array]]]:
