@@ -16,6 +16,7 @@ COUPLINGS = ("affine", "additive")
 REGULARIZERS = ("kl", "literal")
 MEMORY_MODES = ("store", "remat", "invert")
 DTYPES = ("float32", "bfloat16", "float16")
+KERNELS = ("auto", "portable")  # eiw_flow_jax.kernels.KERNELS (not imported: it loads JAX)
 BACKBONES = ("glow", "denseflow")
 OPTIMIZERS = ("adam", "adamax")
 DENSEFLOW_MEMORY = ("store", "remat")
@@ -54,6 +55,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Compute dtype of the coupling networks ("bfloat16" on TPU, "float16"/"bfloat16" on GPU);
   # parameters, log-determinants, priors and the loss stay float32.
   config.model.dtype = "float32"
+  # How convolutions are computed (eiw_flow_jax/kernels): "auto" takes the XLA:CPU forms
+  # (matmuls) in programs compiled for the CPU and convolutions elsewhere; "portable" takes the
+  # convolutions everywhere (to run on CPU what a TPU or GPU program computes).
+  config.model.kernels = "auto"
   config.model.split = "eiw"
   config.model.eiw = ml_collections.ConfigDict()
   config.model.eiw.mode = "global"
@@ -263,6 +268,10 @@ def validate_denseflow_config(model: ml_collections.ConfigDict) -> None:
   _require(memory in DENSEFLOW_MEMORY,
            f"model.memory={memory!r} is not supported by the denseflow backbone: expected one "
            f"of {DENSEFLOW_MEMORY} ('invert' is supported for the glow backbone only).")
+  _require(model.get("kernels", "auto") == "auto",
+           f"model.kernels={model.get('kernels')!r} is not supported by the denseflow backbone: "
+           "expected 'auto' ('portable' is implemented for the glow backbone's coupling "
+           "networks; DenseFlow's only XLA:CPU form is its 1x1 convolutions' derivative rule).")
   dtype = model.get("dtype", "float32")
   _require(dtype == "float32",
            f"model.dtype={dtype!r} is not supported by the denseflow backbone: expected "
@@ -316,6 +325,7 @@ def validate_model_config(model: ml_collections.ConfigDict) -> None:
   _choice("model.split", model.split, SPLITS)
   _choice("model.memory", model.get("memory", "store"), MEMORY_MODES)
   _choice("model.dtype", model.get("dtype", "float32"), DTYPES)
+  _choice("model.kernels", model.get("kernels", "auto"), KERNELS)
   tolerance = model.get("invert_tolerance", 1e-3)
   _require(
       isinstance(tolerance, (int, float)) and not isinstance(tolerance, bool) and tolerance > 0,

@@ -11,6 +11,7 @@ or GPU program computes). Which CPU form fits a shape is decided statically
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -35,11 +36,18 @@ def check_kernels(kernels: str) -> None:
 def platform_dependent(*operands: Any, cpu: Callable[..., T], portable: Callable[..., T],
                        kernels: str = "auto") -> T:
   """`cpu(*operands)` in a program compiled for the CPU, `portable(*operands)` elsewhere (or
-  everywhere with `kernels="portable"`). The two must compute the same function."""
+  everywhere with `kernels="portable"`). The two must compute the same function.
+
+  The only place that asks for the platform: `jax.lax.platform_dependent`, which stages out both
+  branches (both differentiable, in both modes, and batched under vmap like a `lax.switch`) and
+  keeps the one for the platform the program is lowered for: a program lowered on this host
+  for a TPU (ahead of time, `jax.export`) gets the portable forms, whatever the host's default
+  backend. Outside jit it runs the branch of the default device's platform.
+  """
   check_kernels(kernels)
-  if kernels == "portable" or jax.default_backend() != "cpu":
+  if kernels == "portable":
     return portable(*operands)
-  return cpu(*operands)
+  return jax.lax.platform_dependent(*operands, cpu=cpu, default=portable)
 
 
 def portable_conv(x: Array, kernel: Array) -> Array:
@@ -83,8 +91,8 @@ def coupling_net(layers: CouplingNetLayers, x: Array, dtype: Any = None,
   def portable(layers, x, dtype):
     return _coupling_net_nhwc(layers, x, dtype, portable_conv)
 
-  return platform_dependent(layers, x, cpu=lambda *a: cpu(*a, dtype),
-                            portable=lambda *a: portable(*a, dtype), kernels=kernels)
+  return platform_dependent(layers, x, cpu=functools.partial(cpu, dtype=dtype),
+                            portable=functools.partial(portable, dtype=dtype), kernels=kernels)
 
 
 def _coupling_net_nhwc(layers: CouplingNetLayers, x: Array, dtype: Any,
