@@ -134,8 +134,10 @@ class ActNorm(Bijector):
     bias = self.param("bias", init_bias, (channels,))
     log_scale = self.param("log_scale", init_log_scale, (channels,))
     spatial = x.shape[1] * x.shape[2]
+    # The scale and the log-det in the wider of the input's and the parameters' dtypes (float64
+    # under x64); applied in the input's dtype, so a bfloat16 coupling network stays bfloat16.
+    log_scale = log_scale.astype(jnp.promote_types(x.dtype, log_scale.dtype))
     log_det = jnp.full((x.shape[0],), spatial * jnp.sum(log_scale), log_scale.dtype)
-    # Applied in the input's dtype, so a bfloat16 coupling network stays bfloat16.
     bias_c = bias.astype(x.dtype)
     if reverse:
       return x * jnp.exp(-log_scale).astype(x.dtype) - bias_c, -log_det
@@ -208,6 +210,7 @@ class InvertibleConv1x1(Bijector):
     upper = self.param("upper", lambda _r, _s: _lu_init(key, c)[2], (c, c))
     log_s = self.param("log_s", lambda _r, _s: _lu_init(key, c)[4], (c,))
 
+    log_s = log_s.astype(jnp.promote_types(x.dtype, log_s.dtype))  # float64 under x64
     lower_mask = jnp.tril(jnp.ones((c, c), x.dtype), -1)
     l_mat = lower * lower_mask + jnp.eye(c, dtype=x.dtype)
     u_mat = upper * lower_mask.T + jnp.diag(sign * jnp.exp(log_s))
@@ -236,7 +239,9 @@ class ZeroConv(nn.Module):
 
   features: int
   logscale_factor: float = 3.0
-  dtype: Any = None  # compute dtype of the convolution (None: the input's); output is float32
+  # Compute dtype of the convolution (None: the input's); the output is in the dtype the input
+  # and the (float32) parameters promote to, float32 from bfloat16.
+  dtype: Any = None
   kernels: str = "auto"  # see eiw_flow_jax.kernels
 
   @nn.compact
@@ -244,12 +249,13 @@ class ZeroConv(nn.Module):
     conv = nn.Conv(self.features, (3, 3), padding="SAME", kernel_init=nn.initializers.zeros,
                    dtype=self.dtype, name="Conv_0")
     logs = self.param("logs", nn.initializers.zeros, (self.features,))
+    out_dtype = jnp.result_type(x, logs)
     if self.is_initializing():
-      return conv(x).astype(jnp.float32) * jnp.exp(logs * self.logscale_factor)
+      return conv(x).astype(out_dtype) * jnp.exp(logs * self.logscale_factor)
     # (conv(x, W) + b) * scale == conv(x, W * scale) + b * scale: one pass less over the output.
     kernel, bias = self.folded()
-    h = apply_conv(x, kernel, self.dtype or jnp.result_type(x, jnp.float32), self.kernels)
-    return h.astype(jnp.float32) + bias
+    h = apply_conv(x, kernel, self.dtype or out_dtype, self.kernels)
+    return h.astype(out_dtype) + bias
 
   def folded(self) -> tuple[Array, Array]:
     """(kernel, bias) of this layer with its output scale folded in (`fold_output_scale`)."""
@@ -269,7 +275,7 @@ class Conv1x1(nn.Module):
   """
 
   features: int
-  dtype: Any = jnp.float32
+  dtype: Any = None  # compute dtype (None: what the input and the kernel promote to)
   use_bias: bool = False
   kernel_init: Any = nn.initializers.lecun_normal()
   kernels: str = "auto"  # see eiw_flow_jax.kernels
@@ -317,19 +323,22 @@ class CouplingNet(nn.Module):
   computes the folded layers in the platform's form (channels-first matmuls on XLA:CPU at large
   widths; convolutions elsewhere).
 
-  `dtype` (mixed precision): the convolutions and activations compute in that dtype while the
-  parameters stay float32; the output (shift and scale of the coupling) is float32, so the
-  log-determinant and the coupled half are computed in float32.
+  `dtype` (mixed precision; None: the input's, as Flax's `dtype`): the convolutions and
+  activations compute in that dtype while the parameters stay float32; the output (shift and
+  scale of the coupling) is in the dtype the input and the parameters promote to (float32 from
+  bfloat16 or float32, float64 from float64), so the log-determinant and the coupled half are
+  computed at least in float32.
   """
 
   hidden: int
   out_channels: int
-  dtype: Any = jnp.float32
+  dtype: Any = None
   kernels: str = "auto"  # see eiw_flow_jax.kernels
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    x = x.astype(self.dtype)
+    if self.dtype is not None:
+      x = x.astype(self.dtype)
     # The names are those of the checkpoints (and of convert.py's mapping of the authors').
     conv_in = nn.Conv(self.hidden, (3, 3), padding="SAME", use_bias=False, dtype=self.dtype,
                       name="Conv_0")
@@ -382,7 +391,7 @@ class AffineCoupling(Bijector):
   """Glow affine coupling: x_b <- (x_b + t(x_a)) * sigmoid(r(x_a) + 2); x_a unchanged."""
 
   hidden: int = 512
-  dtype: Any = jnp.float32  # the coupling network's compute dtype
+  dtype: Any = None  # the coupling network's compute dtype (None: the input's)
   kernels: str = "auto"  # see eiw_flow_jax.kernels
 
   @nn.compact
@@ -398,7 +407,7 @@ class AdditiveCoupling(Bijector):
   """Additive coupling (NICE / Glow option): x_b <- x_b + t(x_a); log-det 0."""
 
   hidden: int = 512
-  dtype: Any = jnp.float32  # the coupling network's compute dtype
+  dtype: Any = None  # the coupling network's compute dtype (None: the input's)
   kernels: str = "auto"  # see eiw_flow_jax.kernels
 
   @nn.compact
@@ -415,7 +424,7 @@ class FlowStep(Bijector):
 
   hidden: int = 512
   coupling: str = "affine"
-  dtype: Any = jnp.float32  # compute dtype of the coupling network only (mixed precision)
+  dtype: Any = None  # compute dtype of the coupling network only (None: the input's)
   kernels: str = "auto"  # see eiw_flow_jax.kernels
 
   def setup(self) -> None:

@@ -83,16 +83,11 @@ def coupling_net(layers: CouplingNetLayers, x: Array, dtype: Any = None,
   dtype = dtype or jnp.result_type(x, in_kernel)
   hidden, out_channels = in_kernel.shape[-1], layers[2][0].shape[-1]
   if xla_cpu.coupling_net_takes_channels_first(x.shape, hidden, out_channels):
-    cpu = xla_cpu.coupling_net_channels_first
+    cpu_form = functools.partial(xla_cpu.coupling_net_channels_first, dtype=dtype)
   else:
-    def cpu(layers, x, dtype):
-      return _coupling_net_nhwc(layers, x, dtype, xla_cpu.conv)
-
-  def portable(layers, x, dtype):
-    return _coupling_net_nhwc(layers, x, dtype, portable_conv)
-
-  return platform_dependent(layers, x, cpu=functools.partial(cpu, dtype=dtype),
-                            portable=functools.partial(portable, dtype=dtype), kernels=kernels)
+    cpu_form = functools.partial(_coupling_net_nhwc, dtype=dtype, conv=xla_cpu.conv)
+  portable_form = functools.partial(_coupling_net_nhwc, dtype=dtype, conv=portable_conv)
+  return platform_dependent(layers, x, cpu=cpu_form, portable=portable_form, kernels=kernels)
 
 
 def _coupling_net_nhwc(layers: CouplingNetLayers, x: Array, dtype: Any,
