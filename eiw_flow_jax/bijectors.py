@@ -294,7 +294,7 @@ class Conv1x1(nn.Module):
 def fold_output_scale(kernel: Array, bias: Array, scale: Array) -> tuple[Array, Array]:
   """(conv(x, kernel) + bias) * scale == conv(x, kernel') + bias' per output channel: returns
   (kernel', bias') = (kernel * scale, bias * scale), the kernel through `scale_output_channels`.
-  The fold behind `conv_actnorm_relu` (ActNorm after a convolution) and `ZeroConv`."""
+  The fold of `CouplingNet`'s ActNorms into their convolutions and of `ZeroConv`'s scale."""
   return scale_output_channels(kernel, scale), bias * scale
 
 
