@@ -19,7 +19,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.custom_derivatives import SymbolicZero
+
+from eiw_flow_jax import kernels
+from eiw_flow_jax.kernels import apply_conv
 
 Array = jax.Array
 
@@ -132,8 +134,10 @@ class ActNorm(Bijector):
     bias = self.param("bias", init_bias, (channels,))
     log_scale = self.param("log_scale", init_log_scale, (channels,))
     spatial = x.shape[1] * x.shape[2]
+    # The scale and the log-det in the wider of the input's and the parameters' dtypes (float64
+    # under x64); applied in the input's dtype, so a bfloat16 coupling network stays bfloat16.
+    log_scale = log_scale.astype(jnp.promote_types(x.dtype, log_scale.dtype))
     log_det = jnp.full((x.shape[0],), spatial * jnp.sum(log_scale), log_scale.dtype)
-    # Applied in the input's dtype, so a bfloat16 coupling network stays bfloat16.
     bias_c = bias.astype(x.dtype)
     if reverse:
       return x * jnp.exp(-log_scale).astype(x.dtype) - bias_c, -log_det
@@ -206,6 +210,7 @@ class InvertibleConv1x1(Bijector):
     upper = self.param("upper", lambda _r, _s: _lu_init(key, c)[2], (c, c))
     log_s = self.param("log_s", lambda _r, _s: _lu_init(key, c)[4], (c,))
 
+    log_s = log_s.astype(jnp.promote_types(x.dtype, log_s.dtype))  # float64 under x64
     lower_mask = jnp.tril(jnp.ones((c, c), x.dtype), -1)
     l_mat = lower * lower_mask + jnp.eye(c, dtype=x.dtype)
     u_mat = upper * lower_mask.T + jnp.diag(sign * jnp.exp(log_s))
@@ -234,118 +239,29 @@ class ZeroConv(nn.Module):
 
   features: int
   logscale_factor: float = 3.0
-  dtype: Any = None  # compute dtype of the convolution (None: the input's); output is float32
+  # Compute dtype of the convolution (None: the input's); the output is in the dtype the input
+  # and the (float32) parameters promote to, float32 from bfloat16.
+  dtype: Any = None
+  kernels: str = "auto"  # see eiw_flow_jax.kernels
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    conv = nn.Conv(
-        self.features, (3, 3), padding="SAME", kernel_init=nn.initializers.zeros, dtype=self.dtype
-    )
+    conv = nn.Conv(self.features, (3, 3), padding="SAME", kernel_init=nn.initializers.zeros,
+                   dtype=self.dtype, name="Conv_0")
     logs = self.param("logs", nn.initializers.zeros, (self.features,))
-    scale = jnp.exp(logs * self.logscale_factor)
+    out_dtype = jnp.result_type(x, logs)
     if self.is_initializing():
-      return conv(x).astype(jnp.float32) * scale
+      return conv(x).astype(out_dtype) * jnp.exp(logs * self.logscale_factor)
     # (conv(x, W) + b) * scale == conv(x, W * scale) + b * scale: one pass less over the output.
-    params = conv.variables["params"]
-    kernel, bias = fold_output_scale(params["kernel"], params["bias"], scale)
-    h = apply_conv(x, kernel, self.dtype or jnp.result_type(x, jnp.float32))
-    return h.astype(jnp.float32) + bias
+    kernel, bias = self.folded()
+    h = apply_conv(x, kernel, self.dtype or out_dtype, self.kernels)
+    return h.astype(out_dtype) + bias
 
-
-def channel_matmul(x: Array, w: Array) -> Array:
-  """`x @ w` over the last (channel) axis of `x`: the 1x1 layers and the products of
-  `conv3x3_by_matmul` in NHWC (DenseFlow's nets; Glow's coupling network where it does not run
-  channels-first, `coupling_net_takes_channels_first`).
-
-  On CPU the same product with another derivative rule (`_channel_matmul_cpu`), whose kernel
-  gradient XLA:CPU computes as YNNPACK matmuls rather than an Eigen dot: the whole CIFAR
-  benchmark train step took 0.72-0.88x the time on a 2-core AMD Zen 5, the digits one
-  0.95-0.99x; blocking its transpose (`transpose_block_rows`) then took the CIFAR step to
-  0.84-0.87x the time on a 2-core Intel Xeon (docs/performance.md). Other backends keep the
-  plain einsum.
-  """
-  if jax.default_backend() == "cpu":
-    return _channel_matmul_cpu(x, w)
-  return jnp.einsum("...c,cd->...d", x, w)
-
-
-@jax.custom_jvp
-def _channel_matmul_cpu(x: Array, w: Array) -> Array:
-  return jnp.einsum("...c,cd->...d", x, w)
-
-
-def _channel_matmul_cpu_jvp(primals, tangents):
-  """The product rule, with the `x @ dw` term written on a materialised transpose of x.
-
-  Reverse mode transposes that term into the kernel gradient X^T dY (contracted over the
-  N = B H W rows). From plain autodiff XLA:CPU gets a dot contracting both operands' leading
-  axis, which it runs as an Eigen dot (asynchronously, beside the layer's YNNPACK input-gradient
-  matmul, at about half the rate either reaches alone on 2 cores). Here X^T (C, N) is computed
-  in the forward pass behind an optimization barrier (so the algebraic simplifier does not
-  fold the transpose back into the dot) and kept in place of X, the same bytes; its transposed
-  term is a row-major (C, N) @ (N, D) matmul, which XLA:CPU hands to YNNPACK.
-
-  A large X is transposed in blocks of rows (`transpose_block_rows`), each block its own
-  (C, T) array and its own matmul, the kernel gradient their sum. XLA:CPU's transpose loop
-  reads a whole column of X per output row; with C a power of two those N reads fall in a few
-  cache sets, and past a few hundred rows they evict each other before the next column reuses
-  them: one (4096, 256) transpose took 3.1 ms alone, in blocks 0.7 ms. (The blocks as one array
-  in a batched matmul instead: XLA's layout assignment folds the transposes back into an Eigen
-  dot, or YNNPACK's batched product runs at half rate.) Symbolic-zero tangents (data inputs,
-  frozen kernels) skip their term.
-  """
-  x, w = primals
-  dx, dw = tangents
-  y = _channel_matmul_cpu(x, w)
-  terms = []
-  if not isinstance(dx, SymbolicZero):
-    terms.append(jnp.einsum("...c,cd->...d", dx, w))
-  if not isinstance(dw, SymbolicZero):
-    rows = x.reshape(-1, x.shape[-1])
-    block = transpose_block_rows(*rows.shape)
-    products = [jax.lax.optimization_barrier(rows[start:start + block].T).T @ dw
-                for start in range(0, rows.shape[0], block)]
-    terms.append(jnp.concatenate(products).reshape(y.shape))
-  if not terms:
-    return y, jnp.zeros_like(y)
-  return y, sum(terms[1:], terms[0])
-
-
-_channel_matmul_cpu.defjvp(_channel_matmul_cpu_jvp, symbolic_zeros=True)
-
-# Elements of X per block of its transpose in `_channel_matmul_cpu_jvp` (512 KiB in float32):
-# 512 rows at 256 channels, 256 at 512. The CIFAR step was as fast with 2**16 to 2**18 on a
-# 2-core Intel Xeon, and no faster than unblocked with 2**20 at width 512 (docs/performance.md).
-TRANSPOSE_BLOCK_ELEMENTS = 1 << 17
-# At most this many blocks (larger ones past it): each block is its own transpose and matmul in
-# the compiled program. At width 512, batch 64, 16 blocks of 1024 rows kept most of the speed of
-# 64 of 256 (1.03-1.05x their step time) and compiled in 40 s instead of 71 at K=32.
-MAX_TRANSPOSE_BLOCKS = 16
-# Fewer rows than this per block and the matmuls get thin: one transpose instead.
-MIN_TRANSPOSE_BLOCK_ROWS = 64
-
-
-def transpose_block_rows(rows: int, channels: int) -> int:
-  """Rows per block in which `channel_matmul`'s CPU rule transposes its (rows, channels) input.
-
-  Among the divisors of `rows` that make at most `MAX_TRANSPOSE_BLOCKS` blocks of at least
-  `MIN_TRANSPOSE_BLOCK_ROWS` rows: the largest whose block holds at most
-  `TRANSPOSE_BLOCK_ELEMENTS` elements, else the smallest. All rows (one block) when the input
-  is that small already, or when no divisor qualifies (rows = B H W with a large prime factor).
-  """
-  if rows * channels <= TRANSPOSE_BLOCK_ELEMENTS:
-    return rows
-  candidates = [block for block in _divisors(rows)
-                if block >= MIN_TRANSPOSE_BLOCK_ROWS and rows // block <= MAX_TRANSPOSE_BLOCKS]
-  if not candidates:
-    return rows
-  within_budget = [block for block in candidates if block * channels <= TRANSPOSE_BLOCK_ELEMENTS]
-  return max(within_budget) if within_budget else min(candidates)
-
-
-def _divisors(n: int) -> list[int]:
-  small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
-  return sorted({*small, *(n // d for d in small)})
+  def folded(self) -> tuple[Array, Array]:
+    """(kernel, bias) of this layer with its output scale folded in (`fold_output_scale`)."""
+    params = self.variables["params"]
+    return fold_output_scale(params["Conv_0"]["kernel"], params["Conv_0"]["bias"],
+                             jnp.exp(params["logs"] * self.logscale_factor))
 
 
 class Conv1x1(nn.Module):
@@ -359,13 +275,14 @@ class Conv1x1(nn.Module):
   """
 
   features: int
-  dtype: Any = jnp.float32
+  dtype: Any = None  # compute dtype (None: what the input and the kernel promote to)
   use_bias: bool = False
   kernel_init: Any = nn.initializers.lecun_normal()
+  kernels: str = "auto"  # see eiw_flow_jax.kernels
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    y = apply_conv(x, self.kernel(x.shape[-1]), self.dtype)
+    y = apply_conv(x, self.kernel(x.shape[-1]), self.dtype, self.kernels)
     if self.use_bias:
       y = y + self.param("bias", nn.initializers.zeros, (self.features,))
     return y
@@ -374,96 +291,10 @@ class Conv1x1(nn.Module):
     return self.param("kernel", self.kernel_init, (1, 1, in_channels, self.features))
 
 
-def apply_conv(x: Array, kernel: Array, dtype: Any) -> Array:
-  """SAME, stride-1, bias-free convolution of NHWC `x` by HWIO `kernel`, computed in `dtype`.
-
-  A 1x1 kernel is computed as a dot over channels (`channel_matmul`; faster than lax.conv on
-  XLA:CPU). On CPU, a 3x3 kernel whose channel counts differ a lot (the coupling network's
-  first and last layers, at width 256 and up: `conv3x3_takes_matmul_form`) is computed as one
-  matmul plus nine shifted copies (`conv3x3_by_matmul`: a whole Glow train step 14% faster on
-  2 cores, docs/performance.md); accelerators keep their convolution kernels, as the rewrite
-  is unmeasured there.
-  """
-  x, kernel = x.astype(dtype), kernel.astype(dtype)
-  if kernel.shape[:2] == (1, 1):
-    return channel_matmul(x, kernel[0, 0])
-  if jax.default_backend() == "cpu" and conv3x3_takes_matmul_form(kernel.shape):
-    return conv3x3_by_matmul(x, kernel)
-  return jax.lax.conv_general_dilated(
-      x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
-  )
-
-
-def conv3x3_takes_matmul_form(kernel_shape: tuple[int, ...], min_width: int = 256) -> bool:
-  """Whether `apply_conv` computes this HWIO kernel by `conv3x3_by_matmul` on CPU.
-
-  3x3 kernels with few channels on one side (9 min(C_in, C_out) <= 2 max) and at least
-  `min_width` on the other: at 256 the whole CIFAR train step took 0.82-0.88x the time. With
-  32-128 channels the two forms were within +-8% of each other (docs/performance.md), so
-  lax.conv stays there. (bench/conv3x3.py passes min_width=0 to measure the form at any width.)
-  """
-  kh, kw, cin, cout = kernel_shape
-  return ((kh, kw) == (3, 3) and max(cin, cout) >= min_width
-          and 9 * min(cin, cout) <= 2 * max(cin, cout))
-
-
-def _shift(x: Array, di: int, dj: int, height_axis: int = 1) -> Array:
-  """x[:, p + di, q + dj] (NHWC; `height_axis=2` for (C, B, H, W): x[:, :, p + di, q + dj]) with
-  zeros outside, |di|, |dj| <= 1: one lax.pad (negative = crop), whose transpose is again one
-  pad (the opposite shift)."""
-  padding = [(0, 0, 0)] * x.ndim
-  padding[height_axis], padding[height_axis + 1] = (-di, di, 0), (-dj, dj, 0)
-  return jax.lax.pad(x, jnp.zeros((), x.dtype), padding)
-
-
-def conv3x3_by_matmul(x: Array, kernel: Array) -> Array:
-  """The SAME 3x3 convolution written as one matmul over a 9x wider side, plus shifts.
-
-  XLA:CPU runs 3x3 convolutions with few input or output channels (Glow's coupling network:
-  C/2 -> hidden and hidden -> C, C = 6..48) at a third to a half of its matmul rate, slowest in
-  their backward passes (measured in docs/performance.md). With few inputs (im2col): stack the
-  nine shifted copies of x (9 C_in channels), then one matmul. With few outputs: one matmul to
-  nine output blocks (9 C_out channels), each shifted into place and summed. Plain JAX ops whose
-  transposes are again matmuls, pads and a concatenate (`lax.split` transposes to one), so
-  reverse- and forward-mode autodiff both stay fast; the only custom rule is the matmuls'
-  (`channel_matmul`, a JVP rule, so both modes still work). Same function as
-  `lax.conv_general_dilated(x, kernel, (1, 1), "SAME")` up to float round-off.
-  """
-  kh, kw, cin, cout = kernel.shape
-  offsets = [(i - 1, j - 1) for i in range(kh) for j in range(kw)]
-  if cin <= cout:
-    patches = jnp.concatenate([_shift(x, di, dj) for di, dj in offsets], axis=-1)
-    return channel_matmul(patches, kernel.reshape(kh * kw * cin, cout))
-  blocks = channel_matmul(x, kernel.transpose(2, 0, 1, 3).reshape(cin, kh * kw * cout))
-  blocks = jax.lax.split(blocks, [cout] * (kh * kw), axis=3)
-  out = _shift(blocks[0], *offsets[0])
-  for block, (di, dj) in zip(blocks[1:], offsets[1:]):
-    out = out + _shift(block, di, dj)
-  return out
-
-
-def conv_actnorm_relu(conv: nn.Module, actnorm: ActNorm, x: Array, dtype: Any) -> Array:
-  """relu(ActNorm(conv(x))) with the ActNorm folded into the convolution.
-
-  (conv(x, W) + b) * exp(s) == conv(x, W * exp(s)) + b * exp(s) per output channel, so the
-  same parameters give the same function with one elementwise pass (bias, ReLU) instead of
-  three (bias, scale, ReLU), and the backward pass needs no reduction over pixels for s: the
-  scale's gradient comes from the kernel's. At `init` the layers run unfolded, because ActNorm's
-  data-dependent initialisation needs the convolution's output statistics.
-  """
-  if conv.is_initializing():
-    return nn.relu(actnorm(conv(x))[0])
-  kernel = conv.variables["params"]["kernel"]
-  bias, log_scale = actnorm.variables["params"]["bias"], actnorm.variables["params"]["log_scale"]
-  kernel, bias = fold_output_scale(kernel, bias, jnp.exp(log_scale))
-  h = apply_conv(x, kernel, dtype)
-  return nn.relu(h + bias.astype(h.dtype))
-
-
 def fold_output_scale(kernel: Array, bias: Array, scale: Array) -> tuple[Array, Array]:
   """(conv(x, kernel) + bias) * scale == conv(x, kernel') + bias' per output channel: returns
   (kernel', bias') = (kernel * scale, bias * scale), the kernel through `scale_output_channels`.
-  The fold behind `conv_actnorm_relu` (ActNorm after a convolution) and `ZeroConv`."""
+  The fold of `CouplingNet`'s ActNorms into their convolutions and of `ZeroConv`'s scale."""
   return scale_output_channels(kernel, scale), bias * scale
 
 
@@ -480,129 +311,59 @@ def scale_output_channels(kernel: Array, scale: Array) -> Array:
 
 
 class CouplingNet(nn.Module):
-  """Glow's coupling network.
+  """Glow's coupling network: conv3x3 -> ActNorm -> ReLU -> conv1x1 -> ActNorm -> ReLU ->
+  zero-initialised conv3x3 (`ZeroConv`).
 
-  conv3x3 -> ActNorm -> ReLU -> conv1x1 -> ActNorm -> ReLU -> zero-initialised conv3x3.
-  Each ActNorm is folded into the convolution before it (`conv_actnorm_relu`). On CPU, at
-  widths where `coupling_net_takes_channels_first` holds, the same function of the same
-  parameters is computed with channels-first activations (`coupling_net_channels_first`).
+  Its parameters are those of the layers named below. At `init` the layers run one after the
+  other: ActNorm's data-dependent initialisation needs its convolution's output statistics.
+  Afterwards each ActNorm is folded into the convolution before it, and the zero convolution's
+  output scale into that convolution (`fold_output_scale`), which gives the same function of the
+  same parameters with one elementwise pass per layer (bias, ReLU) instead of three, and a
+  backward pass with no reduction over pixels for the scales. `eiw_flow_jax.kernels.coupling_net`
+  computes the folded layers in the platform's form (channels-first matmuls on XLA:CPU at large
+  widths; convolutions elsewhere).
 
-  `dtype` (mixed precision): the convolutions and activations compute in that dtype while the
-  parameters stay float32; the output (shift and scale of the coupling) is float32, so the
-  log-determinant and the coupled half are computed in float32.
+  `dtype` (mixed precision; None: the input's, as Flax's `dtype`): the convolutions and
+  activations compute in that dtype while the parameters stay float32; the output (shift and
+  scale of the coupling) is in the dtype the input and the parameters promote to (float32 from
+  bfloat16 or float32, float64 from float64), so the log-determinant and the coupled half are
+  computed at least in float32.
   """
 
   hidden: int
   out_channels: int
-  dtype: Any = jnp.float32
+  dtype: Any = None
+  kernels: str = "auto"  # see eiw_flow_jax.kernels
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    x = x.astype(self.dtype)
-    if not self.is_initializing() and coupling_net_takes_channels_first(
-        x.shape, self.hidden, self.out_channels):
-      return coupling_net_channels_first(self.variables["params"], x, self.dtype)
-    conv0 = nn.Conv(self.hidden, (3, 3), padding="SAME", use_bias=False, dtype=self.dtype)
-    h = conv_actnorm_relu(conv0, ActNorm(), x, self.dtype)
-    h = conv_actnorm_relu(Conv1x1(self.hidden, self.dtype, name="Conv_1"), ActNorm(), h,
-                          self.dtype)
-    return ZeroConv(self.out_channels, dtype=self.dtype)(h)
+    if self.dtype is not None:
+      x = x.astype(self.dtype)
+    # The names are those of the checkpoints (and of convert.py's mapping of the authors').
+    conv_in = nn.Conv(self.hidden, (3, 3), padding="SAME", use_bias=False, dtype=self.dtype,
+                      name="Conv_0")
+    norm_in = ActNorm(name="ActNorm_0")
+    conv_hidden = Conv1x1(self.hidden, self.dtype, kernels=self.kernels, name="Conv_1")
+    norm_hidden = ActNorm(name="ActNorm_1")
+    conv_out = ZeroConv(self.out_channels, dtype=self.dtype, kernels=self.kernels,
+                        name="ZeroConv_0")
+    if self.is_initializing():
+      h = nn.relu(norm_in(conv_in(x))[0])
+      h = nn.relu(norm_hidden(conv_hidden(h))[0])
+      return conv_out(h)
+    layers = (_fold_actnorm(conv_in, norm_in), _fold_actnorm(conv_hidden, norm_hidden),
+              conv_out.folded())
+    return kernels.coupling_net(layers, x, self.dtype, self.kernels)
 
 
-# Narrowest image width (W of NHWC) at which the CPU coupling network runs channels-first: the
-# shifts of its 3x3 convolutions then move rows of at least 16 floats. One network forward and
-# backward took 0.82-0.87x the NHWC time at widths 16 and 32, 1.00-1.04x at 8, 1.07-1.16x at 4
-# (docs/performance.md).
-CHANNELS_FIRST_MIN_WIDTH = 16
+def _fold_actnorm(conv: nn.Module, actnorm: ActNorm) -> tuple[Array, Array]:
+  """(kernel, bias) of relu's input ActNorm(conv(x)) = conv(x, kernel) + bias."""
+  norm = actnorm.variables["params"]
+  return fold_output_scale(conv.variables["params"]["kernel"], norm["bias"],
+                           jnp.exp(norm["log_scale"]))
 
 
-def coupling_net_takes_channels_first(x_shape: tuple[int, ...], hidden: int,
-                                      out_channels: int) -> bool:
-  """Whether `CouplingNet` computes NHWC input of `x_shape` by `coupling_net_channels_first`:
-  on CPU, when both 3x3 convolutions take the matmul form (`conv3x3_takes_matmul_form`: width
-  256 and up) and the image is at least `CHANNELS_FIRST_MIN_WIDTH` wide."""
-  _, _, width, channels = x_shape
-  return (jax.default_backend() == "cpu" and width >= CHANNELS_FIRST_MIN_WIDTH
-          and conv3x3_takes_matmul_form((3, 3, channels, hidden))
-          and conv3x3_takes_matmul_form((3, 3, hidden, out_channels)))
-
-
-def coupling_net_channels_first(params: Any, x: Array, dtype: Any) -> Array:
-  """`CouplingNet`'s function of its (folded) parameters with the hidden activations stored
-  channels-first, (C, B H W), instead of NHWC.
-
-  Row-major NHWC activations X (N, C) make every kernel gradient X^T dY contract the major axis
-  of both operands, which XLA:CPU runs as an Eigen dot unless X is transposed first
-  (`channel_matmul`): those transposes were 7% of the CIFAR step's op time. Channels-first, each
-  layer is W^T X (a small transposed kernel times X), its input gradient W dY and its kernel
-  gradient dY X^T, a product over the minor axis of both: all three YNNPACK matmuls, with no
-  transpose bigger than a kernel (`channels_first_matmul`). Only the coupling network's input
-  (C/2 channels) and output (C) change layout. The 3x3 convolutions are the two forms of
-  `conv3x3_by_matmul`, the shifts moving along H and W. Same function up to float round-off
-  (tests/test_bijectors.py compares it with the layer-by-layer network, values and gradients).
-  """
-  batch, height, width, _ = x.shape
-  offsets = [(i - 1, j - 1) for i in range(3) for j in range(3)]
-
-  def folded(kernel, actnorm):
-    kernel, bias = fold_output_scale(kernel, actnorm["bias"], jnp.exp(actnorm["log_scale"]))
-    return kernel.astype(dtype), bias.astype(dtype)
-
-  # Conv_0 (few inputs): the nine shifted copies of the input stacked, one matmul.
-  x_first = x.transpose(3, 0, 1, 2)
-  patches = jnp.concatenate([_shift(x_first, di, dj, height_axis=2) for di, dj in offsets])
-  kernel, bias = folded(params["Conv_0"]["kernel"], params["ActNorm_0"])
-  h = channels_first_matmul(kernel.reshape(patches.shape[0], -1),
-                            patches.reshape(patches.shape[0], -1))
-  h = nn.relu(h + bias[:, None])
-  # Conv_1, 1x1.
-  kernel, bias = folded(params["Conv_1"]["kernel"], params["ActNorm_1"])
-  h = nn.relu(channels_first_matmul(kernel.reshape(h.shape[0], -1), h) + bias[:, None])
-  # ZeroConv (few outputs): one matmul to nine output blocks, each shifted into place.
-  zero = params["ZeroConv_0"]
-  kernel, bias = fold_output_scale(zero["Conv_0"]["kernel"], zero["Conv_0"]["bias"],
-                                   jnp.exp(zero["logs"] * ZeroConv.logscale_factor))
-  blocks = channels_first_matmul(
-      kernel.astype(dtype).transpose(2, 0, 1, 3).reshape(h.shape[0], -1), h,
-  ).reshape(len(offsets), kernel.shape[-1], batch, height, width)
-  out = _shift(blocks[0], *offsets[0], height_axis=2)
-  for block, (di, dj) in zip(blocks[1:], offsets[1:]):
-    out = out + _shift(block, di, dj, height_axis=2)
-  return out.transpose(1, 2, 3, 0).astype(jnp.float32) + bias
-
-
-@jax.custom_jvp
-def channels_first_matmul(kernel: Array, x: Array) -> Array:
-  """`kernel^T @ x`: a (C, D) kernel applied to channels-first activations x (C, N) -> (D, N).
-
-  Computed on a materialised kernel^T behind an optimization barrier, and its derivative rule
-  keeps the kernel's own layout for the input gradient (kernel @ dY), so that XLA:CPU runs the
-  forward product, the input gradient and the kernel gradient (dY x^T, contracting the minor
-  axis of both) as YNNPACK matmuls; folded into the dot, a transposed kernel makes an Eigen dot.
-  """
-  return jax.lax.optimization_barrier(kernel.T) @ x
-
-
-def _channels_first_matmul_jvp(primals, tangents):
-  kernel, x = primals
-  dkernel, dx = tangents
-  y = channels_first_matmul(kernel, x)
-  # Reverse mode transposes these terms: dx's into kernel @ ct, dkernel's into (ct @ x^T)^T.
-  # Symbolic-zero tangents (data inputs, frozen kernels) skip their term.
-  terms = []
-  if not isinstance(dx, SymbolicZero):
-    terms.append(jax.lax.optimization_barrier(kernel).T @ dx)
-  if not isinstance(dkernel, SymbolicZero):
-    terms.append(dkernel.T @ x)
-  if not terms:
-    return y, jnp.zeros_like(y)
-  return y, sum(terms[1:], terms[0])
-
-
-channels_first_matmul.defjvp(_channels_first_matmul_jvp, symbolic_zeros=True)
-
-
-def _split_halves(x: Array, name: str) -> tuple[Array, Array]:
+def split_halves(x: Array, name: str) -> tuple[Array, Array]:
   c = x.shape[-1]
   if c < 2:
     raise ValueError(f"{name}: expected at least 2 channels to couple, got shape {x.shape}.")
@@ -630,13 +391,14 @@ class AffineCoupling(Bijector):
   """Glow affine coupling: x_b <- (x_b + t(x_a)) * sigmoid(r(x_a) + 2); x_a unchanged."""
 
   hidden: int = 512
-  dtype: Any = jnp.float32  # the coupling network's compute dtype
+  dtype: Any = None  # the coupling network's compute dtype (None: the input's)
+  kernels: str = "auto"  # see eiw_flow_jax.kernels
 
   @nn.compact
   def __call__(self, x: Array, reverse: bool = False) -> tuple[Array, Array]:
     check_image_batch(x, "AffineCoupling")
-    x_a, x_b = _split_halves(x, "AffineCoupling")
-    h = CouplingNet(self.hidden, 2 * x_b.shape[-1], self.dtype, name="net")(x_a)
+    x_a, x_b = split_halves(x, "AffineCoupling")
+    h = CouplingNet(self.hidden, 2 * x_b.shape[-1], self.dtype, self.kernels, name="net")(x_a)
     x_b, log_det = affine_couple(h, x_b, reverse)
     return jnp.concatenate([x_a, x_b], axis=-1), log_det
 
@@ -645,13 +407,14 @@ class AdditiveCoupling(Bijector):
   """Additive coupling (NICE / Glow option): x_b <- x_b + t(x_a); log-det 0."""
 
   hidden: int = 512
-  dtype: Any = jnp.float32  # the coupling network's compute dtype
+  dtype: Any = None  # the coupling network's compute dtype (None: the input's)
+  kernels: str = "auto"  # see eiw_flow_jax.kernels
 
   @nn.compact
   def __call__(self, x: Array, reverse: bool = False) -> tuple[Array, Array]:
     check_image_batch(x, "AdditiveCoupling")
-    x_a, x_b = _split_halves(x, "AdditiveCoupling")
-    shift = CouplingNet(self.hidden, x_b.shape[-1], self.dtype, name="net")(x_a)
+    x_a, x_b = split_halves(x, "AdditiveCoupling")
+    shift = CouplingNet(self.hidden, x_b.shape[-1], self.dtype, self.kernels, name="net")(x_a)
     x_b, log_det = additive_couple(shift, x_b, reverse)
     return jnp.concatenate([x_a, x_b], axis=-1), log_det
 
@@ -661,7 +424,8 @@ class FlowStep(Bijector):
 
   hidden: int = 512
   coupling: str = "affine"
-  dtype: Any = jnp.float32  # compute dtype of the coupling network only (mixed precision)
+  dtype: Any = None  # compute dtype of the coupling network only (None: the input's)
+  kernels: str = "auto"  # see eiw_flow_jax.kernels
 
   def setup(self) -> None:
     coupling_cls: Callable[..., Bijector] = {
@@ -671,7 +435,8 @@ class FlowStep(Bijector):
     if coupling_cls is None:
       raise ValueError(f"coupling must be 'affine' or 'additive', got {self.coupling!r}.")
     self.layers = [
-        ActNorm(), InvertibleConv1x1(), coupling_cls(hidden=self.hidden, dtype=self.dtype)
+        ActNorm(), InvertibleConv1x1(),
+        coupling_cls(hidden=self.hidden, dtype=self.dtype, kernels=self.kernels),
     ]
 
   def __call__(self, x: Array, reverse: bool = False) -> tuple[Array, Array]:
@@ -680,49 +445,3 @@ class FlowStep(Bijector):
       x, log_det = layer(x, reverse=reverse)
       total = total + log_det
     return x, total
-
-
-def flow_step_inverse_vjp(
-    step: FlowStep, variables: Any, y: Array, g_y: Array, g_log_det: Array
-) -> tuple[Array, Any, Array]:
-  """One step's input rebuilt from its output, and the step's VJP there: (x, d params, d x).
-
-  For memory="invert" (`eiw_flow_jax.memory`): the coupling network runs once, on the half the
-  coupling leaves unchanged (y_a = x_a exactly), and serves both the inverse (shift and scale
-  for x_b) and the backward pass (its VJP), instead of once for the inverse and again in a
-  recomputed forward. ActNorm and the 1x1 convolution (no hidden activations) are inverted,
-  then differentiated generically. Same function and gradients as `jax.vjp` of `step.apply`
-  at the rebuilt input.
-  """
-  params, constants = variables["params"], variables.get("constants", {})
-  y_a, y_b = _split_halves(y, "FlowStep")
-  g_a, g_b = _split_halves(g_y, "FlowStep")
-  out_channels = y_b.shape[-1] * (2 if step.coupling == "affine" else 1)
-  couple = affine_couple if step.coupling == "affine" else additive_couple
-  net = CouplingNet(step.hidden, out_channels, step.dtype, parent=None)
-  net_out, net_vjp = jax.vjp(
-      lambda p, x_a: net.apply({"params": p}, x_a), params["layers_2"]["net"], y_a
-  )
-  z_b = couple(net_out, y_b, True)[0]
-  _, couple_vjp = jax.vjp(lambda n, x_b: couple(n, x_b, False), net_out, z_b)
-  g_net_out, g_zb = couple_vjp((g_b, g_log_det))
-  g_net, g_za = net_vjp(g_net_out)
-  grads = {"layers_2": {"net": g_net}}
-  x = jnp.concatenate([y_a, z_b], axis=-1)
-  g_x = jnp.concatenate([g_a + g_za, g_zb], axis=-1)
-  layers = (
-      ("layers_1", InvertibleConv1x1(inverse_method="blocks", parent=None)),
-      ("layers_0", ActNorm(parent=None)),
-  )
-  for name, layer in layers:
-    layer_vars = {"params": params[name]}
-    if name in constants:
-      layer_vars["constants"] = constants[name]
-    x = layer.apply(layer_vars, x, reverse=True)[0]
-
-    def forward(p, h, layer=layer, layer_vars=layer_vars):
-      return layer.apply({**layer_vars, "params": p}, h)
-
-    _, vjp = jax.vjp(forward, params[name], x)
-    grads[name], g_x = vjp((g_x, g_log_det))
-  return x, grads, g_x

@@ -19,7 +19,8 @@ EIW_MODES = ("global", "per_example")
 COUPLINGS = ("affine", "additive")
 REGULARIZERS = ("kl", "literal")
 MEMORY_MODES = ("store", "remat", "invert")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+KERNELS = ("auto", "portable")  # eiw_flow_jax.kernels.KERNELS (not imported: it loads JAX)
 BACKBONES = ("glow", "denseflow")
 OPTIMIZERS = ("adam", "adamax")
 DENSEFLOW_MEMORY = ("store", "remat")
@@ -55,9 +56,15 @@ def base_config() -> ml_collections.ConfigDict:
   # "invert" falls back to an exact recomputation (and warns) when inputs rebuilt through the
   # inverse drift by more than this (relative max error at a level's input).
   config.model.invert_tolerance = 1e-3
-  # Compute dtype of the coupling networks ("bfloat16" on TPU, "float16"/"bfloat16" on GPU);
-  # parameters, log-determinants, priors and the loss stay float32.
-  config.model.dtype = "float32"
+  # Compute dtype of the coupling networks: "auto" computes in the inputs' dtype (float32, or
+  # float64 under jax_enable_x64), as Flax's dtype=None; "bfloat16" (TPU, GPU), "float16" (GPU)
+  # or "float32" cast to it, while parameters, log-determinants, priors and the loss stay in the
+  # inputs' dtype.
+  config.model.dtype = "auto"
+  # How convolutions are computed (eiw_flow_jax/kernels): "auto" takes the XLA:CPU forms
+  # (matmuls) in programs compiled for the CPU and convolutions elsewhere; "portable" takes the
+  # convolutions everywhere (to run on CPU what a TPU or GPU program computes).
+  config.model.kernels = "auto"
   config.model.split = "eiw"
   config.model.eiw = ml_collections.ConfigDict()
   config.model.eiw.mode = "global"
@@ -308,12 +315,13 @@ def resolve_anchor_width(anchor_width: int, channels: int) -> int:
 
 
 def compute_dtype(model: ml_collections.ConfigDict) -> Any:
-  """The coupling networks' compute dtype (`model.dtype`, default float32) as a jnp dtype."""
+  """The coupling networks' compute dtype (`model.dtype`) as a jnp dtype, or None for "auto"
+  (the inputs' dtype, Flax's `dtype=None`)."""
   import jax.numpy as jnp
 
-  name = model.get("dtype", "float32")
+  name = model.get("dtype", "auto")
   _choice("model.dtype", name, DTYPES)
-  return jnp.dtype(name)
+  return None if name == "auto" else jnp.dtype(name)
 
 
 def _int_tuple(name: str, value: object, length: int | None = None) -> tuple[int, ...]:
@@ -368,10 +376,15 @@ def validate_denseflow_config(model: ml_collections.ConfigDict) -> None:
   _require(memory in DENSEFLOW_MEMORY,
            f"model.memory={memory!r} is not supported by the denseflow backbone: expected one "
            f"of {DENSEFLOW_MEMORY} ('invert' is supported for the glow backbone only).")
-  dtype = model.get("dtype", "float32")
-  _require(dtype == "float32",
-           f"model.dtype={dtype!r} is not supported by the denseflow backbone: expected "
-           "'float32' (mixed precision is implemented for the glow backbone's coupling networks).")
+  _require(model.get("kernels", "auto") == "auto",
+           f"model.kernels={model.get('kernels')!r} is not supported by the denseflow backbone: "
+           "expected 'auto' ('portable' is implemented for the glow backbone's coupling "
+           "networks; DenseFlow's only XLA:CPU form is its 1x1 convolutions' derivative rule).")
+  dtype = model.get("dtype", "auto")
+  _require(dtype in ("auto", "float32"),
+           f"model.dtype={dtype!r} is not supported by the denseflow backbone: expected 'auto' "
+           "or 'float32' (mixed precision is implemented for the glow backbone's coupling "
+           "networks).")
 
 
 def validate_model_config(model: ml_collections.ConfigDict) -> None:
@@ -420,7 +433,8 @@ def validate_model_config(model: ml_collections.ConfigDict) -> None:
   _choice("model.coupling", model.coupling, COUPLINGS)
   _choice("model.split", model.split, SPLITS)
   _choice("model.memory", model.get("memory", "store"), MEMORY_MODES)
-  _choice("model.dtype", model.get("dtype", "float32"), DTYPES)
+  _choice("model.dtype", model.get("dtype", "auto"), DTYPES)
+  _choice("model.kernels", model.get("kernels", "auto"), KERNELS)
   tolerance = model.get("invert_tolerance", 1e-3)
   _require(
       isinstance(tolerance, (int, float)) and not isinstance(tolerance, bool) and tolerance > 0,

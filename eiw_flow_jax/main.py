@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import sys
 
-from eiw_flow_jax import host_malloc, host_threads
+from eiw_flow_jax import host_malloc, host_platform, host_threads
 
-if __name__ == "__main__":
+if __name__ == "__main__" and host_platform.runs_on_cpu():
   # First thing, before JAX and the rest are imported (the package's __init__ imports nothing
-  # heavy): the re-executed process then imports them once, not twice (~4 s per start).
+  # heavy): the re-executed process then imports them once, not twice (~4 s per start). Only
+  # where the step runs on the CPU: both settings are for XLA:CPU (see host_platform).
   try:
     host_malloc.reexec_with_malloc_tunables()  # glibc malloc for XLA:CPU's buffers (see module)
   except ValueError as e:  # a bad EIW_FLOW_JAX_HOST_MALLOC

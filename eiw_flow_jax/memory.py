@@ -46,6 +46,16 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
+from eiw_flow_jax.bijectors import (
+    ActNorm,
+    CouplingNet,
+    FlowStep,
+    InvertibleConv1x1,
+    additive_couple,
+    affine_couple,
+    split_halves,
+)
+
 Array = jax.Array
 StepFn = Callable[[Any, Array], tuple[Array, Array]]
 InverseFn = Callable[[Any, Array], Array]
@@ -301,3 +311,49 @@ def run_chain(
   return chain(
       [v["params"] for v in step_variables], [v["constants"] for v in step_variables], x
   )
+
+
+def flow_step_inverse_vjp(
+    step: FlowStep, variables: Any, y: Array, g_y: Array, g_log_det: Array
+) -> tuple[Array, Any, Array]:
+  """One step's input rebuilt from its output, and the step's VJP there: (x, d params, d x).
+
+  Glow's `inverse_vjp` for memory="invert" (`run_chain`): the coupling network runs once, on
+  the half the coupling leaves unchanged (y_a = x_a exactly), and serves both the inverse
+  (shift and scale for x_b) and the backward pass (its VJP), instead of once for the inverse
+  and again in a recomputed forward. ActNorm and the 1x1 convolution (no hidden activations)
+  are inverted, then differentiated generically. Same function and gradients as `jax.vjp` of
+  `step.apply` at the rebuilt input.
+  """
+  params, constants = variables["params"], variables.get("constants", {})
+  y_a, y_b = split_halves(y, "FlowStep")
+  g_a, g_b = split_halves(g_y, "FlowStep")
+  out_channels = y_b.shape[-1] * (2 if step.coupling == "affine" else 1)
+  couple = affine_couple if step.coupling == "affine" else additive_couple
+  net = CouplingNet(step.hidden, out_channels, step.dtype, step.kernels, parent=None)
+  net_out, net_vjp = jax.vjp(
+      lambda p, x_a: net.apply({"params": p}, x_a), params["layers_2"]["net"], y_a
+  )
+  z_b = couple(net_out, y_b, True)[0]
+  _, couple_vjp = jax.vjp(lambda n, x_b: couple(n, x_b, False), net_out, z_b)
+  g_net_out, g_zb = couple_vjp((g_b, g_log_det))
+  g_net, g_za = net_vjp(g_net_out)
+  grads = {"layers_2": {"net": g_net}}
+  x = jnp.concatenate([y_a, z_b], axis=-1)
+  g_x = jnp.concatenate([g_a + g_za, g_zb], axis=-1)
+  layers = (
+      ("layers_1", InvertibleConv1x1(inverse_method="blocks", parent=None)),
+      ("layers_0", ActNorm(parent=None)),
+  )
+  for name, layer in layers:
+    layer_vars = {"params": params[name]}
+    if name in constants:
+      layer_vars["constants"] = constants[name]
+    x = layer.apply(layer_vars, x, reverse=True)[0]
+
+    def forward(p, h, layer=layer, layer_vars=layer_vars):
+      return layer.apply({**layer_vars, "params": p}, h)
+
+    _, vjp = jax.vjp(forward, params[name], x)
+    grads[name], g_x = vjp((g_x, g_log_det))
+  return x, grads, g_x

@@ -37,6 +37,18 @@ RESUME_FIELDS = ("model", "batch_size", "seed", "dataset.name", "dataset.train_s
 UNCHANGEABLE_FIELDS = ("dataset.worker_count",)
 
 
+# Saved values that an older version of the code wrote and that compute exactly what a current
+# value does: float32 inputs under model.dtype "auto" (the default since inputs' dtype rules)
+# compute in float32, so a run started with "float32" resumes under the new default.
+EQUIVALENT_VALUES = {"model.dtype": ({"float32", "auto"},)}
+
+
+def _same(name: str, saved: Any, now: Any) -> bool:
+  if saved == now:
+    return True
+  return any({saved, now} <= group for group in EQUIVALENT_VALUES.get(name, ()))
+
+
 class ConfigMismatchError(config_lib.ConfigError):
   """The config differs from the one the workdir's checkpoints were trained with."""
 
@@ -63,7 +75,7 @@ def config_differences(
   for name in sorted(now):
     if not any(name == f or name.startswith(f + ".") for f in RESUME_FIELDS):
       continue
-    if name in before and before[name] != now[name]:
+    if name in before and not _same(name, before[name], now[name]):
       out.append((name, before[name], now[name]))
   return out
 

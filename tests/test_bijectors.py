@@ -21,6 +21,9 @@ from eiw_flow_jax.bijectors import (
     Shift,
     Squeeze,
     UniformDequantize,
+)
+from eiw_flow_jax.kernels import xla_cpu
+from eiw_flow_jax.kernels.xla_cpu import (
     channel_matmul,
     conv3x3_by_matmul,
     conv3x3_takes_matmul_form,
@@ -192,8 +195,8 @@ def test_channel_matmul_has_the_plain_einsums_derivatives(blocks, monkeypatch):
   several) gives the same gradients, Jacobians and Hessians as the plain einsum, with either
   input held fixed too."""
   if blocks > 1:  # 18 rows of 4 channels in blocks of 6 rows
-    monkeypatch.setattr(bijectors, "TRANSPOSE_BLOCK_ELEMENTS", 24)
-    monkeypatch.setattr(bijectors, "MIN_TRANSPOSE_BLOCK_ROWS", 1)
+    monkeypatch.setattr(xla_cpu, "TRANSPOSE_BLOCK_ELEMENTS", 24)
+    monkeypatch.setattr(xla_cpu, "MIN_TRANSPOSE_BLOCK_ROWS", 1)
   assert 18 // transpose_block_rows(18, 4) == blocks
   kx, kw = jax.random.split(jax.random.PRNGKey(0))
   x = jax.random.normal(kx, (2, 3, 3, 4))
@@ -229,7 +232,7 @@ def test_transpose_block_rows():
   """Blocks divide the rows and hold at most TRANSPOSE_BLOCK_ELEMENTS, unless that would take
   more than MAX_TRANSPOSE_BLOCKS blocks; small inputs, and rows with no divisor of a useful
   size, stay one block."""
-  budget, most = bijectors.TRANSPOSE_BLOCK_ELEMENTS, bijectors.MAX_TRANSPOSE_BLOCKS
+  budget, most = xla_cpu.TRANSPOSE_BLOCK_ELEMENTS, xla_cpu.MAX_TRANSPOSE_BLOCKS
   assert transpose_block_rows(4096, 256) == budget // 256  # CIFAR level 0, width 256
   assert transpose_block_rows(4096, 512) == budget // 512
   assert transpose_block_rows(16384, 512) == 16384 // most  # the cap: larger blocks
@@ -243,7 +246,7 @@ def test_transpose_block_rows():
     block = transpose_block_rows(rows, channels)
     assert rows % block == 0 and rows // block <= most
     assert block * channels <= budget or rows // block == most
-    assert block >= bijectors.MIN_TRANSPOSE_BLOCK_ROWS
+    assert block >= xla_cpu.MIN_TRANSPOSE_BLOCK_ROWS
 
 
 def _standalone_dots(hlo: str) -> int:
@@ -322,7 +325,7 @@ def test_coupling_net_is_the_unfolded_conv_actnorm_relu_network(hidden, size):
   kx, kp = jax.random.split(jax.random.PRNGKey(3))
   x = jax.random.normal(kx, (2, size, size, 3))
   on_cpu = jax.default_backend() == "cpu"
-  assert bijectors.coupling_net_takes_channels_first(x.shape, hidden, 4) == (
+  assert xla_cpu.coupling_net_takes_channels_first(x.shape, hidden, 4) == (
       on_cpu and size == 16 and hidden == 256)
   params = perturb(net.init(jax.random.PRNGKey(0), x), kp)["params"]
 
@@ -403,12 +406,12 @@ def test_channels_first_coupling_net_gradient_has_no_activation_transpose_or_eig
         found.append(line.strip()[:100])
     return found
 
-  assert bijectors.coupling_net_takes_channels_first(x.shape, 256, 12)
+  assert xla_cpu.coupling_net_takes_channels_first(x.shape, 256, 12)
   hlo = compiled()
   assert not large_transposes(hlo), large_transposes(hlo)
   assert _standalone_dots(hlo) == 0
   with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(bijectors, "CHANNELS_FIRST_MIN_WIDTH", 10**6)
+    patch.setattr(xla_cpu, "CHANNELS_FIRST_MIN_WIDTH", 10**6)
     assert large_transposes(compiled()), "expected the NHWC form to transpose the activations"
 
 

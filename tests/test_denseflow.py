@@ -254,6 +254,7 @@ def test_denseflow_configs_are_df_74_10_with_the_recipe(name):
     ("eiw__mode", "per_example", "eiw.mode must be 'global' with the denseflow backbone"),
     ("memory", "invert", "supported for the glow backbone only"),
     ("dtype", "bfloat16", "model.dtype='bfloat16' is not supported by the denseflow backbone"),
+    ("kernels", "portable", "model.kernels='portable' is not supported by the denseflow backbone"),
 ])
 def test_bad_denseflow_configs_fail_clearly(field, value, match):
   config = load_config("cifar10_denseflow")

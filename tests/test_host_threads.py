@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from eiw_flow_jax import host_threads
+from eiw_flow_jax import host_platform, host_threads
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,3 +43,37 @@ def _cli_blas_threads(**extra: str) -> str:
 def test_command_line_runs_openblas_on_one_thread_unless_told_otherwise():
   assert _cli_blas_threads() == "1"
   assert _cli_blas_threads(OPENBLAS_NUM_THREADS="2") == "2"
+
+
+def test_the_platform_is_decided_before_jax_loads():
+  """JAX_PLATFORMS decides when set; else an accelerator counts only with its plugin installed
+  and its device present (libtpu alone, as for ahead-of-time TPU compiles, leaves the CPU)."""
+  def platform(environ, plugins=(), devices=()):
+    return host_platform.default_platform(environ, installed=lambda m: m in plugins,
+                                          exists=lambda p: p in devices)
+
+  assert platform({}) == "cpu"
+  assert platform({"JAX_PLATFORMS": "cpu"}, ["libtpu"], ["/dev/accel0"]) == "cpu"
+  assert platform({"JAX_PLATFORMS": "tpu,cpu"}) == "tpu"
+  assert platform({"JAX_PLATFORMS": "cuda"}) == "cuda"
+  assert platform({}, ["libtpu"]) == "cpu"
+  assert platform({}, ["libtpu"], ["/dev/vfio/0"]) == "tpu"
+  assert platform({}, ["jax_cuda12_plugin"], ["/dev/nvidiactl"]) == "cuda"
+  assert platform({}, [], ["/dev/nvidiactl"]) == "cpu"
+  assert host_platform.runs_on_cpu({"JAX_PLATFORMS": "cpu"})
+  assert not host_platform.runs_on_cpu({"JAX_PLATFORMS": "tpu"})
+
+
+def test_command_line_leaves_the_host_alone_on_an_accelerator():
+  """JAX_PLATFORMS=tpu (absl's --helpshort loads no backend): no OpenBLAS setting, and no
+  re-execution for the malloc tunables (one interpreter start)."""
+  assert _cli_blas_threads(JAX_PLATFORMS="tpu") == "None"
+  env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+  env.update(PYTHONPATH=REPO, EIW_FLOW_JAX_HOST_MALLOC="reuse", JAX_PLATFORMS="tpu")
+  result = subprocess.run(
+      [sys.executable, "-X", "importtime", "-m", "eiw_flow_jax.main", "--helpshort"], env=env,
+      capture_output=True, text=True, timeout=300)
+  assert "--workdir" in result.stdout, result.stderr[-2000:]
+  imported = [line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()
+              if line.startswith("import time:")]
+  assert imported.count("site") == 1

@@ -83,7 +83,8 @@ def test_invert_init_matches_store_init():
     [
         ("memory", "checkpoint", r"model.memory must be one of \('store', 'remat', 'invert'\), "
          r"got 'checkpoint'"),
-        ("dtype", "float64", r"model.dtype must be one of \('float32', 'bfloat16', 'float16'\)"),
+        ("dtype", "float64",
+         r"model.dtype must be one of \('auto', 'float32', 'bfloat16', 'float16'\)"),
         ("invert_tolerance", 0.0, "model.invert_tolerance must be a number > 0, got 0.0"),
     ],
 )
@@ -117,7 +118,8 @@ def test_fused_step_inverse_vjp_matches_vjp_at_the_true_input(coupling, dtype):
   In bfloat16 XLA:CPU may round the coupling network's intermediates differently in the two
   compiled graphs, so the rebuilt input is exact only to bfloat16 precision there.
   """
-  from eiw_flow_jax.bijectors import FlowStep, flow_step_inverse_vjp
+  from eiw_flow_jax.bijectors import FlowStep
+  from eiw_flow_jax.memory import flow_step_inverse_vjp
 
   step = FlowStep(8, coupling, jnp.dtype(dtype), parent=None)
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 4, 6))

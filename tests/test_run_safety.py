@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import REPO
+from conftest import REPO, make_config
 from test_train import assert_states_equal, cli_args, finalized_steps, restore, tiny_config
 
 from eiw_flow_jax import (
@@ -475,3 +475,15 @@ def test_cli_one_line_errors(case, tmp_path, env):
   assert "Traceback" not in result.stderr, result.stderr[-3000:]
   errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
   assert len(errors) == 1 and expected in errors[0], result.stderr[-3000:]
+
+
+def test_config_written_before_dtype_auto_resumes_under_the_new_default():
+  """A config.json from before model.dtype="auto" saved "float32", which computes the same on
+  float32 inputs; other dtypes still count as changes."""
+  config = make_config()
+  assert config.model.dtype == "auto"
+  saved = json.loads(config.to_json())
+  saved["model"]["dtype"] = "float32"
+  assert resume.config_differences(saved, config) == []
+  saved["model"]["dtype"] = "bfloat16"
+  assert resume.config_differences(saved, config) == [("model.dtype", "bfloat16", "auto")]

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from eiw_flow_jax import config_lib, memory
-from eiw_flow_jax.bijectors import FlowStep, Shift, Squeeze, flow_step_inverse_vjp
+from eiw_flow_jax.bijectors import FlowStep, Shift, Squeeze
 from eiw_flow_jax.splits import (
   EIWGlobalSplit,
   EIWPerExampleSplit,
@@ -41,7 +41,8 @@ class MultiScaleFlow(nn.Module):
     self.squeeze = Squeeze()
     dtype = config_lib.compute_dtype(m)
     self.steps = [
-        [FlowStep(m.hidden_channels, m.coupling, dtype, name=f"level{lv}_step{k}")
+        [FlowStep(m.hidden_channels, m.coupling, dtype, m.get("kernels", "auto"),
+                  name=f"level{lv}_step{k}")
          for k in range(m.steps_per_level)]
         for lv in range(m.num_levels)
     ]
@@ -87,7 +88,8 @@ class MultiScaleFlow(nn.Module):
     m = self.model
     # A parentless twin of every step: applied to each step's variables explicitly, so that
     # the custom VJPs of memory.run_chain ("remat", "invert") see pure functions.
-    twin = FlowStep(m.hidden_channels, m.coupling, config_lib.compute_dtype(m), parent=None)
+    twin = FlowStep(m.hidden_channels, m.coupling, config_lib.compute_dtype(m),
+                    m.get("kernels", "auto"), parent=None)
     names = [f"level{level}_step{k}" for k in range(m.steps_per_level)]
     step_variables = [
         {"params": self.variables["params"][n], "constants": self.variables["constants"][n]}
@@ -101,7 +103,7 @@ class MultiScaleFlow(nn.Module):
         h,
         name=f"level {level}",
         tolerance=m.get("invert_tolerance", 1e-3),
-        inverse_vjp=functools.partial(flow_step_inverse_vjp, twin),
+        inverse_vjp=functools.partial(memory.flow_step_inverse_vjp, twin),
     )
 
   def forward(self, y: Array) -> tuple[list[Array], Array, Array, dict[str, list[Array]]]:
