@@ -389,7 +389,10 @@ class _Reporter:
     if self.bar is not None:
       self.bar.close()
     if self.writer is not None:
-      self.writer.close()
+      try:
+        self.writer.close()
+      except OSError as e:  # a full disk: must not hide the error that ends the run
+        logging.warning("Could not write the last TensorBoard events: %s", e)
 
 
 def _summarise(history: list[dict[str, np.ndarray]]) -> tuple[dict[str, float], dict[int, int]]:
@@ -534,9 +537,9 @@ def train(
       # Lets an in-flight async save finish, also when an error is on its way out.
       try:
         manager.wait_until_finished()
+        manager.close()
       except Exception as e:  # noqa: BLE001 - reported by the save that failed, if any
         logging.warning("A checkpoint save failed: %s", str(e).splitlines()[0][:300])
-      manager.close()
     if lock is not None:
       lock.release()
   return TrainResult(flow=flow, state=state, mesh=mesh, info=info, step=final)
