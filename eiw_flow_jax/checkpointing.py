@@ -499,6 +499,6 @@ class BackgroundErrors(py_logging.Filter):
 
 def quiet_background_errors(workdir: str) -> BackgroundErrors:
   """Installs BackgroundErrors for a run in `workdir` (a local workdir gets ERROR_LOG)."""
-  workdir = runtime.normalize_dir(workdir, "workdir")
-  log_file = None if runtime.is_remote(workdir) else os.path.join(workdir, ERROR_LOG)
+  local = bool(workdir and workdir.strip()) and not runtime.is_remote(workdir)
+  log_file = os.path.join(runtime.normalize_dir(workdir, "workdir"), ERROR_LOG) if local else None
   return BackgroundErrors(log_file).install()

@@ -32,6 +32,8 @@ if __name__ == "__main__":
     sys.exit(2)
   host_threads.limit_blas_threads()  # OpenBLAS under XLA's LAPACK calls: one thread (see module)
 
+import importlib.machinery
+import importlib.util
 import logging as py_logging
 import os
 import re
@@ -134,6 +136,7 @@ def run(
       print(f"Final test bpd ({results['dataset']}, {results['num_evaluated']} examples, "
             f"step {results['step']}): {results['bpd']:.4f}", flush=True)
     return results
+  evaluate.check_writable(workdir, mode)  # before the evaluation, not after it
   restored = train.restore_for_inference(config, workdir)
   keys = train.rng_keys(config)
   variables = restored.state.variables(ema=True)
@@ -193,12 +196,28 @@ def _config_value(argv: list[str]) -> str | None:
   return value
 
 
-def check_config_file(value: str) -> None:
-  """ConfigError (one line) unless `value`'s file part (before a ':<argument>') is a file.
+def _load_failure(shown: str, error: BaseException) -> str:
+  """One line for a config file that exists but does not load (not Python, no get_config)."""
+  message = str(error)
+  if "Error whilst parsing config file" in message:  # ml_collections embeds a traceback
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    message = lines[-1] if lines else message
+  elif not isinstance(error, (OSError, ImportError)):
+    message = f"{type(error).__name__}: {message}"
+  detail = " ".join(line.strip() for line in message.splitlines() if line.strip())
+  return f"cannot load {shown}: {_CONFIG_EXPECTED}; loading it failed with {detail[:300]}"
 
-  ml_collections loads whatever the path names as Python: a missing file only fails when the
-  config is first used ("Failed loading config file config_config", without the path), and a
-  non-Python file fails with that file's first NameError or SyntaxError.
+
+def check_config_file(value: str) -> None:
+  """ConfigError (one line) unless `value` (`path` or `path:argument`) names a Python file
+  that defines get_config().
+
+  ml_collections loads whatever the path names as Python and reports a missing file only when
+  the config is first used ("Failed loading config file config_config", without the path); a
+  non-Python file fails with its first NameError or SyntaxError and a traceback; and a Python
+  file without get_config() silently reuses the get_config() of the module loaded before it
+  (the default config), since every config module gets the same name. So the file is executed
+  once here, in a fresh module, and checked.
   """
   path, _, _ = value.partition(":")
   shown = f"--config={value}"
@@ -211,20 +230,21 @@ def check_config_file(value: str) -> None:
     )
   if not os.path.isfile(full):
     raise config_lib.ConfigError(f"cannot load {shown}: {full} is not a file; {_CONFIG_EXPECTED}.")
+  loader = importlib.machinery.SourceFileLoader("eiw_flow_config_check", full)  # any suffix
+  module = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
+  try:
+    loader.exec_module(module)
+  except Exception as e:  # noqa: BLE001 - whatever executing a non-config raises
+    raise config_lib.ConfigError(_load_failure(shown, e)) from e
+  if not callable(getattr(module, "get_config", None)):
+    raise config_lib.ConfigError(
+        f"cannot load {shown}: {_CONFIG_EXPECTED}; {full} defines no get_config()."
+    )
 
 
 def _config_load_error(value: str | None, error: BaseException) -> str:
-  """One line for a config file that exists but does not load (not Python, no get_config)."""
-  message = str(error)
-  if "Error whilst parsing config file" in message:  # ml_collections embeds a traceback
-    lines = [line.strip() for line in message.splitlines() if line.strip()]
-    message = lines[-1] if lines else message
-  elif not isinstance(error, (OSError, ImportError)):
-    message = f"{type(error).__name__}: {message}"
-  detail = " ".join(line.strip() for line in message.splitlines() if line.strip())
   shown = f"--config={value}" if value is not None else "--config"
-  return (f"error: ConfigError: cannot load {shown}: {_CONFIG_EXPECTED}; loading it failed "
-          f"with {detail[:300]}")
+  return f"error: ConfigError: {_load_failure(shown, error)}"
 
 
 def parse_flags(argv: list[str]) -> list[str]:
