@@ -13,9 +13,12 @@ A checkpoint of another architecture (the config changed) is not corrupt: restor
 CheckpointMismatchError naming the differing parameters and leaves every checkpoint in place.
 
 Digests: damage that still decodes (a flipped byte in an array's data) is not caught by the
-storage layer. Orbax 0.12's default layout (OCDBT + zarr v2, zstd level 1 without zstd's frame
-checksum) stores no checksum of array data, and its zarr v3 layout (`use_zarr3`) puts crc32c
-only on the shard index, not on the chunks; there is no Orbax option to add one. So every
+storage layer. In Orbax 0.12's default layout (OCDBT + zarr v2) TensorStore checks a CRC-32C
+of OCDBT's B-tree nodes (a flip there fails to restore), but the values (zarr chunks, zstd
+level 1 without zstd's optional frame checksum) carry none: of 27 flips of 8 bytes in a small
+checkpoint's data files, 8 restored with changed values. Orbax's zarr v3 layout (`use_zarr3`)
+adds crc32c only to the shard index, not to the chunks, and there is no Orbax option to add a
+chunk checksum. So every
 checkpoint carries a third item, `digests` (JSON): the SHA-256 of each array's bytes, per leaf
 and per shard index, computed on the host from the values handed to Orbax. It is part of the
 same atomic save (Orbax finalises the step directory only once every item is written), so a
@@ -23,6 +26,11 @@ torn save never looks complete. On restore each process hashes the shards it res
 compares; a mismatch is treated like an unreadable checkpoint (one warning naming the
 checkpoint and the array, fallback, quarantine), and every process agrees on the verdict. A
 checkpoint without digests (saved by an older version) restores with an info line.
+
+When a background save fails or a damaged checkpoint fails to restore, Orbax's threads log
+tracebacks and TensorStore's late callbacks raise "Event loop is closed" (hundreds of
+tracebacks); `quiet_background_errors` (installed by the command line) sends them to
+`<workdir>/checkpoint_errors.log` instead of the console, so the one-line error stays last.
 
 The workdir may be local or an `etils.epath` URL (`gs://bucket/run`): paths are never made
 local. A save that fails (disk full, no permission) raises `runtime.StorageError`, one line
