@@ -265,7 +265,8 @@ def check_writable(workdir: str, mode: str) -> None:
   target = runtime.path(workdir, SAMPLES_DIR) if mode == "sample" else runtime.path(workdir)
   what = "sample grids" if mode == "sample" else "results"
   error = None
-  if jax.process_index() == 0:
+  # No workdir: nothing to evaluate either, and restoring says so; do not create it here.
+  if jax.process_index() == 0 and runtime.path(workdir).exists():
     probe = target / f".write_test-{os.getpid()}"
     try:
       with runtime.writing(what, target):

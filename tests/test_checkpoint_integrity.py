@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -235,3 +236,35 @@ def test_eval_on_a_read_only_workdir_fails_before_evaluating(tmp_path, data_dir,
     for mode, what in (("eval", "results"), ("sample", "sample grids")):
       with pytest.raises(runtime.StorageError, match=f"Cannot write {what} to {workdir}"):
         main.run(config, workdir, mode)
+
+
+def test_background_errors_go_to_the_log_file_not_the_console(tmp_path, capsys):
+  """What quiets a failed async save: Orbax's ERROR records and the 'Event loop is closed'
+  unraisables are appended to the workdir's log; other records and unraisables pass."""
+  from absl import logging as absl_logging
+
+  quiet = checkpointing.quiet_background_errors(str(tmp_path))
+  try:
+    handler = absl_logging.get_absl_handler()
+    orbax_record = logging.LogRecord(
+        "absl", logging.ERROR, "/x/site-packages/orbax/checkpoint/future.py", 1,
+        "_SignalingThread.run() raised an exception", None, None)
+    own_record = logging.LogRecord(
+        "absl", logging.ERROR, "/x/eiw_flow_jax/train.py", 1, "our own error", None, None)
+    assert not quiet.filter(orbax_record) and quiet.filter(own_record)
+    assert handler.filters.count(quiet) == 1
+    try:
+      raise RuntimeError("Event loop is closed")
+    except RuntimeError as e:
+      error = e
+    unraisable = type("U", (), {"exc_type": RuntimeError, "exc_value": error,
+                                "exc_traceback": error.__traceback__, "object": None,
+                                "err_msg": None})()
+    sys.unraisablehook(unraisable)
+  finally:
+    quiet.uninstall()
+  assert "Event loop is closed" not in capsys.readouterr().err
+  log = (tmp_path / checkpointing.ERROR_LOG).read_text()
+  assert "_SignalingThread.run() raised an exception" in log
+  assert "RuntimeError: Event loop is closed" in log and "our own error" not in log
+  assert quiet.count == 2
