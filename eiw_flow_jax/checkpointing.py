@@ -12,6 +12,26 @@ the previous one and moves the damaged one aside into `<workdir>/checkpoints_cor
 A checkpoint of another architecture (the config changed) is not corrupt: restoring raises
 CheckpointMismatchError naming the differing parameters and leaves every checkpoint in place.
 
+Digests: damage that still decodes (a flipped byte in an array's data) is not caught by the
+storage layer. In Orbax 0.12's default layout (OCDBT + zarr v2) TensorStore checks a CRC-32C
+of OCDBT's B-tree nodes (a flip there fails to restore), but the values (zarr chunks, zstd
+level 1 without zstd's optional frame checksum) carry none: of 27 flips of 8 bytes in a small
+checkpoint's data files, 8 restored with changed values. Orbax's zarr v3 layout (`use_zarr3`)
+adds crc32c only to the shard index, not to the chunks, and there is no Orbax option to add a
+chunk checksum. So every
+checkpoint carries a third item, `digests` (JSON): the SHA-256 of each array's bytes, per leaf
+and per shard index, computed on the host from the values handed to Orbax. It is part of the
+same atomic save (Orbax finalises the step directory only once every item is written), so a
+torn save never looks complete. On restore each process hashes the shards it restored and
+compares; a mismatch is treated like an unreadable checkpoint (one warning naming the
+checkpoint and the array, fallback, quarantine), and every process agrees on the verdict. A
+checkpoint without digests (saved by an older version) restores with an info line.
+
+When a background save fails or a damaged checkpoint fails to restore, Orbax's threads log
+tracebacks and TensorStore's late callbacks raise "Event loop is closed" (hundreds of
+tracebacks); `quiet_background_errors` (installed by the command line) sends them to
+`<workdir>/checkpoint_errors.log` instead of the console, so the one-line error stays last.
+
 The workdir may be local or an `etils.epath` URL (`gs://bucket/run`): paths are never made
 local. A save that fails (disk full, no permission) raises `storage.StorageError`, one line
 naming the directory; the checkpoints saved before stay intact.
@@ -19,10 +39,19 @@ naming the directory; the checkpoints saved before stay intact.
 
 from __future__ import annotations
 
+import concurrent.futures
+import hashlib
+import logging as py_logging
+import os
+import re
+import sys
+import threading
 import time
+import traceback
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
@@ -31,8 +60,13 @@ from eiw_flow_jax import data, storage
 
 STATE = "state"
 DATA = "data"
+DIGESTS = "digests"
+DIGEST_ALGORITHM = "sha256"
+DIGEST_FORMAT = 1
 CHECKPOINT_DIR = "checkpoints"
 CORRUPT_DIR = "checkpoints_corrupt"
+# The background save/restore machinery's tracebacks (see BackgroundErrors), in the workdir.
+ERROR_LOG = "checkpoint_errors.log"
 
 
 class CheckpointError(RuntimeError):
@@ -63,8 +97,93 @@ def make_manager(
   return ocp.CheckpointManager(
       checkpoint_dir(workdir),
       options=options,
-      item_names=(STATE, DATA),
+      item_names=(STATE, DATA, DIGESTS),
   )
+
+
+# ----------------------------------------------------------------------------------------------
+# Digests of the saved values.
+
+
+def _index_key(index: tuple[slice, ...], shape: tuple[int, ...]) -> str:
+  """A shard's position in its array as text: "0:16,0:3" ("" for a scalar)."""
+  return ",".join(
+      "{}:{}".format(*s.indices(n)[:2]) for s, n in zip(index, shape, strict=True)
+  )
+
+
+def _leaf_shards(leaf: Any) -> list[tuple[str, Any]]:
+  """(index key, value) of each distinct shard this process holds (replicas hashed once)."""
+  if isinstance(leaf, jax.Array):
+    shards: dict[str, Any] = {}
+    for shard in leaf.addressable_shards:
+      shards.setdefault(_index_key(shard.index, leaf.shape), shard.data)
+    return list(shards.items())
+  value = np.asarray(leaf)
+  return [(_index_key((slice(None),) * value.ndim, value.shape), value)]
+
+
+def _sha256(value: np.ndarray) -> str:
+  data = np.ascontiguousarray(value).reshape(-1).view(np.uint8)
+  return hashlib.sha256(data).hexdigest()  # releases the GIL: leaves hash in parallel
+
+
+def array_digests(tree: Any) -> dict[str, dict[str, str]]:
+  """{leaf name ("params/level0_step0/..."): {shard index: sha256 of its bytes}}.
+
+  Covers the shards this process holds (every array in full for a replicated state). The
+  values are copied to the host in one batch, then hashed on a few threads.
+  """
+  names, keys, values = [], [], []
+  for key_path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    name = "/".join(_key_name(k) for k in key_path)
+    for index, value in _leaf_shards(leaf):
+      names.append(name)
+      keys.append(index)
+      values.append(value)
+  host = jax.device_get(values)
+  workers = max(1, min(8, os.cpu_count() or 1))
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    hashes = list(pool.map(_sha256, host))
+  out: dict[str, dict[str, str]] = {}
+  for name, index, digest in zip(names, keys, hashes, strict=True):
+    out.setdefault(name, {})[index] = digest
+  return out
+
+
+def digest_record(state: Any) -> dict[str, Any]:
+  """The `digests` item of a checkpoint of `state` (Orbax writes it from process 0 only)."""
+  if jax.process_index() != 0:
+    return {}
+  return {"format": DIGEST_FORMAT, "algorithm": DIGEST_ALGORITHM, "arrays": array_digests(state)}
+
+
+def digest_mismatch(state: Any, record: dict[str, Any]) -> str | None:
+  """The first array (with its shard) of `state` whose bytes differ from `record`, or None.
+
+  Each process checks the shards it holds; a shard whose index was not recorded (restored
+  with another sharding than it was saved with) cannot be checked and is skipped.
+  """
+  saved = record.get("arrays", {})
+  restored = array_digests(state)
+  for name in sorted(set(saved) | set(restored)):
+    if name not in restored:
+      return f"{name} (recorded in the digests, absent from the restored state)"
+    if name not in saved:
+      return f"{name} (absent from the digests)"
+    for index, digest in restored[name].items():
+      expected = saved[name].get(index)
+      if expected is not None and expected != digest:
+        shown = f" [{index}]" if index and len(saved[name]) > 1 else ""
+        return f"{name}{shown}"
+  return None
+
+
+def _any_process(flag: bool) -> bool:
+  """True on every process if `flag` is True on any (all take the same fallback)."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
 
 
 def save(
@@ -80,7 +199,13 @@ def save(
   Orbax copies the arrays to host memory before returning, so the caller may donate or
   overwrite them right away; writing to disk and finalising happen in the background.
   """
-  items = {STATE: ocp.args.StandardSave(state)}
+  if not force and not manager.should_save(int(step)):
+    return False
+  items = {
+      STATE: ocp.args.StandardSave(state),
+      # Hashed now, from the values Orbax copies: the caller may donate them after this call.
+      DIGESTS: ocp.args.JsonSave(digest_record(state)),
+  }
   if data_iterator is not None:
     # The grain handler reads the position synchronously here, before training moves on.
     items[DATA] = data.iterator_save_args(data_iterator)
@@ -103,8 +228,21 @@ class _saving:  # noqa: N801 - used as a context manager
       return False
     if not isinstance(error, Exception) or isinstance(error, CheckpointError):
       return False
-    what = "a checkpoint" if self.step is None else f"the checkpoint of step {self.step}"
+    step = _failed_step(error, self.step)
+    what = "a checkpoint" if step is None else f"the checkpoint of step {step}"
     raise storage.storage_error(what, self.manager.directory, error) from error
+
+
+def _failed_step(error: BaseException, default: int | None) -> int | None:
+  """The step whose save failed: a background save's error names its temporary directory
+  (`<step>.orbax-checkpoint-tmp`), and surfaces at a later save or check."""
+  cause: BaseException | None = error
+  while cause is not None:
+    found = re.search(r"(\d+)\.orbax-checkpoint-tmp", str(cause))
+    if found:
+      return int(found.group(1))
+    cause = cause.__cause__ or cause.__context__
+  return default
 
 
 def check_saves(manager: ocp.CheckpointManager) -> None:
@@ -220,6 +358,9 @@ def restore_latest(
     items = {STATE: ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
       items[DATA] = data.iterator_restore_args(data_iterator)
+    has_digests = (_step_dir(manager, step) / DIGESTS).exists()
+    if has_digests:
+      items[DIGESTS] = ocp.args.JsonRestore()
     differences = architecture_differences(manager, step, abstract_state)
     if differences:
       shown = "; ".join(differences[:4]) + (
@@ -231,19 +372,37 @@ def restore_latest(
           "checkpoints are intact: resume with the config they were trained with "
           "(config.json in the workdir), or train the new architecture in another --workdir."
       )
+    error, mismatch = None, None
     try:
       restored = manager.restore(step, args=ocp.args.Composite(**items))
+      if has_digests:
+        mismatch = digest_mismatch(restored[STATE], restored[DIGESTS])
     except Exception as e:  # noqa: BLE001 - corruption surfaces as many exception types
+      error = e
+    # Every process takes the same fallback, even if only one of them read damaged bytes.
+    if _any_process(error is not None or mismatch is not None):
       failures.append(step)
-      logging.warning(
-          "Checkpoint at step %d in %s is corrupt or incomplete and cannot be restored "
-          "(%s: %s); falling back to the previous checkpoint.",
-          step, manager.directory, type(e).__name__, str(e)[:500],
-      )
+      if error is not None:
+        logging.warning(
+            "Checkpoint at step %d in %s is corrupt or incomplete and cannot be restored "
+            "(%s: %s); falling back to the previous checkpoint.",
+            step, manager.directory, type(error).__name__, " ".join(str(error).split())[:500],
+        )
+      else:
+        logging.warning(
+            "Checkpoint at step %d in %s is corrupt: array %s does not match the digest saved "
+            "with it (its stored bytes changed after saving); falling back to the previous "
+            "checkpoint.", step, manager.directory, mismatch or "(on another process)",
+        )
       continue
+    if not has_digests:
+      logging.info(
+          "Checkpoint at step %d in %s has no digests (saved by an older version): its values "
+          "are not verified.", step, manager.directory,
+      )
     if failures:
       logging.warning(
-          "Resuming from checkpoint %d instead of the unreadable newer one(s) %s.", step, failures
+          "Resuming from checkpoint %d instead of the corrupt newer one(s) %s.", step, failures
       )
       # Out of the way, or saving those steps again would collide with them.
       for bad in failures if quarantine else ():
@@ -256,3 +415,98 @@ def restore_latest(
         "warnings above. Move the damaged step directories aside (or use a fresh workdir)."
     )
   return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Quiet background failures.
+
+
+class BackgroundErrors(py_logging.Filter):
+  """Keeps the tracebacks of Orbax's background threads off the console.
+
+  When a save fails (a full disk) or a damaged checkpoint fails to restore, Orbax logs each
+  failed thread's traceback at ERROR level, asyncio logs "Task exception was never retrieved",
+  and TensorStore's completion callbacks, arriving after Orbax closed its event loop, raise
+  "RuntimeError: Event loop is closed" as unraisable exceptions (hundreds of tracebacks for one
+  failed save). The failure itself reaches the caller as one StorageError/CheckpointError line.
+  This filter (on the absl handler) and unraisable hook append those tracebacks to `log_file`
+  (None: nowhere; writing is best effort, the disk may be full) and show them on the console
+  only at debug verbosity (`--verbosity=1`). Everything else passes unchanged.
+  """
+
+  def __init__(self, log_file: str | None):
+    super().__init__()
+    self.log_file = log_file
+    self.count = 0
+    self._lock = threading.Lock()
+    self._previous_hook = None
+    self._formatter = py_logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
+
+  def _debug(self) -> bool:
+    return logging.level_debug()
+
+  def _write(self, text: str) -> None:
+    with self._lock:
+      self.count += 1
+      if self.log_file is None:
+        return
+      try:
+        with open(self.log_file, "a") as f:
+          f.write(text.rstrip("\n") + "\n")
+      except OSError:
+        pass  # a full disk is usually why we are here
+
+  @staticmethod
+  def _is_background(record: py_logging.LogRecord) -> bool:
+    if record.levelno < py_logging.ERROR:
+      return False
+    return (
+        f"{os.sep}orbax{os.sep}" in record.pathname
+        or record.name == "asyncio"
+        or "Event loop is closed" in record.getMessage()
+    )
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    if not self._is_background(record):
+      return True
+    self._write(self._formatter.format(record))
+    return self._debug()
+
+  def _unraisable(self, unraisable: Any) -> None:
+    frames = traceback.extract_tb(unraisable.exc_traceback) if unraisable.exc_traceback else []
+    from_machinery = (
+        isinstance(unraisable.exc_value, RuntimeError)
+        and "Event loop is closed" in str(unraisable.exc_value)
+    ) or any(
+        f"{os.sep}{name}{os.sep}" in frame.filename
+        for frame in frames for name in ("orbax", "tensorstore", "asyncio")
+    )
+    if not from_machinery:
+      self._previous_hook(unraisable)
+      return
+    self._write("".join(traceback.format_exception(
+        unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback)))
+    if self._debug():
+      self._previous_hook(unraisable)
+
+  def install(self) -> BackgroundErrors:
+    logging.get_absl_handler().addFilter(self)
+    for handler in py_logging.getLogger().handlers:
+      if handler is not logging.get_absl_handler():
+        handler.addFilter(self)
+    self._previous_hook = sys.unraisablehook
+    sys.unraisablehook = self._unraisable
+    return self
+
+  def uninstall(self) -> None:
+    for handler in [logging.get_absl_handler(), *py_logging.getLogger().handlers]:
+      handler.removeFilter(self)
+    if self._previous_hook is not None and sys.unraisablehook == self._unraisable:
+      sys.unraisablehook = self._previous_hook
+
+
+def quiet_background_errors(workdir: str) -> BackgroundErrors:
+  """Installs BackgroundErrors for a run in `workdir` (a local workdir gets ERROR_LOG)."""
+  local = bool(workdir and workdir.strip()) and not storage.is_remote(workdir)
+  log_file = os.path.join(storage.normalize_dir(workdir, "workdir"), ERROR_LOG) if local else None
+  return BackgroundErrors(log_file).install()

@@ -241,6 +241,36 @@ def evaluate_and_write(
   return results
 
 
+def check_writable(workdir: str, mode: str) -> None:
+  """storage.StorageError now if `--mode=<mode>` could not write its output into `workdir`.
+
+  eval writes results.json (and TensorBoard events), sample the PNGs under samples/: a
+  read-only workdir must fail before the evaluation runs, not after. Process 0 writes the
+  output, so it probes (a file created and removed); the others learn the verdict.
+  """
+  target = storage.path(workdir, SAMPLES_DIR) if mode == "sample" else storage.path(workdir)
+  what = "sample grids" if mode == "sample" else "results"
+  error = None
+  # No workdir: nothing to evaluate either, and restoring says so; do not create it here.
+  if jax.process_index() == 0 and storage.path(workdir).exists():
+    probe = target / f".write_test-{os.getpid()}"
+    try:
+      with storage.writing(what, target):
+        target.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except storage.StorageError as e:
+      error = e
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    failed = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
+    if jax.process_index() != 0 and int(failed):
+      raise storage.StorageError(f"Process 0 cannot write {what} to {target}; see its log.")
+  if error is not None:
+    raise error
+
+
 def image_grid(images: np.ndarray, *, max_value: int, pad: int = 1) -> np.ndarray:
   """(N, H, W, C) integer images in [0, max_value] -> one 8-bit grid image (rows, cols, C)."""
   n, h, w, c = images.shape

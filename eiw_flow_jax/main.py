@@ -33,11 +33,14 @@ if __name__ == "__main__" and host_platform.runs_on_cpu():
     sys.exit(2)
   host_threads.limit_blas_threads()  # OpenBLAS under XLA's LAPACK calls: one thread (see module)
 
+import importlib.machinery
+import importlib.util
 import logging as py_logging
 import os
 import re
 
 import jax
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -144,6 +147,7 @@ def run(
       print(f"Final test bpd ({results['dataset']}, {results['num_evaluated']} examples, "
             f"step {results['step']}): {results['bpd']:.4f}", flush=True)
     return results
+  evaluate.check_writable(workdir, mode)  # before the evaluation, not after it
   restored = train.restore_for_inference(config, workdir)
   keys = train_state.rng_keys(config)
   variables = restored.state.variables(ema=True)
@@ -186,13 +190,93 @@ def _unknown_field(error: Exception) -> tuple[str, str]:
   return name, f"; did you mean {suggestion.group(1)!r}?" if suggestion else ""
 
 
+_CONFIG_EXPECTED = (
+    "expected a Python file that defines get_config() (e.g. configs/digits.py), optionally "
+    "followed by ':<argument>' for get_config(argument)"
+)
+
+
+def _config_value(argv: list[str]) -> str | None:
+  """The last --config value in `argv` (`--config=x` or `--config x`), None if not given."""
+  value = None
+  for index, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      value = arg[len("--config="):]
+    elif arg == "--config" and index + 1 < len(argv):
+      value = argv[index + 1]
+  return value
+
+
+def _load_failure(shown: str, error: BaseException) -> str:
+  """One line for a config file that exists but does not load (not Python, no get_config)."""
+  message = str(error)
+  if "Error whilst parsing config file" in message:  # ml_collections embeds a traceback
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    message = lines[-1] if lines else message
+  elif not isinstance(error, (OSError, ImportError)):
+    message = f"{type(error).__name__}: {message}"
+  detail = " ".join(line.strip() for line in message.splitlines() if line.strip())
+  return f"cannot load {shown}: {_CONFIG_EXPECTED}; loading it failed with {detail[:300]}"
+
+
+def check_config_file(value: str) -> None:
+  """ConfigError (one line) unless `value` (`path` or `path:argument`) names a Python file
+  that defines get_config().
+
+  ml_collections loads whatever the path names as Python and reports a missing file only when
+  the config is first used ("Failed loading config file config_config", without the path); a
+  non-Python file fails with its first NameError or SyntaxError and a traceback; and a Python
+  file without get_config() silently reuses the get_config() of the module loaded before it
+  (the default config), since every config module gets the same name. So the file is executed
+  once here, in a fresh module, and checked.
+  """
+  path, _, _ = value.partition(":")
+  shown = f"--config={value}"
+  if not path:
+    raise config_lib.ConfigError(f"cannot load {shown}: no file given; {_CONFIG_EXPECTED}.")
+  full = os.path.abspath(os.path.expanduser(path))
+  if not os.path.exists(full):
+    raise config_lib.ConfigError(
+        f"cannot load {shown}: {full} does not exist; {_CONFIG_EXPECTED}."
+    )
+  if not os.path.isfile(full):
+    raise config_lib.ConfigError(f"cannot load {shown}: {full} is not a file; {_CONFIG_EXPECTED}.")
+  loader = importlib.machinery.SourceFileLoader("eiw_flow_config_check", full)  # any suffix
+  module = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
+  try:
+    loader.exec_module(module)
+  except Exception as e:  # noqa: BLE001 - whatever executing a non-config raises
+    raise config_lib.ConfigError(_load_failure(shown, e)) from e
+  if not callable(getattr(module, "get_config", None)):
+    raise config_lib.ConfigError(
+        f"cannot load {shown}: {_CONFIG_EXPECTED}; {full} defines no get_config()."
+    )
+
+
+def _config_load_error(value: str | None, error: BaseException) -> str:
+  shown = f"--config={value}" if value is not None else "--config"
+  return f"error: ConfigError: {_load_failure(shown, error)}"
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's parsing, but a bad --config path or an unknown --config.<field> is one line."""
+  config_value = _config_value(argv)
+  if config_value is not None:
+    try:
+      check_config_file(config_value)
+    except config_lib.ConfigError as e:
+      _fail(f"error: ConfigError: {e}")
   try:
     rest = flags.FLAGS(argv)
+  except flags.IllegalFlagValueError as e:
+    if "Error whilst parsing config file" in str(e):  # get_config raised TypeError/ValueError
+      _fail(_config_load_error(config_value, e))
+    _fail(f"error: {e}\nPass --help for the flags.")
   except flags.Error as e:
     _fail(f"error: {e}\nPass --help for the flags.")
   except (AttributeError, KeyError) as e:  # --config.<field> names no field
+    if isinstance(e, AttributeError) and "get_config" in str(e):  # a file without get_config
+      _fail(_config_load_error(config_value, e))
     name, hint = _unknown_field(e)
     bad = [a.split("=", 1)[0] for a in argv if a.startswith("--config.") and name in a]
     shown = bad[0] if bad else f"--config.*{name}"
@@ -201,13 +285,16 @@ def parse_flags(argv: list[str]) -> list[str]:
         "fields are those of eiw_flow_jax/config_lib.py:base_config and the config file."
     )
   except OSError as e:  # the config file itself
-    _fail(f"error: ConfigError: cannot load --config: {str(e).splitlines()[0]}")
+    _fail(_config_load_error(config_value, e))
+  except Exception as e:  # noqa: BLE001 - executing a non-Python file: NameError, SyntaxError...
+    _fail(_config_load_error(config_value, e))
   try:
-    _CONFIG.value.get("model")  # a missing or broken config file surfaces on first use
-  except (OSError, ImportError, SyntaxError, AttributeError) as e:
-    detail = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
-    given = [a for a in argv if a.startswith("--config=")] or ["--config"]
-    _fail(f"error: ConfigError: cannot load {given[-1]}: {detail[:400]}")
+    config = _CONFIG.value
+    if not isinstance(config, ml_collections.ConfigDict):
+      raise TypeError(f"get_config() returned {type(config).__name__}, not a ConfigDict")
+    config.get("model")  # a missing or broken config file surfaces on first use
+  except (OSError, ImportError, SyntaxError, AttributeError, TypeError) as e:
+    _fail(_config_load_error(config_value, e))
   return rest
 
 
@@ -216,6 +303,9 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   py_logging.getLogger("absl").addFilter(_QuietOrbax())
   try:
+    # Orbax's background tracebacks (a failed save, a damaged checkpoint) go to a log file in
+    # the workdir: the one-line error stays the last line of the output.
+    checkpointing.quiet_background_errors(_WORKDIR.value)
     run(_CONFIG.value, _WORKDIR.value, _MODE.value, distributed=_DISTRIBUTED.value,
         allow_config_change=_ALLOW_CONFIG_CHANGE.value)
   except stop_signals.StopRequested as e:

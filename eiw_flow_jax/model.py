@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -72,7 +72,33 @@ class Flow:
     return shapes
 
   # ---- input checks ---------------------------------------------------------------------
+  COLLECTIONS = ("params", "constants")  # what `init` returns and every method needs
+
+  def check_variables(self, variables: Variables) -> None:
+    """`variables` must hold the collections `init` returned (Flax would otherwise fail deep
+    inside the model with ScopeCollectionNotFound)."""
+    if not isinstance(variables, Mapping):
+      raise TypeError(
+          f"variables: expected a dict with the collections {list(self.COLLECTIONS)} (as "
+          f"Flow.init returns it), got {type(variables).__name__}."
+      )
+    missing = [name for name in self.COLLECTIONS if name not in variables]
+    if missing:
+      raise ValueError(
+          f"variables: expected the collections {list(self.COLLECTIONS)} (as Flow.init returns "
+          f"them); missing {', '.join(repr(m) for m in missing)} (got {sorted(variables)})."
+      )
+
+  @staticmethod
+  def _check_array(x: Any, name: str, what: str) -> None:
+    if not (hasattr(x, "shape") and hasattr(x, "dtype") and hasattr(x, "ndim")):
+      raise TypeError(
+          f"{name}: expected an array (jax.Array or numpy.ndarray) {what}, got "
+          f"{type(x).__name__}; convert it first (e.g. jnp.asarray).")
+
   def _check_images(self, x: Array, name: str) -> None:
+    self._check_array(
+        x, name, f"of shape (B, {', '.join(map(str, self.image_shape))})")
     if x.ndim != 4 or tuple(x.shape[1:]) != self.image_shape:
       raise ValueError(
           f"{name}: expected shape (B, {', '.join(map(str, self.image_shape))}) (NHWC), "
@@ -130,9 +156,20 @@ class Flow:
 
   def check_latents(self, latents: Sequence[Array]) -> None:
     expected = self.latent_shapes
+    if not isinstance(latents, (list, tuple)):
+      raise TypeError(
+          f"latents: expected a list of {len(expected)} per-level arrays (as `encode` returns "
+          f"them), got {type(latents).__name__}.")
+    for level, z in enumerate(latents):
+      self._check_array(z, f"latents[{level}]", "of shape (B, h, w, c)")
     got = [tuple(z.shape[1:]) for z in latents]
     if len(latents) != len(expected) or got != expected:
       raise ValueError(f"latents: expected per-example shapes {expected}, got {got}.")
+    for level, z in enumerate(latents):
+      if not jnp.issubdtype(z.dtype, jnp.floating):
+        raise ValueError(f"latents[{level}]: expected a float dtype, got {z.dtype}.")
+      if not isinstance(z, jax.core.Tracer) and not bool(np.all(np.isfinite(np.asarray(z)))):
+        raise ValueError(f"latents[{level}]: contains NaN or infinite values.")
 
   # ---- the API --------------------------------------------------------------------------
   def dequantize(self, x: Array, rng: Array, variables: Variables | None = None) -> Array:
@@ -154,6 +191,7 @@ class Flow:
 
   def forward(self, variables: Variables, y: Array):
     """(latents, log_det, log_prior, aux) of dequantized y in [0,1]; see MultiScaleFlow."""
+    self.check_variables(variables)
     self.check_continuous(y)
     return self.module.apply(variables, y, method="forward")
 
@@ -189,6 +227,7 @@ class Flow:
 
   def decode(self, variables: Variables, latents: Sequence[Array]) -> Array:
     """Exact inverse of `encode`."""
+    self.check_variables(variables)
     self.check_latents(latents)
     return self.module.apply(variables, list(latents), method="inverse")
 
@@ -196,6 +235,7 @@ class Flow:
       self, variables: Variables, rng: Array, num: int, temperature: float = 1.0
   ) -> tuple[Array, list[Array]]:
     """(y in data space, latents) drawn with prior std scaled by `temperature` (0: the mode)."""
+    self.check_variables(variables)
     self.check_temperature(temperature)
     if not isinstance(num, (int, np.integer)) or num < 1:
       raise ValueError(f"num: expected an int >= 1 samples, got {num!r}.")
@@ -214,11 +254,13 @@ class Flow:
 
   def prior_means(self, variables: Variables, latents: Sequence[Array]) -> list[Array]:
     """Per-level prior means given the latents' kept channels (what temperature 0 draws)."""
+    self.check_variables(variables)
     self.check_latents(latents)
     return self.module.apply(variables, list(latents), method="prior_means")
 
   def shuffle_stats(self, variables: Variables, y: Array) -> list[dict[str, Array]]:
     """Per split level, the diagnostics of the design note for this split variant."""
+    self.check_variables(variables)
     self.check_continuous(y)
     return self.module.apply(variables, y, method="diagnostics")
 
@@ -294,6 +336,7 @@ class DenseFlow(Flow):
     self.check_uint8(x)
     if variables is None:
       raise ValueError("DenseFlow.dequantize needs `variables`: its dequantization is learned.")
+    self.check_variables(variables)
     eps = self.draw_noise(rng, x.shape[0])["dequant"]
     u, _ = self.module.apply(variables, x, eps, method=lambda m, x, e: m.dequantizer(x, e))
     return (x.astype(u.dtype) + u) / 2.0**self.n_bits
@@ -307,6 +350,7 @@ class DenseFlow(Flow):
     `train=True` uses BatchNorm batch statistics (as the authors' `model.train()`) and
     returns the updated running statistics under "constants".
     """
+    self.check_variables(variables)
     self.check_uint8(x)
     noise = self._noise(rng, noise, x.shape[0])
     if train:
@@ -321,6 +365,7 @@ class DenseFlow(Flow):
   def forward(self, variables: Variables, y: Array, rng: Array | None = None,
               noise: dict[str, Any] | None = None):
     """(latents, log_det, log_prior, aux) of dequantized y, augmentation drawn from rng."""
+    self.check_variables(variables)
     self.check_continuous(y)
     augment = self._noise(rng, noise, y.shape[0])["augment"]
     return self.module.apply(variables, y, augment, method="forward")
@@ -378,6 +423,7 @@ class DenseFlow(Flow):
     """Per EIW transition: the order, the weights' entropies and regulariser, and where the
     authors' float32 weights tie (`authors_tied_channels`, `authors_tied_kept_channels`,
     `authors_ties_cross_split`: their torch model's order is undefined there)."""
+    self.check_variables(variables)
     self.check_continuous(y)
     augment = self._noise(rng, None, y.shape[0])["augment"]
     return self.module.apply(variables, y, augment, method="diagnostics")

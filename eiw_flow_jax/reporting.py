@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from absl import logging
 from etils import epath
 
 from eiw_flow_jax import storage
@@ -134,7 +135,10 @@ class Reporter:
     if self.bar is not None:
       self.bar.close()
     if self.writer is not None:
-      self.writer.close()
+      try:
+        self.writer.close()
+      except OSError as e:  # a full disk: must not hide the error that ends the run
+        logging.warning("Could not write the last TensorBoard events: %s", e)
 
 
 def summarise(history: list[dict[str, np.ndarray]]) -> tuple[dict[str, float], dict[int, int]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 from collections.abc import Iterator
 
 from etils import epath
@@ -49,14 +50,28 @@ class StorageError(RuntimeError):
   """A file of the run (checkpoint, lock, config, results) could not be written."""
 
 
+_NO_SPACE = re.compile(r"No space left on device|os_error_code='?28'?\]")
+
+
+def _chain_text(error: BaseException | None) -> str:
+  texts = []
+  while error is not None and len(texts) < 10:
+    texts.append(str(error))
+    error = error.__cause__ or error.__context__
+  return "\n".join(texts)
+
+
 def storage_error(what: str, where: str | os.PathLike[str], error: BaseException) -> StorageError:
   """One line naming what failed, where, and why (the OS reason when there is one)."""
   cause = error
   while cause is not None and not isinstance(cause, OSError):
     cause = cause.__cause__ or cause.__context__
-  if isinstance(cause, OSError) and cause.errno:
-    reason = os.strerror(cause.errno)
-    if cause.errno == errno.ENOSPC:
+  code = cause.errno if isinstance(cause, OSError) and cause.errno else None
+  if code is None and _NO_SPACE.search(_chain_text(error)):
+    code = errno.ENOSPC  # TensorStore's RESOURCE_EXHAUSTED ... [os_error_code='28'], no OSError
+  if code is not None:
+    reason = os.strerror(code)
+    if code == errno.ENOSPC:
       reason += " (free space or use a larger disk / a bucket)"
   else:
     reason = f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"

@@ -287,7 +287,10 @@ def train(
         manager.wait_until_finished()
       except Exception as e:  # noqa: BLE001 - reported by the save that failed, if any
         logging.warning("A checkpoint save failed: %s", str(e).splitlines()[0][:300])
-      manager.close()
+      try:
+        manager.close()
+      except Exception as e:  # noqa: BLE001 - the same failure again: must not hide the error
+        logging.debug("Closing the checkpoint manager: %s", e)
     if lock is not None:
       lock.release()
   return TrainResult(flow=flow, state=state, mesh=mesh, info=info, step=final)

@@ -300,3 +300,39 @@ def test_the_variant_fixture_covers_every_split_and_eiw_mode():
   added to config_lib must be added there too, or those tests would never see it."""
   assert {split for split, _ in VARIANTS} == set(config_lib.SPLITS)
   assert {mode for split, mode in VARIANTS if split == "eiw"} == set(config_lib.EIW_MODES)
+
+
+def test_python_lists_get_a_message_saying_an_array_is_expected():
+  flow, variables, y = _small()
+  images = np.zeros((2, 8, 8, 1), np.uint8).tolist()
+  expected = r"uint8 images: expected an array .*\(B, 8, 8, 1\), got list"
+  with pytest.raises(TypeError, match=expected):
+    flow.bpd(variables, images, jax.random.PRNGKey(0))
+  with pytest.raises(TypeError, match="dequantized images: expected an array .*, got list"):
+    flow.log_prob(variables, np.asarray(y).tolist())
+  latents = flow.encode(variables, y)
+  with pytest.raises(TypeError, match=r"latents\[0\]: expected an array .*, got list"):
+    flow.decode(variables, [np.asarray(z).tolist() for z in latents])
+
+
+def test_decode_rejects_nan_latents():
+  flow, variables, y = _small()
+  latents = flow.encode(variables, y)
+  bad = [latents[0].at[0, 0, 0, 0].set(jnp.nan), *latents[1:]]
+  with pytest.raises(ValueError, match=r"latents\[0\]: contains NaN or infinite values"):
+    flow.decode(variables, bad)
+  jax.jit(flow.decode)(variables, bad)  # traced: like the image checks, no check inside jit
+
+
+def test_variables_without_constants_name_the_missing_collection():
+  flow, variables, y = _small()
+  latents = flow.encode(variables, y)
+  params_only = {"params": variables["params"]}
+  for call in (
+      lambda: flow.log_prob(params_only, y),
+      lambda: flow.decode(params_only, latents),
+      lambda: flow.sample(params_only, jax.random.PRNGKey(1), 2),
+  ):
+    with pytest.raises(ValueError, match=r"variables: expected the collections \['params', "
+                       r"'constants'\].*missing 'constants' \(got \['params'\]\)"):
+      call()

@@ -460,7 +460,22 @@ CLI_ERRORS = {
     "unknown_field_no_hint": (["--config.model.zzqqxx=3"],
                               "--config.model.zzqqxx names no config field ('zzqqxx' is unknown)"),
     "missing_config": (["--config=configs/nonexistent.py"],
-                       "cannot load --config=configs/nonexistent.py"),
+                       f"cannot load --config=configs/nonexistent.py: "
+                       f"{os.path.join(REPO, 'configs', 'nonexistent.py')} does not exist; "
+                       "expected a Python file that defines get_config()"),
+    # A file that is not Python (the issue's --config=/etc/hostname): one line, no traceback.
+    "not_python": (["--config=tests/fixtures/not_a_config.txt"],
+                   "cannot load --config=tests/fixtures/not_a_config.txt: expected a Python "
+                   "file that defines get_config() (e.g. configs/digits.py), optionally followed "
+                   "by ':<argument>' for get_config(argument); loading it failed with NameError"),
+    "no_get_config": (["--config=tests/fixtures/no_get_config.py"],
+                      "cannot load --config=tests/fixtures/no_get_config.py: expected a Python "
+                      "file that defines get_config()"),
+    "directory": (["--config=configs"], f"{os.path.join(REPO, 'configs')} is not a file"),
+    # path.py:argument calls get_config(argument); digits' get_config takes none.
+    "argument_not_taken": (["--config=configs/digits.py:v5e_16"],
+                           "cannot load --config=configs/digits.py:v5e_16: expected a Python file "
+                           "that defines get_config()"),
     "empty_workdir": (["--workdir="], "--workdir must name a directory, got ''"),
 }
 
