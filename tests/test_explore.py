@@ -108,8 +108,11 @@ def test_shuffle_assignment_matches_the_splits(glow):
       anchor = c - stat["stay_frequency"].shape[0]
       assert kept[:, :anchor].all()
       np.testing.assert_allclose(kept[:, anchor:].mean(axis=0), stat["stay_frequency"])
-      assert len({tuple(row) for row in order}) > 1  # decided per example
-      assert np.abs(np.asarray(level["log_weights"])[:, anchor:]).max() > 0
+      log_w = np.asarray(level["log_weights"])
+      assert (log_w[:, :anchor] == 0).all() and np.ptp(log_w[:, anchor:], axis=0).min() > 0
+      # Per example, the candidates in the order of their weights (heaviest first).
+      np.testing.assert_array_equal(order[:, anchor:] - anchor,
+                                    np.argsort(-log_w[:, anchor:], axis=1, stable=True))
 
 
 def test_the_kept_channels_are_what_goes_up_the_flow():
