@@ -79,6 +79,25 @@ def test_bits_map_sums_to_the_bpd(glow):
   assert np.ptp(bits, axis=(1, 2)).min() > 1e-2, case
 
 
+def test_the_top_prior_is_charged_to_its_block(glow):
+  """Moving the top prior's mean at its latent position (0, 0) changes only the bits of the 4x4
+  pixels that position covers (level 1 of 2), by that position's change in -log2 density."""
+  case, flow, variables = glow
+  if case != "vanilla":
+    pytest.skip("one case is enough")
+  x = images(11, 2)
+  before = np.asarray(flow.bits_per_dim_map(variables, x))
+  params = dict(variables["params"])
+  params["top_prior"] = dict(params["top_prior"], mean=params["top_prior"]["mean"].at[0, 0].add(
+      0.7))
+  after = np.asarray(flow.bits_per_dim_map({**variables, "params": params}, x))
+  change = after - before
+  np.testing.assert_allclose(change[:, 4:], 0, atol=1e-5)
+  np.testing.assert_allclose(change[:, :, 4:], 0, atol=1e-5)
+  assert np.abs(change[:, :4, :4]).min() > 1e-3
+  np.testing.assert_allclose(change[:, :4, :4], change[:, :1, :1] * np.ones((1, 4, 4)), rtol=1e-4)
+
+
 def test_spread_keeps_the_sum_and_fills_each_block():
   position_map = jnp.arange(8.0).reshape(2, 2, 2)
   spread = np.asarray(explore._spread(position_map, (8, 8)))
