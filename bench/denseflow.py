@@ -118,7 +118,7 @@ def _step_worker(mode: str):
   import jax
   import jax.numpy as jnp
 
-  from eiw_flow_jax import train
+  from eiw_flow_jax import model, optimizer, sharding, train, train_state
 
   if FLAGS.compilation_cache:
     jax.config.update("jax_compilation_cache_dir", FLAGS.compilation_cache)
@@ -134,12 +134,12 @@ def _step_worker(mode: str):
   h, w, c = config.model.image_shape
   levels = 2**config.model.n_bits
   images = np.random.RandomState(0).randint(0, levels, (FLAGS.batch, h, w, c)).astype(np.uint8)
-  mesh = train.make_mesh(jax.devices()[:1])
-  flow, tx = train.build_flow(config), train.make_optimizer(config)
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  flow, tx = model.build_flow(config), optimizer.make_optimizer(config)
   step = train.make_train_step(config, flow, tx, mesh)
-  batch = train.global_batch(images, train.batch_sharding(mesh))
+  batch = sharding.global_batch(images, sharding.batch_sharding(mesh))
   start = time.perf_counter()
-  abstract = train.abstract_state(flow, tx, mesh)
+  abstract = train_state.abstract_state(flow, tx, mesh)
   compiled = step.lower(abstract, batch).compile()
   compile_s = time.perf_counter() - start
   print(f"step:{mode}: compiled in {compile_s:.0f} s", file=sys.stderr, flush=True)
@@ -149,9 +149,9 @@ def _step_worker(mode: str):
   start = time.perf_counter()
   shapes = jax.eval_shape(flow.init, jax.random.PRNGKey(0), jnp.asarray(images))
   variables = _synthetic_variables(flow, shapes)
-  variables = jax.tree.map(lambda v: train.host_replicated(v, mesh), variables)
-  shardings = train.state_shardings(mesh, abstract)
-  state = jax.jit(lambda v: train._state_from_variables(tx, v), out_shardings=shardings)(
+  variables = jax.tree.map(lambda v: sharding.host_replicated(v, mesh), variables)
+  shardings = sharding.state_shardings(mesh, abstract)
+  state = jax.jit(lambda v: train_state.state_from_variables(tx, v), out_shardings=shardings)(
       variables)
   jax.block_until_ready(state)
   init_s = time.perf_counter() - start

@@ -4,8 +4,10 @@
    (`jax.jit(jax.value_and_grad(loss)).lower(...).compile().memory_analysis()`), temporary
    bytes for K in --ks under "store", "remat" and "invert", with ratios to "store". Only
    compiled, never run, so the CIFAR config (32x32x3, L=3, width 512, batch 64) is cheap.
-2. Step time: the same function run at --time_k / --time_hidden / --time_batch, modes
-   interleaved over --rounds rounds (min and median, ratio to "store").
+2. Step time: the same function run at --time_k / --time_hidden / --time_batch, each mode in
+   its own worker process (bench/workers.py), interleaved over --rounds rounds (min and
+   median, ratio to "store"). The full train step per mode: bench/peer_pytorch.py --peers=jax
+   --config_variant=remat=model.memory=remat.
 3. Drift: per level, the relative error of the level input rebuilt through the inverses of its
    K steps (`MultiScaleFlow.inverse_drift`), for parameters perturbed by Gaussian noise of each
    --drift_scales (a stand-in for trained weights, which move away from the identity init).
@@ -16,11 +18,13 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import workers
 from absl import app, flags
 
 import eiw_flow_jax
@@ -40,6 +44,7 @@ flags.DEFINE_integer("rounds", 5, "Timed rounds (interleaved over modes).")
 flags.DEFINE_list("drift_ks", ["8", "32"], "K values for the drift measurement.")
 flags.DEFINE_list("drift_scales", ["0.0", "0.02", "0.05"], "Parameter noise for the drift.")
 flags.DEFINE_integer("drift_hidden", 64, "Width for the drift measurement.")
+flags.DEFINE_string("worker", "", "Internal: run as the step-time worker of this memory mode.")
 FLAGS = flags.FLAGS
 
 MIB = 2.0**20
@@ -90,29 +95,35 @@ def memory_table() -> None:
     print(f"| {k} | {cells} | {times} |", flush=True)
 
 
-def timing() -> None:
+TIMING_FLAGS = ("time_k", "time_hidden", "time_batch", "image_size", "num_levels", "split")
+
+
+def timing_worker(mode: str) -> None:
+  """One mode's loss and gradient at the timing size, served to `timing` (bench/workers.py)."""
   k, hidden, batch = FLAGS.time_k, FLAGS.time_hidden, FLAGS.time_batch
   rng = np.random.RandomState(0)
   x = jnp.asarray(rng.randint(0, 256, (batch, FLAGS.image_size, FLAGS.image_size, 3), np.uint8))
-  jobs = {}
-  variables = None
-  for mode in FLAGS.modes:
-    flow, fn = _loss_and_grad(_config(k, hidden, mode))
-    if variables is None:
-      variables = flow.init(jax.random.PRNGKey(0), x)
-    args = (variables["params"], variables["constants"], x, jax.random.PRNGKey(1))
-    jax.block_until_ready(fn(*args))
-    jobs[mode] = (fn, args)
-  times = {mode: [] for mode in jobs}
-  for _ in range(FLAGS.rounds):
-    for mode, (fn, args) in jobs.items():
-      start = time.perf_counter()
-      jax.block_until_ready(fn(*args))
-      times[mode].append(time.perf_counter() - start)
+  flow, fn = _loss_and_grad(_config(k, hidden, mode))
+  variables = flow.init(jax.random.PRNGKey(0), x)  # the same in every mode's process
+  args = (variables["params"], variables["constants"], x, jax.random.PRNGKey(1))
+  jax.block_until_ready(fn(*args))
+  workers.serve(mode, lambda: jax.block_until_ready(fn(*args)), {})
+
+
+def timing() -> None:
+  k, hidden, batch = FLAGS.time_k, FLAGS.time_hidden, FLAGS.time_batch
+  pool = workers.InterleavedWorkers()
+  passed = [f"--{name}={getattr(FLAGS, name)}" for name in TIMING_FLAGS]
+  for mode in FLAGS.modes:  # one after the other: compiles do not overlap
+    pool.start(mode, [os.path.abspath(__file__), f"--worker={mode}", *passed],
+               env=workers.worker_environ(), cwd=workers.REPO)
+  times = pool.time_steps(FLAGS.rounds)
+  pool.close()
   print(f"\n## Step time (loss+grad), K={k}, width {hidden}, batch {batch}, "
-        f"{FLAGS.rounds} interleaved rounds\n")
+        f"{pool.describe(FLAGS.rounds, 1, 'mode')}\n")
   print("| mode | median s | ratio | min s | ratio |\n| --- | --- | --- | --- | --- |")
-  med0, min0 = np.median(times["store"]), np.min(times["store"])
+  ref = "store" if "store" in times else FLAGS.modes[0]
+  med0, min0 = np.median(times[ref]), np.min(times[ref])
   for mode, t in times.items():
     print(f"| {mode} | {np.median(t):.3f} | {np.median(t) / med0:.3f} | {np.min(t):.3f} | "
           f"{np.min(t) / min0:.3f} |", flush=True)
@@ -143,6 +154,9 @@ def drift() -> None:
 
 def main(argv):
   del argv
+  if FLAGS.worker:
+    timing_worker(FLAGS.worker)
+    return
   print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}\n")
   if FLAGS.ks:
     memory_table()

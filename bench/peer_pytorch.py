@@ -1,7 +1,9 @@
 """Benchmark against PyTorch: one Glow training step (forward, backward, Adam) in three peers.
 
 - `jax`: this project's train step (`train.make_train_step`: loss, gradient, clipping, Adam,
-  EMA, non-finite guard), vanilla split.
+  EMA, non-finite guard), vanilla split; `--config_variant` adds JAX peers with other config
+  fields (the EIW splits, the memory modes), `--xla_variant` / `--env_variant` with other XLA
+  flags or environment.
 - `torch`: the same Glow written plainly in PyTorch below (ActNorm with data-dependent init,
   LU-parameterised invertible 1x1 convolution, affine coupling with Glow's network
   conv3x3-ActNorm-ReLU-conv1x1-ActNorm-ReLU-zero conv3x3 and sigmoid(raw + 2) scale, squeeze,
@@ -20,8 +22,7 @@ all alike), and prints min and median ms/step with ratios to the JAX step, the J
 first step measures the host as much as the step: XLA:CPU maps its step buffers afresh each step
 (the peers' tensors stay in malloc's heap), and a virtual machine that hands freed memory back
 to its hypervisor (free page reporting) makes the first touch after a second or more of idle
-slow: 0.3-0.8 s more for the CIFAR config's step on one such VM (`bench/host_refault.py`
-measures a host; docs/performance.md).
+slow: 0.3-0.8 s more for the CIFAR config's step on one such VM (docs/performance.md).
 
 torch and normflows are benchmark-only extras: `pip install -e .[bench]`. On a GPU machine the
 PyTorch peers run on CUDA where torch sees it (`--torch_device`), the JAX peer on JAX's default
@@ -31,6 +32,10 @@ backend; the header names each peer's device.
   python bench/peer_pytorch.py --rounds=10 --peers=jax,torch
   python bench/peer_pytorch.py --rounds=10 --steps_per_turn=1   # one step per turn
   python bench/peer_pytorch.py --peers=jax --xla_variant=onednn=--xla_cpu_use_onednn=true
+  python bench/peer_pytorch.py --peers=jax --config_variant=eiw=model.split=eiw \
+      --config_variant=per_example=model.split=eiw,model.eiw.mode=per_example  # EIW overhead
+  python bench/peer_pytorch.py --peers=jax --config_variant=remat=model.memory=remat \
+      --config_variant=invert=model.memory=invert                   # memory modes' step time
   python bench/peer_pytorch.py --host_malloc=none --peers=jax \
       --env_variant=hugepages=GLIBC_TUNABLES=glibc.malloc.hugetlb=1
 
@@ -69,6 +74,13 @@ flags.DEFINE_multi_string(
     "env_variant", [],
     "Extra JAX peers run with an environment variable set, as NAME=VAR=VALUE (e.g. "
     "hugepages=GLIBC_TUNABLES=glibc.malloc.hugetlb=1); each is timed as peer jax[NAME].")
+flags.DEFINE_multi_string(
+    "config_variant", [],
+    "Extra JAX peers with config fields changed, as NAME=FIELD=VALUE[,FIELD=VALUE...] (values "
+    "as Python literals, else strings), each timed as peer jax[NAME]: the memory modes "
+    "(remat=model.memory=remat), the EIW splits against the vanilla one "
+    "(eiw=model.split=eiw; per_example=model.split=eiw,model.eiw.mode=per_example).")
+flags.DEFINE_multi_string("config_field", [], "Internal: FIELD=VALUE set on the JAX peer's config.")
 flags.DEFINE_enum(
     "host_malloc", "cli", ["cli", "reuse", "none"],
     "glibc malloc tunables for every peer alike (eiw_flow_jax.host_malloc): cli = those the "
@@ -94,6 +106,33 @@ FLAGS = flags.FLAGS
 MODEL_FLAGS = ("batch", "image_size", "channels", "num_levels", "steps_per_level", "hidden")
 
 
+def config_variant_fields(variant: str) -> tuple[str, list[str]]:
+  """--config_variant NAME=FIELD=VALUE[,FIELD=VALUE...] -> (NAME, ["FIELD=VALUE", ...])."""
+  name, _, assignments = variant.partition("=")
+  fields = assignments.split(",") if assignments else []
+  if not name or not fields or not all("=" in f and f.partition("=")[0] for f in fields):
+    raise ValueError(
+        f"--config_variant: expected NAME=FIELD=VALUE[,FIELD=VALUE...], got {variant!r}.")
+  return name, fields
+
+
+def set_config_fields(config, fields: list[str]) -> None:
+  """Sets each "a.b.c=VALUE" on `config` (a Python literal, else the string)."""
+  import ast  # noqa: PLC0415
+
+  for field in fields:
+    dotted, _, text = field.partition("=")
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = text
+    *parents, leaf = dotted.split(".")
+    node = config
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+
+
 def model_flag_args() -> list[str]:
   """The model-shape flags as arguments, for worker processes (this and the scripts using it)."""
   return [f"--{name}={getattr(FLAGS, name)}" for name in MODEL_FLAGS]
@@ -112,7 +151,7 @@ def jax_peer():
   import jax
   import jax.numpy as jnp
 
-  from eiw_flow_jax import train
+  from eiw_flow_jax import model, optimizer, sharding, train, train_state
   from eiw_flow_jax.config_lib import base_config
 
   config = base_config()
@@ -122,12 +161,13 @@ def jax_peer():
       FLAGS.num_levels, FLAGS.steps_per_level, FLAGS.hidden)
   m.split = "vanilla"
   config.batch_size = FLAGS.batch
-  mesh = train.make_mesh(jax.devices()[:1])
-  flow, tx = train.build_flow(config), train.make_optimizer(config)
+  set_config_fields(config, FLAGS.config_field)
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  flow, tx = model.build_flow(config), optimizer.make_optimizer(config)
   images = _images()
-  state = train.create_state(config, flow, tx, mesh, images)
+  state = train_state.create_state(config, flow, tx, mesh, images)
   step = train.make_train_step(config, flow, tx, mesh)
-  batch = train.global_batch(images, train.batch_sharding(mesh))
+  batch = sharding.global_batch(images, sharding.batch_sharding(mesh))
   compiled = step.lower(state, batch).compile()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
@@ -397,6 +437,14 @@ def main(argv):
   env = workers.worker_environ({"cli": "1", "reuse": "reuse", "none": None}[FLAGS.host_malloc])
   passed = model_flag_args()
   peer_env = {peer: env for peer in FLAGS.peers}
+  peer_args = {}
+  for variant in FLAGS.config_variant:
+    try:
+      name, fields = config_variant_fields(variant)
+    except ValueError as error:
+      raise app.UsageError(str(error)) from None
+    peer_env[f"jax[{name}]"] = env
+    peer_args[f"jax[{name}]"] = [f"--config_field={field}" for field in fields]
   for variant in FLAGS.xla_variant:
     name, sep, xla_flags = variant.partition("=")
     if not sep or not name:
@@ -412,7 +460,7 @@ def main(argv):
   pool = workers.InterleavedWorkers()
   for peer, peer_environ in peer_env.items():
     pool.start(peer, [os.path.abspath(__file__), f"--worker={peer}", *passed,
-                      f"--torch_device={FLAGS.torch_device}"],
+                      f"--torch_device={FLAGS.torch_device}", *peer_args.get(peer, [])],
                   env=peer_environ, cwd=repo)
   times = pool.time_steps(FLAGS.rounds, FLAGS.pause_s, FLAGS.steps_per_turn)
   infos = pool.infos

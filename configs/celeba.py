@@ -10,38 +10,24 @@ clipping are this project's choices.
 
 Published target (test bits/dim, 64x64 8-bit CelebA): RealNVP 3.02 (arXiv:1605.08803, Table 1);
 DenseFlow 1.99 (arXiv:2106.04627), a much larger model. Run with `--config.model.split=vanilla`
-for the Glow-architecture baseline, as is for EIW-Flow. The backbone's three deviations from
-openai/glow are in README.md, "Glow backbone vs openai/glow".
+for the Glow-architecture baseline, as is for EIW-Flow (`config_lib.glow_recipe`).
 
 Data: `python -m eiw_flow_jax.prepare --dataset=celeba --data_dir=DIR`.
 Hardware: 8 accelerators with >= 40 GB each, 32 images per device.
-Memory per device at 32 images: about 19.9 GiB: params, EMA and Adam state plus fixed buffers
-1.24 GiB, plus 598 MiB per image (bench/config_memory.py: XLA's memory analysis of the
-compiled train step on CPU, fitted over K and batch; XLA's GPU/TPU buffer assignment
-differs by tens of percent, so leave headroom).
-Wall time: not measured (no accelerator was available). Estimate: about 13 h on 8
-devices at an assumed sustained 20 TFLOP/s each, from XLA's count of 97 GFLOP per
-image per train step x batch x 300k steps; normalizing flows in fp32 often sustain
-only 5-10 TFLOP/s, i.e. 26-52 h.
+Memory per device at 32 images: about 19.9 GiB (fixed 1.24 GiB plus 598 MiB per image).
+`configs/celeba.py:v5e_16`: 16 chips of 16 GiB, 16 images each (about 10.8 GiB): as is.
+Wall time: not measured; about 13 h on 8 devices (XLA: 97 GFLOP per image per step x batch x
+300k steps at 20 TFLOP/s), 26-52 h at 5-10 TFLOP/s.
 """
 
-from eiw_flow_jax.config_lib import base_config
+from eiw_flow_jax import config_lib
+
+HARDWARE = {"v5e_16": {}}
 
 
-def get_config():
-  config = base_config()
-  config.dataset.name = "celeba"
-  config.model.image_shape = (64, 64, 3)
-  config.model.num_levels = 4
-  config.model.steps_per_level = 32
-  config.model.hidden_channels = 512
-  config.model.n_bits = 8
-  config.batch_size = 256
-  config.eval_batch_size = 256
-  config.num_train_steps = 300_000
-  config.optimizer.learning_rate = 1e-3
-  config.optimizer.warmup_steps = 2000
-  config.log_every_steps = 100
-  config.checkpoint_every_steps = 2000
-  config.eval_every_steps = 20_000
-  return config
+def get_config(hardware: str = ""):
+  config = config_lib.glow_recipe(
+      "celeba", image_shape=(64, 64, 3), num_levels=4, steps_per_level=32, batch_size=256,
+      num_train_steps=300_000,
+  )
+  return config_lib.hardware_variant(config, hardware, HARDWARE)

@@ -11,12 +11,11 @@ At batch 64 the model needs gradient checkpointing on most GPUs (their --checkpo
 `--config.model.memory=remat` where the config has that field.
 """
 
-from eiw_flow_jax.config_lib import base_config, denseflow_df_74_10
+from eiw_flow_jax import config_lib
 
 
 def get_config():
-  config = base_config()
-  config.dataset.name = "cifar10"
-  config.model.image_shape = (32, 32, 3)
-  return denseflow_df_74_10(config, batch_size=64, epochs=400, num_train=50_000,
-                            decay_rate=0.9975, iwbo_samples=1000, iwbo_chunk=50)
+  return config_lib.denseflow_df_74_10(
+      "cifar10", (32, 32, 3), batch_size=64, epochs=400, num_train=50_000,
+      decay_rate=0.9975, iwbo_samples=1000, iwbo_chunk=50,
+  )

@@ -17,20 +17,21 @@ def get_config():
   config.model.backbone = "denseflow"
   config.model.image_shape = (8, 8, 1)
   config.model.n_bits = 5
-  df = config.model.denseflow
-  df.block_conf = (2, 2)
-  df.layers_conf = (2, 2)
-  df.layer_mid_chnls = (32, 32)
-  df.growth_rate = 4
-  df.coupling_depth = 3
-  df.coupling_growth = 16
-  df.dequant_steps = 2
-  df.dequant_context_channels = 16
-  df.dequant_mid_channels = 16
-  df.dequant_depth = 2
-  df.dequant_growth = 16
-  df.dequant_context_depth = 2
-  df.dequant_context_growth = 8
+  config.model.denseflow.update(dict(
+      block_conf=(2, 2),
+      layers_conf=(2, 2),
+      layer_mid_chnls=(32, 32),
+      growth_rate=4,
+      coupling_depth=3,
+      coupling_growth=16,
+      dequant_steps=2,
+      dequant_context_channels=16,
+      dequant_mid_channels=16,
+      dequant_depth=2,
+      dequant_growth=16,
+      dequant_context_depth=2,
+      dequant_context_growth=8,
+  ))
   config.batch_size = 64
   config.num_train_steps = 800
   config.optimizer.warmup_steps = 100

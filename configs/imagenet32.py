@@ -9,43 +9,28 @@ TFDS `imagenet_resized/32x32` instead, a different downsampling: NOT comparable.
 
 Published target (test bits/dim): Glow 4.09 (arXiv:1807.03039, Table 2). Also tabulated:
 RealNVP 4.28, Flow++ 3.86, DenseFlow 3.63.
-Reproducing Glow needs `--config.model.split=vanilla` (Glow has no Shuffle; this config
-defaults to EIW-Flow, `split=eiw`, `eiw.mode=global`, which is compared with the same rows).
-The backbone differs from openai/glow in three documented ways (top prior per position, no
-ActNorm log-scale factor 3, no edge-bias padding): README.md, "Glow backbone vs openai/glow".
+`--config.model.split=vanilla` is Glow itself; the recipe, and this backbone's three
+differences from openai/glow: `config_lib.glow_recipe`.
 
 Data: `python -m eiw_flow_jax.prepare --dataset=imagenet32 --data_dir=DIR --source_dir=SRC` with
 train_32x32.tar and valid_32x32.tar in SRC (no TensorFlow needed for this one).
 Hardware: 8 accelerators with >= 24 GB each, 64 images per device.
-Memory per device at 64 images: about 17.5 GiB: params, EMA and Adam state plus fixed buffers
-1.10 GiB, plus 262 MiB per image (bench/config_memory.py: XLA's memory analysis of the
-compiled train step on CPU, fitted over K and batch; XLA's GPU/TPU buffer assignment
-differs by tens of percent, so leave headroom).
-Wall time: not measured (no accelerator was available). Estimate: about 12 h on 8
-devices at an assumed sustained 20 TFLOP/s each, from XLA's count of 35 GFLOP per
-image per train step x batch x 400k steps; normalizing flows in fp32 often sustain
-only 5-10 TFLOP/s, i.e. 24-48 h.
+Memory per device at 64 images: about 17.5 GiB (fixed 1.10 GiB plus 262 MiB per image).
+`configs/imagenet32.py:v5e_16`: 16 chips of 16 GiB, 32 images each (about 9.5 GiB): as is.
+Wall time: not measured; about 12 h on 8 devices (XLA: 35 GFLOP per image per step x batch x
+400k steps at 20 TFLOP/s), 24-48 h at 5-10 TFLOP/s.
 """
 
-from eiw_flow_jax.config_lib import base_config
+from eiw_flow_jax import config_lib
+
+HARDWARE = {"v5e_16": {}}
 
 
-def get_config():
-  config = base_config()
-  config.dataset.name = "imagenet32"
+def get_config(hardware: str = ""):
+  config = config_lib.glow_recipe(
+      "imagenet32", image_shape=(32, 32, 3), num_levels=3, steps_per_level=48, batch_size=512,
+      num_train_steps=400_000,  # ~160 epochs of 1.28M images
+  )
   config.dataset.eval_split = ""  # the dataset's usual eval split: "validation"
-  config.model.image_shape = (32, 32, 3)
-  config.model.num_levels = 3
-  config.model.steps_per_level = 48
-  config.model.hidden_channels = 512
-  config.model.n_bits = 8
-  config.batch_size = 512
-  config.eval_batch_size = 512
-  config.num_train_steps = 400_000  # ~160 epochs of 1.28M images
-  config.optimizer.learning_rate = 1e-3
-  config.optimizer.warmup_steps = 2000
   config.init_batch_size = 512
-  config.log_every_steps = 100
-  config.checkpoint_every_steps = 2000
-  config.eval_every_steps = 20_000
-  return config
+  return config_lib.hardware_variant(config, hardware, HARDWARE)

@@ -6,12 +6,11 @@ Target: DenseFlow reports 3.63 bits/dim (IWBO, k = 200, --kbs 50); EIW-Flow repo
 number in its paper's table.
 """
 
-from eiw_flow_jax.config_lib import base_config, denseflow_df_74_10
+from eiw_flow_jax import config_lib
 
 
 def get_config():
-  config = base_config()
-  config.dataset.name = "imagenet32"
-  config.model.image_shape = (32, 32, 3)
-  return denseflow_df_74_10(config, batch_size=64, epochs=20, num_train=1_281_167,
-                            decay_rate=0.95, iwbo_samples=200, iwbo_chunk=50)
+  return config_lib.denseflow_df_74_10(
+      "imagenet32", (32, 32, 3), batch_size=64, epochs=20, num_train=1_281_167,
+      decay_rate=0.95, iwbo_samples=200, iwbo_chunk=50,
+  )

@@ -8,28 +8,17 @@ bits/dim on MNIST (e.g. RealNVP/Glow-style baselines in the Residual Flows and F
 
 Hardware: one accelerator (or 8, 32 images each).
 Memory per device at 256 images on one device: about 5.6 GiB: 0.06 GiB of state plus 22 MiB
-per image (bench/config_memory.py, XLA's memory analysis on CPU, fitted over K and batch).
+per image (as measured for `config_lib.glow_recipe`).
 Wall time: not measured. Estimate: about 20 min on one device at an assumed sustained
 20 TFLOP/s (XLA: 2 GFLOP per image per step x 256 x 50k steps); 40-80 min at 5-10 TFLOP/s.
 """
 
-from eiw_flow_jax.config_lib import base_config
+from eiw_flow_jax import config_lib
 
 
 def get_config():
-  config = base_config()
-  config.dataset.name = "mnist"
-  config.model.image_shape = (28, 28, 1)
-  config.model.num_levels = 2
-  config.model.steps_per_level = 16
-  config.model.hidden_channels = 256
-  config.model.n_bits = 8
-  config.batch_size = 256
-  config.eval_batch_size = 512
-  config.num_train_steps = 50_000  # ~210 epochs of 60k images
-  config.optimizer.learning_rate = 1e-3
-  config.optimizer.warmup_steps = 1000
-  config.log_every_steps = 100
-  config.checkpoint_every_steps = 2000
-  config.eval_every_steps = 5000
-  return config
+  return config_lib.glow_recipe(
+      "mnist", **config_lib.MNIST_GLOW_MODEL, batch_size=256, eval_batch_size=512,
+      num_train_steps=50_000,  # ~210 epochs of 60k images
+      warmup_steps=1000, eval_every_steps=5000,
+  )

@@ -7,24 +7,14 @@ the real 60000/10000 split is used. Same Glow-style model as configs/mnist.py, w
 batch and fewer steps because 9000 training images overfit quickly.
 """
 
-from eiw_flow_jax.config_lib import base_config
+from eiw_flow_jax import config_lib
 
 
 def get_config():
-  config = base_config()
-  config.dataset.name = "mnist_idx"
+  config = config_lib.glow_recipe(
+      "mnist_idx", **config_lib.MNIST_GLOW_MODEL, batch_size=64, eval_batch_size=512,
+      num_train_steps=10_000,  # ~70 epochs of 9000 images
+      warmup_steps=500, checkpoint_every_steps=1000, eval_every_steps=2000,
+  )
   config.dataset.source_dir = "../shared/data/mnist"
-  config.model.image_shape = (28, 28, 1)
-  config.model.num_levels = 2
-  config.model.steps_per_level = 16
-  config.model.hidden_channels = 256
-  config.model.n_bits = 8
-  config.batch_size = 64
-  config.eval_batch_size = 512
-  config.num_train_steps = 10_000  # ~70 epochs of 9000 images
-  config.optimizer.learning_rate = 1e-3
-  config.optimizer.warmup_steps = 500
-  config.log_every_steps = 100
-  config.checkpoint_every_steps = 1000
-  config.eval_every_steps = 2000
   return config

@@ -22,21 +22,22 @@ def get_config():
   config.model.backbone = "denseflow"
   config.model.image_shape = (28, 28, 1)
   config.model.n_bits = 8
-  df = config.model.denseflow
-  df.block_conf = (2, 1)
-  df.layers_conf = (2, 2)
-  df.layer_mid_chnls = (16, 16)
-  df.growth_rate = 2
-  df.coupling_depth = 2
-  df.coupling_growth = 8
-  df.attention_landmarks = 7
-  df.dequant_steps = 2
-  df.dequant_context_channels = 8
-  df.dequant_mid_channels = 8
-  df.dequant_depth = 1
-  df.dequant_growth = 8
-  df.dequant_context_depth = 1
-  df.dequant_context_growth = 8
+  config.model.denseflow.update(dict(
+      block_conf=(2, 1),
+      layers_conf=(2, 2),
+      layer_mid_chnls=(16, 16),
+      growth_rate=2,
+      coupling_depth=2,
+      coupling_growth=8,
+      attention_landmarks=7,
+      dequant_steps=2,
+      dequant_context_channels=8,
+      dequant_mid_channels=8,
+      dequant_depth=1,
+      dequant_growth=8,
+      dequant_context_depth=1,
+      dequant_context_growth=8,
+  ))
   config.batch_size = 32
   config.init_batch_size = 64
   config.num_train_steps = 600

@@ -13,7 +13,7 @@ A checkpoint of another architecture (the config changed) is not corrupt: restor
 CheckpointMismatchError naming the differing parameters and leaves every checkpoint in place.
 
 The workdir may be local or an `etils.epath` URL (`gs://bucket/run`): paths are never made
-local. A save that fails (disk full, no permission) raises `runtime.StorageError`, one line
+local. A save that fails (disk full, no permission) raises `storage.StorageError`, one line
 naming the directory; the checkpoints saved before stay intact.
 """
 
@@ -27,7 +27,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
-from eiw_flow_jax import data, runtime
+from eiw_flow_jax import data, storage
 
 STATE = "state"
 DATA = "data"
@@ -90,7 +90,7 @@ def save(
 
 
 class _saving:  # noqa: N801 - used as a context manager
-  """Turns a failed (sync or background) save into runtime.StorageError naming the directory."""
+  """Turns a failed (sync or background) save into storage.StorageError naming the directory."""
 
   def __init__(self, manager: ocp.CheckpointManager, step: int | None):
     self.manager, self.step = manager, step
@@ -99,12 +99,12 @@ class _saving:  # noqa: N801 - used as a context manager
     return None
 
   def __exit__(self, kind: Any, error: BaseException | None, tb: Any) -> bool:
-    if error is None or isinstance(error, runtime.StorageError):
+    if error is None or isinstance(error, storage.StorageError):
       return False
     if not isinstance(error, Exception) or isinstance(error, CheckpointError):
       return False
     what = "a checkpoint" if self.step is None else f"the checkpoint of step {self.step}"
-    raise runtime.storage_error(what, self.manager.directory, error) from error
+    raise storage.storage_error(what, self.manager.directory, error) from error
 
 
 def check_saves(manager: ocp.CheckpointManager) -> None:
@@ -120,14 +120,14 @@ def wait(manager: ocp.CheckpointManager) -> None:
 
 
 def _step_dir(manager: ocp.CheckpointManager, step: int):
-  return runtime.path(manager.directory, str(step))
+  return storage.path(manager.directory, str(step))
 
 
 def _quarantine(manager: ocp.CheckpointManager, step: int) -> None:
   """Moves an unreadable checkpoint aside (kept for inspection) so it is not retried."""
   if jax.process_index() == 0:
     source = _step_dir(manager, step)
-    target_root = runtime.path(manager.directory).parent / CORRUPT_DIR
+    target_root = storage.path(manager.directory).parent / CORRUPT_DIR
     target_root.mkdir(parents=True, exist_ok=True)
     target = target_root / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
     if source.exists():
@@ -139,12 +139,12 @@ def _quarantine(manager: ocp.CheckpointManager, step: int) -> None:
 
 def checkpoint_dir(workdir: str) -> str:
   """`<workdir>/checkpoints`; a URL workdir (gs://...) stays a URL."""
-  return runtime.join(runtime.normalize_dir(workdir, "workdir"), CHECKPOINT_DIR)
+  return storage.join(storage.normalize_dir(workdir, "workdir"), CHECKPOINT_DIR)
 
 
 def has_checkpoints(workdir: str) -> bool:
   """Whether `<workdir>/checkpoints` holds a finalised step directory."""
-  directory = runtime.path(checkpoint_dir(workdir))
+  directory = storage.path(checkpoint_dir(workdir))
   try:
     return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
   except OSError:

@@ -28,7 +28,7 @@ import os
 import pickle
 import re
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -312,25 +312,77 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
   return out
 
 
-def convert_checkpoint(torch_checkpoint: str, config: Any, workdir: str) -> str:
-  """Writes `<workdir>/checkpoints/0` (a TrainState) from the .pt file; returns its directory."""
+def authors_weight_ties(variables: Mapping[str, Any]) -> dict[str, dict[str, int]]:
+  """Per EIW transition of converted DenseFlow variables: where the authors' float32 channel
+  weights tie exactly (`denseflow.authors_weight_ties`: counts, and whether a tie crosses the
+  kept/factored split). Empty for vanilla transitions."""
+  import jax
+
+  from eiw_flow_jax.backbones import denseflow
+
+  out = {}
+  params = variables["params"]
+  names = sorted((k for k in params if k.startswith("transition") and "wg_fc2" in params[k]),
+                 key=lambda k: int(k[len("transition"):]))
+  for name in names:
+    wg_fc0, wg_fc2 = np.asarray(params[name]["wg_fc0"]), np.asarray(params[name]["wg_fc2"])
+    logits = denseflow.weight_generator_logits(wg_fc0, wg_fc2, wg_fc2.shape[1])
+    ties = jax.device_get(denseflow.authors_weight_ties(logits))
+    out[name] = {"channels": wg_fc2.shape[1], **{k: int(v) for k, v in ties.items()}}
+  return out
+
+
+def describe_weight_ties(ties: Mapping[str, Mapping[str, int]]) -> str:
+  """One line on `authors_weight_ties`: can the authors' own channel order be reproduced?"""
+  if not ties:
+    return "EIW channel order: no EIW transitions (vanilla split)."
+  tied = {name: t for name, t in ties.items() if t["authors_tied_channels"]}
+  if not tied:
+    return ("EIW channel order: the authors' float32 channel weights are distinct at every "
+            "transition, so their order is defined and reproduced (sorted by logit).")
+  parts, undefined = [], False
+  for name, t in tied.items():
+    where = "all factored"
+    if t["authors_ties_cross_split"]:
+      where, undefined = "crossing the kept/factored split", True
+    elif t["authors_tied_kept_channels"]:
+      where, undefined = f"{t['authors_tied_kept_channels']} kept", True
+    parts.append(f"{name} {t['authors_tied_channels']} of {t['channels']} channels ({where})")
+  effect = ("the authors' likelihood depends on their sort's implementation" if undefined else
+            "their likelihood does not depend on it, their regulariser does")
+  return ("EIW channel order: the authors' float32 weights tie exactly (underflow) at "
+          f"{'; '.join(parts)}; torch's unstable sort leaves the tied order undefined and "
+          f"{effect}; here ties go by logit, then channel index.")
+
+
+def convert_checkpoint(
+    torch_checkpoint: str, config: Any, workdir: str,
+    report: Callable[[str], None] | None = print,
+) -> str:
+  """Writes `<workdir>/checkpoints/0` (a TrainState) from the .pt file; returns its directory.
+
+  `report` (a callable of one string, or None) receives one line on the EIW channel order:
+  whether the authors' float32 channel weights tie (`describe_weight_ties`).
+  """
   import jax
   import jax.numpy as jnp
 
-  from eiw_flow_jax import checkpointing, config_lib, train
+  from eiw_flow_jax import checkpointing, config_lib, optimizer, resume, sharding, train_state
   from eiw_flow_jax.model import build_flow
 
   config_lib.validate_config(config)
   flow = build_flow(config)
   variables = convert_state_dict(state_dict_from(read_torch_file(torch_checkpoint)), flow)
+  if report is not None:
+    report(describe_weight_ties(authors_weight_ties(variables)))
   variables = jax.tree.map(jnp.asarray, variables)
-  tx = train.make_optimizer(config)
-  mesh = train.make_mesh()
-  state = train._state_from_variables(tx, variables)
-  shardings = train.state_shardings(mesh, train.abstract_state(flow, tx, mesh))
+  tx = optimizer.make_optimizer(config)
+  mesh = sharding.make_mesh()
+  state = train_state.state_from_variables(tx, variables)
+  shardings = sharding.state_shardings(mesh, train_state.abstract_state(flow, tx, mesh))
   state = jax.device_put(state, shardings)
   os.makedirs(workdir, exist_ok=True)
-  train._save_config(config, workdir)
+  resume.save_config(config, workdir)
   manager = checkpointing.make_manager(workdir, keep=config.keep_checkpoints)
   try:
     checkpointing.save(manager, 0, state, force=True)

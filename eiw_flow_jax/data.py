@@ -66,7 +66,7 @@ an uninterrupted run would. With Orbax::
 `config.dataset.worker_count` (default 0; `--config.dataset.worker_count=N`) runs the pipeline
 in that many grain worker processes (`mp_prefetch`). The batches are the same for any value, but
 the saved iterator state is not: a checkpoint restores only with the worker_count it was saved
-with (the training loop refuses a changed one before restoring, `runtime.check_resume_config`).
+with (the training loop refuses a changed one before restoring, `resume.check_resume_config`).
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from eiw_flow_jax import data, runtime
+from eiw_flow_jax import data, reporting, storage
 from eiw_flow_jax.model import Flow
 
 # Offsets folded into the seed for eval noise and sampling (train.py owns the others).
@@ -76,27 +76,13 @@ def evaluate_bpd(
   return bpd, count
 
 
-def summary_writer(workdir: str, suffix: str = "") -> Any:
-  """A tensorboardX SummaryWriter on `workdir` (local or a URL such as gs://bucket/run).
-
-  Each writer starts its own event file (named by time and host, plus `suffix`, so writers
-  opened within the same second do not overwrite each other); TensorBoard reads them all.
-  """
-  from tensorboardX import SummaryWriter  # noqa: PLC0415
-
-  if runtime.is_remote(workdir):
-    runtime.register_tensorboard_schemes(workdir.split("://", 1)[0])
-  with runtime.writing("TensorBoard events", workdir):
-    return SummaryWriter(os.fspath(workdir), filename_suffix=suffix)
-
-
 def _log_to_tensorboard(
     workdir: str, step: int, scalars: dict, images: dict, suffix: str
 ) -> None:
   """Scalars and (H, W, C) uint8 images into a new event file in the workdir (process 0)."""
   if jax.process_index() != 0:
     return
-  writer = summary_writer(workdir, suffix)
+  writer = reporting.summary_writer(workdir, suffix)
   try:
     for tag, value in scalars.items():
       writer.add_scalar(tag, value, step)
@@ -169,7 +155,7 @@ def num_parameters(variables: Any) -> int:
 
 def read_train_time(workdir: str) -> float | None:
   """Training wall time in seconds recorded in the workdir, or None if none was recorded."""
-  path = runtime.path(workdir, TRAIN_TIME_FILE)
+  path = storage.path(workdir, TRAIN_TIME_FILE)
   try:
     return float(json.loads(path.read_text())["wall_time_s"])
   except FileNotFoundError:
@@ -187,8 +173,8 @@ def record_train_time(workdir: str, seconds: float, step: int) -> float:
   """
   total = (read_train_time(workdir) or 0.0) + float(seconds)
   if jax.process_index() == 0:
-    path = runtime.path(workdir, TRAIN_TIME_FILE)
-    with runtime.writing("the training time record", path):
+    path = storage.path(workdir, TRAIN_TIME_FILE)
+    with storage.writing("the training time record", path):
       path.write_text(json.dumps({"wall_time_s": total, "step": int(step)}))
   return total
 
@@ -248,8 +234,8 @@ def evaluate_and_write(
       results["iwbo_bpd"], results["iwbo_k"] = iwbo, k
       logging.info("Test IWBO (k=%d) %.4f bpd", k, iwbo)
   if jax.process_index() == 0:
-    path = runtime.path(workdir, RESULTS_FILE)
-    runtime.write_text(path, json.dumps(results, indent=2), "results")
+    path = storage.path(workdir, RESULTS_FILE)
+    storage.write_text(path, json.dumps(results, indent=2), "results")
     _log_to_tensorboard(workdir, int(step), {"eval/bpd": bpd}, {}, ".eval")
     logging.info("Test bpd %.4f over %d examples at step %d -> %s", bpd, count, step, path)
   return results
@@ -281,8 +267,8 @@ def save_png(grid: np.ndarray, path: str, *, min_size: int = 256) -> None:
 
   grid = enlarge(grid, min_size=min_size)
   image = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
-  file = runtime.path(path)
-  with runtime.writing("a sample grid", file), file.open("wb") as f:
+  file = storage.path(path)
+  with storage.writing("a sample grid", file), file.open("wb") as f:
     image.save(f, format="PNG")
 
 
@@ -307,7 +293,7 @@ def write_sample_grids(
 
   With `step`, the grids also go to TensorBoard as images `samples/temperature_<t>`.
   """
-  out_dir = runtime.path(workdir, SAMPLES_DIR)
+  out_dir = storage.path(workdir, SAMPLES_DIR)
   fn = _sample_fn(flow, mesh, config.sample.num_samples)
   # Pixel value shown as white; by default the top of the model's n_bits range.
   max_value = config.sample.get("display_max", 0) or 2**config.model.n_bits - 1
@@ -316,7 +302,7 @@ def write_sample_grids(
     images = np.asarray(jax.device_get(fn(variables, jax.random.fold_in(rng, index), temperature)))
     path = os.fspath(out_dir / f"temperature_{float(temperature):.2f}.png")
     if jax.process_index() == 0:
-      with runtime.writing("sample grids", out_dir):
+      with storage.writing("sample grids", out_dir):
         out_dir.mkdir(parents=True, exist_ok=True)
       grid = image_grid(images, max_value=max_value)
       save_png(grid, path)

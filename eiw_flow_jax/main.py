@@ -40,7 +40,17 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from eiw_flow_jax import checkpointing, config_lib, evaluate, runtime, train
+from eiw_flow_jax import (
+    checkpointing,
+    config_lib,
+    divergence,
+    evaluate,
+    stop_signals,
+    storage,
+    train,
+    train_state,
+    workdir_lock,
+)
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -81,9 +91,9 @@ _USER_ERRORS = (
     FileNotFoundError,
     train.NonFiniteError,
     checkpointing.CheckpointError,
-    runtime.StorageError,
-    runtime.WorkdirBusyError,
-    runtime.DivergedError,
+    storage.StorageError,
+    workdir_lock.WorkdirBusyError,
+    divergence.DivergedError,
 )
 
 
@@ -99,8 +109,8 @@ def resolve_paths(config, workdir: str) -> str:
   for field in ("data_dir", "source_dir"):
     value = config.dataset[field]
     if value:
-      config.dataset[field] = runtime.normalize_dir(value, f"config.dataset.{field}")
-  return runtime.normalize_dir(workdir, "--workdir")
+      config.dataset[field] = storage.normalize_dir(value, f"config.dataset.{field}")
+  return storage.normalize_dir(workdir, "--workdir")
 
 
 def run(
@@ -108,7 +118,7 @@ def run(
     allow_config_change: bool = False,
 ) -> dict | None:
   """What the command does, callable from Python; returns the results of train/eval."""
-  runtime.normalize_dir(workdir, "--workdir")  # "" must not mean the current directory
+  storage.normalize_dir(workdir, "--workdir")  # "" must not mean the current directory
   config_lib.validate_config(config)  # what can be checked before touching any device
   if distributed or config.distributed:
     jax.distributed.initialize(
@@ -134,7 +144,7 @@ def run(
             f"step {results['step']}): {results['bpd']:.4f}", flush=True)
     return results
   restored = train.restore_for_inference(config, workdir)
-  keys = train.rng_keys(config)
+  keys = train_state.rng_keys(config)
   variables = restored.state.variables(ema=True)
   if mode == "eval":
     results = evaluate.evaluate_and_write(
@@ -207,7 +217,7 @@ def main(argv: list[str]) -> None:
   try:
     run(_CONFIG.value, _WORKDIR.value, _MODE.value, distributed=_DISTRIBUTED.value,
         allow_config_change=_ALLOW_CONFIG_CHANGE.value)
-  except runtime.StopRequested as e:
+  except stop_signals.StopRequested as e:
     _fail(f"stopped: {e}", e.exit_code)
   except _USER_ERRORS as e:
     _fail(f"error: {type(e).__name__}: {e}")

@@ -390,6 +390,9 @@ class DenseFlow(Flow):
   def shuffle_stats(
       self, variables: Variables, y: Array, rng: Array | None = None
   ) -> list[dict[str, Array]]:
+    """Per EIW transition: the order, the weights' entropies and regulariser, and where the
+    authors' float32 weights tie (`authors_tied_channels`, `authors_tied_kept_channels`,
+    `authors_ties_cross_split`: their torch model's order is undefined there)."""
     self.check_continuous(y)
     augment = self._noise(rng, None, y.shape[0])["augment"]
     return self.module.apply(variables, y, augment, method="diagnostics")

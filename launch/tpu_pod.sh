@@ -76,7 +76,7 @@ RUN="${RUN:-$NAME}"
 DATA_DIR="${DATA_DIR:-$BUCKET/tensorflow_datasets}"
 WORKDIR="$BUCKET/runs/$RUN"
 REPO_ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-if [[ ! -f "$REPO_ROOT/$CONFIG" ]]; then
+if [[ ! -f "$REPO_ROOT/${CONFIG%%:*}" ]]; then  # configs/x.py:variant names configs/x.py
   echo "tpu_pod.sh: no config file $CONFIG in $REPO_ROOT" >&2
   exit 2
 fi

@@ -12,7 +12,7 @@ import sys
 import pytest
 from conftest import REPO, with_test_xla_flags
 
-from eiw_flow_jax import data, evaluate, train
+from eiw_flow_jax import data, evaluate, model, optimizer, sharding, train_state
 
 CONFIGS = os.path.join(REPO, "configs")
 TINY = [
@@ -77,11 +77,11 @@ def test_train_eval_sample_on_digits(tmp_path, data_dir, env):
 
   # Test bpd of the same model at initialisation (same seed, same init batch, same eval noise).
   config = _tiny_config(data_dir)
-  flow, tx, mesh = train.build_flow(config), train.make_optimizer(config), train.make_mesh()
+  flow, tx, mesh = model.build_flow(config), optimizer.make_optimizer(config), sharding.make_mesh()
   images = data.load_examples(config, "train", config.init_batch_size)
-  state = train.create_state(config, flow, tx, mesh, images)
+  state = train_state.create_state(config, flow, tx, mesh, images)
   init_bpd, count = evaluate.evaluate_bpd(
-      config, flow, state.variables(), mesh, train.rng_keys(config)["eval"]
+      config, flow, state.variables(), mesh, train_state.rng_keys(config)["eval"]
   )
   assert count == 297
   assert results["bpd"] < init_bpd - 0.5, (results["bpd"], init_bpd)

@@ -62,6 +62,75 @@ def test_command_line_overrides_reach_every_config(path, monkeypatch):
   config_lib.validate_config(values.config)
 
 
+def _load_module(path: str):
+  spec = importlib.util.spec_from_file_location("config_under_test", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+HARDWARE_VARIANTS = [
+    (path, variant)
+    for path in CONFIG_FILES
+    for variant in sorted(getattr(_load_module(path), "HARDWARE", {}))
+]
+
+
+def test_the_glow_family_has_the_v5e_16_variant():
+  with_variant = {os.path.basename(path) for path, variant in HARDWARE_VARIANTS
+                  if variant == "v5e_16"}
+  assert with_variant == {
+      "celeba.py", "cifar10.py", "imagenet32.py", "imagenet64.py", "lsun_bedroom.py",
+      "lsun_church.py",
+  }
+
+
+@pytest.mark.parametrize(
+    "path, variant", HARDWARE_VARIANTS, ids=lambda x: os.path.basename(x) if "/" in x else x
+)
+def test_hardware_variant_from_the_command_line(path, variant, monkeypatch):
+  """`--config=configs/x.py:variant`: config_flags passes "variant" to get_config."""
+  from absl import flags
+  from ml_collections import config_flags
+
+  argv = ["prog", f"--config={path}:{variant}", "--config.seed=3"]
+  monkeypatch.setattr("sys.argv", argv)
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", path, flag_values=values, lock_config=True)
+  values(argv)
+  module = _load_module(path)
+  expected = module.get_config()
+  for dotted, value in module.HARDWARE[variant].items():
+    *parents, leaf = dotted.split(".")
+    node = expected
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+  expected.seed = 3
+  assert values.config.to_dict() == expected.to_dict()
+  config_lib.validate_config(values.config, num_devices=16)
+
+
+def test_v5e_16_recomputes_only_for_the_64x64_glow_configs():
+  # An empty variant says the recipe fits that hardware as it is; the 64x64 Glow configs do
+  # not fit 16 GiB chips at 16 images and recompute activations there.
+  for path, variant in HARDWARE_VARIANTS:
+    module = _load_module(path)
+    name = os.path.basename(path)
+    if name.startswith(("imagenet64", "lsun")):
+      assert module.get_config(variant).model.memory == "remat", name
+    else:
+      assert module.get_config(variant).to_dict() == module.get_config().to_dict(), name
+
+
+def test_unknown_hardware_variant_names_the_known_ones():
+  module = _load_module(os.path.join(REPO, "configs", "cifar10.py"))
+  with pytest.raises(config_lib.ConfigError, match=r"'v9_1' .*expected one of: v5e_16"):
+    module.get_config("v9_1")
+  with pytest.raises(TypeError):
+    _load_module(os.path.join(REPO, "configs", "digits.py")).get_config("v5e_16")
+
+
 def test_mnist_idx_points_at_shared_data():
   config = load_config("mnist_idx")
   assert config.dataset.source_dir == "../shared/data/mnist"

@@ -13,7 +13,7 @@ import pytest
 from conftest import REPO
 from test_denseflow_parity import config_from_fixture, load_case
 
-from eiw_flow_jax import checkpointing, convert, train
+from eiw_flow_jax import checkpointing, convert, optimizer, sharding, train_state
 from eiw_flow_jax.model import build_flow
 
 SMALL_PT = os.path.join(REPO, "tests", "fixtures", "torch_state_dict_small.pt")
@@ -42,15 +42,17 @@ def test_convert_checkpoint_writes_a_restorable_train_state(tmp_path):
   npz = tmp_path / "weights.npz"
   np.savez(npz, **weights)
   workdir = str(tmp_path / "work")
-  convert.convert_checkpoint(str(npz), config, workdir)
+  reports = []
+  convert.convert_checkpoint(str(npz), config, workdir, report=reports.append)
+  assert reports == ["EIW channel order: no EIW transitions (vanilla split)."]
   assert os.path.exists(os.path.join(workdir, "config.json"))
   flow = build_flow(config)
-  tx = train.make_optimizer(config)
-  mesh = train.make_mesh()
+  tx = optimizer.make_optimizer(config)
+  mesh = sharding.make_mesh()
   manager = checkpointing.make_manager(workdir, keep=1, read_only=True)
   try:
     step, state = checkpointing.restore_latest(
-        manager, train.abstract_state(flow, tx, mesh), quarantine=False)
+        manager, train_state.abstract_state(flow, tx, mesh), quarantine=False)
   finally:
     manager.close()
   assert step == 0
@@ -64,3 +66,32 @@ def test_cli_requires_its_flags():
                        capture_output=True, text=True, timeout=120,
                        env=dict(os.environ, PYTHONPATH=REPO))
   assert out.returncode != 0 and "torch_checkpoint" in out.stderr
+
+
+def ties(tied: int, kept: int = 0, cross: int = 0, channels: int = 64) -> dict[str, int]:
+  return {"channels": channels, "authors_tied_channels": tied,
+          "authors_tied_kept_channels": kept, "authors_ties_cross_split": cross}
+
+
+@pytest.mark.parametrize("found,expected", [
+    ({"transition0": ties(0), "transition1": ties(0)}, "distinct at every transition"),
+    ({"transition0": ties(0), "transition1": ties(9, channels=96)},
+     "at transition1 9 of 96 channels (all factored); torch's unstable sort leaves the tied "
+     "order undefined and their likelihood does not depend on it, their regulariser does"),
+    ({"transition0": ties(4, kept=4), "transition1": ties(41, channels=144)},
+     "at transition0 4 of 64 channels (4 kept); transition1 41 of 144 channels (all factored);"
+     " torch's unstable sort leaves the tied order undefined and the authors' likelihood "
+     "depends on their sort's implementation"),
+    ({"transition0": ties(6, kept=2, cross=1)},
+     "6 of 64 channels (crossing the kept/factored split)"),
+], ids=["none", "factored", "kept", "cross"])
+def test_weight_ties_are_reported_in_one_line(found, expected):
+  line = convert.describe_weight_ties(found)
+  assert expected in line and "\n" not in line
+
+
+def test_weight_ties_of_a_saturated_checkpoint():
+  _, cfg, weights = load_case("denseflow_eiw_saturated_kept")
+  flow = build_flow(config_from_fixture(cfg))
+  found = convert.authors_weight_ties(convert.convert_state_dict(weights, flow))
+  assert found == {"transition0": ties(45, channels=144)}

@@ -1,10 +1,12 @@
 """host_malloc: which glibc tunables the CLI adds on which host, and that it re-executes once."""
 
 import os
+import platform
 import subprocess
 import sys
 
 import pytest
+from conftest import transparent_hugepage_mode
 
 from eiw_flow_jax import host_malloc
 
@@ -100,7 +102,11 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 3)
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc tunables are Linux-only")
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+                    reason="glibc tunables: Linux with glibc only")
+@pytest.mark.skipif(transparent_hugepage_mode() == "always",
+                    reason="THP mode 'always': the kernel backs the block with huge pages, so "
+                    "the 4 KiB page-fault counts this test expects do not apply")
 def test_heap_reuse_stops_the_per_step_page_faults(tmp_path):
   """What heap reuse is for: XLA:CPU's large temporaries stop faulting in every call."""
   faults = {}

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import VARIANTS, make_config, perturb, random_uint8
+from conftest import ON_PINNED_COMPILER, VARIANTS, make_config, perturb, random_uint8
 
 import eiw_flow_jax
 from eiw_flow_jax import memory
@@ -153,6 +153,7 @@ def test_lower_triangular_inverse_matches_triangular_solve(channels):
   assert np.all(np.triu(np.asarray(got), 1) == 0)
 
 
+@pytest.mark.compiler_output
 def test_remat_and_invert_keep_temporary_memory_flat():
   """The backward's recomputations are ordered one step at a time (XLA:CPU schedules freely).
 
@@ -216,9 +217,10 @@ def test_remat_call_chain_matches_autodiff_and_recomputes_one_call_at_a_time():
   # Float32 round-off relative to each leaf's scale (the gradients here reach ~1e3).
   jax.tree.map(lambda a, b: np.testing.assert_allclose(
       a, b, rtol=1e-5, atol=1e-5 * max(1.0, float(np.abs(a).max()))), results[False], results[True])
-  one_call_hidden = x.shape[0] * width * 4
-  assert temp[False] > calls * one_call_hidden, temp  # autodiff keeps every call's hidden
-  assert temp[True] < 0.5 * temp[False], temp
+  if ON_PINNED_COMPILER:  # XLA's buffer sizes: checked on the pinned jaxlib only
+    one_call_hidden = x.shape[0] * width * 4
+    assert temp[False] > calls * one_call_hidden, temp  # autodiff keeps every call's hidden
+    assert temp[True] < 0.5 * temp[False], temp
 
 
 def test_run_chain_rejects_unknown_mode():

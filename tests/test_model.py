@@ -12,6 +12,7 @@ import pytest
 from conftest import VARIANTS, log_abs_det_jacobian, make_config, perturb, random_uint8
 
 import eiw_flow_jax
+from eiw_flow_jax import config_lib
 from eiw_flow_jax.model import Flow
 
 
@@ -294,5 +295,8 @@ def test_bad_model_config(field, value, match):
     eiw_flow_jax.build_flow(config)
 
 
-def test_variants_list_is_complete():
-  assert {v for v in VARIANTS} == {("vanilla", "global"), ("eiw", "global"), ("eiw", "per_example")}
+def test_the_variant_fixture_covers_every_split_and_eiw_mode():
+  """The `variant` fixture runs most model tests once per (split, mode): a split or EIW mode
+  added to config_lib must be added there too, or those tests would never see it."""
+  assert {split for split, _ in VARIANTS} == set(config_lib.SPLITS)
+  assert {mode for split, mode in VARIANTS if split == "eiw"} == set(config_lib.EIW_MODES)

@@ -15,10 +15,6 @@ EXPECTED_OUTPUT = {
 }
 
 
-def test_there_is_a_notebook():
-  assert NOTEBOOKS
-
-
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_code_cells_parse(path):
   notebook = json.loads(path.read_text())

@@ -1,4 +1,4 @@
-"""train.Prefetcher: batches ahead on the devices, checkpoint position of the step's next batch."""
+"""prefetch.Prefetcher: batches ahead on the devices; checkpoints hold the next batch's position."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from eiw_flow_jax import config_lib, train
+from eiw_flow_jax import config_lib, prefetch, sharding
 
 
 class _Counter:
@@ -31,9 +31,9 @@ class _Counter:
 
 @pytest.mark.parametrize("depth", [0, 1, 3])
 def test_prefetcher_order_position_and_limit(depth):
-  sharding = train.batch_sharding(train.make_mesh(jax.devices()[:1]))
+  on_data = sharding.batch_sharding(sharding.make_mesh(jax.devices()[:1]))
   iterator = _Counter()
-  batches = train.Prefetcher(iterator, sharding, depth, limit=5)
+  batches = prefetch.Prefetcher(iterator, on_data, depth, limit=5)
   for expected in range(5):
     batch = batches.next()
     assert isinstance(batch, jax.Array) and int(batch[0, 0, 0, 0]) == expected

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from conftest import REPO, with_test_xla_flags
 
-from eiw_flow_jax import checkpointing, data, train
+from eiw_flow_jax import checkpointing, data, model, optimizer, sharding, train, train_state
 from eiw_flow_jax.config_lib import base_config
 
 DIGITS = os.path.join(REPO, "configs", "digits.py")
@@ -99,13 +99,13 @@ def test_schedule_and_ema_decay():
   config.num_train_steps = 100
   config.optimizer.learning_rate = 1e-3
   config.optimizer.warmup_steps = 10
-  schedule = train.make_schedule(config)
+  schedule = optimizer.make_schedule(config)
   assert float(schedule(0)) == pytest.approx(1e-4)
   assert float(schedule(9)) == pytest.approx(1e-3)
   assert float(schedule(50)) == pytest.approx(1e-3)
   config.optimizer.cosine_decay = True
   config.optimizer.end_learning_rate_factor = 0.1
-  schedule = train.make_schedule(config)
+  schedule = optimizer.make_schedule(config)
   assert float(schedule(10)) == pytest.approx(1e-3)
   assert float(schedule(100)) == pytest.approx(1e-4, rel=1e-4)
   assert float(schedule(55)) == pytest.approx(0.55e-3, rel=1e-3)
@@ -119,20 +119,20 @@ EIGHT_DEVICES = textwrap.dedent(
     import jax, numpy as np
     sys.path.insert(0, {tests!r})
     from test_train import tiny_config
-    from eiw_flow_jax import data, train
+    from eiw_flow_jax import data, model, optimizer, sharding, train, train_state
 
     assert jax.device_count() == 8, jax.devices()
     config = tiny_config({data_dir!r})
-    flow, tx = train.build_flow(config), train.make_optimizer(config)
+    flow, tx = model.build_flow(config), optimizer.make_optimizer(config)
     images = data.load_examples(config, "train", 64)
     out = {{}}
     for n in (1, 8):
-      mesh = train.make_mesh(jax.devices()[:n])
-      state = train.create_state(config, flow, tx, mesh, images)
+      mesh = sharding.make_mesh(jax.devices()[:n])
+      state = train_state.create_state(config, flow, tx, mesh, images)
       step = train.make_train_step(config, flow, tx, mesh)
       losses = []
       for i in range(3):
-        batch = train.global_batch(images[16 * i : 16 * (i + 1)], train.batch_sharding(mesh))
+        batch = sharding.global_batch(images[16 * i : 16 * (i + 1)], sharding.batch_sharding(mesh))
         state, metrics = step(state, batch)
         losses.append(float(metrics["loss"]))
       assert len(batch.sharding.device_set) == n
@@ -231,12 +231,12 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, data_dir):
   assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(state.params))
 
   # A skipped step leaves params, EMA and optimizer state exactly as they were.
-  flow, tx, mesh = train.build_flow(config), train.make_optimizer(config), train.make_mesh()
+  flow, tx, mesh = model.build_flow(config), optimizer.make_optimizer(config), sharding.make_mesh()
   images = data.load_examples(config, "train", 16)
-  before = train.create_state(config, flow, tx, mesh, images)
+  before = train_state.create_state(config, flow, tx, mesh, images)
   before_host = jax.device_get(before)
   poisoned = train.make_train_step(config, flow, tx, mesh, inject_nonfinite=True)
-  after, metrics = poisoned(before, train.global_batch(images, train.batch_sharding(mesh)))
+  after, metrics = poisoned(before, sharding.global_batch(images, sharding.batch_sharding(mesh)))
   after = jax.device_get(after)
   assert not bool(metrics["finite"])
   assert int(after.step) == 1

@@ -20,6 +20,16 @@ growth 64; the dequantizer: 4 steps, 64 channels) that would make a fixture tens
 constants are patched to small values here (the same classes, narrower); the config written
 alongside records them, and `eiw_flow_jax`'s config exposes them as fields. The full-width
 parameter counts are computed separately (`--param_counts`, no patching).
+
+The `saturated` cases keep the EIW weight generators at torch's default initialisation (the
+scale a trained model has, not the small rescaled weights of the other cases): their softmax
+over C channels underflows, to float32 subnormals (which torch keeps and sorts as distinct)
+and exact zeros (which tie, and torch's descending sort leaves in no defined order). Each such
+case states where its ties and subnormals must lie (asserted, with the seed chosen for it), and
+records per transition torch's weights and sort indices, plus the ELBO and scale loss of the
+same model with the weight generator's sort replaced by a stable sort of its logits (the rule
+of `eiw_flow_jax`): the scale loss depends on the order of tied channels, the ELBO must not
+where every tie lies in the factored half.
 """
 
 from __future__ import annotations
@@ -45,9 +55,19 @@ SMALL = {
 }
 
 CASES = {
-    # name: (repo kind, data_shape CHW, block_conf, layers_conf, layer_mid_chnls, growth_rate)
+    # name: (repo kind, data_shape CHW, block_conf, layers_conf, layer_mid_chnls, growth_rate
+    #        [, saturation: what the default-scale weight generators must show, and the seed])
     "denseflow_eiw_3scale": ("eiw", (1, 16, 16), [2, 1, 2], [1, 1, 1], [4, 4, 4], 2),
     "denseflow_vanilla_tiny": ("denseflow", (3, 8, 8), [2, 2], [1, 2], [6, 4], 2),
+    # C = 96: torch's 7 zeros (tied) and 18 subnormals all in the factored half.
+    "denseflow_eiw_saturated_factored": (
+        "eiw", (3, 8, 8), [2, 1], [1, 1], [4, 4], 12,
+        {"seed": 6, "zeros_in_factored": True, "subnormals_in_kept": False}),
+    # C = 144: 8 subnormal weights among the kept 72 (distinct in torch, 0 when flushed), 41
+    # zeros in the factored half.
+    "denseflow_eiw_saturated_kept": (
+        "eiw", (9, 8, 8), [1, 1], [1, 1], [4, 4], 4,
+        {"seed": 1, "zeros_in_factored": True, "subnormals_in_kept": True}),
 }
 
 FULL_COUNTS = {
@@ -112,18 +132,100 @@ class _QueuedNormal:
     return self.dist.log_prob(x)
 
 
+SMALLEST_NORMAL = np.float32(2.0**-126)
+
+
+def _weight_generators(model) -> list:
+  return [t.weightGenerator for t in model.transforms
+          if t.__class__.__name__ == "InvertibleTransition"]
+
+
+def _generator_outputs(wg) -> tuple[np.ndarray, np.ndarray]:
+  """torch's float32 weights and descending-sort indices of one weight generator."""
+  import torch
+
+  with torch.no_grad():
+    weight, indices = wg.sort()
+  return weight[0].numpy(), indices.numpy()
+
+
+def check_saturation(model, want: dict) -> list[str]:
+  """What `want` asks of the weight generators' float32 softmax that they do not show."""
+  problems, zeros_seen, kept_subnormals = [], False, False
+  for t, wg in enumerate(_weight_generators(model)):
+    weight, indices = _generator_outputs(wg)
+    kept = len(weight) // 2
+    ordered = weight[indices]
+    tied = np.zeros(len(weight), bool)
+    same = ordered[1:] == ordered[:-1]
+    tied[1:] |= same
+    tied[:-1] |= same
+    if tied[:kept].any():  # ties among kept channels: the authors' likelihood is undefined
+      problems.append(f"transition {t}: {int(tied[:kept].sum())} kept channels tie")
+    zeros_seen |= bool((weight == 0).any())
+    kept_subnormals |= bool(((ordered[:kept] > 0) & (ordered[:kept] < SMALLEST_NORMAL)).any())
+    if not want["subnormals_in_kept"] and (ordered[:kept] < SMALLEST_NORMAL).any():
+      problems.append(f"transition {t}: kept weights below the normal range")
+  if want["zeros_in_factored"] and not zeros_seen:
+    problems.append("no weight underflows to 0")
+  if want["subnormals_in_kept"] and not kept_subnormals:
+    problems.append("no subnormal weight among the kept channels")
+  return problems
+
+
+def _logit_sort(self):
+  """WeightGenerator.sort with torch's sort of the weights replaced by a stable descending sort
+  of the logits (eiw_flow_jax's rule); the weights returned are the same."""
+  import torch
+
+  logits = self.fc[2](self.fc[1](self.fc[0](self.in_channel)))
+  _, indices = torch.sort(logits, descending=True, stable=True)
+  return self.fc[3](logits), indices[0]
+
+
+def _log_prob_loop(torch, model, x, batch) -> tuple[dict, list]:
+  """Their `Flow.log_prob` loop, every transform's log-det kept; (outputs, scale losses)."""
+  out = {}
+  h_t = torch.from_numpy(x.astype(np.int64))
+  total = torch.zeros(batch)
+  losses = []
+  for i, t in enumerate(model.transforms):
+    res = t(h_t)
+    if t.__class__.__name__ == "InvertibleTransition" and len(res) == 3:
+      h_t, ld, loss = res
+      losses.append(loss)
+    else:
+      h_t, ld = res
+    out[f"expected/ldj_{i}"] = ld.numpy().astype(np.float32)
+    total = total + ld
+  base_lp = model.base_dist.log_prob(h_t)
+  out["expected/base_log_prob"] = base_lp.numpy()
+  out["expected/z_top"] = h_t.numpy()
+  out["expected/elbo"] = (total + base_lp).numpy()
+  return out, losses
+
+
 def make_case(name: str, spec, out_dir: str, seed: int) -> str:
   import torch
 
-  kind, shape, blocks, layers, mids, growth = spec
+  kind, shape, blocks, layers, mids, growth = spec[:6]
+  saturation = spec[6] if len(spec) > 6 else None
+  if saturation is not None:
+    seed = saturation["seed"]
   torch.manual_seed(seed)
   rng = np.random.RandomState(seed)
   model = _DENSE_FLOW.DenseFlow(data_shape=shape, block_config=blocks, layers_config=layers,
                                 layer_mid_chnls=mids, growth_rate=growth, checkpointing=False)
+  if saturation is not None:
+    problems = check_saturation(model, saturation)
+    if problems:
+      raise SystemExit(f"{name} (seed {seed}): {'; '.join(problems)}: choose another seed.")
   with torch.no_grad():
     for key, p in model.state_dict().items():
       if not p.is_floating_point() or key.split(".")[-1] in _FIXED_BUFFERS:
         continue
+      if saturation is not None and ".weightGenerator." in key:
+        continue  # torch's default initialisation: the scale at which the softmax saturates
       if key.endswith("running_var"):
         p.copy_(torch.from_numpy(rng.uniform(0.5, 1.5, p.shape).astype(np.float32)))
       elif key.endswith("initialized"):
@@ -147,39 +249,36 @@ def make_case(name: str, spec, out_dir: str, seed: int) -> str:
     if b < len(blocks) - 1:
       cur_c, cur_h = 2 * cur_c, cur_h // 2
 
-  # Inject the noise: the dequantizer's base draw and each block's augmentation draws.
-  base = model.transforms[0].encoder.base_dist
-  eps_t = torch.from_numpy(eps)
-  base.sample = lambda num: base.loc + base.log_scale.exp() * eps_t
-  queue = [torch.from_numpy(e) for e in etas]
-  for t in model.transforms:
-    if t.__class__.__name__ == "InvertibleDenseBlock":
-      n = len(t.blocks) - 1
-      t.noise_dist = _QueuedNormal(torch, queue[:n])
-      queue = queue[n:]
+  _inject_noise(torch, model, eps, etas)
 
-  out = {}
   with torch.no_grad():
-    h_t = torch.from_numpy(x.astype(np.int64))
-    total = torch.zeros(batch)
-    losses = []
-    for i, t in enumerate(model.transforms):
-      res = t(h_t)
-      if t.__class__.__name__ == "InvertibleTransition" and len(res) == 3:
-        h_t, ld, loss = res
-        losses.append(loss)
-      else:
-        h_t, ld = res
-      out[f"expected/ldj_{i}"] = ld.numpy().astype(np.float32)
-      total = total + ld
-    base_lp = model.base_dist.log_prob(h_t)
-    out["expected/base_log_prob"] = base_lp.numpy()
-    out["expected/z_top"] = h_t.numpy()
-    out["expected/elbo"] = (total + base_lp).numpy()
+    out, losses = _log_prob_loop(torch, model, x, batch)
+    if not np.all(np.isfinite(out["expected/elbo"])):
+      raise SystemExit(f"{name}: their model's ELBO is not finite: {out['expected/elbo']}.")
     out["expected/scale_loss"] = np.float32(sum(float(v) for v in losses)) if losses else (
         np.float32(0.0))
-    bpd = -(total + base_lp).sum() / (np.log(2.0) * x.size)
+    bpd = -torch.from_numpy(out["expected/elbo"]).sum() / (np.log(2.0) * x.size)
     out["expected/bpd"] = np.float32(bpd)
+    if saturation is not None:
+      for t, wg in enumerate(_weight_generators(model)):
+        out[f"expected/wg_weights_{t}"], out[f"expected/wg_indices_{t}"] = (
+            _generator_outputs(wg))
+      # The same model and noise with the logit order (the noise queues are refilled).
+      _inject_noise(torch, model, eps, etas)
+      generator_class = type(_weight_generators(model)[0])
+      torch_sort = generator_class.sort
+      generator_class.sort = _logit_sort
+      try:
+        logit_out, logit_losses = _log_prob_loop(torch, model, x, batch)
+      finally:
+        generator_class.sort = torch_sort
+      out["expected/elbo_logit_order"] = logit_out["expected/elbo"]
+      out["expected/scale_loss_logit_order"] = np.float32(sum(float(v) for v in logit_losses))
+      # Every tie is in the factored half, so only the order of N(0, I) terms in a float32
+      # sum changes: within the parity test's tolerance.
+      gap = np.abs(logit_out["expected/elbo"] - out["expected/elbo"])
+      if not np.all(gap <= 2e-3 + 1e-5 * np.abs(out["expected/elbo"])):
+        raise SystemExit(f"{name}: the ELBO depends on the order of tied channels ({gap}).")
 
   for key, p in model.state_dict().items():
     if p.is_floating_point():
@@ -194,6 +293,19 @@ def make_case(name: str, spec, out_dir: str, seed: int) -> str:
   path = os.path.join(out_dir, f"{name}.npz")
   np.savez_compressed(path, **out)
   return path
+
+
+def _inject_noise(torch, model, eps: np.ndarray, etas: list[np.ndarray]) -> None:
+  """The dequantizer's base draw and each block's augmentation draws, in place of sampling."""
+  base = model.transforms[0].encoder.base_dist
+  eps_t = torch.from_numpy(eps)
+  base.sample = lambda num: base.loc + base.log_scale.exp() * eps_t
+  queue = [torch.from_numpy(e) for e in etas]
+  for t in model.transforms:
+    if t.__class__.__name__ == "InvertibleDenseBlock":
+      n = len(t.blocks) - 1
+      t.noise_dist = _QueuedNormal(torch, queue[:n])
+      queue = queue[n:]
 
 
 def param_counts(out_dir: str) -> str:
@@ -228,6 +340,8 @@ def main() -> None:
   parser.add_argument("--param_counts", action="store_true",
                       help="also count the full-width DF-74-10 parameters (slow, ~1 GB RAM)")
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--cases", default="",
+                      help="comma-separated case names to write (default: all of the kind)")
   args = parser.parse_args()
   try:
     import torch  # noqa: F401
@@ -245,8 +359,12 @@ def main() -> None:
   if args.param_counts:
     print("wrote", param_counts(args.out_dir))
   _patch_small(*modules)
+  wanted = [c for c in args.cases.split(",") if c]
+  unknown = sorted(set(wanted) - set(CASES))
+  if unknown:
+    raise SystemExit(f"Unknown cases {unknown}; known: {sorted(CASES)}")
   for i, (name, spec) in enumerate(CASES.items()):
-    if spec[0] == _KIND:
+    if spec[0] == _KIND and (not wanted or name in wanted):
       print("wrote", make_case(name, spec, args.out_dir, args.seed + i))
 
 

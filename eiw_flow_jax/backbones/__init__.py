@@ -5,7 +5,7 @@ Every backbone is a linen module built from the validated `config.model` with th
 `generate(rng, num, temperature) -> (y, latents)`, `prior_means(latents)` and `diagnostics(y)`.
 Glow's share the bijectors (`eiw_flow_jax.bijectors`) and splits (`eiw_flow_jax.splits`);
 DenseFlow's (`DenseFlowBackbone`, the paper's model) has its own, parameterised as the authors'
-PyTorch code (`dense_bijectors.py`, `dense_nets.py`) and `eiw_flow_jax.dequantizers`; its
+PyTorch code (`dense_bijectors.py`, `dense_nets.py`, `dense_dequantizer.py`); its
 `forward`/`diagnostics` also take the augmentation noise, and `forward_x(x, noise)` runs the
 variational dequantization too.
 """

@@ -23,6 +23,14 @@ weights g = softmax(W2 relu(W1 [C])) (a bias-free MLP of the constant C), channe
 sum_c g_c (log g_c - s_c) per example ('literal', their KLDivLoss on probabilities; 'kl' uses
 log s_c), the first half kept. With `model.split = "vanilla"`: DenseFlow's transition (no sort).
 
+The order is computed from the logits W2 relu(W1 [C]) (stable descending argsort), not from g:
+the softmax saturates (logits tens to hundreds apart at default scale), torch's float32 g on
+CPU keeps subnormals (1e-45) and sorts them as distinct, while XLA (CPU, GPU, TPU) flushes them
+to exact zeros whose ties an argsort would break by channel index, another permutation than
+the authors'. Softmax is monotone, so the logit order is the authors' wherever their float32
+weights differ; where those tie exactly (underflow to 0), torch's unstable sort leaves their
+order undefined (`authors_weight_ties` finds such ties, `convert` reports them).
+
 Every stochastic draw (dequantization eps, augmentation eta) is an explicit input (`noise`),
 so the map is a pure function; `Flow` draws it from an rng when none is given.
 """
@@ -49,8 +57,8 @@ from eiw_flow_jax.backbones.dense_bijectors import (
   switch_channels,
   unsqueeze2d,
 )
+from eiw_flow_jax.backbones.dense_dequantizer import VariationalDequantizer
 from eiw_flow_jax.backbones.dense_nets import conv
-from eiw_flow_jax.dequantizers import VariationalDequantizer
 
 Array = jax.Array
 MEMORY_MODES = ("store", "remat")
@@ -210,6 +218,82 @@ class InvertibleDenseBlock(nn.Module):
     return z
 
 
+def weight_generator_logits(wg_fc0: Array, wg_fc2: Array, channels: int) -> Array:
+  """The weight generator's logits W2 relu(W1 [C]), shape (C,).
+
+  Elementwise products summed in float32 rather than a matmul, so that no matmul precision
+  (TF32 on GPU, bf16 passes on TPU) perturbs the channel order taken from them.
+  """
+  hidden = nn.relu(float(channels) * wg_fc0[0])
+  return jnp.sum(hidden[:, None] * wg_fc2, axis=0)
+
+
+def _pow2(exponent: Array) -> Array:
+  """2.0 ** exponent in float32 for integer exponents in [-126, 127], exactly (built from the
+  exponent bits: exp2 and ldexp need not be exact)."""
+  bits = (jnp.clip(exponent, -126, 127).astype(jnp.int32) + 127) << 23
+  return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+_LN2_HI = 0.693359375  # ln 2 = _LN2_HI + _LN2_LO, _LN2_HI with 9 significant bits (Cody-Waite)
+_LN2_LO = -2.12194440e-4
+
+
+def authors_weight_bits(logits: Array) -> Array:
+  """The float32 bit patterns (int32) of softmax(logits) as the authors' PyTorch model holds it
+  on CPU: fl(fl(exp(l - max)) * fl(1 / sum)), subnormals kept.
+
+  Computed without subnormal arithmetic (which XLA flushes on every backend): exp(d) =
+  exp(f) 2^n with f = d - n ln 2 (Cody-Waite), every value scaled by 2^100, and a subnormal
+  rounded to its integer multiple of 2^-149 explicitly. Positive float32 values order as
+  their bit patterns, so equal patterns are exactly the authors' ties. Equal to torch's values
+  but at rounding boundaries (torch's exp and summation order differ from XLA's by an ulp);
+  its ties, which arise between underflowing weights, are torch's (tests/test_denseflow.py checks
+  against numpy's float32 arithmetic, tests/test_denseflow_parity.py against torch's).
+  """
+  logits = logits.astype(jnp.float32)
+  d = jnp.maximum(logits - jnp.max(logits), -200.0)  # exp(-104) is 0 in float32 already
+  n = jnp.round(d / math.log(2.0))
+  f = (d - n * _LN2_HI) - n * _LN2_LO
+  mant = jnp.exp(f)  # in [0.70, 1.42]
+  n = n.astype(jnp.int32)
+  # e = fl(exp(d)): a subnormal e (below 2^-126) is an integer multiple of 2^-149.
+  e_149 = mant * _pow2(jnp.minimum(n + 149, 60))  # e * 2^149 while it is below 2^23
+  subnormal_e = e_149 < 2.0**23
+  e_100 = jnp.where(subnormal_e, jnp.round(e_149) * 2.0**-49, mant * _pow2(n + 100))
+  # w = fl(e * fl(1 / sum)); subnormal terms cannot change a sum of at least 1.
+  w_100 = e_100 * (1.0 / jnp.sum(jnp.exp(d)))
+  subnormal_w = w_100 < 2.0**-26
+  normal_bits = jax.lax.bitcast_convert_type(
+      jnp.where(subnormal_w, 1.0, w_100) * 2.0**-100, jnp.int32)
+  return jnp.where(subnormal_w, jnp.round(w_100 * 2.0**49).astype(jnp.int32), normal_bits)
+
+
+def authors_weight_ties(logits: Array) -> dict[str, Array]:
+  """Where the authors' float32 weights softmax(logits) tie exactly (see
+  `authors_weight_bits`): their descending torch.sort is not stable on CPU, so the order of
+  tied channels, and with it their model's likelihood, is undefined unless every tie lies in
+  the factored half (whose N(0, I) log-density ignores the order; their regulariser does not).
+
+  Returns int32 scalars: `authors_tied_channels` (channels whose weight equals another's),
+  `authors_tied_kept_channels` (those among the kept first half in the logit order) and
+  `authors_ties_cross_split` (1 where a kept and a factored channel tie: which channels are
+  kept is then undefined).
+  """
+  bits = authors_weight_bits(logits)
+  channels = bits.shape[0]
+  kept_mask = jnp.zeros((channels,), bool).at[
+      jnp.argsort(-logits, stable=True)[: channels // 2]].set(True)
+  same = bits[:, None] == bits[None, :]
+  tied = jnp.sum(same, axis=1) > 1
+  crosses = jnp.any(same & kept_mask[:, None] & ~kept_mask[None, :])
+  return {
+      "authors_tied_channels": jnp.sum(tied).astype(jnp.int32),
+      "authors_tied_kept_channels": jnp.sum(tied & kept_mask).astype(jnp.int32),
+      "authors_ties_cross_split": crosses.astype(jnp.int32),
+  }
+
+
 def _xlogy_safe(p: Array) -> Array:
   """p log p with 0 log 0 = 0 and finite gradients there (torch's KLDivLoss uses xlogy): the
   weight generator's softmax over a constant input of size C underflows to exact zeros."""
@@ -237,15 +321,19 @@ class Transition(nn.Module):
       self.se_fc0 = self.param("se_fc0", init, (c, hidden))
       self.se_fc2 = self.param("se_fc2", init, (hidden, c))
 
+  def logits(self) -> Array:
+    """The weight generator's logits W2 relu(W1 [C]) (a function of the constant C)."""
+    return weight_generator_logits(self.wg_fc0, self.wg_fc2, self.channels)
+
   def weights(self) -> Array:
-    """g: the weight generator's softmax over channels (a function of the constant C)."""
-    h = nn.relu(jnp.full((1, 1), float(self.channels)) @ self.wg_fc0)
-    return jax.nn.softmax(h @ self.wg_fc2, axis=-1)[0]
+    """g: the weight generator's softmax over channels, as the regulariser uses it."""
+    return jax.nn.softmax(self.logits())
 
   def permutation(self) -> Array:
+    """Channels by descending logit (ties by index): g's order without its underflow."""
     if not self.eiw:
       return jnp.arange(self.channels)
-    return jnp.argsort(-self.weights(), stable=True)
+    return jnp.argsort(-self.logits(), stable=True)
 
   def solver(self, z_sorted: Array) -> Array:
     """s: the SE Solver's per-example softmax over the (sorted) channels."""
@@ -295,6 +383,7 @@ class Transition(nn.Module):
           "regularizer": jnp.mean(self.regularizer_per_example(z)),
           "permutation": perm,
           "kept_channels": perm[: self.channels // 2],
+          **authors_weight_ties(self.logits()),
       })
     return stats
 

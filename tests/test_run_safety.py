@@ -22,7 +22,19 @@ import pytest
 from conftest import REPO
 from test_train import assert_states_equal, cli_args, finalized_steps, restore, tiny_config
 
-from eiw_flow_jax import checkpointing, data, evaluate, main, runtime, train
+from eiw_flow_jax import (
+    checkpointing,
+    data,
+    divergence,
+    evaluate,
+    main,
+    model,
+    resume,
+    stop_signals,
+    storage,
+    train,
+    workdir_lock,
+)
 from eiw_flow_jax.config_lib import base_config
 
 # ------------------------------------------------------------------------------------------------
@@ -74,7 +86,7 @@ def test_sigterm_saves_then_resume_matches_uninterrupted_run(tmp_path, data_dir,
     step = int(lines[0].split("after step ")[1].split(";")[0])
     assert step in finalized_steps(workdir), (step, finalized_steps(workdir))
     assert int(restore(config, workdir).step) == step
-    assert not os.path.exists(os.path.join(workdir, runtime.LOCK_FILE))  # released
+    assert not os.path.exists(os.path.join(workdir, workdir_lock.LOCK_FILE))  # released
     stopped_at.append(step)
   assert stopped_at and all(s < 400 for s in stopped_at), stopped_at
 
@@ -91,14 +103,14 @@ def test_sigterm_saves_then_resume_matches_uninterrupted_run(tmp_path, data_dir,
 
 def test_stop_signals_flag_and_restore_handlers():
   before = signal.getsignal(signal.SIGTERM)
-  with runtime.StopSignals() as stop:
+  with stop_signals.StopSignals() as stop:
     assert not stop.should_stop(1)
     os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(0.05)
     assert stop.should_stop(2) and stop.received == signal.SIGTERM
   assert signal.getsignal(signal.SIGTERM) is before
   # Ctrl-C: the same flag; a second Ctrl-C aborts at once (KeyboardInterrupt, no save).
-  with runtime.StopSignals() as stop:
+  with stop_signals.StopSignals() as stop:
     os.kill(os.getpid(), signal.SIGINT)
     time.sleep(0.05)
     assert stop.should_stop(1) and stop.received == signal.SIGINT
@@ -106,8 +118,8 @@ def test_stop_signals_flag_and_restore_handlers():
       os.kill(os.getpid(), signal.SIGINT)
       time.sleep(0.05)
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-  assert runtime.StopRequested(signal.SIGINT, 3, "/w").exit_code == 130
-  error = runtime.StopRequested(signal.SIGTERM, 7, "/w/checkpoints")
+  assert stop_signals.StopRequested(signal.SIGINT, 3, "/w").exit_code == 130
+  error = stop_signals.StopRequested(signal.SIGTERM, 7, "/w/checkpoints")
   assert error.exit_code == 143
   assert "Stopped by SIGTERM after step 7" in str(error)
 
@@ -124,11 +136,11 @@ def _dead_pid() -> int:
 
 def test_workdir_lock_refuses_a_second_run_and_takes_over_stale_locks(tmp_path):
   workdir = str(tmp_path / "w")
-  first = runtime.WorkdirLock(workdir)
+  first = workdir_lock.WorkdirLock(workdir)
   first.acquire()
   try:
-    with pytest.raises(runtime.WorkdirBusyError) as info:
-      runtime.WorkdirLock(workdir).acquire()
+    with pytest.raises(workdir_lock.WorkdirBusyError) as info:
+      workdir_lock.WorkdirLock(workdir).acquire()
     message = str(info.value)
     assert os.path.join(workdir, "LOCK") in message
     assert f"pid {os.getpid()}" in message and socket.gethostname() in message
@@ -142,18 +154,18 @@ def test_workdir_lock_refuses_a_second_run_and_takes_over_stale_locks(tmp_path):
   lock_file.write_text(json.dumps(
       {"pid": _dead_pid(), "host": socket.gethostname(), "started": time.time(),
        "heartbeat": time.time()}))
-  with runtime.WorkdirLock(workdir) as lock:
+  with workdir_lock.WorkdirLock(workdir) as lock:
     assert json.loads(lock_file.read_text())["token"] == lock.token
   # Another host, heartbeat recent: busy. Heartbeat old: stale.
   holder = {"pid": 1, "host": "some-other-host", "started": time.time() - 99}
   lock_file.write_text(json.dumps({**holder, "heartbeat": time.time()}))
-  with pytest.raises(runtime.WorkdirBusyError, match="some-other-host"):
-    runtime.WorkdirLock(workdir, stale_after=60).acquire()
+  with pytest.raises(workdir_lock.WorkdirBusyError, match="some-other-host"):
+    workdir_lock.WorkdirLock(workdir, stale_after=60).acquire()
   lock_file.write_text(json.dumps({**holder, "heartbeat": time.time() - 120}))
-  with runtime.WorkdirLock(workdir, stale_after=60):
+  with workdir_lock.WorkdirLock(workdir, stale_after=60):
     pass
   # The heartbeat keeps a long run's lock fresh.
-  with runtime.WorkdirLock(workdir, stale_after=5) as lock:
+  with workdir_lock.WorkdirLock(workdir, stale_after=5) as lock:
     first_beat = json.loads(lock_file.read_text())["heartbeat"]
     time.sleep(1.2)
     assert json.loads(lock_file.read_text())["heartbeat"] > first_beat
@@ -206,7 +218,7 @@ def test_resume_with_a_different_config_is_refused_before_config_json_changes(
       data_dir, num_train_steps=30, checkpoint_every_steps=10, batch_size=32, seed=3,
       **{"model.n_bits": 4, "dataset.name": "mnist"},
   )
-  with pytest.raises(runtime.ConfigMismatchError) as info:
+  with pytest.raises(resume.ConfigMismatchError) as info:
     train.train(changed, workdir)
   message = str(info.value)
   for text in ("batch_size: saved 16, now 32", "seed: saved 0, now 3",
@@ -233,7 +245,7 @@ def test_resume_with_another_worker_count_is_refused_even_when_allowed(trained, 
   workdir = _copy(trained, tmp_path)
   workers = tiny_config(data_dir, num_train_steps=30, checkpoint_every_steps=10,
                         **{"dataset.worker_count": 2})
-  with pytest.raises(runtime.ConfigMismatchError) as info:
+  with pytest.raises(resume.ConfigMismatchError) as info:
     train.train(workers, workdir, allow_config_change=True)
   message = str(info.value)
   assert "dataset.worker_count: saved 0, now 2" in message, message
@@ -270,7 +282,7 @@ def test_failed_save_is_one_line_and_earlier_checkpoints_stay(tmp_path, data_dir
     return real_save(self, step, *args, **kwargs)
 
   monkeypatch.setattr(ocp.CheckpointManager, "save", save)
-  with pytest.raises(runtime.StorageError) as info:
+  with pytest.raises(storage.StorageError) as info:
     train.train(config, workdir)
   message = str(info.value)
   assert "\n" not in message
@@ -287,30 +299,30 @@ def test_failed_save_is_one_line_and_earlier_checkpoints_stay(tmp_path, data_dir
     def check_for_errors(self):
       raise RuntimeError("write failed") from OSError(errno.EACCES, "denied")
 
-  with pytest.raises(runtime.StorageError, match="Cannot write a checkpoint to "
+  with pytest.raises(storage.StorageError, match="Cannot write a checkpoint to "
                      "/some/dir/checkpoints: Permission denied"):
     checkpointing.check_saves(Failing())
 
   # An unwritable workdir (here: below a file) fails at once, naming it.
   blocker = tmp_path / "file"
   blocker.write_text("")
-  with pytest.raises(runtime.StorageError, match=f"Cannot write the workdir to {blocker}/run"):
+  with pytest.raises(storage.StorageError, match=f"Cannot write the workdir to {blocker}/run"):
     train.train(config, str(blocker / "run"))
 
 
 def test_divergence_is_an_error(trained, tmp_path, monkeypatch):
-  with pytest.raises(runtime.DivergedError, match="not finite"):
-    runtime.check_final_bpd(math.nan, 4.0, "/w")
-  with pytest.raises(runtime.DivergedError, match="far above the initial train bpd 4.0000"):
-    runtime.check_final_bpd(4.6, 4.0, "/w")
-  runtime.check_final_bpd(4.4, 4.0, "/w")
-  runtime.check_final_bpd(3.0, None, "/w")
+  with pytest.raises(divergence.DivergedError, match="not finite"):
+    divergence.check_final_bpd(math.nan, 4.0, "/w")
+  with pytest.raises(divergence.DivergedError, match="far above the initial train bpd 4.0000"):
+    divergence.check_final_bpd(4.6, 4.0, "/w")
+  divergence.check_final_bpd(4.4, 4.0, "/w")
+  divergence.check_final_bpd(3.0, None, "/w")
 
   config, source = trained
-  assert runtime.read_initial_bpd(source) == pytest.approx(4.5, abs=1.0)
+  assert divergence.read_initial_bpd(source) == pytest.approx(4.5, abs=1.0)
   workdir = _copy(trained, tmp_path)
   monkeypatch.setattr(evaluate, "evaluate_bpd", lambda *a, **k: (math.inf, 297))
-  with pytest.raises(runtime.DivergedError):
+  with pytest.raises(divergence.DivergedError):
     train.train_and_evaluate(config, workdir)
   assert os.path.exists(os.path.join(workdir, "results.json"))  # written for inspection
 
@@ -406,7 +418,7 @@ def test_paths_stay_urls():
 def test_api_rejects_empty_batches_bad_y_and_bad_temperatures():
   from conftest import make_config
 
-  flow = train.build_flow(make_config(steps=1))
+  flow = model.build_flow(make_config(steps=1))
   variables = flow.init(jax.random.PRNGKey(0), jnp.zeros((2, 8, 8, 1), jnp.uint8))
   with pytest.raises(ValueError, match="B=0"):
     flow.bpd(variables, jnp.zeros((0, 8, 8, 1), jnp.uint8), jax.random.PRNGKey(1))
