@@ -12,7 +12,7 @@ _EXPORTS = {
     "DenseFlow": "model", "DenseFlowBackbone": "model", "Flow": "model",
     "MultiScaleFlow": "model", "build_flow": "model",
     "base_config": "config_lib", "validate_model_config": "config_lib",
-    "LoadedFlow": "explore", "load": "explore",
+    "LoadedFlow": "inference", "load": "inference",
 }
 __all__ = [
     "DenseFlow", "DenseFlowBackbone", "Flow", "LoadedFlow", "MultiScaleFlow", "base_config",
@@ -22,7 +22,7 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
   from eiw_flow_jax.config_lib import base_config, validate_model_config
-  from eiw_flow_jax.explore import LoadedFlow, load
+  from eiw_flow_jax.inference import LoadedFlow, load
   from eiw_flow_jax.model import (
       DenseFlow,
       DenseFlowBackbone,

@@ -13,7 +13,7 @@ from conftest import make_config, perturb
 from test_denseflow_parity import config_from_fixture, load_case
 
 import eiw_flow_jax
-from eiw_flow_jax import checkpointing, convert, explore, train
+from eiw_flow_jax import checkpointing, convert, explore, optimizer, resume, sharding, train_state
 from eiw_flow_jax.model import build_flow
 
 # (split, mode, coupling, memory): the three Shuffle variants, additive couplings, remat.
@@ -179,16 +179,16 @@ def test_bad_inputs_fail_clearly(glow):
 def write_run(workdir: str, config, variables, steps: tuple[int, ...]) -> None:
   """Checkpoints as train.py writes them, EMA = variables + step, raw params = variables."""
   flow = build_flow(config)
-  tx = train.make_optimizer(config)
-  mesh = train.make_mesh()
-  train._save_config(config, workdir)
+  tx = optimizer.make_optimizer(config)
+  mesh = sharding.make_mesh()
+  resume.save_config(config, workdir)
   manager = checkpointing.make_manager(workdir, keep=5)
   try:
     for step in steps:
-      state = train._state_from_variables(tx, variables).replace(
+      state = train_state.state_from_variables(tx, variables).replace(
           step=jnp.asarray(step, jnp.int32),
           ema_params=jax.tree.map(lambda p, s=step: p + s, variables["params"]))
-      state = jax.device_put(state, train.state_shardings(mesh, train.abstract_state(
+      state = jax.device_put(state, sharding.state_shardings(mesh, train_state.abstract_state(
           flow, tx, mesh)))
       checkpointing.save(manager, step, state, force=True)
       manager.wait_until_finished()
@@ -242,7 +242,7 @@ def converted(tmp_path_factory):
   npz = tmp / "weights.npz"
   np.savez(npz, **weights)
   workdir = str(tmp / "work")
-  convert.convert_checkpoint(str(npz), config, workdir)
+  convert.convert_checkpoint(str(npz), config, workdir, report=None)
   return workdir, config, weights
 
 
