@@ -94,6 +94,7 @@ def load(
   target = {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=device),
             params_key: placed(shapes["params"]), "constants": placed(shapes["constants"])}
   manager = checkpointing.make_manager(workdir, keep=1, read_only=True)
+  checkpointer = ocp.PyTreeCheckpointer()
   failures = []
   try:
     abstract = types.SimpleNamespace(params=shapes["params"], constants=shapes["constants"])
@@ -106,7 +107,7 @@ def load(
             f"{'; ...' if len(differences) > 4 else ''}."
         )
       try:
-        restored = ocp.PyTreeCheckpointer().restore(
+        restored = checkpointer.restore(
             storage.path(manager.directory, str(step), checkpointing.STATE),
             args=ocp.args.PyTreeRestore(
                 target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
@@ -120,6 +121,7 @@ def load(
       variables = {"params": restored[params_key], "constants": restored["constants"]}
       return LoadedFlow(flow, variables, config, int(restored["step"]))
   finally:
+    checkpointer.close()
     manager.close()
   raise checkpointing.CheckpointError(
       f"None of the checkpoints {failures} in {checkpointing.checkpoint_dir(workdir)} can be "
