@@ -12,15 +12,17 @@ _EXPORTS = {
     "DenseFlow": "model", "DenseFlowBackbone": "model", "Flow": "model",
     "MultiScaleFlow": "model", "build_flow": "model",
     "base_config": "config_lib", "validate_model_config": "config_lib",
+    "LoadedFlow": "inference", "load": "inference",
 }
 __all__ = [
-    "DenseFlow", "DenseFlowBackbone", "Flow", "MultiScaleFlow", "base_config", "build_flow",
-    "validate_model_config",
+    "DenseFlow", "DenseFlowBackbone", "Flow", "LoadedFlow", "MultiScaleFlow", "base_config",
+    "build_flow", "load", "validate_model_config",
 ]
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
   from eiw_flow_jax.config_lib import base_config, validate_model_config
+  from eiw_flow_jax.inference import LoadedFlow, load
   from eiw_flow_jax.model import (
       DenseFlow,
       DenseFlowBackbone,

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from eiw_flow_jax import config_lib
+from eiw_flow_jax import config_lib, explore
 from eiw_flow_jax.backbones.denseflow import DenseFlowBackbone, denseflow_shapes
 from eiw_flow_jax.backbones.glow import MultiScaleFlow
 from eiw_flow_jax.bijectors import UniformDequantize
@@ -263,6 +263,21 @@ class Flow:
     self.check_variables(variables)
     self.check_continuous(y)
     return self.module.apply(variables, y, method="diagnostics")
+
+  # ---- exploring a trained flow: the logic and the full docs are in eiw_flow_jax.explore ----
+  def interpolate(self, variables: Variables, x_a: Array, x_b: Array, num: int = 8) -> Array:
+    """(B, num, H, W, C) images decoded along straight lines between x_a's and x_b's latents."""
+    return explore.interpolate(self, variables, x_a, x_b, num)
+
+  def bits_per_dim_map(
+      self, variables: Variables, x: Array, rng: Array | None = None
+  ) -> Array:
+    """(B, H, W) bits per pixel position; .sum((1, 2)) / D is the bpd (glow backbone only)."""
+    return explore.bits_per_dim_map(self, variables, x, rng)
+
+  def shuffle_assignment(self, variables: Variables, x: Array) -> list[dict[str, Array]]:
+    """Per split level: "kept" (B, C) mask, the Shuffle's "order" (B, C), "log_weights"."""
+    return explore.shuffle_assignment(self, variables, x)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -8,6 +8,11 @@ from pathlib import Path
 import pytest
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
+# Text each notebook prints when it ran through.
+EXPECTED_OUTPUT = {
+    "quickstart.ipynb": ("test bpd after 20 steps", "max |decode(encode(y)) - y|"),
+    "explore.ipynb": ("test bpd: ", "test bpd at the bins' midpoints: ", "level 0: order"),
+}
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
@@ -54,5 +59,10 @@ def test_notebook_runs_top_to_bottom(path, monkeypatch):
       out.get("text", "") for cell in notebook.cells if cell.cell_type == "code"
       for out in cell.get("outputs", [])
   )
-  assert "test bpd after 20 steps" in outputs, outputs[-2000:]
-  assert "max |decode(encode(y)) - y|" in outputs
+  for expected in EXPECTED_OUTPUT[path.name]:
+    assert expected in outputs, outputs[-2000:]
+  # Every cell that draws a figure shows it inline, as a PNG.
+  for cell in notebook.cells:
+    if cell.cell_type == "code" and "plt.show()" in cell.source:
+      kinds = [kind for out in cell.get("outputs", []) for kind in out.get("data", {})]
+      assert "image/png" in kinds, (cell.source[:200], cell.get("outputs"))
