@@ -42,6 +42,7 @@ if __name__ == "__main__":
 import contextlib
 import dataclasses
 import importlib.util
+import json
 import math
 import re
 import time
@@ -282,11 +283,17 @@ class AotReport:
         f"train step {self.train_total / GiB:.2f} GiB" if self.train_total else "")
     if self.eval_total:
       what += f", eval step {self.eval_total / GiB:.2f} GiB with the train state resident"
+    state = sum(self.state_bytes.values())
+    if state > self.hbm_bytes:
+      hint = (f"The train state alone (parameters, EMA, optimizer state) takes "
+              f"{state / GiB:.2f} GiB per device: a smaller model, or chips with more HBM.")
+    else:
+      hint = ("Lower --per_device_batch, or use config.model.memory='remat' or 'invert', or "
+              "config.model.dtype='bfloat16'.")
     return (
         f"error: does not fit: {self.config_name} at {self.per_device_batch} images per device "
         f"on {self.topology}{_slices(self.num_slices)} {needed}, the TPU compiler allows "
-        f"{self.hbm_bytes / GiB:.2f} GiB ({what}). Lower --per_device_batch or use "
-        "config.model.memory='remat'/'invert' or config.model.dtype='bfloat16'."
+        f"{self.hbm_bytes / GiB:.2f} GiB ({what.rstrip('.')}). {hint}"
     )
 
 
@@ -557,6 +564,17 @@ def largest_batch(
 # Output.
 
 
+def report_dict(report: AotReport) -> dict[str, Any]:
+  """The report as JSON-ready values, with the derived figures (totals, fits, roofline)."""
+  out = dataclasses.asdict(report)
+  out.update(
+      train_total=report.train_total, eval_total=report.eval_total,
+      peak_bytes=report.peak_bytes, fits=report.fits, step_seconds=report.step_seconds,
+      images_per_second=report.images_per_second, devices_per_chip=report.devices_per_chip,
+  )
+  return out
+
+
 def _gib(n: int | float | None) -> str:
   return "n/a" if n is None else f"{n / GiB:.3f}"
 
@@ -622,7 +640,7 @@ def render(report: AotReport) -> str:
         f"{r.num_train_steps} steps >= {_duration(step * r.num_train_steps)} "
         f"(figures: {chip.source})"
     )
-    if r.compiler_seconds:
+    if r.compiler_seconds and r.compiler_seconds > 0:  # libtpu sometimes gives a negative one
       lines.append(f"compiler's estimate: {_duration(float(r.compiler_seconds))} per step")
   search = r.batch_search
   if search is not None:
@@ -704,6 +722,11 @@ if __name__ == "__main__":
       "max_batch_search", 0.0,
       "Seconds to spend finding the largest per-device batch that fits (a few compiles, each "
       "as long as the first); 0: do not search.")
+  _KERNELS_FOR_TARGET = flags.DEFINE_bool(
+      "kernels_for_target", True,
+      "Lower with the target's kernels (see _kernels_for); False shows what the process's "
+      "backend would choose (the XLA:CPU forms, until the kernels branch lands).")
+  _JSON = flags.DEFINE_string("json", None, "Also write the report (or the table's) as JSON here.")
   _TABLE = flags.DEFINE_bool(
       "table", False,
       "A 'before you rent' table over the config files given as arguments and every "
@@ -715,28 +738,39 @@ def _fail(message: str, code: int = 1) -> None:
   sys.exit(code)
 
 
+def _write_json(value: Any) -> None:
+  if _JSON.value:
+    with open(_JSON.value, "w") as f:
+      json.dump(value, f, indent=2, default=str)
+
+
 def _run_one(config, name: str, topology: str) -> AotReport:
   report = compile_for_topology(
       config, topology, _PER_DEVICE_BATCH.value, num_slices=_NUM_SLICES.value,
-      with_eval=_EVAL.value, config_name=name,
+      with_eval=_EVAL.value, config_name=name, kernels_for_target=_KERNELS_FOR_TARGET.value,
   )
   return report
 
 
 def main(argv: list[str]) -> None:
+  # JAX's persistent compilation cache writes these executables but cannot read them back
+  # without a TPU client (a warning, then a recompile): off for this command.
+  jax.config.update("jax_enable_compilation_cache", False)
   try:
     if _TABLE.value:
       if len(argv) < 2:
         raise app.UsageError("--table needs config files: --table configs/a.py configs/b.py")
-      rows = []
+      rows, reports = [], []
       for path in argv[1:]:
         config = load_config(path)
         for topology in _TOPOLOGY.value:
           report = _run_one(config, path, topology)
           rows.append(table_row(report))
+          reports.append(report_dict(report))
           print(f"{path} on {topology}: {'fits' if report.fits else 'does not fit'} "
                 f"(compiled in {report.compile_seconds:.0f} s)", file=sys.stderr, flush=True)
       print(markdown_table(rows), flush=True)
+      _write_json(reports)
       return
     if len(argv) > 1:
       raise app.UsageError(f"Unexpected arguments: {argv[1:]} (config files go with --table)")
@@ -746,6 +780,7 @@ def main(argv: list[str]) -> None:
                 "configs/digits.py")
     report = _run_one(_CONFIG.value, name, _TOPOLOGY.value[0])
     if not report.fits:
+      _write_json(report_dict(report))
       _fail(report.one_line())
     if _MAX_BATCH_SEARCH.value > 0:
       report.batch_search = largest_batch(
@@ -753,6 +788,7 @@ def main(argv: list[str]) -> None:
           num_slices=_NUM_SLICES.value,
       )
     print(render(report), flush=True)
+    _write_json(report_dict(report))
   except AotError as e:
     _fail(f"error: {e}")
 
