@@ -496,55 +496,55 @@ def largest_batch(
   compile's time stays within the budget; the result says whether it is exact.
   """
   started = time.perf_counter()
-  seen: dict[int, int | None] = {}  # batch -> total bytes (None: refused, size unknown)
+  # batch -> total bytes (a refusal's from the compiler's message; None: refused, size unknown)
+  seen: dict[int, int | None] = {}
 
   def record(r: AotReport) -> None:
-    seen[r.per_device_batch] = r.train_total if r.error is None else None
+    seen[r.per_device_batch] = r.train_total
 
   record(report)
   limit = report.hbm_bytes
   last = report.compile_seconds
-  compiles = 0
+  compiles, guessed = 0, 0
 
   def bracket() -> tuple[int | None, int | None]:
     fitting = [b for b, t in seen.items() if t is not None and t <= limit]
-    failing = [b for b, t in seen.items() if t is None or t > limit]
     lo = max(fitting) if fitting else None
-    hi = min([b for b in failing if lo is None or b > lo], default=None)
-    return lo, hi
+    failing = [b for b, t in seen.items() if (t is None or t > limit) and (lo is None or b > lo)]
+    return lo, min(failing, default=None)
 
-  def guess(lo: int | None, hi: int | None) -> int:
+  def estimate() -> int | None:
+    """The batch where memory, affine in the batch, reaches the limit."""
     known = sorted((b, t) for b, t in seen.items() if t is not None)
     if len(known) >= 2:
-      (b0, t0), (b1, t1) = known[0], known[-1]
-      slope = (t1 - t0) / max(b1 - b0, 1)
-      base = t0 - slope * b0
+      # The two closest to the limit: memory is only roughly affine over a wide range.
+      b0, t0 = min(known, key=lambda bt: abs(bt[1] - limit))
+      b1, t1 = min((bt for bt in known if bt[0] != b0), key=lambda bt: abs(bt[1] - limit))
+      slope = (t1 - t0) / (b1 - b0)
     elif known:
       b0, t0 = known[0]
-      fixed = report.train.total - report.train.temporaries if report.train else 0
-      slope, base = (t0 - fixed) / b0, fixed
+      slope = (t0 - sum(report.state_bytes.values())) / b0  # the state does not grow
     else:
-      slope, base = 0, 0
-    estimate = int((limit - base) / slope) if slope > 0 else (hi or 2 * (lo or 1))
-    low, high = (lo or 0) + 1, (hi - 1) if hi else max(2 * (lo or 1), estimate)
-    if hi is None and lo is not None:
-      high = max(high, lo + 1)
-    middle = (low + high) // 2 if lo is not None and hi is not None else estimate
-    # Bisection-safe: stay strictly inside the bracket; lean on the estimate when it is inside.
-    candidate = estimate if low <= estimate <= high else middle
-    if lo is not None and hi is not None and candidate in (lo, hi):
-      candidate = middle
-    return max(low, min(high, candidate)) if high >= low else low
+      return None
+    return int(b0 + (limit - t0) / slope) if slope > 0 else None
 
-  while True:
+  while time.perf_counter() - started + last <= budget_s:
     lo, hi = bracket()
-    if lo is not None and hi is not None and hi <= lo + 1:
+    if (lo is not None and hi is not None and hi <= lo + 1) or (lo is None and hi == 1):
       break
-    if lo is None and hi is not None and hi <= 1:
-      break
-    if time.perf_counter() - started + last > budget_s:
-      break
-    batch = guess(lo, hi)
+    guess = estimate()
+    if lo is not None and hi is not None:
+      # The estimate while it narrows the bracket; every third probe bisects, so that the
+      # search ends in logarithmic time even when the memory is not affine in the batch.
+      middle = (lo + hi) // 2
+      batch = guess if guess is not None and lo < guess < hi and guessed < 2 else middle
+      if guess == lo:
+        batch = lo + 1
+    elif lo is not None:
+      batch = max(lo + 1, guess if guess is not None else 2 * lo)
+    else:
+      batch = max(1, min(hi - 1, guess if guess is not None else hi // 2))
+    guessed = guessed + 1 if batch == guess else 0
     if batch in seen:
       break
     t0 = time.perf_counter()

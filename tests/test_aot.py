@@ -67,9 +67,10 @@ def test_digits_compiles_for_four_chips_with_data_parallelism(digits_run):
   state, train_memory = r["state_bytes"], r["train"]
   assert state["params"] > 0 and state["ema"] == state["params"]
   assert state["optimizer"] >= 2 * state["params"]  # Adam: two moments (plus a count)
-  # The train state is replicated: every device holds all of it, donated and updated in place.
+  # The train state is replicated: every device holds all of it (plus the TPU's padding of
+  # small arrays to whole tiles), donated and updated in place.
   held = state["params"] + state["ema"] + state["optimizer"] + state["constants"]
-  assert held <= train_memory["arguments"] <= held + 2**20
+  assert held <= train_memory["arguments"] < 4 * held
   assert train_memory["aliased"] >= held - 2**12
   assert train_memory["temporaries"] > 0
   assert r["train_total"] < r["hbm_bytes"] == int(15.75 * aot.GiB)
@@ -110,7 +111,7 @@ def test_reduced_cifar_compiles_at_64_per_chip(cifar_report):
   # parameters), 0.067 GiB of temporaries, 93.6 GFLOP per device: the FLOPs of 64 images'
   # forward and backward passes, not of the global 256 (the program is partitioned).
   held = sum(r.state_bytes.values())
-  assert held <= r.train.arguments <= held + 2**22
+  assert held <= r.train.arguments < 2 * held
   assert 0.01 * aot.GiB < r.train.temporaries < 1 * aot.GiB
   assert 80e9 < r.flops < 110e9
   text = aot.render(r)
@@ -213,3 +214,54 @@ def test_a_config_that_does_not_fit_exits_with_one_line(env):
                   r"needs [\d.]+ GiB per device, the TPU compiler allows 15.75 GiB \(train step: "
                   r"RESOURCE_EXHAUSTED: .*\)\. The train state alone \(parameters, EMA, "
                   r"optimizer state\) takes [\d.]+ GiB per device", lines[0])
+
+
+def _fake_report(batch: int, *, per_image: int = 10 * 2**20, fixed: int = 2**30,
+                 hbm: int = 15 * 2**30) -> aot.AotReport:
+  """A report as the compiler would give for a model of `fixed` + `per_image` x batch bytes."""
+  total = fixed + per_image * batch
+  report = aot.AotReport(
+      config_name="fake", topology=TOPOLOGY, num_slices=1, num_devices=4,
+      device_kind="TPU v5 lite", chip=aot.CHIPS["v5e"], hbm_bytes=hbm, per_device_batch=batch,
+      global_batch=4 * batch, num_train_steps=1000, eval_batch=256, dtype="float32",
+      compile_seconds=1.0, flops=1e12, bytes_accessed=1e9,
+      state_bytes={"params": 2**28, "ema": 2**28, "optimizer": 2**29, "constants": 0})
+  if total <= hbm:
+    report.train = aot.ProgramMemory(arguments=fixed, outputs=fixed, aliased=fixed,
+                                     temporaries=total - fixed, code=0)
+  else:
+    report.error = "train step: RESOURCE_EXHAUSTED"
+    report.required_bytes = total
+  return report
+
+
+@pytest.mark.parametrize("start", [1, 64, 1300, 5000])
+def test_the_batch_search_finds_the_largest_batch_that_fits(monkeypatch, start):
+  compiled = []
+
+  def fake_compile(config, topology, batch, **kwargs):
+    compiled.append(batch)
+    return _fake_report(batch)
+
+  monkeypatch.setattr(aot, "compile_for_topology", fake_compile)
+  search = aot.largest_batch(None, TOPOLOGY, _fake_report(start), budget_s=60)
+  # (15 GiB - 1 GiB) / 10 MiB = 1433.6 images.
+  assert (search.fits, search.fails, search.exact) == (1433, 1434, True)
+  assert search.compiles == len(compiled) <= 12
+  stopped = aot.largest_batch(None, TOPOLOGY, _fake_report(start), budget_s=0)
+  assert stopped.compiles == 0 and not stopped.exact
+
+
+def test_the_before_you_rent_table():
+  fits, refused = _fake_report(64), _fake_report(4096)
+  assert fits.fits and not refused.fits
+  table = aot.markdown_table([aot.table_row(fits), aot.table_row(refused)]).splitlines()
+  assert table[0].startswith("| config | topology | batch/device | fits | GiB/device |")
+  # 1e12 FLOPs at 197 TFLOP/s: 5.1 ms a step (HBM: 1e9 B at 819 GB/s, 1.2 ms); 1000 steps.
+  assert table[2] == "| fake | v5e:2x2 | 64 | y | 1.62 | 15.00 | 5.1 ms | 1000 | 5.1 s |"
+  assert table[3] == "| fake | v5e:2x2 | 4096 | n | 41.00 | 15.00 | n/a | 1000 | n/a |"
+  assert "The train state alone" not in refused.one_line()
+  assert refused.one_line().startswith(
+      "error: does not fit: fake at 4096 images per device on v5e:2x2 needs 41.00 GiB per "
+      "device, the TPU compiler allows 15.00 GiB (train step: RESOURCE_EXHAUSTED). Lower "
+      "--per_device_batch")
