@@ -76,7 +76,7 @@ class ChipSpec:
 
   name: str
   device_kind: str  # jax.Device.device_kind of its devices
-  hbm_gib: float  # per chip, as published
+  hbm: str  # per chip, as published (the pages write GiB for v4, GB for the others)
   hbm_bytes_per_s: float  # per chip, as published
   bf16_flops: float  # per chip, as published
   tensorcores: int  # per chip; a JAX device is one TensorCore or a whole chip (megacore)
@@ -95,13 +95,13 @@ class ChipSpec:
 # 2765 GBps"), https://cloud.google.com/tpu/docs/v6e ("918 TFLOPs", "HBM capacity per chip
 # 32 GB", "HBM bandwidth per chip 1640 GBps", one TensorCore).
 CHIPS = {
-    "v4": ChipSpec("TPU v4", "TPU v4", 32, 1200e9, 275e12, 2, 15.25,
+    "v4": ChipSpec("TPU v4", "TPU v4", "32 GiB", 1200e9, 275e12, 2, 15.25,
                    "https://cloud.google.com/tpu/docs/v4"),
-    "v5e": ChipSpec("TPU v5e", "TPU v5 lite", 16, 819e9, 197e12, 1, 15.75,
+    "v5e": ChipSpec("TPU v5e", "TPU v5 lite", "16 GB", 819e9, 197e12, 1, 15.75,
                     "https://cloud.google.com/tpu/docs/v5e"),
-    "v5p": ChipSpec("TPU v5p", "TPU v5", 95, 2765e9, 459e12, 2, 95.74 / 2,
+    "v5p": ChipSpec("TPU v5p", "TPU v5", "95 GB", 2765e9, 459e12, 2, 95.74 / 2,
                     "https://cloud.google.com/tpu/docs/v5p"),
-    "v6e": ChipSpec("TPU v6e", "TPU v6 lite", 32, 1640e9, 918e12, 1, 31.25,
+    "v6e": ChipSpec("TPU v6e", "TPU v6 lite", "32 GB", 1640e9, 918e12, 1, 31.25,
                     "https://cloud.google.com/tpu/docs/v6e"),
 }
 
@@ -622,7 +622,7 @@ def render(report: AotReport) -> str:
     peak = r.peak_bytes or 0
     lines.append(
         f"  HBM: {_gib(r.hbm_bytes)} per device (the TPU compiler's limit; {chip.name}: "
-        f"{chip.hbm_gib:g} GiB per chip), headroom {_gib(r.hbm_bytes - peak)} "
+        f"{chip.hbm} per chip published), headroom {_gib(r.hbm_bytes - peak)} "
         f"({100 * (r.hbm_bytes - peak) / r.hbm_bytes:.0f}%)"
     )
   if r.train is not None:
