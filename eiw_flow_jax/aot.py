@@ -582,6 +582,8 @@ def _gib(n: int | float | None) -> str:
 def _duration(seconds: float | None) -> str:
   if seconds is None or not math.isfinite(seconds):
     return "n/a"
+  if seconds < 1e-3:
+    return f"{seconds * 1e6:.0f} us"
   if seconds < 1:
     return f"{seconds * 1e3:.1f} ms"
   if seconds < 120:
