@@ -8,12 +8,18 @@ import subprocess
 import sys
 import types
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import pytest
+# The suite runs on the CPU. With libtpu installed (the `tpu` extra, for tests/test_aot.py's
+# deviceless TPU compiles, which work under this setting) JAX would otherwise look for TPU chips
+# first and libtpu print warnings on stderr. Set before JAX is imported (it reads it then) and
+# inherited by every subprocess; an explicit JAX_PLATFORMS wins.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from eiw_flow_jax.config_lib import base_config
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from eiw_flow_jax.config_lib import base_config  # noqa: E402
 
 # The suite's time is mostly XLA:CPU compiling small graphs. Two compile-only flags: LLVM
 # optimisation level 0 (most of the compile time is LLVM optimising the emitted loops: a tiny EIW
