@@ -39,14 +39,13 @@ if __name__ == "__main__":
   # training on them), before JAX is imported.
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import contextlib
 import dataclasses
 import importlib.util
 import json
 import math
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -323,24 +322,6 @@ def _is_oom(error: Exception) -> bool:
   return "RESOURCE_EXHAUSTED" in text or "Ran out of memory" in text
 
 
-@contextlib.contextmanager
-def _kernels_for(platform: str) -> Iterator[None]:
-  """While lowering: `jax.default_backend()` answers the target platform.
-
-  Until the kernels branch lands (issue 22: kernels chosen per target platform with
-  `lax.platform_dependent`), bijectors.py picks its XLA:CPU forms when
-  `jax.default_backend() == "cpu"`, the process's backend, which is the CPU here: the TPU
-  program would get the CPU forms. Once nothing reads it to choose kernels this is a no-op;
-  delete it then.
-  """
-  original = jax.default_backend
-  jax.default_backend = lambda: platform
-  try:
-    yield
-  finally:
-    jax.default_backend = original
-
-
 def _abstract_batch(shape: tuple[int, ...], dtype: Any, mesh: Any) -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct(shape, dtype, sharding=train.batch_sharding(mesh))
 
@@ -374,26 +355,18 @@ def _configure(
   return config, config.batch_size // num_devices
 
 
-def _target(mesh: Any, kernels_for_target: bool) -> contextlib.AbstractContextManager:
-  platform = mesh.devices.flat[0].platform
-  return _kernels_for(platform) if kernels_for_target else contextlib.nullcontext()
-
-
-def lower_train_step(
-    config: ml_collections.ConfigDict, mesh: Any, *, kernels_for_target: bool = True
-) -> Any:
+def lower_train_step(config: ml_collections.ConfigDict, mesh: Any) -> Any:
   """`train.make_train_step` lowered for `mesh` on abstract arguments (nothing allocated)."""
   flow = build_flow(config)
   tx = train.make_optimizer(config)
   state = train.abstract_state(flow, tx, mesh)
   images = _abstract_batch((config.batch_size, *flow.image_shape), jnp.uint8, mesh)
-  with _target(mesh, kernels_for_target):
-    return train.make_train_step(config, flow, tx, mesh).lower(state, images)
+  # The kernels are chosen per target platform (eiw_flow_jax.kernels): lowered for a TPU mesh,
+  # the program holds the portable forms although this process's backend is the CPU.
+  return train.make_train_step(config, flow, tx, mesh).lower(state, images)
 
 
-def lower_eval_step(
-    config: ml_collections.ConfigDict, mesh: Any, *, kernels_for_target: bool = True
-) -> Any:
+def lower_eval_step(config: ml_collections.ConfigDict, mesh: Any) -> Any:
   """The eval step `evaluate.evaluate_bpd` runs (EMA variables, config.eval_batch_size images),
   lowered for `mesh` on abstract arguments."""
   flow = build_flow(config)
@@ -402,8 +375,7 @@ def lower_eval_step(
   mask = _abstract_batch((config.eval_batch_size,), jnp.bool_, mesh)
   key = jax.eval_shape(lambda: jax.random.fold_in(train.rng_keys(config)["eval"], 0))
   rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=train.replicated(mesh))
-  with _target(mesh, kernels_for_target):
-    return evaluate._bpd_sum_fn(flow, mesh).lower(state.variables(ema=True), images, mask, rng)
+  return evaluate._bpd_sum_fn(flow, mesh).lower(state.variables(ema=True), images, mask, rng)
 
 
 def compile_for_topology(
@@ -414,14 +386,12 @@ def compile_for_topology(
     num_slices: int = 1,
     with_eval: bool = True,
     config_name: str = "config",
-    kernels_for_target: bool = True,
 ) -> AotReport:
   """Compiles the train step (and the eval step) as `main` builds them, for `topology`.
 
   `per_device_batch` None keeps `config.batch_size` (split over the devices). Returns an
   `AotReport` also when the program does not fit (`fits` False, `error` the compiler's
   message). Raises AotError for a bad topology or config, or without libtpu.
-  `kernels_for_target` False lowers with the process's kernel choice (see `_kernels_for`).
   """
   devices = topology_devices(topology, num_slices)
   config, per_device = _configure(config, len(devices), per_device_batch)
@@ -444,7 +414,7 @@ def compile_for_topology(
   }
   started = time.perf_counter()
   try:
-    compiled = lower_train_step(config, mesh, kernels_for_target=kernels_for_target).compile()
+    compiled = lower_train_step(config, mesh).compile()
   except Exception as e:  # noqa: BLE001 - only the compiler's out-of-memory is an answer
     report.compile_seconds = time.perf_counter() - started
     _refused(report, e, "train step")
@@ -458,7 +428,7 @@ def compile_for_topology(
   if with_eval:
     started = time.perf_counter()
     try:
-      compiled = lower_eval_step(config, mesh, kernels_for_target=kernels_for_target).compile()
+      compiled = lower_eval_step(config, mesh).compile()
     except Exception as e:  # noqa: BLE001
       report.eval_compile_seconds = time.perf_counter() - started
       _refused(report, e, "eval step")
@@ -724,10 +694,6 @@ if __name__ == "__main__":
       "max_batch_search", 0.0,
       "Seconds to spend finding the largest per-device batch that fits (a few compiles, each "
       "as long as the first); 0: do not search.")
-  _KERNELS_FOR_TARGET = flags.DEFINE_bool(
-      "kernels_for_target", True,
-      "Lower with the target's kernels (see _kernels_for); False shows what the process's "
-      "backend would choose (the XLA:CPU forms, until the kernels branch lands).")
   _JSON = flags.DEFINE_string("json", None, "Also write the report (or the table's) as JSON here.")
   _TABLE = flags.DEFINE_bool(
       "table", False,
@@ -749,7 +715,7 @@ def _write_json(value: Any) -> None:
 def _run_one(config, name: str, topology: str) -> AotReport:
   report = compile_for_topology(
       config, topology, _PER_DEVICE_BATCH.value, num_slices=_NUM_SLICES.value,
-      with_eval=_EVAL.value, config_name=name, kernels_for_target=_KERNELS_FOR_TARGET.value,
+      with_eval=_EVAL.value, config_name=name,
   )
   return report
 

@@ -123,7 +123,7 @@ def _three_by_three_convolutions(text: str) -> int:
              if "stablehlo.convolution" in line and re.search(r"tensor<3x3x", line))
 
 
-def _forward_lowered(config, devices, *, kernels_for_target: bool) -> tuple[str, int]:
+def _forward_lowered(config, devices) -> tuple[str, int]:
   """The loss lowered for a mesh of `devices`; and the number of 3x3 kernels it uses."""
   mesh = train.make_mesh(devices)
   flow = build_flow(config)
@@ -131,9 +131,7 @@ def _forward_lowered(config, devices, *, kernels_for_target: bool) -> tuple[str,
   images = jax.ShapeDtypeStruct((config.batch_size, *flow.image_shape), jnp.uint8,
                                 sharding=train.batch_sharding(mesh))
   loss = jax.jit(lambda v, x: flow.loss(v, x, jax.random.PRNGKey(0))[0])
-  context = aot._target(mesh, kernels_for_target)
-  with context:
-    text = loss.lower(state.variables(ema=False), images).as_text()
+  text = loss.lower(state.variables(ema=False), images).as_text()
   kernels = sum(1 for leaf in jax.tree.leaves(state.params) if leaf.shape[:2] == (3, 3)
                 and len(leaf.shape) == 4)
   return text, kernels
@@ -148,25 +146,18 @@ def wide_config():
 
 
 def test_cpu_program_takes_the_cpu_forms(wide_config):
-  text, kernels = _forward_lowered(wide_config, jax.devices()[:1], kernels_for_target=False)
+  text, kernels = _forward_lowered(wide_config, jax.devices()[:1])
   assert kernels >= 6
   assert _three_by_three_convolutions(text) < kernels
 
 
-@pytest.mark.xfail(strict=True, reason="until the kernels branch lands: bijectors.py chooses "
-                   "the XLA:CPU forms by jax.default_backend(), not by the target platform")
 def test_tpu_program_keeps_the_3x3_convolutions(wide_config):
+  # Lowered in this CPU process for a TPU mesh: the kernels are chosen per target platform
+  # (eiw_flow_jax.kernels), so none of the XLA:CPU matmul forms leak into the TPU program.
   devices = aot.topology_devices(TOPOLOGY)
-  text, kernels = _forward_lowered(wide_config, devices, kernels_for_target=False)
+  text, kernels = _forward_lowered(wide_config, devices)
   assert _three_by_three_convolutions(text) == kernels
-
-
-def test_the_aot_command_lowers_with_the_tpu_kernels(wide_config):
-  # What compile_for_topology does until the kernels branch lands (then a no-op).
-  devices = aot.topology_devices(TOPOLOGY)
-  text, kernels = _forward_lowered(wide_config, devices, kernels_for_target=True)
-  assert _three_by_three_convolutions(text) == kernels
-  assert jax.default_backend() == "cpu"  # restored
+  assert jax.default_backend() == "cpu"
 
 
 def test_parse_oom_reads_the_compilers_figures():
