@@ -8,7 +8,7 @@
 The first thing to run before renting a slice. With `libtpu` installed (`pip install -e
 ".[tpu]"`), JAX compiles for a TPU topology without a TPU (`jax.experimental.topologies`): the
 train step and the eval step are built exactly as `python -m eiw_flow_jax.main` builds them
-(`train.make_train_step`, `train.abstract_state`, the same mesh and shardings) over a mesh of
+(`train.make_train_step`, `train_state.abstract_state`, the same mesh and shardings) over a mesh of
 the topology's devices, lowered on `jax.ShapeDtypeStruct`s (no array is allocated) and compiled
 by the real TPU compiler, whose memory and cost analyses are printed: per device the arguments
 (parameters, EMA, optimizer state), temporaries, outputs and total against the HBM the compiler
@@ -22,7 +22,7 @@ The per-device batch defaults to the config's global batch split over the topolo
 Topology names are JAX's: `v4:2x2x1`, `v5e:2x2`, `v5p:2x2x1`, `v6e:4x4`, ...; `--num_slices`
 compiles for several such slices joined by the data-center network (multi-slice).
 
-Not covered: the data-dependent init (`train.create_state` runs `flow.init` on one device on
+Not covered: the data-dependent init (`train_state.create_state` runs `flow.init` on one device on
 `init_batch_size` images before the first step), the input pipeline's host memory, and the
 time of the gradient all-reduce over the interconnect (the roofline counts one device's
 compute and HBM traffic only).
@@ -53,7 +53,7 @@ import jax.numpy as jnp
 import ml_collections
 from absl import app, flags
 
-from eiw_flow_jax import config_lib, evaluate, train
+from eiw_flow_jax import config_lib, evaluate, optimizer, sharding, train, train_state
 from eiw_flow_jax.model import build_flow
 
 GiB = 1024**3
@@ -323,7 +323,7 @@ def _is_oom(error: Exception) -> bool:
 
 
 def _abstract_batch(shape: tuple[int, ...], dtype: Any, mesh: Any) -> jax.ShapeDtypeStruct:
-  return jax.ShapeDtypeStruct(shape, dtype, sharding=train.batch_sharding(mesh))
+  return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh))
 
 
 def _shard_bytes(tree: Any) -> int:
@@ -358,8 +358,8 @@ def _configure(
 def lower_train_step(config: ml_collections.ConfigDict, mesh: Any) -> Any:
   """`train.make_train_step` lowered for `mesh` on abstract arguments (nothing allocated)."""
   flow = build_flow(config)
-  tx = train.make_optimizer(config)
-  state = train.abstract_state(flow, tx, mesh)
+  tx = optimizer.make_optimizer(config)
+  state = train_state.abstract_state(flow, tx, mesh)
   images = _abstract_batch((config.batch_size, *flow.image_shape), jnp.uint8, mesh)
   # The kernels are chosen per target platform (eiw_flow_jax.kernels): lowered for a TPU mesh,
   # the program holds the portable forms although this process's backend is the CPU.
@@ -370,11 +370,11 @@ def lower_eval_step(config: ml_collections.ConfigDict, mesh: Any) -> Any:
   """The eval step `evaluate.evaluate_bpd` runs (EMA variables, config.eval_batch_size images),
   lowered for `mesh` on abstract arguments."""
   flow = build_flow(config)
-  state = train.abstract_state(flow, train.make_optimizer(config), mesh)
+  state = train_state.abstract_state(flow, optimizer.make_optimizer(config), mesh)
   images = _abstract_batch((config.eval_batch_size, *flow.image_shape), jnp.uint8, mesh)
   mask = _abstract_batch((config.eval_batch_size,), jnp.bool_, mesh)
-  key = jax.eval_shape(lambda: jax.random.fold_in(train.rng_keys(config)["eval"], 0))
-  rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=train.replicated(mesh))
+  key = jax.eval_shape(lambda: jax.random.fold_in(train_state.rng_keys(config)["eval"], 0))
+  rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=sharding.replicated(mesh))
   return evaluate._bpd_sum_fn(flow, mesh).lower(state.variables(ema=True), images, mask, rng)
 
 
@@ -406,8 +406,8 @@ def compile_for_topology(
       eval_batch=int(config.eval_batch_size),
       dtype=str(config.model.get("dtype", "float32")), cores_per_device=cores,
   )
-  mesh = train.make_mesh(devices)
-  state = train.abstract_state(build_flow(config), train.make_optimizer(config), mesh)
+  mesh = sharding.make_mesh(devices)
+  state = train_state.abstract_state(build_flow(config), optimizer.make_optimizer(config), mesh)
   report.state_bytes = {
       "params": _shard_bytes(state.params), "ema": _shard_bytes(state.ema_params),
       "optimizer": _shard_bytes(state.opt_state), "constants": _shard_bytes(state.constants),

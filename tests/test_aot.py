@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import pytest
 from conftest import REPO
 
-from eiw_flow_jax import aot, train
+from eiw_flow_jax import aot, optimizer, sharding, train_state
 from eiw_flow_jax.model import build_flow
 
 pytestmark = pytest.mark.skipif(
@@ -125,11 +125,11 @@ def _three_by_three_convolutions(text: str) -> int:
 
 def _forward_lowered(config, devices) -> tuple[str, int]:
   """The loss lowered for a mesh of `devices`; and the number of 3x3 kernels it uses."""
-  mesh = train.make_mesh(devices)
+  mesh = sharding.make_mesh(devices)
   flow = build_flow(config)
-  state = train.abstract_state(flow, train.make_optimizer(config), mesh)
+  state = train_state.abstract_state(flow, optimizer.make_optimizer(config), mesh)
   images = jax.ShapeDtypeStruct((config.batch_size, *flow.image_shape), jnp.uint8,
-                                sharding=train.batch_sharding(mesh))
+                                sharding=sharding.batch_sharding(mesh))
   loss = jax.jit(lambda v, x: flow.loss(v, x, jax.random.PRNGKey(0))[0])
   text = loss.lower(state.variables(ema=False), images).as_text()
   kernels = sum(1 for leaf in jax.tree.leaves(state.params) if leaf.shape[:2] == (3, 3)
