@@ -340,6 +340,12 @@ def _cost(compiled: Any) -> dict[str, float]:
   return dict(cost or {})
 
 
+def _compute_dtype_name(config: ml_collections.ConfigDict) -> str:
+  # "auto" computes in the inputs' dtype: the train step feeds float32 (dequantized images).
+  dtype = str(config.model.get("dtype", "auto"))
+  return "float32" if dtype == "auto" else dtype
+
+
 def _configure(
     config: ml_collections.ConfigDict, num_devices: int, per_device_batch: int | None
 ) -> tuple[ml_collections.ConfigDict, int]:
@@ -404,7 +410,7 @@ def compile_for_topology(
       hbm_bytes=int(usable) if chip else 0, per_device_batch=per_device,
       global_batch=config.batch_size, num_train_steps=int(config.num_train_steps),
       eval_batch=int(config.eval_batch_size),
-      dtype=str(config.model.get("dtype", "float32")), cores_per_device=cores,
+      dtype=_compute_dtype_name(config), cores_per_device=cores,
   )
   mesh = sharding.make_mesh(devices)
   state = train_state.abstract_state(build_flow(config), optimizer.make_optimizer(config), mesh)
