@@ -30,6 +30,12 @@ then a reverse scan of per-step VJPs) and a warning is logged from the host (`dr
 counts them).
 The fallback sits in a `lax.cond`, so it costs time only when it triggers.
 
+`run_stacked_chain` takes the steps' variables stacked along a leading axis (Glow's
+`level{l}_steps`) and runs the chain either as one `lax.scan` (the step compiled once, whatever
+K; "remat" is `jax.checkpoint` of the scanned step, "invert" a custom VJP whose backward pass is
+a reverse scan, with the same drift guard) or unrolled over slices of the stack through
+`run_chain`. Inside a scan the loop itself orders the steps' recomputations.
+
 `remat_call` is the same ordered recomputation for one call of a module whose calls do not
 form a chain of identical steps (DenseFlow's units, whose channel counts grow and whose
 BatchNorm updates running statistics): consecutive calls are ordered by a token threaded

@@ -353,3 +353,14 @@ def test_scan_steps_must_be_a_bool():
   config.model.scan_steps = "yes"
   with pytest.raises(ValueError, match="model.scan_steps must be True or False, got 'yes'"):
     eiw_flow_jax.build_flow(config)
+
+
+def test_nonfinite_leaves_name_the_stacked_steps():
+  from eiw_flow_jax import runtime
+
+  tree = {"params": {"level1_steps": {"layers_0": {"bias": np.zeros((4, 3), np.float32)}},
+                     "top_prior": {"mean": np.array([0.0, np.inf], np.float32)}}}
+  tree["params"]["level1_steps"]["layers_0"]["bias"][2, 1] = np.nan
+  assert runtime.nonfinite_leaves(tree) == [
+      "['params']['level1_steps']['layers_0']['bias'] (steps 2)",
+      "['params']['top_prior']['mean']"]
