@@ -7,7 +7,8 @@ For each K in --ks and each of `model.scan_steps` = True / False (alternating wh
 first), a fresh process builds the train step of --config (default configs/cifar10.py: L=3,
 width 512) at that K with --batch images on one device, lowers it (tracing) and compiles it
 for this machine's backend under XLA's default flags, and reports the seconds of each, the
-process's peak resident memory (`ru_maxrss`: JAX's runtime plus the compiler's peak) and,
+process's peak resident memory (`ru_maxrss`: JAX's runtime plus the compiler's peak), the CPU
+seconds of each (this process, all threads: less sensitive to other load than wall time) and,
 with --steps N, the median of N train steps after one warm-up. With --topology (jax[tpu]
 installed) the step is compiled deviceless for that TPU topology, data-parallel over its chips,
 --batch images per chip; `memory_analysis()` then gives the chip's temporaries. Processes run
@@ -66,15 +67,19 @@ def child(args: argparse.Namespace) -> None:
   images = jax.ShapeDtypeStruct((config.batch_size, *config.model.image_shape), jnp.uint8,
                                 sharding=train.batch_sharding(mesh))
   step = train.make_train_step(config, flow, tx, mesh)
-  start = time.perf_counter()
+  start, cpu_start = time.perf_counter(), time.process_time()
   lowered = step.lower(abstract, images)
   lower_s = time.perf_counter() - start
-  start = time.perf_counter()
+  start, cpu_lowered = time.perf_counter(), time.process_time()
   compiled = lowered.compile()
   compile_s = time.perf_counter() - start
+  cpu_compiled = time.process_time()
   out = {"k": args.k, "scan": args.scan == "true", "memory": args.memory,
          "platform": compiled_platform(devices),
          "lower_s": round(lower_s, 1), "compile_s": round(compile_s, 1),
+         # CPU seconds of this process (all threads): less sensitive to the machine's load.
+         "lower_cpu_s": round(cpu_lowered - cpu_start, 1),
+         "compile_cpu_s": round(cpu_compiled - cpu_lowered, 1),
          "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
   if args.topology:
     analysis = compiled.memory_analysis()
@@ -86,8 +91,9 @@ def child(args: argparse.Namespace) -> None:
     x = np.random.default_rng(0).integers(0, 256, (args.batch, *config.model.image_shape),
                                           dtype=np.uint8)
     variables = flow.init(jax.random.PRNGKey(0), x)
-    state = jax.device_put(train._state_from_variables(tx, variables),
-                           train.state_shardings(mesh, abstract))
+    # Through host copies: params and EMA must not share a buffer (the step donates both).
+    state = jax.device_get(train._state_from_variables(tx, variables))
+    state = jax.device_put(jax.tree.map(np.array, state), train.state_shardings(mesh, abstract))
     x = jax.device_put(x, train.batch_sharding(mesh))
     state, metrics = compiled(state, x)
     jax.block_until_ready(metrics)

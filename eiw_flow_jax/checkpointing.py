@@ -205,7 +205,9 @@ def architecture_differences(
 # An unrolled Glow flow step's name before the steps of a level were stacked (`level0_step3`),
 # and the stacked module's (`level0_steps`).
 _UNROLLED_STEP = re.compile(r"^level(\d+)_step(\d+)$")
-_UNROLLED_IN_PATH = re.compile(r"(^|/)level\d+_step\d+(/|$)")
+# DenseFlow's unit layers before they were stacked (`unit0/layer2_coupling`).
+_UNROLLED_IN_PATH = re.compile(
+    r"(^|/)(level\d+_step\d+|layer\d+_(actnorm|conv1x1|coupling))(/|$)")
 
 
 def stack_unrolled_steps(tree: Any) -> Any:
@@ -213,11 +215,17 @@ def stack_unrolled_steps(tree: Any) -> Any:
 
   Every mapping with keys `level{l}_step{k}` gets, instead, one key `level{l}_steps` whose
   leaves are the K steps' leaves stacked along a new leading axis (what `MultiScaleFlow`
-  creates since the steps of a level run under one scan). Anything else is kept, recursively
-  through mappings, lists and tuples, so it converts params, the EMA params, the optimizer's
-  moments and the constants alike, or a whole raw-restored train state.
+  creates since the steps of a level run under one scan); likewise a DenseFlow unit's
+  `layer{j}_actnorm` / `_conv1x1` / `_coupling` become `layers/actnorm`, ... (`DenseUnit`).
+  Anything else is kept, recursively through mappings, lists and tuples, so it converts params,
+  the EMA params, the optimizer's moments and the constants alike, or a whole raw-restored
+  train state.
   """
   if isinstance(tree, Mapping):
+    from eiw_flow_jax import convert  # noqa: PLC0415 - imports nothing heavy
+
+    tree = convert.stack_unit_layers(tree) if any(
+        convert._UNIT_LAYER.match(str(key)) for key in tree) else tree
     steps: dict[int, dict[int, Any]] = {}
     out = {}
     for key, value in tree.items():
@@ -303,8 +311,8 @@ def restore_latest(
     differences = architecture_differences(manager, step, abstract_state)
     if differences and _unrolled_layout(differences):
       raise CheckpointMismatchError(
-          f"The checkpoint at step {step} in {manager.directory} holds the unrolled Glow "
-          "layout (level{l}_step{k}); convert it to the stacked one (level{l}_steps) with "
+          f"The checkpoint at step {step} in {manager.directory} holds the unrolled layout "
+          "(Glow level{l}_step{k} or DenseFlow layer{j}_*); convert it to the stacked one with "
           "eiw_flow_jax.checkpointing.convert_unrolled_checkpoints(old_workdir, new_workdir).")
     if differences:
       shown = "; ".join(differences[:4]) + (

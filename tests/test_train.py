@@ -293,7 +293,7 @@ def test_resume_from_the_unrolled_layout_is_refused_then_converted(tmp_path, dat
   with pytest.raises(checkpointing.CheckpointMismatchError) as info:
     train.train(longer, old)
   message = str(info.value)
-  assert "\n" not in message and "unrolled Glow layout" in message, message
+  assert "\n" not in message and "unrolled layout" in message, message
   assert "convert_unrolled_checkpoints" in message, message
 
   converted = str(tmp_path / "converted")
@@ -301,3 +301,28 @@ def test_resume_from_the_unrolled_layout_is_refused_then_converted(tmp_path, dat
   assert_states_equal(restore(config, converted), restore(config, workdir), atol=0)
   train.train(longer, converted)
   assert finalized_steps(converted) == [2, 4]
+
+
+def test_stack_unrolled_steps_converts_glow_and_denseflow_trees():
+  import collections
+
+  moments = collections.namedtuple("Moments", "mu nu")
+  step = {"layers_0": {"bias": np.ones(3)}}
+  tree = {"params": {"level0_step1": {"layers_0": {"bias": 2 * np.ones(3)}},
+                     "level0_step0": step, "level0_split": {"theta": np.zeros(3)}},
+          "opt": [moments(mu={"level1_step0": step}, nu=np.zeros(1))],
+          "dense": {"unit0": {"layer1_actnorm": {"shift": np.ones(2)},
+                              "layer0_actnorm": {"shift": np.zeros(2)},
+                              "layer0_coupling": {"w": np.zeros(1)},
+                              "layer1_coupling": {"w": np.ones(1)}}}}
+  out = checkpointing.stack_unrolled_steps(tree)
+  np.testing.assert_array_equal(out["params"]["level0_steps"]["layers_0"]["bias"],
+                                [[1, 1, 1], [2, 2, 2]])
+  assert set(out["params"]) == {"level0_steps", "level0_split"}
+  assert isinstance(out["opt"][0], moments)
+  assert out["opt"][0].mu["level1_steps"]["layers_0"]["bias"].shape == (1, 3)
+  np.testing.assert_array_equal(out["dense"]["unit0"]["layers"]["actnorm"]["shift"],
+                                [[0, 0], [1, 1]])
+  assert set(out["dense"]["unit0"]) == {"layers"}
+  with pytest.raises(ValueError, match=r"level0: expected steps 0..0, got \[1\]"):
+    checkpointing.stack_unrolled_steps({"level0_step1": step})
