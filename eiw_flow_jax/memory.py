@@ -34,7 +34,8 @@ The fallback sits in a `lax.cond`, so it costs time only when it triggers.
 `level{l}_steps`) and runs the chain either as one `lax.scan` (the step compiled once, whatever
 K; "remat" is `jax.checkpoint` of the scanned step, "invert" a custom VJP whose backward pass is
 a reverse scan, with the same drift guard) or unrolled over slices of the stack through
-`run_chain`. Inside a scan the loop itself orders the steps' recomputations.
+`run_chain`. Inside a scan the loop itself orders the steps' recomputations. (The Glow train
+step scanned was not slower than unrolled on XLA:CPU: docs/benchmarks.md, issue 23.)
 
 `remat_call` is the same ordered recomputation for one call of a module whose calls do not
 form a chain of identical steps (DenseFlow's units, whose channel counts grow and whose
