@@ -39,8 +39,13 @@ flags.DEFINE_integer("top_rows", 20, "Rows printed per table.")
 flags.DEFINE_string("trace_dir", "", "Where to keep the trace (default: a temporary directory).")
 FLAGS = flags.FLAGS
 
-# Name of a flow-step module in op_name metadata, e.g. "level0_step3"; folded for the summary.
-_STEP_NAME = re.compile(r"level\d+_step\d+")
+# Name of a flow step in op_name metadata, "level0_step3" (unrolled) or the scope of a level's
+# scanned steps, "level0_steps"; folded for the summary.
+_STEP_NAME = re.compile(r"level\d+_step(\d+|s)")
+# Scopes between a step's name and its layers: the scan's body, the parentless step module
+# applied to the step's variables (glow.MultiScaleFlow._run_steps), a rematerialised call.
+_STEP_WRAPPERS = ("while", "body", "closed_call", "FlowStep", "checkpoint", "remat",
+                  "rematted_computation")
 _LEVEL_NAME = re.compile(r"level\d+")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*?metadata=\{op_name=\"([^\"]*)\"")
 # Control flow whose events span the ops inside them (those are traced, and counted, themselves).
@@ -82,6 +87,8 @@ def model_part(op_name: str) -> tuple[str, str]:
     name = path[index]
     if _STEP_NAME.fullmatch(name):
       inner = path[index + 1:]
+      while inner and inner[0] in _STEP_WRAPPERS:
+        inner = inner[1:]
       if not inner:
         return phase, "flow step"
       return phase, "/".join([_FLOW_STEP_PARTS.get(inner[0], inner[0]), *inner[1:]])

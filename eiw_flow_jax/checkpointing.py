@@ -44,10 +44,12 @@ import hashlib
 import logging as py_logging
 import os
 import re
+import shutil
 import sys
 import threading
 import time
 import traceback
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -336,6 +338,90 @@ def architecture_differences(
   return out
 
 
+# An unrolled Glow flow step's name before the steps of a level were stacked (`level0_step3`),
+# and the stacked module's (`level0_steps`).
+_UNROLLED_STEP = re.compile(r"^level(\d+)_step(\d+)$")
+# DenseFlow's unit layers before they were stacked (`unit0/layer2_coupling`).
+_UNROLLED_IN_PATH = re.compile(
+    r"(^|/)(level\d+_step\d+|layer\d+_(actnorm|conv1x1|coupling))(/|$)")
+
+
+def stack_unrolled_steps(tree: Any) -> Any:
+  """A pytree of the unrolled Glow layout (`level{l}_step{k}`, k = 0..K-1) in the stacked one.
+
+  Every mapping with keys `level{l}_step{k}` gets, instead, one key `level{l}_steps` whose
+  leaves are the K steps' leaves stacked along a new leading axis (what `MultiScaleFlow`
+  creates since the steps of a level run under one scan); likewise a DenseFlow unit's
+  `layer{j}_actnorm` / `_conv1x1` / `_coupling` become `layers/actnorm`, ... (`DenseUnit`).
+  Anything else is kept, recursively through mappings, lists and tuples, so it converts params,
+  the EMA params, the optimizer's moments and the constants alike, or a whole raw-restored
+  train state.
+  """
+  if isinstance(tree, Mapping):
+    from eiw_flow_jax import convert  # noqa: PLC0415 - imports nothing heavy
+
+    tree = convert.stack_unit_layers(tree) if any(
+        convert._UNIT_LAYER.match(str(key)) for key in tree) else tree
+    steps: dict[int, dict[int, Any]] = {}
+    out = {}
+    for key, value in tree.items():
+      match = _UNROLLED_STEP.match(str(key))
+      if match:
+        steps.setdefault(int(match.group(1)), {})[int(match.group(2))] = value
+      else:
+        out[key] = stack_unrolled_steps(value)
+    for level, by_index in sorted(steps.items()):
+      if sorted(by_index) != list(range(len(by_index))):
+        raise ValueError(f"level{level}: expected steps 0..{len(by_index) - 1}, got "
+                         f"{sorted(by_index)}.")
+      parts = [stack_unrolled_steps(by_index[k]) for k in range(len(by_index))]
+      out[f"level{level}_steps"] = jax.tree.map(lambda *leaves: np.stack(leaves), *parts)
+    return out
+  if isinstance(tree, tuple) and hasattr(tree, "_fields"):
+    return type(tree)(*(stack_unrolled_steps(item) for item in tree))
+  if isinstance(tree, (list, tuple)):
+    return type(tree)(stack_unrolled_steps(item) for item in tree)
+  return tree
+
+
+def convert_unrolled_checkpoints(workdir: str, new_workdir: str) -> list[int]:
+  """Copies `workdir`'s checkpoints of the unrolled Glow layout into `new_workdir`, stacked.
+
+  Each checkpoint's train state is read as saved (no target), converted by
+  `stack_unrolled_steps` and written anew; the input pipeline's position and the workdir's
+  other files (config.json, ...) are copied as they are. `workdir` is not changed. Returns
+  the steps converted. Then resume with `--workdir=<new_workdir>`.
+  """
+  source = ocp.CheckpointManager(checkpoint_dir(workdir), options=ocp.CheckpointManagerOptions(
+      read_only=True), item_names=(STATE, DATA))
+  steps = sorted(source.all_steps())
+  if not steps:
+    raise CheckpointError(f"No checkpoints in {source.directory} to convert.")
+  shutil.copytree(workdir, new_workdir, ignore=shutil.ignore_patterns(CHECKPOINT_DIR))
+  target = ocp.CheckpointManager(checkpoint_dir(new_workdir), item_names=(STATE, DATA),
+                                 options=ocp.CheckpointManagerOptions(create=True))
+  checkpointer = ocp.StandardCheckpointer()
+  try:
+    for step in steps:
+      state = checkpointer.restore(_step_dir(source, step) / STATE)
+      step_dir = _step_dir(target, step)
+      shutil.copytree(_step_dir(source, step), step_dir,
+                      ignore=shutil.ignore_patterns(STATE))
+      checkpointer.save(step_dir / STATE, stack_unrolled_steps(state))
+      checkpointer.wait_until_finished()
+  finally:
+    checkpointer.close()
+    source.close()
+    target.close()
+  return steps
+
+
+def _unrolled_layout(differences: list[str]) -> bool:
+  """Whether the differences are those of a checkpoint saved before the steps were stacked."""
+  return any(_UNROLLED_IN_PATH.search(d.split(" ")[0]) and "only in the checkpoint" in d
+             for d in differences)
+
+
 def restore_latest(
     manager: ocp.CheckpointManager,
     abstract_state: Any,
@@ -362,6 +448,11 @@ def restore_latest(
     if has_digests:
       items[DIGESTS] = ocp.args.JsonRestore()
     differences = architecture_differences(manager, step, abstract_state)
+    if differences and _unrolled_layout(differences):
+      raise CheckpointMismatchError(
+          f"The checkpoint at step {step} in {manager.directory} holds the unrolled layout "
+          "(Glow level{l}_step{k} or DenseFlow layer{j}_*); convert it to the stacked one with "
+          "eiw_flow_jax.checkpointing.convert_unrolled_checkpoints(old_workdir, new_workdir).")
     if differences:
       shown = "; ".join(differences[:4]) + (
           f"; and {len(differences) - 4} more" if len(differences) > 4 else ""

@@ -56,6 +56,11 @@ def base_config() -> ml_collections.ConfigDict:
   # "invert" falls back to an exact recomputation (and warns) when inputs rebuilt through the
   # inverse drift by more than this (relative max error at a level's input).
   config.model.invert_tolerance = 1e-3
+  # Run each Glow level's K flow steps (each DenseFlow unit's coupling layers) as one lax.scan
+  # over their stacked parameters (True: compile time independent of K) or unrolled (False: K
+  # copies in the program). Same parameter layout either way (backbones/glow.py, denseflow.py;
+  # docs/benchmarks.md).
+  config.model.scan_steps = True
   # Compute dtype of the coupling networks: "auto" computes in the inputs' dtype (float32, or
   # float64 under jax_enable_x64), as Flax's dtype=None; "bfloat16" (TPU, GPU), "float16" (GPU)
   # or "float32" cast to it, while parameters, log-determinants, priors and the loss stay in the
@@ -396,6 +401,9 @@ def validate_model_config(model: ml_collections.ConfigDict) -> None:
   )
   backbone = model.get("backbone", "glow")
   _choice("model.backbone", backbone, BACKBONES)
+  scan_steps = model.get("scan_steps", True)
+  _require(isinstance(scan_steps, bool),
+           f"model.scan_steps must be True or False, got {scan_steps!r}.")
   if backbone == "denseflow":
     _require(
         isinstance(model.n_bits, int) and 1 <= model.n_bits <= 8,

@@ -30,6 +30,13 @@ then a reverse scan of per-step VJPs) and a warning is logged from the host (`dr
 counts them).
 The fallback sits in a `lax.cond`, so it costs time only when it triggers.
 
+`run_stacked_chain` takes the steps' variables stacked along a leading axis (Glow's
+`level{l}_steps`) and runs the chain either as one `lax.scan` (the step compiled once, whatever
+K; "remat" is `jax.checkpoint` of the scanned step, "invert" a custom VJP whose backward pass is
+a reverse scan, with the same drift guard) or unrolled over slices of the stack through
+`run_chain`. Inside a scan the loop itself orders the steps' recomputations. (The Glow train
+step scanned was not slower than unrolled on XLA:CPU: docs/benchmarks.md, issue 23.)
+
 `remat_call` is the same ordered recomputation for one call of a module whose calls do not
 form a chain of identical steps (DenseFlow's units, whose channel counts grow and whose
 BatchNorm updates running statistics): consecutive calls are ordered by a token threaded
@@ -81,6 +88,14 @@ def _scan_backward(
   stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[
       {"params": p, "constants": c} for p, c in zip(params, constants)
   ])
+  grads, gx = _scan_backward_stacked(apply, stacked, x0, g, g_log_det)
+  return [jax.tree.map(lambda leaf, k=k: leaf[k], grads) for k in range(len(params))], gx
+
+
+def _scan_backward_stacked(
+    apply: StepFn, stacked: Any, x0: Array, g: Array, g_log_det: Array
+) -> tuple[Any, Array]:
+  """`_scan_backward` over variables already stacked along a leading axis: (d params, d x0)."""
 
   def forward(h, variables):
     return apply(variables, h)[0], h
@@ -94,7 +109,7 @@ def _scan_backward(
     return gh, gp
 
   gx, grads = jax.lax.scan(backward, g, (stacked, inputs), reverse=True)
-  return [jax.tree.map(lambda leaf, k=k: leaf[k], grads) for k in range(len(params))], gx
+  return grads, gx
 
 
 def relative_drift(rebuilt: Array, true: Array) -> Array:
@@ -236,6 +251,154 @@ def _chain(
 
   chain.defvjp(chain_fwd, chain_bwd)
   return chain
+
+
+# ----------------------------------------------------------------------------------------------
+# Chains whose step variables are stacked along a leading axis (one compiled step body).
+
+
+def unstack(stacked: Any, count: int) -> list[Any]:
+  """Step k's variables, k < count, from variables stacked along a leading axis of `count`.
+
+  Through `lax.split` (whose transpose is one concatenate), not `leaf[k]` per step (whose
+  transposes are K zero-padded copies of the whole stack, summed).
+  """
+  if count == 1:
+    return [jax.tree.map(lambda leaf: leaf[0], stacked)]
+  pieces = jax.tree.map(
+      lambda leaf: [p[0] for p in jax.lax.split(leaf, [1] * count, axis=0)], stacked)
+  return [jax.tree.map(lambda _, parts, k=k: parts[k], stacked, pieces) for k in range(count)]
+
+
+def stack_count(stacked: Any) -> int:
+  """K, the leading axis of every leaf of stacked step variables (checked)."""
+  sizes = {leaf.shape[0] for leaf in jax.tree.leaves(stacked)}
+  if len(sizes) != 1:
+    raise ValueError(f"stacked step variables: expected one leading size, got {sorted(sizes)}.")
+  return sizes.pop()
+
+
+def _scan_forward(apply: StepFn, stacked: Any, x: Array) -> tuple[Array, Array]:
+  def body(carry, variables):
+    h, log_det = carry
+    h, step_log_det = apply(variables, h)
+    return (h, log_det + step_log_det), None
+
+  log_det = jnp.zeros((x.shape[0],), jnp.float32)
+  return jax.lax.scan(body, (x, log_det), stacked)[0]
+
+
+def _scanned_invert_chain(
+    apply: StepFn,
+    inverse: InverseFn,
+    name: str,
+    tolerance: float,
+    inverse_vjp: InverseVjpFn | None,
+) -> Callable[[Any, Any, Array], tuple[Array, Array]]:
+  """custom_vjp (stacked params, stacked constants, x) -> (y, log_det) for memory="invert".
+
+  The forward pass is one scan that keeps only x and y; the backward pass one reverse scan that
+  rebuilds each step's input from its output and back-propagates through that step. Inside a
+  scan the steps are ordered by the loop itself (no `_after` needed). The drift guard and its
+  exact fallback are those of `run_chain`'s "invert".
+  """
+
+  def step_backward(carry, variables):
+    out, g, g_log_det = carry
+    if inverse_vjp is not None:
+      out, g_params, g = inverse_vjp(variables, out, g, g_log_det)
+    else:
+      out = jax.lax.stop_gradient(inverse(variables, out))
+      _, vjp = jax.vjp(lambda p, h: apply({**variables, "params": p}, h),
+                       variables["params"], out)
+      g_params, g = vjp((g, g_log_det))
+    return (out, g, g_log_det), g_params
+
+  @jax.custom_vjp
+  def chain(params, constants, x):
+    return _scan_forward(apply, {"params": params, "constants": constants}, x)
+
+  def chain_fwd(params, constants, x):
+    y, log_det = chain(params, constants, x)
+    return (y, log_det), (params, constants, x, y)
+
+  def chain_bwd(residuals, cotangents):
+    params, constants, x0, y = residuals
+    gy, gld = cotangents
+    stacked = {"params": params, "constants": constants}
+    (x0_rebuilt, gx, _), grads = jax.lax.scan(
+        step_backward, (y, gy, gld), stacked, reverse=True)
+    drift = relative_drift(x0_rebuilt, x0)
+
+    def fallback(_):
+      jax.debug.callback(_warn_drift, name, drift, tolerance)
+      return _scan_backward_stacked(apply, stacked, x0, gy, gld)
+
+    def keep(_):
+      return grads, gx
+
+    grads, gx = jax.lax.cond(drift > tolerance, fallback, keep, None)
+    return grads, jax.tree.map(jnp.zeros_like, constants), gx
+
+  chain.defvjp(chain_fwd, chain_bwd)
+  return chain
+
+
+def run_stacked_chain(
+    mode: str,
+    apply: StepFn,
+    inverse: InverseFn,
+    stacked: Any,
+    x: Array,
+    *,
+    scan: bool,
+    name: str = "chain",
+    step_names: Any = None,
+    tolerance: float = 1e-3,
+    inverse_vjp: InverseVjpFn | None = None,
+) -> tuple[Array, Array]:
+  """`run_chain` on step variables stacked along a leading axis ({"params", "constants"}).
+
+  `scan=True`: one `lax.scan` over the stack, so the step is traced and compiled once whatever
+  K: "store" a plain scan; "remat" a scan of the `jax.checkpoint`ed step (the loop keeps the K
+  step inputs, the backward pass recomputes one step at a time); "invert" a custom VJP whose
+  backward pass is a reverse scan rebuilding each step's input through the inverse.
+  `scan=False`: the same function unrolled over slices of the stack (`unstack`); "store" runs
+  step k under the name scope `step_names(k)` if given (op names for profiles), the other
+  modes through `run_chain`. Both forms take and differentiate the same stacked variables.
+  """
+  if mode not in MEMORY_MODES:
+    raise ValueError(f"memory mode must be one of {MEMORY_MODES}, got {mode!r}.")
+  count = stack_count(stacked)
+  if not scan:
+    steps = unstack(stacked, count)
+    if mode != "store":
+      return run_chain(mode, apply, inverse, steps, x, name=name, tolerance=tolerance,
+                       inverse_vjp=inverse_vjp)
+    log_det = jnp.zeros((x.shape[0],), jnp.float32)
+    for k, variables in enumerate(steps):
+      with jax.named_scope(step_names(k) if step_names else f"step{k}"):
+        x, step_log_det = apply(variables, x)
+      log_det = log_det + step_log_det
+    return x, log_det
+  if mode == "store":
+    return _scan_forward(apply, stacked, x)
+  if mode == "remat":
+    # Saves nothing inside a step: the scan keeps its carries (the K step inputs) only.
+    step = jax.checkpoint(apply, prevent_cse=False,
+                          policy=jax.checkpoint_policies.nothing_saveable)
+    return _scan_forward(step, stacked, x)
+  chain = _scanned_invert_chain(apply, inverse, name, tolerance, inverse_vjp)
+  return chain(stacked["params"], stacked["constants"], x)
+
+
+def invert_stacked_chain(inverse: InverseFn, stacked: Any, y: Array, *, scan: bool) -> Array:
+  """x_0 from x_K through the steps' inverses in reverse order (scanned or unrolled)."""
+  if scan:
+    return jax.lax.scan(lambda h, v: (inverse(v, h), None), y, stacked, reverse=True)[0]
+  for variables in reversed(unstack(stacked, stack_count(stacked))):
+    y = inverse(variables, y)
+  return y
 
 
 # (variables, x) -> (outputs, updated "constants"): a module applied as a pure function.

@@ -10,11 +10,13 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
@@ -130,10 +132,20 @@ def _finite_leaves(tree: Any) -> list[jax.Array]:
 
 
 def nonfinite_leaves(tree: Any) -> list[str]:
-  """Names ('level0_step0/coupling/...') of the leaves that hold a NaN or an infinity."""
+  """Names ("['params']['level0_steps']['layers_2']... (steps 3, 7)") of the leaves that hold
+  a NaN or an infinity; for stacked flow steps, which steps."""
   flags = jax.device_get(_finite_leaves(tree))
-  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-  return [name for name, ok in zip(paths, flags) if not bool(ok)]
+  out = []
+  for (path, leaf), ok in zip(jax.tree_util.tree_flatten_with_path(tree)[0], flags):
+    if bool(ok):
+      continue
+    name = jax.tree_util.keystr(path)
+    if re.search(r"\['level\d+_steps'\]", name) and np.ndim(leaf) >= 1:
+      values = np.asarray(jax.device_get(leaf)).reshape(np.shape(leaf)[0], -1)
+      steps = np.flatnonzero(~np.all(np.isfinite(values), axis=1))
+      name += f" (steps {', '.join(map(str, steps))})"
+    out.append(name)
+  return out
 
 
 def check_restored(state: TrainState, step: int, workdir: str) -> None:

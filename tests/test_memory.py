@@ -14,9 +14,10 @@ import eiw_flow_jax
 from eiw_flow_jax import memory
 
 
-def _loss_and_grads(config, mode, variables=None, x=None, dtype="float32"):
+def _loss_and_grads(config, mode, variables=None, x=None, dtype="float32", scan=True):
   config.model.memory = mode
   config.model.dtype = dtype
+  config.model.scan_steps = scan
   flow = eiw_flow_jax.build_flow(config)
   if x is None:
     x = random_uint8((2, *config.model.image_shape), seed=0)
@@ -46,17 +47,21 @@ def _config(split="vanilla", mode="global", coupling="affine"):
 
 @functools.cache
 def _store(split, mode, coupling):
-  return _loss_and_grads(_config(split, mode, coupling), "store")
+  """The reference: plain autodiff of the unrolled steps."""
+  return _loss_and_grads(_config(split, mode, coupling), "store", scan=False)
 
 
 @pytest.mark.parametrize("split,mode,coupling", _CASES)
-def test_remat_and_invert_gradients_equal_store(split, mode, coupling):
+def test_every_memory_mode_scanned_or_unrolled_gives_the_unrolled_gradients(
+    split, mode, coupling):
   # Every split variant with the affine coupling; the additive coupling with the vanilla split
   # (the coupling and the split are independent code; all six pairs run with -m slow).
   config = _config(split, mode, coupling)
   loss, grads, variables, x = _store(split, mode, coupling)
-  for other in ("remat", "invert"):
-    other_loss, other_grads, _, _ = _loss_and_grads(config, other, variables, x)
+  others = [("store", True), ("remat", True), ("invert", True), ("remat", False),
+            ("invert", False)]
+  for other, scan in others:
+    other_loss, other_grads, _, _ = _loss_and_grads(config, other, variables, x, scan=scan)
     np.testing.assert_allclose(other_loss, loss, rtol=1e-6)
     flat, _ = jax.tree_util.tree_flatten_with_path(grads)
     other_flat = jax.tree.leaves(other_grads)
@@ -64,7 +69,8 @@ def test_remat_and_invert_gradients_equal_store(split, mode, coupling):
     for (path, g), h in zip(flat, other_flat):
       scale = max(1.0, float(jnp.max(jnp.abs(g))))
       np.testing.assert_allclose(
-          h, g, atol=2e-5 * scale, rtol=1e-4, err_msg=f"{other}: {jax.tree_util.keystr(path)}"
+          h, g, atol=2e-5 * scale, rtol=1e-4,
+          err_msg=f"{other}, scan={scan}: {jax.tree_util.keystr(path)}"
       )
 
 
@@ -95,13 +101,14 @@ def test_bad_memory_and_dtype_values(field, value, match):
     eiw_flow_jax.build_flow(config)
 
 
-def test_invert_falls_back_and_warns_when_the_inverse_drifts():
+@pytest.mark.parametrize("scan", [True, False])
+def test_invert_falls_back_and_warns_when_the_inverse_drifts(scan):
   """A tolerance below float32 round-off forces the fallback: gradients stay exact."""
   config = _config()
   _, grads, variables, x = _store("vanilla", "global", "affine")
   config.model.invert_tolerance = 1e-12
   before = len(memory.drift_warnings)
-  _, fallback_grads, _, _ = _loss_and_grads(config, "invert", variables, x)
+  _, fallback_grads, _, _ = _loss_and_grads(config, "invert", variables, x, scan=scan)
   jax.effects_barrier()
   assert len(memory.drift_warnings) > before
   name, drift = memory.drift_warnings[-1]
@@ -156,16 +163,19 @@ def test_lower_triangular_inverse_matches_triangular_solve(channels):
 
 
 @pytest.mark.compiler_output
-def test_remat_and_invert_keep_temporary_memory_flat():
+@pytest.mark.parametrize("scan", [True, False])
+def test_remat_and_invert_keep_temporary_memory_flat(scan):
   """The backward's recomputations are ordered one step at a time (XLA:CPU schedules freely).
 
   Compiled only, never run: XLA's memory analysis of loss-and-gradient at K=8. Without the
-  data dependencies of memory._after the unrolled loops measured as much as "store".
+  data dependencies of memory._after the unrolled loops measured as much as "store"; a scan
+  orders its steps by itself.
   """
   temps = {}
   for mode in memory.MEMORY_MODES:
     config = make_config((16, 16, 3), num_levels=2, steps=8, hidden=32)
     config.model.memory = mode
+    config.model.scan_steps = scan
     flow = eiw_flow_jax.build_flow(config)
     x = jax.ShapeDtypeStruct((16, 16, 16, 3), jnp.uint8)
     v = jax.eval_shape(flow.init, jax.random.PRNGKey(0), x)
@@ -175,9 +185,13 @@ def test_remat_and_invert_keep_temporary_memory_flat():
 
     compiled = jax.jit(jax.value_and_grad(loss)).lower(v["params"], v["constants"], x).compile()
     temps[mode] = compiled.memory_analysis().temp_size_in_bytes
-  # Measured 11.2 / 1.7 / 2.2 MiB (store / remat / invert).
-  assert temps["remat"] < 0.3 * temps["store"], temps
-  assert temps["invert"] < 0.3 * temps["store"], temps
+  # Measured (store / remat / invert): 11.2 / 1.7 / 2.2 MiB unrolled over separate per-step
+  # variables; 9.2 / 2.3 / 3.1 MiB unrolled over slices of the stacked variables (the slices,
+  # and the per-step gradients concatenated into the stack's, are extra buffers at this tiny
+  # width); scanned 6.9 / 1.3 / 1.4 MiB.
+  bound = 0.3 if scan else 0.4
+  assert temps["remat"] < bound * temps["store"], temps
+  assert temps["invert"] < bound * temps["store"], temps
 
 
 def test_remat_call_chain_matches_autodiff_and_recomputes_one_call_at_a_time():

@@ -55,6 +55,11 @@ def test_op_names_and_kinds_come_from_the_compiled_hlo():
     (f"{PREFIX}/level1_step7/add", ("forward", "flow step")),
     ("jit(step_fn)/cond/branch_1_fun/mul", ("update", "Adam + EMA (under the finite cond)")),
     ("jit(step_fn)/reduce_sum", ("update", "gradient norm, guard")),
+    # The stacked steps (glow.MultiScaleFlow._run_steps): scanned, and unrolled.
+    (f"{PREFIX}/MultiScaleFlow._run_steps/level0_steps/while/body/closed_call/FlowStep/"
+     "layers_2/net/ZeroConv_0/conv_general_dilated", ("forward", "coupling/net/ZeroConv_0")),
+    (f"{PREFIX}/MultiScaleFlow._run_steps/level0_steps/level0_step1/FlowStep/layers_0/add",
+     ("forward", "ActNorm")),
 ])
 def test_model_part_folds_levels_and_steps(op_name, expected):
   assert profile_step.model_part(op_name) == expected

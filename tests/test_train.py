@@ -247,3 +247,82 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, data_dir):
         strict=True,
     ):
       np.testing.assert_array_equal(x, y)
+
+
+def _unstack_steps(tree):
+  """The inverse of checkpointing.stack_unrolled_steps: the layout saved before stacking."""
+  if isinstance(tree, dict):
+    out = {}
+    for key, value in tree.items():
+      if key.startswith("level") and key.endswith("_steps"):
+        level = key[len("level"):-len("_steps")]
+        count = jax.tree.leaves(value)[0].shape[0]
+        for k in range(count):
+          out[f"level{level}_step{k}"] = jax.tree.map(lambda leaf, k=k: leaf[k], value)
+      else:
+        out[key] = _unstack_steps(value)
+    return out
+  if isinstance(tree, (list, tuple)):
+    return type(tree)(_unstack_steps(item) for item in tree)
+  return tree
+
+
+def test_resume_from_the_unrolled_layout_is_refused_then_converted(tmp_path, data_dir):
+  """A checkpoint saved before the steps of a level were stacked: one line naming the
+  conversion; converted, it restores the same state and training continues."""
+  config = tiny_config(data_dir, num_train_steps=2, checkpoint_every_steps=2,
+                       **{"model.steps_per_level": 2})
+  workdir = str(tmp_path / "stacked")
+  train.train(config, workdir)
+  # The same checkpoint written in the old layout.
+  old = str(tmp_path / "unrolled")
+  import shutil
+
+  shutil.copytree(workdir, old)
+  state_dir = os.path.join(old, checkpointing.CHECKPOINT_DIR, "2", checkpointing.STATE)
+  checkpointer = checkpointing.ocp.StandardCheckpointer()
+  raw = checkpointer.restore(state_dir)
+  assert "level0_steps" in raw["params"]
+  shutil.rmtree(state_dir)
+  checkpointer.save(state_dir, _unstack_steps(raw))
+  checkpointer.wait_until_finished()
+  checkpointer.close()
+
+  longer = tiny_config(data_dir, num_train_steps=4, checkpoint_every_steps=2,
+                       **{"model.steps_per_level": 2})
+  with pytest.raises(checkpointing.CheckpointMismatchError) as info:
+    train.train(longer, old)
+  message = str(info.value)
+  assert "\n" not in message and "unrolled layout" in message, message
+  assert "convert_unrolled_checkpoints" in message, message
+
+  converted = str(tmp_path / "converted")
+  assert checkpointing.convert_unrolled_checkpoints(old, converted) == [2]
+  assert_states_equal(restore(config, converted), restore(config, workdir), atol=0)
+  train.train(longer, converted)
+  assert finalized_steps(converted) == [2, 4]
+
+
+def test_stack_unrolled_steps_converts_glow_and_denseflow_trees():
+  import collections
+
+  moments = collections.namedtuple("Moments", "mu nu")
+  step = {"layers_0": {"bias": np.ones(3)}}
+  tree = {"params": {"level0_step1": {"layers_0": {"bias": 2 * np.ones(3)}},
+                     "level0_step0": step, "level0_split": {"theta": np.zeros(3)}},
+          "opt": [moments(mu={"level1_step0": step}, nu=np.zeros(1))],
+          "dense": {"unit0": {"layer1_actnorm": {"shift": np.ones(2)},
+                              "layer0_actnorm": {"shift": np.zeros(2)},
+                              "layer0_coupling": {"w": np.zeros(1)},
+                              "layer1_coupling": {"w": np.ones(1)}}}}
+  out = checkpointing.stack_unrolled_steps(tree)
+  np.testing.assert_array_equal(out["params"]["level0_steps"]["layers_0"]["bias"],
+                                [[1, 1, 1], [2, 2, 2]])
+  assert set(out["params"]) == {"level0_steps", "level0_split"}
+  assert isinstance(out["opt"][0], moments)
+  assert out["opt"][0].mu["level1_steps"]["layers_0"]["bias"].shape == (1, 3)
+  np.testing.assert_array_equal(out["dense"]["unit0"]["layers"]["actnorm"]["shift"],
+                                [[0, 0], [1, 1]])
+  assert set(out["dense"]["unit0"]) == {"layers"}
+  with pytest.raises(ValueError, match=r"level0: expected steps 0..0, got \[1\]"):
+    checkpointing.stack_unrolled_steps({"level0_step1": step})

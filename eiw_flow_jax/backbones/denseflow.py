@@ -90,8 +90,54 @@ def denseflow_shapes(model: Any) -> dict[str, Any]:
   return {"block_in": block_in, "latents": latents, "augment": augment, "dequant": dequant}
 
 
+class DenseLayer(nn.Module):
+  """One coupling layer of a unit: ActNorm, 1x1 conv, affine coupling, channel switch."""
+
+  mid_channels: int
+  depth: int
+  growth: int
+  train: bool = False
+  num_landmarks: int = 4
+
+  def setup(self) -> None:
+    self.actnorm = ActNorm()
+    self.conv1x1 = Conv1x1()
+    self.coupling = AffineCoupling(self.mid_channels, self.depth, self.growth, multihead=True,
+                                   train=self.train, num_landmarks=self.num_landmarks)
+
+  def __call__(self, x: Array, reverse: bool = False) -> tuple[Array, Array]:
+    log_det = jnp.zeros((x.shape[0],), x.dtype)
+    if reverse:
+      x = switch_channels(x, reverse=True)
+      for layer in (self.coupling, self.conv1x1, self.actnorm):
+        x, ld = layer(x, reverse=True)
+        log_det = log_det + ld
+      return x, log_det
+    for layer in (self.actnorm, self.conv1x1, self.coupling):
+      x, ld = layer(x)
+      log_det = log_det + ld
+    return switch_channels(x), log_det
+
+
+class _DenseLayerCell(DenseLayer):
+  """DenseLayer as a scan body over the carry (h, log_det)."""
+
+  def __call__(self, carry: tuple[Array, Array], _: Any) -> tuple[tuple[Array, Array], None]:
+    h, log_det = carry
+    h, layer_log_det = DenseLayer.__call__(self, h)
+    return (h, log_det + layer_log_det), None
+
+
 class DenseUnit(nn.Module):
-  """`num_layers` x [ActNorm, 1x1 conv, affine coupling, channel switch]."""
+  """`num_layers` x [ActNorm, 1x1 conv, affine coupling, channel switch], as one scan.
+
+  The layers of a unit share every shape (the channel switch keeps C), so their variables are
+  stacked along a leading axis (`unit0/layers/actnorm/shift` has shape (num_layers, C)) and
+  the layer is traced and compiled once per unit (`scan=True`) or unrolled `num_layers` times
+  in the program (`scan=False`, `model.scan_steps`): same parameters either way. The units of
+  a dense block cannot share one scan: each appends `growth_rate` channels to its input, so no
+  two units of a block have the same shapes (nor do the noise networks between them).
+  """
 
   num_layers: int
   mid_channels: int
@@ -99,32 +145,37 @@ class DenseUnit(nn.Module):
   growth: int
   train: bool = False
   num_landmarks: int = 4  # of the coupling nets' Nystrom attention
+  scan: bool = True
 
   def setup(self) -> None:
-    self.actnorms = [ActNorm(name=f"layer{i}_actnorm") for i in range(self.num_layers)]
-    self.convs = [Conv1x1(name=f"layer{i}_conv1x1") for i in range(self.num_layers)]
-    self.couplings = [
-        AffineCoupling(self.mid_channels, self.depth, self.growth, multihead=True,
-                       train=self.train, num_landmarks=self.num_landmarks,
-                       name=f"layer{i}_coupling")
-        for i in range(self.num_layers)
-    ]
+    # nn.scan also at init: each layer's data-dependent ActNorm init sees that layer's input.
+    scanned = nn.scan(
+        _DenseLayerCell, variable_axes={"params": 0, "constants": 0},
+        split_rngs={"params": True}, length=self.num_layers,
+        unroll=1 if self.scan else self.num_layers,
+    )
+    self.layers = scanned(self.mid_channels, self.depth, self.growth, self.train,
+                          self.num_landmarks)
 
   def __call__(self, x: Array) -> tuple[Array, Array]:
-    log_det = jnp.zeros((x.shape[0],), x.dtype)
-    for an, cv, cp in zip(self.actnorms, self.convs, self.couplings):
-      for layer in (an, cv, cp):
-        x, ld = layer(x)
-        log_det = log_det + ld
-      x = switch_channels(x)
+    (x, log_det), _ = self.layers((x, jnp.zeros((x.shape[0],), x.dtype)), None)
     return x, log_det
 
   def inverse(self, z: Array) -> Array:
-    for an, cv, cp in reversed(list(zip(self.actnorms, self.convs, self.couplings))):
-      z = switch_channels(z, reverse=True)
-      for layer in (cp, cv, an):
-        z, _ = layer(z, reverse=True)
-    return z
+    # The inverse runs in evaluation (no BatchNorm update): a reverse lax.scan of a parentless
+    # layer over the stacked variables.
+    twin = DenseLayer(self.mid_channels, self.depth, self.growth, self.train,
+                      self.num_landmarks, parent=None)
+    variables = {"params": self.variables["params"]["layers"]}
+    constants = self.variables.get("constants", {}).get("layers")
+    if constants is not None:
+      variables["constants"] = constants
+
+    def body(h, layer_variables):
+      return twin.apply(layer_variables, h, reverse=True)[0], None
+
+    return jax.lax.scan(body, z, variables, reverse=True,
+                        unroll=1 if self.scan else self.num_layers)[0]
 
 
 class NoiseParams(nn.Module):
@@ -152,11 +203,12 @@ class InvertibleDenseBlock(nn.Module):
   memory: str = "store"
   train: bool = False
   num_landmarks: int = 4
+  scan: bool = True  # each unit's layers as one lax.scan (DenseUnit)
 
   def setup(self) -> None:
     self.units = [
         DenseUnit(self.num_layers, self.mid_channels, self.depth, self.coupling_growth,
-                  self.train, self.num_landmarks, name=f"unit{i}")
+                  self.train, self.num_landmarks, self.scan, name=f"unit{i}")
         for i in range(self.num_units)
     ]
     self.noise_nets = [NoiseParams(self.growth_rate, name=f"noise{i}")
@@ -193,7 +245,7 @@ class InvertibleDenseBlock(nn.Module):
     name = f"unit{i}"
     # A parentless twin applied to unit i's variables: memory.remat_call needs a pure function.
     twin = DenseUnit(self.num_layers, self.mid_channels, self.depth, self.coupling_growth,
-                     self.train, self.num_landmarks, parent=None)
+                     self.train, self.num_landmarks, self.scan, parent=None)
     variables = {"params": self.variables["params"][name],
                  "constants": self.variables.get("constants", {}).get(name, {})}
     update = self.train and self.is_mutable_collection("constants")
@@ -413,7 +465,8 @@ class DenseFlowBackbone(nn.Module):
     self.blocks = [
         InvertibleDenseBlock(df.block_conf[b], df.layers_conf[b], df.layer_mid_chnls[b],
                              df.growth_rate, df.coupling_depth, df.coupling_growth, memory,
-                             self.train, df.get("attention_landmarks", 4), name=f"block{b}")
+                             self.train, df.get("attention_landmarks", 4),
+                             m.get("scan_steps", True), name=f"block{b}")
         for b in range(n)
     ]
     self.transitions = [

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -28,8 +29,34 @@ from eiw_flow_jax.splits import (
 Array = jax.Array
 
 
+def steps_name(level: int) -> str:
+  """The module (and variables) name of level `level`'s K stacked flow steps."""
+  return f"level{level}_steps"
+
+
+def step_name(level: int, k: int) -> str:
+  """The name of step k of level `level` in op names (profiles) and diagnostics."""
+  return f"level{level}_step{k}"
+
+
+class _FlowStepCell(FlowStep):
+  """FlowStep as a scan body over the carry (h, log_det): what nn.scan stacks at init."""
+
+  def __call__(self, carry: tuple[Array, Array], _: Any) -> tuple[tuple[Array, Array], None]:
+    h, log_det = carry
+    h, step_log_det = FlowStep.__call__(self, h)
+    return (h, log_det + step_log_det), None
+
+
 class MultiScaleFlow(nn.Module):
-  """Glow-style multi-scale flow on centred inputs; all methods take/return batched arrays."""
+  """Glow-style multi-scale flow on centred inputs; all methods take/return batched arrays.
+
+  The K flow steps of level l are one module, `level{l}_steps`, whose variables are those of K
+  `FlowStep`s stacked along a leading axis (params["level0_steps"]["layers_0"]["bias"] has
+  shape (K, C)). `model.scan_steps` chooses how they run: a `lax.scan` over the stack (True:
+  the step is compiled once, so compile time does not grow with K) or a Python loop over its
+  slices (False: K unrolled copies). Same parameters and checkpoints either way.
+  """
 
   model: ml_collections.FrozenConfigDict  # the validated `config.model`
 
@@ -40,12 +67,16 @@ class MultiScaleFlow(nn.Module):
     self.centre = Shift(-0.5)
     self.squeeze = Squeeze()
     dtype = config_lib.compute_dtype(m)
-    self.steps = [
-        [FlowStep(m.hidden_channels, m.coupling, dtype, m.get("kernels", "auto"),
-                  name=f"level{lv}_step{k}")
-         for k in range(m.steps_per_level)]
-        for lv in range(m.num_levels)
-    ]
+    # Creates the stacked variables at init: nn.scan runs each step's data-dependent ActNorm
+    # init on that step's own input, and splits the "params" rng so every step draws its own
+    # 1x1-convolution permutation. After init the steps run through `_run_steps`.
+    scanned = nn.scan(
+        _FlowStepCell, variable_axes={"params": 0, "constants": 0},
+        split_rngs={"params": True}, length=m.steps_per_level,
+    )
+    self.steps = [scanned(m.hidden_channels, m.coupling, dtype, m.get("kernels", "auto"),
+                          name=steps_name(lv))
+                  for lv in range(m.num_levels)]
     self.splits = [self._make_split(c, name=f"level{lv}_split")
                    for lv, c in enumerate(channels[:-1])]
     top = (h >> m.num_levels, w >> m.num_levels, channels[-1])
@@ -73,38 +104,50 @@ class MultiScaleFlow(nn.Module):
 
   def _level_forward(self, level: int, h: Array) -> tuple[Array, Array]:
     h, log_det = self.squeeze(h)
-    mode = self.model.get("memory", "store")
-    if mode == "store" or self.is_initializing():
-      # Initialisation (data-dependent ActNorm) always runs the modules themselves.
-      for step in self.steps[level]:
-        h, step_log_det = step(h)
-        log_det = log_det + step_log_det
-      return h, log_det
-    h, steps_log_det = self._run_steps(level, h, mode)
+    if self.is_initializing():
+      # Initialisation (data-dependent ActNorm) runs the scanned modules themselves.
+      (h, steps_log_det), _ = self.steps[level]((h, jnp.zeros_like(log_det)), None)
+    else:
+      h, steps_log_det = self._run_steps(level, h, self.model.get("memory", "store"))
     return h, log_det + steps_log_det
 
-  def _run_steps(self, level: int, h: Array, mode: str) -> tuple[Array, Array]:
-    """The level's K steps as pure functions of their variables, under memory `mode`."""
+  def _twin(self) -> FlowStep:
+    """A parentless FlowStep, applied to one step's slice of the stacked variables: the scans
+    and the custom VJPs of eiw_flow_jax.memory need pure functions."""
     m = self.model
-    # A parentless twin of every step: applied to each step's variables explicitly, so that
-    # the custom VJPs of memory.run_chain ("remat", "invert") see pure functions.
-    twin = FlowStep(m.hidden_channels, m.coupling, config_lib.compute_dtype(m),
+    return FlowStep(m.hidden_channels, m.coupling, config_lib.compute_dtype(m),
                     m.get("kernels", "auto"), parent=None)
-    names = [f"level{level}_step{k}" for k in range(m.steps_per_level)]
-    step_variables = [
-        {"params": self.variables["params"][n], "constants": self.variables["constants"][n]}
-        for n in names
-    ]
-    return memory.run_chain(
+
+  def _stacked_variables(self, level: int) -> dict[str, Any]:
+    name = steps_name(level)
+    return {"params": self.variables["params"][name],
+            "constants": self.variables["constants"][name]}
+
+  def _run_steps(self, level: int, h: Array, mode: str) -> tuple[Array, Array]:
+    """The level's K steps as pure functions of their stacked variables, under memory `mode`."""
+    m = self.model
+    twin = self._twin()
+    # Op names (profiles) carry `level{l}_steps` (scanned) or `level{l}_step{k}` (unrolled).
+    with jax.named_scope(steps_name(level)):
+      return memory.run_stacked_chain(
         mode,
         lambda v, x: twin.apply(v, x),
         lambda v, y: twin.apply(v, y, reverse=True)[0],
-        step_variables,
+        self._stacked_variables(level),
         h,
+        scan=m.get("scan_steps", True),
         name=f"level {level}",
+        step_names=lambda k: step_name(level, k),
         tolerance=m.get("invert_tolerance", 1e-3),
         inverse_vjp=functools.partial(memory.flow_step_inverse_vjp, twin),
-    )
+      )
+
+  def _invert_steps(self, level: int, h: Array) -> Array:
+    """The inverse of the level's K steps (last step first)."""
+    twin = self._twin()
+    return memory.invert_stacked_chain(
+        lambda v, y: twin.apply(v, y, reverse=True)[0], self._stacked_variables(level), h,
+        scan=self.model.get("scan_steps", True))
 
   def forward(self, y: Array) -> tuple[list[Array], Array, Array, dict[str, list[Array]]]:
     """y in [0,1]^D -> (latents per level, log|det J|, log prior of latents, aux per split)."""
@@ -126,9 +169,7 @@ class MultiScaleFlow(nn.Module):
     return latents, log_det, log_prior + self.top_prior.log_prob(h), aux
 
   def _level_inverse(self, level: int, h: Array) -> Array:
-    for step in reversed(self.steps[level]):
-      h, _ = step(h, reverse=True)
-    return self.squeeze(h, reverse=True)[0]
+    return self.squeeze(self._invert_steps(level, h), reverse=True)[0]
 
   def inverse(self, latents: Sequence[Array]) -> Array:
     """Exact inverse of `forward`'s map: latents per level -> y."""
@@ -175,12 +216,8 @@ class MultiScaleFlow(nn.Module):
     drifts = []
     for level in range(self.model.num_levels):
       x, _ = self.squeeze(h)
-      out = x
-      for step in self.steps[level]:
-        out, _ = step(out)
-      rebuilt = out
-      for step in reversed(self.steps[level]):
-        rebuilt, _ = step(rebuilt, reverse=True)
+      out, _ = self._run_steps(level, x, "store")
+      rebuilt = self._invert_steps(level, out)
       drifts.append(memory.relative_drift(rebuilt, x))
       h = self.splits[level].split(out).kept if level < len(self.splits) else out
     return drifts

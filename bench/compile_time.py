@@ -1,0 +1,154 @@
+"""Compile time and peak resident memory of the train step against K, scanned vs unrolled.
+
+  python bench/compile_time.py --ks=2,4,8,16,32                 # compile only
+  python bench/compile_time.py --ks=4 --steps=5                 # and step time
+
+For each K in --ks and each of `model.scan_steps` = True / False (alternating which goes
+first), a fresh process builds the train step of --config (default configs/cifar10.py: L=3,
+width 512) at that K with --batch images on one device, lowers it (tracing) and compiles it
+for this machine's backend under XLA's default flags, and reports the seconds of each, the
+process's peak resident memory (`ru_maxrss`: JAX's runtime plus the compiler's peak), the CPU
+seconds of each (this process, all threads: less sensitive to other load than wall time) and,
+with --steps N, the median of N train steps after one warm-up. With --topology (jax[tpu]
+installed) the step is compiled deviceless for that TPU topology, data-parallel over its chips,
+--batch images per chip; `memory_analysis()` then gives the chip's temporaries. Processes run
+one at a time, so compiles do not overlap; the machine's other load still shows in wall times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def compiled_platform(devices) -> str:
+  return getattr(devices[0], "device_kind", devices[0].platform)
+
+
+def child(args: argparse.Namespace) -> None:
+  sys.path.insert(0, REPO)
+  import importlib.util
+
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from eiw_flow_jax import train
+  from eiw_flow_jax.model import build_flow
+
+  spec = importlib.util.spec_from_file_location("config_module", args.config)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.model.steps_per_level = args.k
+  config.model.scan_steps = args.scan == "true"
+  config.model.memory = args.memory
+  config.batch_size = args.batch
+  if args.hidden:
+    config.model.hidden_channels = args.hidden
+  if args.topology:
+    from jax.experimental import topologies
+
+    devices = topologies.get_topology_desc(topology_name=args.topology, platform="tpu").devices
+    config.batch_size = args.batch * len(devices)
+  else:
+    devices = jax.devices()[:1]
+  mesh = train.make_mesh(devices)
+  flow = build_flow(config)
+  tx = train.make_optimizer(config)
+  abstract = train.abstract_state(flow, tx, mesh)
+  images = jax.ShapeDtypeStruct((config.batch_size, *config.model.image_shape), jnp.uint8,
+                                sharding=train.batch_sharding(mesh))
+  step = train.make_train_step(config, flow, tx, mesh)
+  start, cpu_start = time.perf_counter(), time.process_time()
+  lowered = step.lower(abstract, images)
+  lower_s = time.perf_counter() - start
+  start, cpu_lowered = time.perf_counter(), time.process_time()
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - start
+  cpu_compiled = time.process_time()
+  out = {"k": args.k, "scan": args.scan == "true", "memory": args.memory,
+         "platform": compiled_platform(devices),
+         "lower_s": round(lower_s, 1), "compile_s": round(compile_s, 1),
+         # CPU seconds of this process (all threads): less sensitive to the machine's load.
+         "lower_cpu_s": round(cpu_lowered - cpu_start, 1),
+         "compile_cpu_s": round(cpu_compiled - cpu_lowered, 1),
+         "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
+  if args.topology:
+    analysis = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    out["temp_gib_per_chip"] = round(analysis.temp_size_in_bytes / 2**30, 2)
+    out["gflop"] = round(float(cost.get("flops", 0.0)) / 1e9, 1)
+  if args.steps and not args.topology:
+    x = np.random.default_rng(0).integers(0, 256, (args.batch, *config.model.image_shape),
+                                          dtype=np.uint8)
+    variables = flow.init(jax.random.PRNGKey(0), x)
+    # Through host copies: params and EMA must not share a buffer (the step donates both).
+    state = jax.device_get(train._state_from_variables(tx, variables))
+    state = jax.device_put(jax.tree.map(np.array, state), train.state_shardings(mesh, abstract))
+    x = jax.device_put(x, train.batch_sharding(mesh))
+    state, metrics = compiled(state, x)
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(args.steps):
+      start = time.perf_counter()
+      state, metrics = compiled(state, x)
+      jax.block_until_ready(metrics)
+      times.append(time.perf_counter() - start)
+    out["step_s"] = round(float(np.median(times)), 3)
+    out["finite"] = bool(metrics["finite"])
+  print(json.dumps(out), flush=True)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--config", default=os.path.join(REPO, "configs", "cifar10.py"))
+  parser.add_argument("--ks", default="2,4,8,16,32")
+  parser.add_argument("--batch", type=int, default=64)
+  parser.add_argument("--memory", default="store")
+  parser.add_argument("--hidden", type=int, default=0, help="coupling width (0: the config's)")
+  parser.add_argument("--repeats", type=int, default=1, help="runs of each (K, variant)")
+  parser.add_argument("--steps", type=int, default=0, help="train steps timed (0: none)")
+  parser.add_argument("--variants", default="true,false", help="scan_steps values")
+  parser.add_argument("--topology", default="",
+                      help="compile for this TPU topology instead (e.g. v5e:2x2; needs "
+                      "jax[tpu]); --batch is then per chip")
+  parser.add_argument("--child", action="store_true")
+  parser.add_argument("--k", type=int)
+  parser.add_argument("--scan")
+  args = parser.parse_args()
+  if args.child:
+    child(args)
+    return
+  sys.path.insert(0, REPO)
+  from eiw_flow_jax import host_threads
+
+  env = host_threads.blas_thread_environ({**os.environ, "PYTHONPATH": REPO})
+  env.pop("XLA_FLAGS", None)  # XLA's defaults
+  variants = args.variants.split(",")
+  runs = [int(k) for k in args.ks.split(",") for _ in range(args.repeats)]
+  for index, k in enumerate(runs):
+    order = variants if index % 2 == 0 else variants[::-1]
+    for scan in order:
+      command = [sys.executable, os.path.abspath(__file__), "--child", f"--k={k}",
+                 f"--scan={scan}", f"--config={args.config}", f"--batch={args.batch}",
+                 f"--memory={args.memory}", f"--steps={args.steps}",
+                 f"--topology={args.topology}", f"--hidden={args.hidden}"]
+      result = subprocess.run(command, env=env, capture_output=True, text=True)
+      lines = [ln for ln in result.stdout.splitlines() if ln.startswith("{")]
+      if result.returncode or not lines:
+        print(json.dumps({"k": k, "scan": scan, "error": result.stderr[-2000:]}), flush=True)
+      else:
+        print(lines[-1], flush=True)
+
+
+if __name__ == "__main__":
+  main()
