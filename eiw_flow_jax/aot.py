@@ -233,6 +233,9 @@ class AotReport:
   flops: float = math.nan
   bytes_accessed: float = math.nan
   compiler_seconds: float | None = None  # the TPU compiler's own step-time estimate
+  # How flops / bytes_accessed were found: "compiler" (the program's own cost analysis) or
+  # "unrolled K=1,2" (extrapolated: the compiler counts a scanned loop body once).
+  cost_source: str = "compiler"
   error: str | None = None  # the compiler's out-of-memory message, when it refused
   required_bytes: int | None = None  # what that message says the program needs
   batch_search: BatchSearch | None = None
@@ -361,6 +364,28 @@ def _configure(
   return config, config.batch_size // num_devices
 
 
+def _scanned_steps(config: ml_collections.ConfigDict) -> int:
+  """K where the program scans over K flow steps (whose cost the compiler counts once), else 0."""
+  m = config.model
+  if not m.get("scan_steps", True) or m.get("backbone", "glow") != "glow":
+    return 0  # DenseFlow scans only each unit's few coupling layers: see docs/tpu.md
+  return int(m.steps_per_level)
+
+
+def _unrolled_cost(config: ml_collections.ConfigDict, mesh: Any) -> tuple[float, float]:
+  """(FLOPs, bytes accessed) per step at config's K, from unrolled programs at K=1 and K=2."""
+  costs = []
+  for k in (1, 2):
+    unrolled = ml_collections.ConfigDict(config.to_dict())
+    unrolled.model.steps_per_level = k
+    unrolled.model.scan_steps = False
+    cost = _cost(lower_train_step(unrolled, mesh).compile())
+    costs.append((float(cost.get("flops", math.nan)), float(cost.get("bytes accessed", math.nan))))
+  (f1, b1), (f2, b2) = costs
+  k = _scanned_steps(config)
+  return f1 + (k - 1) * (f2 - f1), b1 + (k - 1) * (b2 - b1)
+
+
 def lower_train_step(config: ml_collections.ConfigDict, mesh: Any) -> Any:
   """`train.make_train_step` lowered for `mesh` on abstract arguments (nothing allocated)."""
   flow = build_flow(config)
@@ -392,12 +417,17 @@ def compile_for_topology(
     num_slices: int = 1,
     with_eval: bool = True,
     config_name: str = "config",
+    exact_cost: bool = True,
 ) -> AotReport:
   """Compiles the train step (and the eval step) as `main` builds them, for `topology`.
 
   `per_device_batch` None keeps `config.batch_size` (split over the devices). Returns an
   `AotReport` also when the program does not fit (`fits` False, `error` the compiler's
   message). Raises AotError for a bad topology or config, or without libtpu.
+
+  With `model.scan_steps` the compiler's cost analysis counts the scanned loop body once, not K
+  times; `exact_cost` then finds FLOPs and bytes per step from two small unrolled compiles
+  (K=1 and K=2: the cost is linear in K, each step costing the same), `_unrolled_cost`.
   """
   devices = topology_devices(topology, num_slices)
   config, per_device = _configure(config, len(devices), per_device_batch)
@@ -431,6 +461,9 @@ def compile_for_topology(
   report.flops = float(cost.get("flops", math.nan))
   report.bytes_accessed = float(cost.get("bytes accessed", math.nan))
   report.compiler_seconds = cost.get("optimal_seconds")
+  if exact_cost and _scanned_steps(config) > 1:
+    report.flops, report.bytes_accessed = _unrolled_cost(config, mesh)
+    report.cost_source = "unrolled K=1,2"
   if with_eval:
     started = time.perf_counter()
     try:
@@ -526,7 +559,7 @@ def largest_batch(
     t0 = time.perf_counter()
     try:
       r = compile_for_topology(config, topology, batch, num_slices=num_slices, with_eval=False,
-                               config_name=report.config_name)
+                               config_name=report.config_name, exact_cost=False)
     except AotError:  # e.g. a global batch the config cannot split: stop searching
       break
     last = time.perf_counter() - t0
@@ -605,7 +638,9 @@ def render(report: AotReport) -> str:
     )
   if r.train is not None:
     lines.append(f"cost per step per device: {r.flops / 1e9:.2f} GFLOP, "
-                 f"{r.bytes_accessed / 1e9:.3f} GB accessed (TPU compiler)")
+                 f"{r.bytes_accessed / 1e9:.3f} GB accessed (TPU compiler"
+                 + ("" if r.cost_source == "compiler" else
+                    f"; scanned steps: {r.cost_source}, extrapolated") + ")")
   step = r.step_seconds
   if step is not None and chip is not None:
     share = r.devices_per_chip
@@ -696,6 +731,10 @@ if __name__ == "__main__":
       "Images per device per step (global batch = this x devices); default: the config's "
       "batch_size split over the topology's devices.")
   _EVAL = flags.DEFINE_bool("eval", True, "Also compile the eval step (test bits/dim).")
+  _EXACT_COST = flags.DEFINE_bool(
+      "exact_cost", True,
+      "With scanned flow steps (model.scan_steps), find FLOPs and bytes per step from two "
+      "small unrolled compiles (K=1, 2): the compiler counts a scanned loop body once.")
   _MAX_BATCH_SEARCH = flags.DEFINE_float(
       "max_batch_search", 0.0,
       "Seconds to spend finding the largest per-device batch that fits (a few compiles, each "
@@ -721,7 +760,7 @@ def _write_json(value: Any) -> None:
 def _run_one(config, name: str, topology: str) -> AotReport:
   report = compile_for_topology(
       config, topology, _PER_DEVICE_BATCH.value, num_slices=_NUM_SLICES.value,
-      with_eval=_EVAL.value, config_name=name,
+      with_eval=_EVAL.value, config_name=name, exact_cost=_EXACT_COST.value,
   )
   return report
 

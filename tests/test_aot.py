@@ -31,9 +31,11 @@ def digits_config():
 
 
 def reduced_cifar_config(steps: int = 2, width: int = 512):
-  """configs/cifar10.py with K steps per level (32 published): the same network otherwise."""
+  """configs/cifar10.py with K steps per level (32 published), unrolled (one compile whose own
+  cost analysis counts every step): the same network otherwise."""
   config = aot.load_config(f"{REPO}/configs/cifar10.py")
   config.model.steps_per_level = steps
+  config.model.scan_steps = False
   config.model.hidden_channels = width
   return config
 
@@ -76,7 +78,20 @@ def test_digits_compiles_for_four_chips_with_data_parallelism(digits_run):
   assert r["train_total"] < r["hbm_bytes"] == int(15.75 * aot.GiB)
   assert r["eval"] is not None and r["eval_total"] > r["eval"]["arguments"]
   assert r["flops"] > 0 and r["bytes_accessed"] > 0
+  assert r["cost_source"] == "unrolled K=1,2"  # digits scans its K=4 steps
   assert 0 < r["step_seconds"] < 1 and r["images_per_second"] > 0
+
+
+def test_scanned_steps_cost_is_what_the_unrolled_program_costs(digits_run):
+  """The compiler counts a scanned loop body once: the report's FLOPs, extrapolated from
+  unrolled K=1 and K=2 programs, are those of the unrolled K=4 program, not the scanned one's."""
+  _, r = digits_run
+  config = digits_config()
+  config.model.scan_steps = False
+  unrolled = aot.compile_for_topology(config, TOPOLOGY, with_eval=False)
+  assert unrolled.cost_source == "compiler"
+  assert r["flops"] == pytest.approx(unrolled.flops, rel=0.02)
+  assert r["bytes_accessed"] == pytest.approx(unrolled.bytes_accessed, rel=0.15)
 
 
 def test_the_command_prints_the_report(digits_run):
@@ -91,8 +106,10 @@ def test_the_command_prints_the_report(digits_run):
   total, hbm = float(fields["train step total"]), float(fields["HBM"].split()[0])
   assert total == pytest.approx(report["train_total"] / aot.GiB, abs=1e-3)
   assert 0 < total < hbm == 15.75
-  assert re.match(r"[\d.]+ GFLOP, [\d.]+ GB accessed", fields["cost per step per device"])
-  assert re.match(r"step >= [\d.]+ (us|ms|s) .*, <= \d+ images/s; 1250 steps >= ", fields["roofline"])
+  assert re.match(r"[\d.]+ GFLOP, [\d.]+ GB accessed \(TPU compiler; scanned steps: unrolled "
+                  r"K=1,2, extrapolated\)", fields["cost per step per device"])
+  assert re.match(r"step >= [\d.]+ (us|ms|s) .*, <= \d+ images/s; 1250 steps >= ",
+                  fields["roofline"])
   assert fields["fits"] == "yes"
   assert "Failed to find host bounds" not in result.stderr  # libtpu kept quiet off a TPU VM
 
