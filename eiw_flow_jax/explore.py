@@ -21,10 +21,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from eiw_flow_jax import bijectors, splits
+from eiw_flow_jax import bijectors, memory, splits
 
 Array = jax.Array
 Variables = dict[str, Any]
@@ -141,23 +140,27 @@ def bits_per_dim_map(
   return _bits_map(flow, variables, y)
 
 
-@functools.lru_cache(maxsize=16)
-def _store_module(flow: Flow) -> Any:
-  """The backbone with memory="store": its steps run as submodules, whose outputs are captured."""
-  model = flow.model_config.as_configdict()
-  model.memory = "store"
-  return flow.module.clone(model=ml_collections.FrozenConfigDict(model))
-
-
 @functools.partial(jax.jit, static_argnums=0)
 def _bits_map(flow: Flow, variables: Variables, y: Array) -> Array:
+  def is_coupling_net(module: Any, method: str) -> bool:
+    return isinstance(module, bijectors.CouplingNet) and method == "__call__"
+
   def walk(m, y):
-    """(total log-det, per-position log prior maps) of the forward pass, level by level."""
+    """(total log-det, per-position log prior maps, coupling networks' outputs) of the forward
+    pass, level by level; each level's stacked steps are applied one at a time, so that their
+    coupling networks' outputs can be captured."""
     h, log_det = m.centre(y)
-    maps = []
+    maps, net_outs = [], []
+    twin = m._twin()
     for level in range(m.model.num_levels):
-      h, level_log_det = m._level_forward(level, h)
-      log_det = log_det + level_log_det
+      h, squeeze_log_det = m.squeeze(h)
+      log_det = log_det + squeeze_log_det
+      stacked = m._stacked_variables(level)
+      for step_variables in memory.unstack(stacked, memory.stack_count(stacked)):
+        (h, step_log_det), state = twin.apply(
+            step_variables, h, capture_intermediates=is_coupling_net, mutable=["intermediates"])
+        log_det = log_det + step_log_det
+        net_outs.extend(jax.tree.leaves(state["intermediates"]))
       if level < len(m.splits):
         out = m.splits[level].split(h)
         mean, log_std = m.splits[level].prior(out.kept)
@@ -165,15 +168,11 @@ def _bits_map(flow: Flow, variables: Variables, y: Array) -> Array:
         log_det, h = log_det + out.log_det, out.kept
     maps.append(_per_position([h, *m.top_prior.params_for(h.shape[0])],
                               splits.gaussian_log_prob))
-    return log_det, maps
+    return log_det, maps, net_outs
 
-  def is_coupling_net(module: Any, method: str) -> bool:
-    return isinstance(module, bijectors.CouplingNet) and method == "__call__"
-
-  (log_det, maps), state = _store_module(flow).apply(
-      variables, y, method=walk, capture_intermediates=is_coupling_net, mutable=["intermediates"])
+  log_det, maps, net_outs = flow.module.apply(variables, y, method=walk)
   if flow.model_config.coupling == "affine":
-    for net_out in jax.tree.leaves(state["intermediates"]):
+    for net_out in net_outs:
       net_out = net_out.astype(jnp.float32)
       half = jnp.zeros((*net_out.shape[:-1], net_out.shape[-1] // 2), jnp.float32)
       coupling = _per_position(
