@@ -281,11 +281,19 @@ def stack_count(stacked: Any) -> int:
 def _scan_forward(apply: StepFn, stacked: Any, x: Array) -> tuple[Array, Array]:
   def body(carry, variables):
     h, log_det = carry
-    h, step_log_det = apply(variables, h)
-    return (h, log_det + step_log_det), None
+    out, step_log_det = apply(variables, h)
+    # A scan's carry keeps its dtype: parameters wider than the input (float64 ones under
+    # jax_enable_x64 with float32 data) would otherwise promote it; the input's dtype rules.
+    return (out.astype(h.dtype), (log_det + step_log_det).astype(log_det.dtype)), None
 
-  log_det = jnp.zeros((x.shape[0],), jnp.float32)
+  log_det = jnp.zeros((x.shape[0],), _log_det_dtype(x))
   return jax.lax.scan(body, (x, log_det), stacked)[0]
+
+
+def _log_det_dtype(x: Array) -> Any:
+  """The log-det accumulator's dtype: the input's where it is a float wider than float32."""
+  return jnp.promote_types(x.dtype, jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) \
+      else jnp.float32
 
 
 def _scanned_invert_chain(

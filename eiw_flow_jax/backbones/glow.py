@@ -44,8 +44,9 @@ class _FlowStepCell(FlowStep):
 
   def __call__(self, carry: tuple[Array, Array], _: Any) -> tuple[tuple[Array, Array], None]:
     h, log_det = carry
-    h, step_log_det = FlowStep.__call__(self, h)
-    return (h, log_det + step_log_det), None
+    out, step_log_det = FlowStep.__call__(self, h)
+    # The carry keeps its dtype (float32 data under jax_enable_x64 meets float64 parameters).
+    return (out.astype(h.dtype), (log_det + step_log_det).astype(log_det.dtype)), None
 
 
 class MultiScaleFlow(nn.Module):
