@@ -58,7 +58,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
-from eiw_flow_jax import data, storage
+from eiw_flow_jax import data, layouts, storage
 
 STATE = "state"
 DATA = "data"
@@ -358,10 +358,8 @@ def stack_unrolled_steps(tree: Any) -> Any:
   train state.
   """
   if isinstance(tree, Mapping):
-    from eiw_flow_jax import convert  # noqa: PLC0415 - imports nothing heavy
-
-    tree = convert.stack_unit_layers(tree) if any(
-        convert._UNIT_LAYER.match(str(key)) for key in tree) else tree
+    tree = layouts.stack_unit_layers(tree) if any(
+        layouts.UNIT_LAYER.match(str(key)) for key in tree) else tree
     steps: dict[int, dict[int, Any]] = {}
     out = {}
     for key, value in tree.items():

@@ -33,6 +33,9 @@ from typing import Any
 
 import numpy as np
 
+from eiw_flow_jax import layouts
+from eiw_flow_jax.layouts import stack_unit_layers  # noqa: F401 - also the converter's name
+
 # Buffers of the torch model that are constants of the architecture, not weights.
 IGNORED_SUFFIXES = (
     ".initialized", ".num_batches_tracked", ".dist.buffer", "._shift", "._scale",
@@ -285,7 +288,7 @@ def convert_state_dict(
     for name in path[:-1]:
       node = node.setdefault(name, {})
     node[path[-1]] = value
-  out = stack_unit_layers(out)
+  out = layouts.stack_unit_layers(out)
   expected = _flatten(shapes)
   got = _flatten(out)
   missing = sorted(set(expected) - set(got))
@@ -302,47 +305,6 @@ def convert_state_dict(
   return out
 
 
-_UNIT_LAYER = re.compile(r"^layer(\d+)_(actnorm|conv1x1|coupling)$")
-
-
-def stack_unit_layers(tree: Any) -> Any:
-  """The per-layer names of a unit (`layer{j}_actnorm`, `layer{j}_conv1x1`,
-  `layer{j}_coupling`, as the torch model numbers them) -> the stacked layout of
-  `DenseUnit` (`layers/actnorm`, ..., each leaf with a leading axis over j)."""
-  if not isinstance(tree, Mapping):
-    return tree
-  layers: dict[str, dict[int, Any]] = {}
-  out = {}
-  for key, value in tree.items():
-    match = _UNIT_LAYER.match(key)
-    if match:
-      layers.setdefault(match.group(2), {})[int(match.group(1))] = value
-    else:
-      out[key] = stack_unit_layers(value)
-  if layers:
-    stacked = {}
-    for part, by_index in layers.items():
-      if sorted(by_index) != list(range(len(by_index))):
-        raise ConversionError(f"{part}: expected layers 0..{len(by_index) - 1}, got "
-                              f"{sorted(by_index)}.")
-      stacked[part] = _stack([by_index[j] for j in range(len(by_index))])
-    out["layers"] = stacked
-  return out
-
-
-def _stack(trees: list[Any]) -> Any:
-  """Leaves of equal-structured nested dicts stacked along a new leading axis (ragged
-  structures or shapes raise ConversionError with the first differing path)."""
-  if isinstance(trees[0], Mapping):
-    keys = set(trees[0])
-    if any(set(t) != keys for t in trees):
-      raise ConversionError(f"layers of a unit hold different weights: {sorted(keys)} vs "
-                            f"{[sorted(t) for t in trees if set(t) != keys][0]}.")
-    return {k: _stack([t[k] for t in trees]) for k in trees[0]}
-  shapes = {np.shape(t) for t in trees}
-  if len(shapes) != 1:
-    raise ConversionError(f"layers of a unit with different shapes: {sorted(shapes)}.")
-  return np.stack(trees)
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
