@@ -6,6 +6,7 @@ CIFAR model ~40 s), so each program is compiled once and checked several ways.""
 from __future__ import annotations
 
 import json
+import math
 import re
 import subprocess
 import sys
@@ -74,7 +75,8 @@ def test_digits_compiles_for_four_chips_with_data_parallelism(digits_run):
   held = state["params"] + state["ema"] + state["optimizer"] + state["constants"]
   assert held <= train_memory["arguments"] < 4 * held
   assert train_memory["aliased"] >= held - 2**12
-  assert train_memory["temporaries"] > 0
+  assert train_memory["temporaries"] >= 0  # 0 for digits' scanned steps on v5e
+  assert r["train_total"] >= held
   assert r["train_total"] < r["hbm_bytes"] == int(15.75 * aot.GiB)
   assert r["eval"] is not None and r["eval_total"] > r["eval"]["arguments"]
   assert r["flops"] > 0 and r["bytes_accessed"] > 0
@@ -149,8 +151,9 @@ def _forward_lowered(config, devices) -> tuple[str, int]:
                                 sharding=sharding.batch_sharding(mesh))
   loss = jax.jit(lambda v, x: flow.loss(v, x, jax.random.PRNGKey(0))[0])
   text = loss.lower(state.variables(ema=False), images).as_text()
-  kernels = sum(1 for leaf in jax.tree.leaves(state.params) if leaf.shape[:2] == (3, 3)
-                and len(leaf.shape) == 4)
+  # 3x3 kernels, stacked per level along leading axes (K steps): each slice is one kernel.
+  kernels = sum(math.prod(leaf.shape[:-4]) for leaf in jax.tree.leaves(state.params)
+                if leaf.ndim >= 4 and leaf.shape[-4:-2] == (3, 3))
   return text, kernels
 
 
