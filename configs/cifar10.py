@@ -13,10 +13,12 @@ differences from openai/glow: `config_lib.glow_recipe`.
 Data: `python -m eiw_flow_jax.prepare --dataset=cifar10 --data_dir=DIR` (needs the [prepare]
 extra and internet once), then `--config.dataset.data_dir=DIR`.
 Hardware: 8 accelerators with >= 16 GB each (Glow's 8 GPUs), 64 images per device.
-Memory per device at 64 images: about 11.6 GiB (fixed 0.73 GiB plus 174 MiB per image).
-`configs/cifar10.py:v5e_16`: 16 chips of 16 GiB, 32 images each (about 6.3 GiB): as is.
-Wall time: not measured; about 4 h on 8 devices (XLA: 23 GFLOP per image per step x batch x
-200k steps at 20 TFLOP/s), 8-16 h at 5-10 TFLOP/s.
+Memory per device, from the TPU compiler (scanned steps, `store`), TPU v5e at 64 images per
+chip: 4.05 GiB (train state 0.67, temporaries 3.35) with float32 coupling networks, the same
+with bfloat16; 1496 GFLOP per chip per step; roofline >= 38 ms a step (28 ms bfloat16), so
+>= 2.1 h for 200k steps. Command: `python -m eiw_flow_jax.aot --config=configs/cifar10.py
+--topology=v5e:2x2 --per_device_batch=64 --noeval [--config.model.dtype=bfloat16]`
+(docs/tpu.md). `configs/cifar10.py:v5e_16`: 16 chips of 16 GiB, 32 images each: as is.
 """
 
 from eiw_flow_jax import config_lib

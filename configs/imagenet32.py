@@ -14,11 +14,13 @@ differences from openai/glow: `config_lib.glow_recipe`.
 
 Data: `python -m eiw_flow_jax.prepare --dataset=imagenet32 --data_dir=DIR --source_dir=SRC` with
 train_32x32.tar and valid_32x32.tar in SRC (no TensorFlow needed for this one).
-Hardware: 8 accelerators with >= 24 GB each, 64 images per device.
-Memory per device at 64 images: about 17.5 GiB (fixed 1.10 GiB plus 262 MiB per image).
-`configs/imagenet32.py:v5e_16`: 16 chips of 16 GiB, 32 images each (about 9.5 GiB): as is.
-Wall time: not measured; about 12 h on 8 devices (XLA: 35 GFLOP per image per step x batch x
-400k steps at 20 TFLOP/s), 24-48 h at 5-10 TFLOP/s.
+Hardware: 8 accelerators with >= 16 GB each, 64 images per device.
+Memory per device, from the TPU compiler (scanned steps, `store`), TPU v5e at 64 images per
+chip, float32 coupling networks: 6.14 GiB (train state 1.02, temporaries 5.12); 2243 GFLOP
+per chip per step; roofline >= 57 ms a step, >= 6.3 h for 400k steps. Command:
+`python -m eiw_flow_jax.aot --config=configs/imagenet32.py --topology=v5e:2x2
+--per_device_batch=64 --noeval` (docs/tpu.md).
+`configs/imagenet32.py:v5e_16`: 16 chips of 16 GiB, 32 images each: as is.
 """
 
 from eiw_flow_jax import config_lib

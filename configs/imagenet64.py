@@ -14,12 +14,15 @@ differences from openai/glow: `config_lib.glow_recipe`.
 
 Data: `python -m eiw_flow_jax.prepare --dataset=imagenet64 --data_dir=DIR --source_dir=SRC` with
 train_64x64.tar and valid_64x64.tar in SRC.
-Hardware: 8 accelerators with >= 40 GB each, 32 images per device.
-Memory per device at 32 images: about 29.9 GiB (fixed 1.85 GiB plus 898 MiB per image).
-`configs/imagenet64.py:v5e_16`: 16 chips of 16 GiB, 16 images each, which would need about
-16.2 GiB as stored: recomputes the activations in the backward pass (`model.memory=remat`).
-Wall time: not measured; about 26 h on 8 devices (XLA: 146 GFLOP per image per step x batch x
-400k steps at 20 TFLOP/s), 52-104 h at 5-10 TFLOP/s.
+Hardware: 8 accelerators with >= 16 GB each, 32 images per device.
+Memory per device, from the TPU compiler (scanned steps, `store`), TPU v5e at 32 images per
+chip, float32 coupling networks: 13.48 GiB of the 15.75 the compiler allows (train state 1.70,
+temporaries 11.76); 4683 GFLOP per chip per step; roofline >= 155 ms a step, >= 17 h for 400k
+steps. Command: `python -m eiw_flow_jax.aot --config=configs/imagenet64.py --topology=v5e:2x2
+--per_device_batch=32 --noeval` (docs/tpu.md).
+`configs/imagenet64.py:v5e_16`: 16 chips of 16 GiB, 16 images each, with activations recomputed
+in the backward pass (`model.memory=remat`); chosen from an earlier XLA:CPU estimate (16.2 GiB
+as stored), while the TPU compiler's figure above says 16 images a chip fit as stored too.
 """
 
 from eiw_flow_jax import config_lib
