@@ -16,7 +16,7 @@ Data: `python -m eiw_flow_jax.prepare --dataset=imagenet32 --data_dir=DIR --sour
 train_32x32.tar and valid_32x32.tar in SRC (no TensorFlow needed for this one).
 Hardware: 8 accelerators with >= 16 GB each, 64 images per device.
 Memory per device, from the TPU compiler (scanned steps, `store`), TPU v5e at 64 images per
-chip, float32 coupling networks: 6.14 GiB (train state 1.02, temporaries 5.12); 2243 GFLOP
+chip, float32 coupling networks: 6.14 GiB (arguments 1.00, temporaries 5.12); 2243 GFLOP
 per chip per step; roofline >= 57 ms a step, >= 6.3 h for 400k steps. Command:
 `python -m eiw_flow_jax.aot --config=configs/imagenet32.py --topology=v5e:2x2
 --per_device_batch=64 --noeval` (docs/tpu.md).

@@ -16,7 +16,7 @@ Data: `python -m eiw_flow_jax.prepare --dataset=imagenet64 --data_dir=DIR --sour
 train_64x64.tar and valid_64x64.tar in SRC.
 Hardware: 8 accelerators with >= 16 GB each, 32 images per device.
 Memory per device, from the TPU compiler (scanned steps, `store`), TPU v5e at 32 images per
-chip, float32 coupling networks: 13.48 GiB of the 15.75 the compiler allows (train state 1.70,
+chip, float32 coupling networks: 13.48 GiB of the 15.75 the compiler allows (arguments 1.68,
 temporaries 11.76); 4683 GFLOP per chip per step; roofline >= 155 ms a step, >= 17 h for 400k
 steps. Command: `python -m eiw_flow_jax.aot --config=configs/imagenet64.py --topology=v5e:2x2
 --per_device_batch=32 --noeval` (docs/tpu.md).
