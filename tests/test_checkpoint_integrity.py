@@ -121,9 +121,9 @@ def test_every_checkpoint_carries_digests_of_its_arrays(trained):
   assert record["arrays"]["step"] == {"": checkpointing._sha256(np.asarray(20, np.int32))}
   assert checkpointing.digest_mismatch(state, record) is None
   changed = jax.tree.map(np.array, jax.device_get(state))
-  changed.params["level0_step0"]["layers_2"]["net"]["Conv_0"]["kernel"][0, 0, 0, 0] += 1.0
+  changed.params["level0_steps"]["layers_2"]["net"]["Conv_0"]["kernel"][0, 0, 0, 0, 0] += 1.0
   assert checkpointing.digest_mismatch(changed, record) == (
-      "params/level0_step0/layers_2/net/Conv_0/kernel")
+      "params/level0_steps/layers_2/net/Conv_0/kernel")
 
 
 def test_flipped_bytes_fall_back_to_the_previous_checkpoint_naming_the_array(

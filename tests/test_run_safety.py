@@ -235,7 +235,7 @@ def test_resume_with_a_different_config_is_refused_before_config_json_changes(
     train.train(wider, workdir, allow_config_change=True)
   message = str(info.value)
   assert "another architecture" in message and "corrupt" not in message
-  assert "(8,) in the checkpoint, (16,) in the model" in message, message
+  assert "(1, 8) in the checkpoint, (1, 16) in the model" in message, message  # K=1 stacked
   assert finalized_steps(workdir) == [10, 20]
   assert not os.path.exists(os.path.join(workdir, checkpointing.CORRUPT_DIR))
 
