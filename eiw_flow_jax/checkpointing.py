@@ -49,6 +49,7 @@ import sys
 import threading
 import time
 import traceback
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -518,9 +519,12 @@ class BackgroundErrors(py_logging.Filter):
   and TensorStore's completion callbacks, arriving after Orbax closed its event loop, raise
   "RuntimeError: Event loop is closed" as unraisable exceptions (hundreds of tracebacks for one
   failed save). The failure itself reaches the caller as one StorageError/CheckpointError line.
-  This filter (on the absl handler) and unraisable hook append those tracebacks to `log_file`
-  (None: nowhere; writing is best effort, the disk may be full) and show them on the console
-  only at debug verbosity (`--verbosity=1`). Everything else passes unchanged.
+  A save aborted mid-write also leaves TensorStore's write coroutine unawaited, and Python warns
+  about it while the interpreter shuts down, after our error line.
+  This filter (on the absl handler), the unraisable hook and the warning hook append those
+  tracebacks to `log_file` (None: nowhere; writing is best effort, the disk may be full) and
+  show them on the console only at debug verbosity (`--verbosity=1`). Everything else passes
+  unchanged.
   """
 
   def __init__(self, log_file: str | None):
@@ -529,6 +533,7 @@ class BackgroundErrors(py_logging.Filter):
     self.count = 0
     self._lock = threading.Lock()
     self._previous_hook = None
+    self._previous_showwarning = None
     self._formatter = py_logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
 
   def _debug(self) -> bool:
@@ -578,6 +583,13 @@ class BackgroundErrors(py_logging.Filter):
     if self._debug():
       self._previous_hook(unraisable)
 
+  def _showwarning(self, message, category, filename, lineno, file=None, line=None) -> None:
+    if issubclass(category, RuntimeWarning) and "was never awaited" in str(message):
+      self._write(f"{category.__name__}: {message}")
+      if not self._debug():
+        return
+    self._previous_showwarning(message, category, filename, lineno, file, line)
+
   def install(self) -> BackgroundErrors:
     logging.get_absl_handler().addFilter(self)
     for handler in py_logging.getLogger().handlers:
@@ -585,6 +597,8 @@ class BackgroundErrors(py_logging.Filter):
         handler.addFilter(self)
     self._previous_hook = sys.unraisablehook
     sys.unraisablehook = self._unraisable
+    self._previous_showwarning = warnings.showwarning
+    warnings.showwarning = self._showwarning
     return self
 
   def uninstall(self) -> None:
@@ -592,6 +606,8 @@ class BackgroundErrors(py_logging.Filter):
       handler.removeFilter(self)
     if self._previous_hook is not None and sys.unraisablehook == self._unraisable:
       sys.unraisablehook = self._previous_hook
+    if self._previous_showwarning is not None and warnings.showwarning == self._showwarning:
+      warnings.showwarning = self._previous_showwarning
 
 
 def quiet_background_errors(workdir: str) -> BackgroundErrors:

@@ -268,3 +268,29 @@ def test_background_errors_go_to_the_log_file_not_the_console(tmp_path, capsys):
   assert "_SignalingThread.run() raised an exception" in log
   assert "RuntimeError: Event loop is closed" in log and "our own error" not in log
   assert quiet.count == 2
+
+
+def test_an_unawaited_write_coroutine_warns_into_the_log_file(tmp_path):
+  """An aborted async save leaves a coroutine unawaited; Python warns at shutdown, after the
+  error line. That warning goes to the log; other warnings still reach the console."""
+  import gc
+  import warnings
+
+  async def write_fragment():
+    pass
+
+  shown = []
+  with warnings.catch_warnings():
+    warnings.simplefilter("always")
+    warnings.showwarning = lambda message, *args, **kwargs: shown.append(str(message))
+    quiet = checkpointing.quiet_background_errors(str(tmp_path))
+    try:
+      coroutine = write_fragment()
+      del coroutine
+      gc.collect()
+      warnings.warn("a warning of our own", UserWarning, stacklevel=1)
+    finally:
+      quiet.uninstall()
+  assert shown == ["a warning of our own"]
+  log = (tmp_path / checkpointing.ERROR_LOG).read_text()
+  assert "RuntimeWarning: coroutine" in log and "write_fragment" in log and "never awaited" in log
