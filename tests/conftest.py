@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import types
@@ -174,6 +175,28 @@ def load_bench_module(name: str) -> types.ModuleType:
 def data_dir(tmp_path_factory):
   """A TFDS data_dir per test module, so tests never touch ~/tensorflow_datasets."""
   return str(tmp_path_factory.mktemp("tfds"))
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+  """One tiny run of 20 steps (checkpoints at 10 and 20) for the session: the tests that damage
+  or change a trained workdir work on a copy (`copy_of_run`), never on this one."""
+  from test_train import tiny_config
+
+  from eiw_flow_jax import train
+
+  data_dir = str(tmp_path_factory.mktemp("tfds_trained"))
+  workdir = str(tmp_path_factory.mktemp("trained") / "run")
+  config = tiny_config(data_dir, num_train_steps=20, checkpoint_every_steps=10)
+  train.train(config, workdir)
+  return config, workdir
+
+
+def copy_of_run(trained, tmp_path) -> str:
+  """A private copy of the `trained` fixture's workdir."""
+  target = str(tmp_path / "copy")
+  shutil.copytree(trained[1], target)
+  return target
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import REPO
+from conftest import REPO, copy_of_run
 from test_train import cli_args, finalized_steps, tiny_config
 
 from eiw_flow_jax import checkpointing, evaluate, main, storage, train
@@ -90,21 +90,6 @@ def flip_bytes_silently(step_dir: str, abstract_state) -> list[str]:
 # Digests.
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, data_dir):
-  """A tiny run of 20 steps with checkpoints at 10 and 20, copied by the tests that damage it."""
-  workdir = str(tmp_path_factory.mktemp("integrity") / "run")
-  config = tiny_config(data_dir, num_train_steps=20, checkpoint_every_steps=10)
-  train.train(config, workdir)
-  return config, workdir
-
-
-def _copy(trained, tmp_path) -> str:
-  target = str(tmp_path / "copy")
-  shutil.copytree(trained[1], target)
-  return target
-
-
 def test_every_checkpoint_carries_digests_of_its_arrays(trained):
   config, workdir = trained
   state = train.restore_for_inference(config, workdir).state
@@ -130,7 +115,7 @@ def test_flipped_bytes_fall_back_to_the_previous_checkpoint_naming_the_array(
     trained, tmp_path, data_dir, caplog
 ):
   config, _ = trained
-  workdir = _copy(trained, tmp_path)
+  workdir = copy_of_run(trained, tmp_path)
   flow, tx, mesh = train.build_flow(config), train.make_optimizer(config), train.make_mesh()
   abstract = train.abstract_state(flow, tx, mesh)
   step_dir = os.path.join(workdir, checkpointing.CHECKPOINT_DIR, "20")
@@ -159,7 +144,7 @@ def test_flipped_bytes_fall_back_to_the_previous_checkpoint_naming_the_array(
 def test_a_checkpoint_without_digests_still_restores(trained, tmp_path, caplog):
   """Checkpoints saved before digests existed restore (unverified, said at info level)."""
   config, _ = trained
-  workdir = _copy(trained, tmp_path)
+  workdir = copy_of_run(trained, tmp_path)
   shutil.rmtree(os.path.join(workdir, checkpointing.CHECKPOINT_DIR, "20",
                              checkpointing.DIGESTS))
   with caplog.at_level(logging.INFO):

@@ -7,7 +7,6 @@ import errno
 import json
 import math
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -19,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import REPO, make_config
+from conftest import REPO, copy_of_run, make_config
 from test_train import assert_states_equal, cli_args, finalized_steps, restore, tiny_config
 
 from eiw_flow_jax import (
@@ -193,26 +192,11 @@ def test_cli_refuses_a_busy_workdir(tmp_path, data_dir, env):
 # Resuming: saved config, architecture, non-finite state; failed saves; divergence.
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, data_dir):
-  """A tiny run of 20 steps (checkpoints 10 and 20), copied by the tests that change it."""
-  workdir = str(tmp_path_factory.mktemp("trained") / "run")
-  config = tiny_config(data_dir, num_train_steps=20, checkpoint_every_steps=10)
-  train.train(config, workdir)
-  return config, workdir
-
-
-def _copy(trained, tmp_path) -> str:
-  target = str(tmp_path / "copy")
-  shutil.copytree(trained[1], target)
-  return target
-
-
 def test_resume_with_a_different_config_is_refused_before_config_json_changes(
     trained, tmp_path, data_dir
 ):
   config, _ = trained
-  workdir = _copy(trained, tmp_path)
+  workdir = copy_of_run(trained, tmp_path)
   saved = open(os.path.join(workdir, "config.json")).read()
   changed = tiny_config(
       data_dir, num_train_steps=30, checkpoint_every_steps=10, batch_size=32, seed=3,
@@ -242,7 +226,7 @@ def test_resume_with_a_different_config_is_refused_before_config_json_changes(
 
 def test_resume_with_another_worker_count_is_refused_even_when_allowed(trained, tmp_path,
                                                                       data_dir):
-  workdir = _copy(trained, tmp_path)
+  workdir = copy_of_run(trained, tmp_path)
   workers = tiny_config(data_dir, num_train_steps=30, checkpoint_every_steps=10,
                         **{"dataset.worker_count": 2})
   with pytest.raises(resume.ConfigMismatchError) as info:
@@ -256,7 +240,7 @@ def test_resume_with_another_worker_count_is_refused_even_when_allowed(trained, 
 
 def test_nonfinite_restored_state_is_refused(trained, tmp_path, data_dir):
   config, _ = trained
-  workdir = _copy(trained, tmp_path)
+  workdir = copy_of_run(trained, tmp_path)
   state = restore(config, workdir)
   poisoned = state.replace(
       ema_params=jax.tree.map(lambda x: np.full_like(x, np.nan), state.ema_params)
@@ -320,7 +304,7 @@ def test_divergence_is_an_error(trained, tmp_path, monkeypatch):
 
   config, source = trained
   assert divergence.read_initial_bpd(source) == pytest.approx(4.5, abs=1.0)
-  workdir = _copy(trained, tmp_path)
+  workdir = copy_of_run(trained, tmp_path)
   monkeypatch.setattr(evaluate, "evaluate_bpd", lambda *a, **k: (math.inf, 297))
   with pytest.raises(divergence.DivergedError):
     train.train_and_evaluate(config, workdir)
