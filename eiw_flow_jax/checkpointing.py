@@ -520,7 +520,8 @@ class BackgroundErrors(py_logging.Filter):
   "RuntimeError: Event loop is closed" as unraisable exceptions (hundreds of tracebacks for one
   failed save). The failure itself reaches the caller as one StorageError/CheckpointError line.
   A save aborted mid-write also leaves TensorStore's write coroutine unawaited, and Python warns
-  about it while the interpreter shuts down, after our error line.
+  about it while the interpreter shuts down, after our error line; on a full disk,
+  tensorboardX's exit handler retries its failed flush and raises OSError there too.
   This filter (on the absl handler), the unraisable hook and the warning hook append those
   tracebacks to `log_file` (None: nowhere; writing is best effort, the disk may be full) and
   show them on the console only at debug verbosity (`--verbosity=1`). Everything else passes
@@ -574,6 +575,9 @@ class BackgroundErrors(py_logging.Filter):
     ) or any(
         f"{os.sep}{name}{os.sep}" in frame.filename
         for frame in frames for name in ("orbax", "tensorstore", "asyncio")
+    ) or (  # tensorboardX's atexit flush retrying the write that already failed (a full disk)
+        isinstance(unraisable.exc_value, OSError)
+        and any(f"{os.sep}tensorboardX{os.sep}" in frame.filename for frame in frames)
     )
     if not from_machinery:
       self._previous_hook(unraisable)

@@ -246,13 +246,25 @@ def test_background_errors_go_to_the_log_file_not_the_console(tmp_path, capsys):
                                 "exc_traceback": error.__traceback__, "object": None,
                                 "err_msg": None})()
     sys.unraisablehook(unraisable)
+    # tensorboardX's exit handler flushing again onto the full disk (frames: tensorboardX's).
+    flush = compile("raise OSError(28, 'No space left on device')",
+                    os.path.join("site-packages", "tensorboardX", "record_writer.py"), "exec")
+    try:
+      exec(flush)
+    except OSError as e:
+      error = e
+    unraisable = type("U", (), {"exc_type": OSError, "exc_value": error,
+                                "exc_traceback": error.__traceback__, "object": None,
+                                "err_msg": "Exception ignored in atexit callback"})()
+    sys.unraisablehook(unraisable)
   finally:
     quiet.uninstall()
   assert "Event loop is closed" not in capsys.readouterr().err
   log = (tmp_path / checkpointing.ERROR_LOG).read_text()
   assert "_SignalingThread.run() raised an exception" in log
   assert "RuntimeError: Event loop is closed" in log and "our own error" not in log
-  assert quiet.count == 2
+  assert "OSError: [Errno 28] No space left on device" in log
+  assert quiet.count == 3
 
 
 def test_an_unawaited_write_coroutine_warns_into_the_log_file(tmp_path):
