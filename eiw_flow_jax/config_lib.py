@@ -269,8 +269,8 @@ def hardware_variant(config: ml_collections.ConfigDict, hardware: str | None,
 
 
 
-# Glow's LSUN setup (configs/lsun_*.py); 16 images on a 16 GiB v5e chip need ~14.7 GiB as stored.
-LSUN_HARDWARE = {"v5e_16": {"model.memory": "remat"}}
+# Glow's LSUN setup (configs/lsun_*.py); 16 images on a 16 GiB v5e chip fit as stored (7.27 GiB).
+LSUN_HARDWARE = {"v5e_16": {}}
 
 
 def glow_lsun(dataset: str, hardware: str = "") -> ml_collections.ConfigDict:
@@ -281,11 +281,12 @@ def glow_lsun(dataset: str, hardware: str = "") -> ml_collections.ConfigDict:
   the largest centre square resized to 64x64, so numbers are close to but not exactly
   comparable. Batch 256, step count, warmup, EMA and clipping are this project's choices.
   Evaluated on "validation" (LSUN has no public test split). Hardware: 8 accelerators with
-  >= 40 GB each, 32 images per device (about 27.8 GiB: fixed 1.04 GiB plus 856 MiB per image);
-  `:v5e_16` (16 chips of 16 GiB, 16 images each, about 14.7 GiB as stored: too little headroom)
-  recomputes the activations in the backward pass (`model.memory=remat`). Wall time: not
-  measured; about 19 h on 8 devices (XLA: 143 GFLOP per image per step x batch x 300k steps at
-  20 TFLOP/s), 38-76 h at 5-10 TFLOP/s.
+  >= 16 GB each, 32 images per device. Memory per device, from the TPU compiler (scanned
+  steps, `store`), TPU v5e, float32 coupling networks: at 32 images a chip LSUN_32_GIB; at 16
+  images a chip 7.27 GiB (arguments 1.00, temporaries 6.23), 2287 GFLOP per chip per step,
+  roofline >= 100 ms a step, >= 8.3 h for 300k steps on 16 chips. Command: `python -m
+  eiw_flow_jax.aot --config=configs/lsun_bedroom.py --topology=v5e:2x2 --per_device_batch=16
+  --noeval` (docs/tpu.md). `:v5e_16` (16 chips of 16 GiB, 16 images each): as is.
   """
   config = glow_recipe(
       dataset, image_shape=(64, 64, 3), num_levels=3, steps_per_level=48, batch_size=256,

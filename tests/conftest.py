@@ -139,6 +139,16 @@ ON_PINNED_COMPILER = all(PINNED.get(name) == version
                          for name, version in _compiler_versions().items())
 
 
+MAX_TEST_WORKERS = 4
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+  """`-n auto` (setup.cfg): one worker per core, at most MAX_TEST_WORKERS. The suite is bound by
+  XLA compiling on one thread per program, so workers scale on cores; each worker holds a JAX
+  process and its compiles (~1-3 GiB), which caps them on a many-core machine."""
+  return max(1, min(os.cpu_count() or 1, MAX_TEST_WORKERS))
+
+
 def pytest_collection_modifyitems(config, items):
   del config
   if ON_PINNED_COMPILER:
