@@ -63,7 +63,7 @@ def _signal_after_first_checkpoint(proc, workdir: str, signum: int) -> tuple[str
 
 
 def test_sigterm_saves_then_resume_matches_uninterrupted_run(tmp_path, data_dir, env):
-  overrides = {"num_train_steps": 400, "checkpoint_every_steps": 50, "keep_checkpoints": 10}
+  overrides = {"num_train_steps": 120, "checkpoint_every_steps": 20, "keep_checkpoints": 10}
   config = tiny_config(data_dir, **overrides)
   data.prepare_dataset(config)  # once, before two runs start at the same time
   reference = str(tmp_path / "reference")
@@ -87,7 +87,7 @@ def test_sigterm_saves_then_resume_matches_uninterrupted_run(tmp_path, data_dir,
     assert int(restore(config, workdir).step) == step
     assert not os.path.exists(os.path.join(workdir, workdir_lock.LOCK_FILE))  # released
     stopped_at.append(step)
-  assert stopped_at and all(s < 400 for s in stopped_at), stopped_at
+  assert stopped_at and all(s < 120 for s in stopped_at), stopped_at
 
   out, err = proc.communicate(timeout=300)
   assert proc.returncode == 0, err[-3000:]

@@ -157,12 +157,12 @@ def test_train_step_on_8_devices_matches_1_device(data_dir, env):
 
 
 def test_kill_and_resume_matches_uninterrupted_run(tmp_path, data_dir, env):
-  overrides = {"num_train_steps": 300, "checkpoint_every_steps": 25, "keep_checkpoints": 3}
+  overrides = {"num_train_steps": 120, "checkpoint_every_steps": 20, "keep_checkpoints": 3}
   config = tiny_config(data_dir, **overrides)
 
   reference = str(tmp_path / "reference")
   run_cli(cli_args(reference, data_dir, **overrides), env)
-  assert finalized_steps(reference) == [250, 275, 300]
+  assert finalized_steps(reference) == [80, 100, 120]
 
   # Same command, SIGKILLed once it has written a checkpoint.
   workdir = str(tmp_path / "killed")
@@ -179,7 +179,7 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path, data_dir, env):
   assert still_running, "the run ended before it could be killed"
   assert proc.returncode == -signal.SIGKILL
   killed_at = finalized_steps(workdir)
-  assert killed_at and killed_at[-1] < 300
+  assert killed_at and killed_at[-1] < 120
 
   # Whatever the kill interrupted (maybe a save), a checkpoint directory is either finalised or
   # still carries Orbax's temporary name, and the newest finalised one restores.
@@ -198,17 +198,17 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path, data_dir, env):
   # Corrupt the newest checkpoint of the finished reference run and run the command again:
   # it is reported, moved aside, the previous one is used, and training ends where it did.
   expected = restore(config, reference)
-  latest = os.path.join(reference, checkpointing.CHECKPOINT_DIR, "300", "state")
+  latest = os.path.join(reference, checkpointing.CHECKPOINT_DIR, "120", "state")
   chunks = glob.glob(os.path.join(latest, "**", "d", "*"), recursive=True)
   assert chunks
   for chunk in chunks:
     os.truncate(chunk, 7)
   result = run_cli(cli_args(reference, data_dir, **overrides), env)
-  assert "Checkpoint at step 300" in result.stderr
+  assert "Checkpoint at step 120" in result.stderr
   assert "corrupt or incomplete" in result.stderr
-  assert "Resuming from checkpoint 275" in result.stderr
-  assert glob.glob(os.path.join(reference, checkpointing.CORRUPT_DIR, "300-*"))
-  assert finalized_steps(reference)[-1] == 300
+  assert "Resuming from checkpoint 100" in result.stderr
+  assert glob.glob(os.path.join(reference, checkpointing.CORRUPT_DIR, "120-*"))
+  assert finalized_steps(reference)[-1] == 120
   assert_states_equal(restore(config, reference), expected)
 
 
