@@ -236,11 +236,6 @@ class AotReport:
   # How flops / bytes_accessed were found: "compiler" (the program's own cost analysis) or
   # "unrolled K=1,2" (extrapolated: the compiler counts a scanned loop body once).
   cost_source: str = "compiler"
-  # Scanned steps against unrolled ones, per flow step, from the compiler's cost analysis:
-  # {"flops": r, "bytes": r}, r = (scanned program - the unrolled programs' non-step part) /
-  # (unrolled K=2 - K=1). The scanned program counts each loop body once, so the difference is
-  # one scanned step of every level; 1.0 is the cost of an unrolled step. None: not scanned.
-  scan_vs_unrolled: dict[str, float] | None = None
   error: str | None = None  # the compiler's out-of-memory message, when it refused
   required_bytes: int | None = None  # what that message says the program needs
   batch_search: BatchSearch | None = None
@@ -377,20 +372,8 @@ def _scanned_steps(config: ml_collections.ConfigDict) -> int:
   return int(m.steps_per_level)
 
 
-@dataclasses.dataclass(frozen=True)
-class UnrolledCost:
-  """(FLOPs, bytes accessed) of the train step outside the flow steps and per step of K (one
-  step in every level), from unrolled programs at K=1 and K=2: cost(K) = fixed + K x per_step."""
-
-  fixed: tuple[float, float]
-  per_step: tuple[float, float]
-
-  def at(self, k: int) -> tuple[float, float]:
-    return tuple(f + k * p for f, p in zip(self.fixed, self.per_step, strict=True))
-
-
-def _unrolled_cost(config: ml_collections.ConfigDict, mesh: Any) -> UnrolledCost:
-  """The train step's cost against K, from unrolled programs at K=1 and K=2."""
+def _unrolled_cost(config: ml_collections.ConfigDict, mesh: Any) -> tuple[float, float]:
+  """(FLOPs, bytes accessed) per step at config's K, from unrolled programs at K=1 and K=2."""
   costs = []
   for k in (1, 2):
     unrolled = ml_collections.ConfigDict(config.to_dict())
@@ -399,17 +382,8 @@ def _unrolled_cost(config: ml_collections.ConfigDict, mesh: Any) -> UnrolledCost
     cost = _cost(lower_train_step(unrolled, mesh).compile())
     costs.append((float(cost.get("flops", math.nan)), float(cost.get("bytes accessed", math.nan))))
   (f1, b1), (f2, b2) = costs
-  return UnrolledCost(fixed=(2 * f1 - f2, 2 * b1 - b2), per_step=(f2 - f1, b2 - b1))
-
-
-def _scan_vs_unrolled(scanned: tuple[float, float], unrolled: UnrolledCost) -> dict[str, float]:
-  """One scanned step's cost (the scanned program, whose loop bodies the compiler counts once,
-  less the non-step part) against one unrolled step's, for FLOPs and bytes."""
-  return {
-      name: (total - fixed) / step if step > 0 else math.nan
-      for name, total, fixed, step in zip(
-          ("flops", "bytes"), scanned, unrolled.fixed, unrolled.per_step, strict=True)
-  }
+  k = _scanned_steps(config)
+  return f1 + (k - 1) * (f2 - f1), b1 + (k - 1) * (b2 - b1)
 
 
 def lower_train_step(config: ml_collections.ConfigDict, mesh: Any) -> Any:
@@ -488,10 +462,7 @@ def compile_for_topology(
   report.bytes_accessed = float(cost.get("bytes accessed", math.nan))
   report.compiler_seconds = cost.get("optimal_seconds")
   if exact_cost and _scanned_steps(config) > 1:
-    unrolled = _unrolled_cost(config, mesh)
-    report.scan_vs_unrolled = _scan_vs_unrolled(
-        (report.flops, report.bytes_accessed), unrolled)
-    report.flops, report.bytes_accessed = unrolled.at(_scanned_steps(config))
+    report.flops, report.bytes_accessed = _unrolled_cost(config, mesh)
     report.cost_source = "unrolled K=1,2"
   if with_eval:
     started = time.perf_counter()
@@ -670,12 +641,6 @@ def render(report: AotReport) -> str:
                  f"{r.bytes_accessed / 1e9:.3f} GB accessed (TPU compiler"
                  + ("" if r.cost_source == "compiler" else
                     f"; scanned steps: {r.cost_source}, extrapolated") + ")")
-  if r.scan_vs_unrolled is not None:
-    ratio = r.scan_vs_unrolled
-    lines.append(f"scanned step against an unrolled one: x{ratio['flops']:.3f} FLOPs, "
-                 f"x{ratio['bytes']:.3f} bytes accessed (compiler's cost analysis: the scanned "
-                 "program, its loop bodies counted once, less the unrolled programs' non-step "
-                 "part)")
   step = r.step_seconds
   if step is not None and chip is not None:
     share = r.devices_per_chip

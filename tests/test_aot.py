@@ -94,20 +94,6 @@ def test_scanned_steps_cost_is_what_the_unrolled_program_costs(digits_run):
   assert unrolled.cost_source == "compiler"
   assert r["flops"] == pytest.approx(unrolled.flops, rel=0.02)
   assert r["bytes_accessed"] == pytest.approx(unrolled.bytes_accessed, rel=0.15)
-  # One scanned step against one unrolled step: the same arithmetic (the bytes differ: a tiny
-  # model's scan spends its traffic on slicing stacked parameters and stacking residuals).
-  ratio = r["scan_vs_unrolled"]
-  assert ratio["flops"] == pytest.approx(1.0, rel=0.2)
-  assert ratio["bytes"] > 0
-
-
-def test_unrolled_cost_is_linear_in_k_and_gives_the_scanned_step_ratio():
-  cost = aot.UnrolledCost(fixed=(10.0, 100.0), per_step=(5.0, 20.0))
-  assert cost.at(3) == (25.0, 160.0)
-  # A scanned program counted with each loop body once: the fixed part plus one step, here a
-  # step with the unrolled step's FLOPs and 1.5x its bytes.
-  assert aot._scan_vs_unrolled((15.0, 130.0), cost) == {"flops": 1.0, "bytes": 1.5}
-  assert math.isnan(aot._scan_vs_unrolled((15.0, 130.0), aot.UnrolledCost((1, 1), (0, 0)))["flops"])
 
 
 def test_the_command_prints_the_report(digits_run):
