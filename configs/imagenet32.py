@@ -17,7 +17,8 @@ train_32x32.tar and valid_32x32.tar in SRC (no TensorFlow needed for this one).
 Hardware: 8 accelerators with >= 16 GB each, 64 images per device.
 Memory per device, from the TPU compiler (scanned steps, `store`), TPU v5e at 64 images per
 chip, float32 coupling networks: 6.14 GiB (arguments 1.00, temporaries 5.12); 2243 GFLOP
-per chip per step; roofline >= 57 ms a step, >= 6.3 h for 400k steps. Command:
+per chip per step; roofline >= 57 ms a step, >= 6.3 h for 400k steps; with bfloat16 coupling
+networks the same memory, roofline >= 42 ms a step, >= 4.6 h. Command:
 `python -m eiw_flow_jax.aot --config=configs/imagenet32.py --topology=v5e:2x2
 --per_device_batch=64 --noeval` (docs/tpu.md).
 `configs/imagenet32.py:v5e_16`: 16 chips of 16 GiB, 32 images each: as is.
