@@ -19,8 +19,9 @@ Memory per device, from the TPU compiler (scanned steps, `store`), TPU v5e at 32
 chip, float32 coupling networks: 13.48 GiB of the 15.75 the compiler allows (arguments 1.68,
 temporaries 11.76); 4683 GFLOP per chip per step; roofline >= 155 ms a step, >= 17 h for 400k
 steps. bfloat16 coupling networks: the same memory (the activations kept between steps stay
-float32), roofline >= 142 ms a step. Command: `python -m eiw_flow_jax.aot --config=configs/imagenet64.py --topology=v5e:2x2
---per_device_batch=32 --noeval` (docs/tpu.md).
+float32), roofline >= 142 ms a step. Command: `python -m eiw_flow_jax.aot
+--config=configs/imagenet64.py --topology=v5e:2x2 --per_device_batch=32 --noeval`
+(docs/tpu.md).
 `configs/imagenet64.py:v5e_16`: 16 chips of 16 GiB, 16 images each: as is (as stored, 8.75 GiB
 of 15.75 per chip: arguments 1.68, temporaries 7.02; same command with --per_device_batch=16).
 """
