@@ -212,10 +212,11 @@ def glow_recipe(dataset: str, *, image_shape: tuple[int, int, int], num_levels: 
   openai/glow in three documented ways (top prior per position, no ActNorm log-scale factor 3,
   no edge-bias padding): README.md, "Glow backbone vs openai/glow".
 
-  Memory figures in the configs' docstrings are XLA's memory analysis of the compiled train
-  step on CPU, fitted over K and batch; XLA's GPU/TPU buffer assignment differs by tens of
-  percent, so leave headroom. Wall times are estimates from XLA's FLOP count at an assumed
-  sustained 20 TFLOP/s per device; flows in fp32 often sustain only 5-10 TFLOP/s (2-4x longer).
+  Memory figures in the configs' docstrings are the TPU compiler's (`python -m eiw_flow_jax.aot`,
+  TPU v5e, docs/tpu.md) where a config names that command; GPU buffer assignment differs, so
+  leave headroom there. Roofline step times are lower bounds (no all-reduce, kernels at peak);
+  wall times stated as "at an assumed 20 TFLOP/s" are estimates from XLA's FLOP count; flows in
+  fp32 often sustain only 5-10 TFLOP/s (2-4x longer).
   """
   config = base_config()
   config.dataset.name = dataset
