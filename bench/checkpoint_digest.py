@@ -2,7 +2,7 @@
 
   python bench/checkpoint_digest.py [--config=configs/cifar10.py] [--rounds=3] [--dir=/tmp/x]
 
-The train state of the config (params + EMA + Adam moments, as `train.abstract_state` lays it
+The train state of the config (params + EMA + Adam moments, as `train_state.abstract_state` lays it
 out) is filled with random values (nothing is trained or compiled) and saved and restored with
 the project's CheckpointManager, synchronously, so a save's time is its whole write:
 
@@ -31,8 +31,9 @@ import orbax.checkpoint as ocp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from eiw_flow_jax import checkpointing, train  # noqa: E402
-from eiw_flow_jax.model import build_flow  # noqa: E402
+from eiw_flow_jax.model.flow import build_flow  # noqa: E402
+from eiw_flow_jax.training import optimizer, sharding, train_state  # noqa: E402
+from eiw_flow_jax.workdir import checkpointing, digests
 
 
 def load_config(path: str):
@@ -71,9 +72,9 @@ def main() -> None:
   args = parser.parse_args()
 
   config = load_config(args.config)
-  mesh = train.make_mesh(jax.devices()[:1])
-  flow, tx = build_flow(config), train.make_optimizer(config)
-  abstract = train.abstract_state(flow, tx, mesh)
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  flow, tx = build_flow(config), optimizer.make_optimizer(config)
+  abstract = train_state.abstract_state(flow, tx, mesh)
   state = random_state(abstract)
   nbytes = sum(leaf.nbytes for leaf in jax.tree.leaves(state))
   root = args.dir or tempfile.mkdtemp(prefix="checkpoint_digest_")
@@ -89,7 +90,7 @@ def main() -> None:
       def save(manager=manager, items=items, with_digests=with_digests):
         if with_digests:
           items = {**items, checkpointing.DIGESTS: ocp.args.JsonSave(
-              checkpointing.digest_record(state))}
+              digests.digest_record(state))}
         manager.save(1, args=ocp.args.Composite(**items))
         manager.wait_until_finished()
 
@@ -102,13 +103,13 @@ def main() -> None:
         restored = manager.restore(1, args=ocp.args.Composite(**restore_items))
         jax.block_until_ready(restored[checkpointing.STATE])
         if with_digests:
-          assert checkpointing.digest_mismatch(
+          assert digests.digest_mismatch(
               restored[checkpointing.STATE], restored[checkpointing.DIGESTS]) is None
 
       times["restore+verify" if with_digests else "restore"].append(timed(restore))
       manager.close()
       shutil.rmtree(workdir)
-    times["digest"].append(timed(lambda: checkpointing.digest_record(state)))
+    times["digest"].append(timed(lambda: digests.digest_record(state)))
   if args.dir is None:
     shutil.rmtree(root)
 

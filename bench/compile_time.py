@@ -40,8 +40,8 @@ def child(args: argparse.Namespace) -> None:
   import jax.numpy as jnp
   import numpy as np
 
-  from eiw_flow_jax import train
-  from eiw_flow_jax.model import build_flow
+  from eiw_flow_jax.model.flow import build_flow
+  from eiw_flow_jax.training import optimizer, sharding, train_state, train_step
 
   spec = importlib.util.spec_from_file_location("config_module", args.config)
   module = importlib.util.module_from_spec(spec)
@@ -60,13 +60,13 @@ def child(args: argparse.Namespace) -> None:
     config.batch_size = args.batch * len(devices)
   else:
     devices = jax.devices()[:1]
-  mesh = train.make_mesh(devices)
+  mesh = sharding.make_mesh(devices)
   flow = build_flow(config)
-  tx = train.make_optimizer(config)
-  abstract = train.abstract_state(flow, tx, mesh)
+  tx = optimizer.make_optimizer(config)
+  abstract = train_state.abstract_state(flow, tx, mesh)
   images = jax.ShapeDtypeStruct((config.batch_size, *config.model.image_shape), jnp.uint8,
-                                sharding=train.batch_sharding(mesh))
-  step = train.make_train_step(config, flow, tx, mesh)
+                                sharding=sharding.batch_sharding(mesh))
+  step = train_step.make_train_step(config, flow, tx, mesh)
   start, cpu_start = time.perf_counter(), time.process_time()
   lowered = step.lower(abstract, images)
   lower_s = time.perf_counter() - start
@@ -92,9 +92,9 @@ def child(args: argparse.Namespace) -> None:
                                           dtype=np.uint8)
     variables = flow.init(jax.random.PRNGKey(0), x)
     # Through host copies: params and EMA must not share a buffer (the step donates both).
-    state = jax.device_get(train._state_from_variables(tx, variables))
-    state = jax.device_put(jax.tree.map(np.array, state), train.state_shardings(mesh, abstract))
-    x = jax.device_put(x, train.batch_sharding(mesh))
+    state = jax.device_get(train_state.state_from_variables(tx, variables))
+    state = jax.device_put(jax.tree.map(np.array, state), sharding.state_shardings(mesh, abstract))
+    x = jax.device_put(x, sharding.batch_sharding(mesh))
     state, metrics = compiled(state, x)
     jax.block_until_ready(metrics)
     times = []
@@ -129,7 +129,7 @@ def main() -> None:
     child(args)
     return
   sys.path.insert(0, REPO)
-  from eiw_flow_jax import host_threads
+  from eiw_flow_jax.host import threads as host_threads
 
   env = host_threads.blas_thread_environ({**os.environ, "PYTHONPATH": REPO})
   env.pop("XLA_FLAGS", None)  # XLA's defaults

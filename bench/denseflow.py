@@ -3,7 +3,7 @@
 Part `step`: the CIFAR-10 DenseFlow config (configs/cifar10_denseflow.py, DF-74-10 with EIW
 transitions, 130.9M parameters) at a small batch, with `model.memory` = "store" and "remat"
 (per-unit recomputation through `memory.remat_call`). Each mode runs in its own process: it
-compiles `train.make_train_step` (loss, gradient, Adamax update, as training runs it) once from
+compiles `train_step.make_train_step` (loss, gradient, Adamax update, as training runs it) once from
 the abstract train state, reads XLA's compiled `memory_analysis()` (temp bytes: the activations
 and scratch of the step; argument bytes: state and batch), builds a state with synthetic
 weights (no data-dependent init: that is a second whole-model compile; the step's FLOPs and
@@ -17,7 +17,8 @@ mode, against the authors' PyTorch unit (their `InvertibleDenseBlock(...).blocks
 from `--authors_repo`, a checkout of github.com/studying910/EIW-Flow; nothing of it is copied
 here). The PyTorch peer builds the unit, runs ActNorm's data-dependent init, perturbs every
 weight (so the zero-initialised output conv does not make the coupling trivial) and hands its
-state_dict and input to the JAX peer, which converts it with `eiw_flow_jax.convert`'s key map:
+state_dict and input to the JAX peer, which converts it with the key map of
+`eiw_flow_jax.model.backbones.denseflow_torch`:
 both compute the same function on the same input (the max difference is printed). Peers run in
 separate processes, interleaved; `*_remat` / `torch_ckpt` are the per-unit rematerialised
 variants (jax.checkpoint of the unit; the authors' `checkpointing=True` in the coupling nets).
@@ -118,7 +119,8 @@ def _step_worker(mode: str):
   import jax
   import jax.numpy as jnp
 
-  from eiw_flow_jax import model, optimizer, sharding, train, train_state
+  from eiw_flow_jax.model.flow import build_flow
+  from eiw_flow_jax.training import optimizer, sharding, train_state, train_step
 
   if FLAGS.compilation_cache:
     jax.config.update("jax_compilation_cache_dir", FLAGS.compilation_cache)
@@ -135,8 +137,8 @@ def _step_worker(mode: str):
   levels = 2**config.model.n_bits
   images = np.random.RandomState(0).randint(0, levels, (FLAGS.batch, h, w, c)).astype(np.uint8)
   mesh = sharding.make_mesh(jax.devices()[:1])
-  flow, tx = model.build_flow(config), optimizer.make_optimizer(config)
-  step = train.make_train_step(config, flow, tx, mesh)
+  flow, tx = build_flow(config), optimizer.make_optimizer(config)
+  step = train_step.make_train_step(config, flow, tx, mesh)
   batch = sharding.global_batch(images, sharding.batch_sharding(mesh))
   start = time.perf_counter()
   abstract = train_state.abstract_state(flow, tx, mesh)
@@ -179,7 +181,7 @@ def _step_worker(mode: str):
 
 def _unit_spec():
   """(channels, H, W, layers, mid) of the benchmarked unit, from the config."""
-  from eiw_flow_jax.backbones.denseflow import denseflow_shapes
+  from eiw_flow_jax.model.backbones.denseflow import denseflow_shapes
 
   config = _load_config()
   df = config.model.denseflow
@@ -260,8 +262,8 @@ def _jax_unit_worker(kind: str):
   import jax
   import jax.numpy as jnp
 
-  from eiw_flow_jax import convert
-  from eiw_flow_jax.backbones.denseflow import DenseUnit
+  from eiw_flow_jax.model.backbones import denseflow_torch
+  from eiw_flow_jax.model.backbones.denseflow import DenseUnit
 
   chnls, h, w, layers, mid, depth, growth, landmarks = _unit_spec()
   data = np.load(os.path.join(FLAGS.exchange, "unit.npz"))
@@ -269,11 +271,11 @@ def _jax_unit_worker(kind: str):
   for key in data.files:
     if not key.startswith("w/"):
       continue
-    mapped = convert._map_key("transforms.3.blocks.0." + key[2:], 1)
+    mapped = denseflow_torch._map_key("transforms.3.blocks.0." + key[2:], 1)
     if mapped is None:
       continue
     collection, path, kind_ = mapped
-    leaf, value = convert._convert_value(kind_, data[key])
+    leaf, value = denseflow_torch._convert_value(kind_, data[key])
     path = path[2:] if leaf is None else (*path[2:], leaf)  # drop ("block0", "unit0")
     node = variables[collection]
     for name in path[:-1]:

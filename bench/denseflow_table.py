@@ -2,7 +2,7 @@
 
   python bench/denseflow_table.py /work/runs8/digits
 
-Reads OUT_DIR/{eiw,vanilla}/seedS/results.json (written by `eiw_flow_jax.main`) and prints,
+Reads OUT_DIR/{eiw,vanilla}/seedS/results.json (written by `eiw_flow_jax.commands.main`) and prints,
 for the ELBO and the IWBO (k from the results), each split's bpd per seed with mean ± sd
 (sample sd, n - 1), and the paired EIW - vanilla differences per seed (negative: EIW better).
 """

@@ -1,4 +1,4 @@
-"""Benchmark: images/s of the input pipeline alone (`data.create_train_iterator`), no model.
+"""Benchmark: images/s of the input pipeline alone (`pipeline.create_train_iterator`), no model.
 
 Datasets: `digits` and `mnist_idx` (the project's offline builders), and synthetic TFDS-format
 `cifar10` (PNG-encoded 32x32 images, as TFDS stores them) and `celeba` (178x218 JPEGs, decoded
@@ -30,7 +30,7 @@ from absl import app, flags
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "configs"))
 
-from eiw_flow_jax import data  # noqa: E402
+from eiw_flow_jax.data import pipeline  # noqa: E402
 
 flags.DEFINE_list("datasets", ["digits", "mnist_idx", "cifar10", "celeba"], "Datasets.")
 flags.DEFINE_list("workers", ["0", "2"], "grain worker processes (config.dataset.worker_count).")
@@ -106,7 +106,7 @@ def _config(name: str, data_dir: str, workers: int):
 
 def measure(name: str, data_dir: str, workers: int) -> float:
   config = _config(name, data_dir, workers)
-  iterator = data.create_train_iterator(config, process_index=0, process_count=1)
+  iterator = pipeline.create_train_iterator(config, process_index=0, process_count=1)
   for _ in range(FLAGS.warmup):
     next(iterator)
   start = time.perf_counter()

@@ -28,7 +28,7 @@ import workers
 from absl import app, flags
 
 import eiw_flow_jax
-from eiw_flow_jax.config_lib import base_config
+from eiw_flow_jax.config.schema import base_config
 
 flags.DEFINE_list("ks", ["4", "8", "16", "32"], "Steps per level K for the memory table.")
 flags.DEFINE_list("modes", ["store", "remat", "invert"], "Memory modes.")

@@ -1,6 +1,6 @@
 """Benchmark against PyTorch: one Glow training step (forward, backward, Adam) in three peers.
 
-- `jax`: this project's train step (`train.make_train_step`: loss, gradient, clipping, Adam,
+- `jax`: this project's train step (`train_step.make_train_step`: loss, gradient, clipping, Adam,
   EMA, non-finite guard), vanilla split; `--config_variant` adds JAX peers with other config
   fields (the EIW splits, the memory modes), `--xla_variant` / `--env_variant` with other XLA
   flags or environment.
@@ -40,7 +40,7 @@ backend; the header names each peer's device.
       --env_variant=hugepages=GLIBC_TUNABLES=glibc.malloc.hugetlb=1
 
 Every peer runs under the glibc malloc tunables the project's command line runs under
-(`eiw_flow_jax.host_malloc`: huge pages where THP is in madvise mode), all peers alike;
+(`eiw_flow_jax.host.malloc`: huge pages where THP is in madvise mode), all peers alike;
 `--host_malloc=reuse` adds heap reuse (XLA:CPU's step buffers reused instead of page-faulted
 afresh each step), `--host_malloc=none` leaves this process's environment as it is. The
 header line says which GLIBC_TUNABLES the peers ran with.
@@ -83,7 +83,7 @@ flags.DEFINE_multi_string(
 flags.DEFINE_multi_string("config_field", [], "Internal: FIELD=VALUE set on the JAX peer's config.")
 flags.DEFINE_enum(
     "host_malloc", "cli", ["cli", "reuse", "none"],
-    "glibc malloc tunables for every peer alike (eiw_flow_jax.host_malloc): cli = those the "
+    "glibc malloc tunables for every peer alike (eiw_flow_jax.host.malloc): cli = those the "
     "project's command line runs under by default (huge pages), reuse = heap reuse as well "
     "(EIW_FLOW_JAX_HOST_MALLOC=reuse), none = this process's environment as it is.")
 flags.DEFINE_float(
@@ -151,8 +151,9 @@ def jax_peer():
   import jax
   import jax.numpy as jnp
 
-  from eiw_flow_jax import model, optimizer, sharding, train, train_state
-  from eiw_flow_jax.config_lib import base_config
+  from eiw_flow_jax.config.schema import base_config
+  from eiw_flow_jax.model.flow import build_flow
+  from eiw_flow_jax.training import optimizer, sharding, train_state, train_step
 
   config = base_config()
   m = config.model
@@ -163,10 +164,10 @@ def jax_peer():
   config.batch_size = FLAGS.batch
   set_config_fields(config, FLAGS.config_field)
   mesh = sharding.make_mesh(jax.devices()[:1])
-  flow, tx = model.build_flow(config), optimizer.make_optimizer(config)
+  flow, tx = build_flow(config), optimizer.make_optimizer(config)
   images = _images()
   state = train_state.create_state(config, flow, tx, mesh, images)
-  step = train.make_train_step(config, flow, tx, mesh)
+  step = train_step.make_train_step(config, flow, tx, mesh)
   batch = sharding.global_batch(images, sharding.batch_sharding(mesh))
   compiled = step.lower(state, batch).compile()
   cost = compiled.cost_analysis()

@@ -133,7 +133,8 @@ def _print_table(title: str, sums: collections.Counter, total: float, steps: int
 
 def main(argv):
   del argv
-  from eiw_flow_jax import host_malloc, host_threads  # noqa: PLC0415 - before jax (re-exec)
+  from eiw_flow_jax.host import malloc as host_malloc  # noqa: PLC0415 - before jax (re-exec)
+  from eiw_flow_jax.host import threads as host_threads
 
   host_malloc.reexec_with_malloc_tunables()
   host_threads.limit_blas_threads()

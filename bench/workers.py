@@ -24,15 +24,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def worker_environ(malloc_mode: str | None = None) -> dict[str, str]:
   """This process's environment with the repository on PYTHONPATH and the command line's
-  OpenBLAS thread count (`eiw_flow_jax.host_threads`, unless set already); with `malloc_mode`
+  OpenBLAS thread count (`eiw_flow_jax.host.threads`, unless set already); with `malloc_mode`
   ("1": the command line's default, "reuse", "0"), also the glibc malloc tunables that mode of
-  `eiw_flow_jax.host_malloc` gives the command line."""
-  from eiw_flow_jax import host_threads  # noqa: PLC0415 - imports nothing heavy
+  `eiw_flow_jax.host.malloc` gives the command line."""
+  from eiw_flow_jax.host import threads as host_threads  # noqa: PLC0415 - imports nothing heavy
 
   env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
   env = host_threads.blas_thread_environ(env)
   if malloc_mode is not None:
-    from eiw_flow_jax import host_malloc  # noqa: PLC0415 - only where asked for
+    from eiw_flow_jax.host import malloc as host_malloc  # noqa: PLC0415 - only where asked for
 
     env = {**env, host_malloc.MODE_VARIABLE: malloc_mode}
     env = host_malloc.malloc_environ(env) or env

@@ -10,7 +10,7 @@ clipping are this project's choices.
 
 Published target (test bits/dim, 64x64 8-bit CelebA): RealNVP 3.02 (arXiv:1605.08803, Table 1);
 DenseFlow 1.99 (arXiv:2106.04627), a much larger model. Run with `--config.model.split=vanilla`
-for the Glow-architecture baseline, as is for EIW-Flow (`config_lib.glow_recipe`).
+for the Glow-architecture baseline, as is for EIW-Flow (`recipes.glow_recipe`).
 
 Data: `python -m eiw_flow_jax.prepare --dataset=celeba --data_dir=DIR`.
 Hardware: 8 accelerators with >= 16 GB each, 32 images per device.
@@ -22,14 +22,14 @@ steps. Command: `python -m eiw_flow_jax.aot --config=configs/celeba.py --topolog
 `configs/celeba.py:v5e_16`: 16 chips of 16 GiB, 16 images each: as is (it fits at 32).
 """
 
-from eiw_flow_jax import config_lib
+from eiw_flow_jax.config import recipes
 
 HARDWARE = {"v5e_16": {}}
 
 
 def get_config(hardware: str = ""):
-  config = config_lib.glow_recipe(
+  config = recipes.glow_recipe(
       "celeba", image_shape=(64, 64, 3), num_levels=4, steps_per_level=32, batch_size=256,
       num_train_steps=300_000,
   )
-  return config_lib.hardware_variant(config, hardware, HARDWARE)
+  return recipes.hardware_variant(config, hardware, HARDWARE)

@@ -7,11 +7,11 @@ reports its own number in its paper's table. This project's CelebA pipeline has 
 flips.
 """
 
-from eiw_flow_jax import config_lib
+from eiw_flow_jax.config import recipes
 
 
 def get_config():
-  return config_lib.denseflow_df_74_10(
+  return recipes.denseflow_df_74_10(
       "celeba", (64, 64, 3), batch_size=32, epochs=50, num_train=162_770,
       decay_rate=0.95, iwbo_samples=200, iwbo_chunk=25,
   )

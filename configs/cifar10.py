@@ -6,9 +6,9 @@ warmup, n_bits 8, and 8 GPUs x 64 = 512 images per batch. The step count, warmup
 and clipping are this project's choices.
 
 Published target (test bits/dim): Glow 3.35 (arXiv:1807.03039, Table 2). Also tabulated by
-`eiw_flow_jax.table`: RealNVP 3.49, Flow++ 3.08, DenseFlow 2.98 (other architectures).
+`eiw_flow_jax.commands.table`: RealNVP 3.49, Flow++ 3.08, DenseFlow 2.98 (other architectures).
 `--config.model.split=vanilla` is Glow itself; the recipe, and this backbone's three
-differences from openai/glow: `config_lib.glow_recipe`.
+differences from openai/glow: `recipes.glow_recipe`.
 
 Data: `python -m eiw_flow_jax.prepare --dataset=cifar10 --data_dir=DIR` (needs the [prepare]
 extra and internet once), then `--config.dataset.data_dir=DIR`.
@@ -21,16 +21,16 @@ with bfloat16; 1496 GFLOP per chip per step; roofline >= 38 ms a step (28 ms bfl
 (docs/tpu.md). `configs/cifar10.py:v5e_16`: 16 chips of 16 GiB, 32 images each: as is.
 """
 
-from eiw_flow_jax import config_lib
+from eiw_flow_jax.config import recipes
 
 HARDWARE = {"v5e_16": {}}
 
 
 def get_config(hardware: str = ""):
-  config = config_lib.glow_recipe(
+  config = recipes.glow_recipe(
       "cifar10", image_shape=(32, 32, 3), num_levels=3, steps_per_level=32, batch_size=512,
       num_train_steps=200_000,  # ~2000 epochs of 50k images
       warmup_steps=1000, eval_every_steps=10_000,
   )
   config.init_batch_size = 512
-  return config_lib.hardware_variant(config, hardware, HARDWARE)
+  return recipes.hardware_variant(config, hardware, HARDWARE)

@@ -18,11 +18,11 @@ wall on a loaded 2-core machine; the compiler counts each unit's scanned layers 
 FLOPs are a lower bound).
 """
 
-from eiw_flow_jax import config_lib
+from eiw_flow_jax.config import recipes
 
 
 def get_config():
-  return config_lib.denseflow_df_74_10(
+  return recipes.denseflow_df_74_10(
       "cifar10", (32, 32, 3), batch_size=64, epochs=400, num_train=50_000,
       decay_rate=0.9975, iwbo_samples=1000, iwbo_chunk=50,
   )

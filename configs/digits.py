@@ -9,7 +9,7 @@ Test bpd goes from 4.44 at init to about 2.50; with only 1500 training images, l
 overfit (train bpd keeps falling, test bpd rises again after ~1500 steps).
 """
 
-from eiw_flow_jax.config_lib import base_config
+from eiw_flow_jax.config.schema import base_config
 
 
 def get_config():

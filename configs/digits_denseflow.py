@@ -8,7 +8,7 @@ k = 20 (`eval.iwbo_samples`). `model.split` picks EIW (the authors' `global` tra
 or `vanilla`. About 4 minutes per run on 2 CPU cores (1.5 of them compiling; docs/results.md).
 """
 
-from eiw_flow_jax.config_lib import base_config
+from eiw_flow_jax.config.schema import base_config
 
 
 def get_config():

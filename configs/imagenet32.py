@@ -10,7 +10,7 @@ TFDS `imagenet_resized/32x32` instead, a different downsampling: NOT comparable.
 Published target (test bits/dim): Glow 4.09 (arXiv:1807.03039, Table 2). Also tabulated:
 RealNVP 4.28, Flow++ 3.86, DenseFlow 3.63.
 `--config.model.split=vanilla` is Glow itself; the recipe, and this backbone's three
-differences from openai/glow: `config_lib.glow_recipe`.
+differences from openai/glow: `recipes.glow_recipe`.
 
 Data: `python -m eiw_flow_jax.prepare --dataset=imagenet32 --data_dir=DIR --source_dir=SRC` with
 train_32x32.tar and valid_32x32.tar in SRC (no TensorFlow needed for this one).
@@ -24,16 +24,16 @@ networks the same memory, roofline >= 42 ms a step, >= 4.6 h. Command:
 `configs/imagenet32.py:v5e_16`: 16 chips of 16 GiB, 32 images each: as is.
 """
 
-from eiw_flow_jax import config_lib
+from eiw_flow_jax.config import recipes
 
 HARDWARE = {"v5e_16": {}}
 
 
 def get_config(hardware: str = ""):
-  config = config_lib.glow_recipe(
+  config = recipes.glow_recipe(
       "imagenet32", image_shape=(32, 32, 3), num_levels=3, steps_per_level=48, batch_size=512,
       num_train_steps=400_000,  # ~160 epochs of 1.28M images
   )
   config.dataset.eval_split = ""  # the dataset's usual eval split: "validation"
   config.init_batch_size = 512
-  return config_lib.hardware_variant(config, hardware, HARDWARE)
+  return recipes.hardware_variant(config, hardware, HARDWARE)

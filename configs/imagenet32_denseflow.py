@@ -6,11 +6,11 @@ Target: DenseFlow reports 3.63 bits/dim (IWBO, k = 200, --kbs 50); EIW-Flow repo
 number in its paper's table.
 """
 
-from eiw_flow_jax import config_lib
+from eiw_flow_jax.config import recipes
 
 
 def get_config():
-  return config_lib.denseflow_df_74_10(
+  return recipes.denseflow_df_74_10(
       "imagenet32", (32, 32, 3), batch_size=64, epochs=20, num_train=1_281_167,
       decay_rate=0.95, iwbo_samples=200, iwbo_chunk=50,
   )

@@ -10,7 +10,7 @@ project's choices. Evaluated on "validation". `dataset.name="imagenet64_resized"
 Published target (test bits/dim): Glow 3.81 (arXiv:1807.03039, Table 2). Also tabulated:
 RealNVP 3.98, Flow++ 3.69, DenseFlow 3.35.
 `--config.model.split=vanilla` is Glow itself; the recipe, and this backbone's three
-differences from openai/glow: `config_lib.glow_recipe`.
+differences from openai/glow: `recipes.glow_recipe`.
 
 Data: `python -m eiw_flow_jax.prepare --dataset=imagenet64 --data_dir=DIR --source_dir=SRC` with
 train_64x64.tar and valid_64x64.tar in SRC.
@@ -26,15 +26,15 @@ float32), roofline >= 142 ms a step. Command: `python -m eiw_flow_jax.aot
 of 15.75 per chip: arguments 1.68, temporaries 7.02; same command with --per_device_batch=16).
 """
 
-from eiw_flow_jax import config_lib
+from eiw_flow_jax.config import recipes
 
 HARDWARE = {"v5e_16": {}}  # fits as stored (above)
 
 
 def get_config(hardware: str = ""):
-  config = config_lib.glow_recipe(
+  config = recipes.glow_recipe(
       "imagenet64", image_shape=(64, 64, 3), num_levels=4, steps_per_level=48, batch_size=256,
       num_train_steps=400_000,
   )
   config.dataset.eval_split = ""  # the dataset's usual eval split: "validation"
-  return config_lib.hardware_variant(config, hardware, HARDWARE)
+  return recipes.hardware_variant(config, hardware, HARDWARE)

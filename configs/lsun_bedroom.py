@@ -1,7 +1,7 @@
 """LSUN bedroom at 64x64x3, 8-bit (TFDS `lsun/bedroom`), with Glow's LSUN 64x64 setup.
 
-The setup, its hardware and its `:v5e_16` variant: `config_lib.glow_lsun`.
-`--config.model.split=vanilla` is Glow itself (`config_lib.glow_recipe`).
+The setup, its hardware and its `:v5e_16` variant: `recipes.glow_lsun`.
+`--config.model.split=vanilla` is Glow itself (`recipes.glow_recipe`).
 
 Published target (bits/dim): Glow 2.38 (arXiv:1807.03039, Table 2); RealNVP 2.72
 (arXiv:1605.08803, Table 1).
@@ -11,10 +11,10 @@ load next to current TensorFlow): unzip bedroom_train_lmdb.zip and bedroom_val_l
 SRC, then `python -m eiw_flow_jax.prepare --dataset=lsun_bedroom --data_dir=DIR --source_dir=SRC`.
 """
 
-from eiw_flow_jax import config_lib
+from eiw_flow_jax.config import recipes
 
-HARDWARE = config_lib.LSUN_HARDWARE
+HARDWARE = recipes.LSUN_HARDWARE
 
 
 def get_config(hardware: str = ""):
-  return config_lib.glow_lsun("lsun_bedroom", hardware)
+  return recipes.glow_lsun("lsun_bedroom", hardware)

@@ -4,7 +4,7 @@ Glow reported no MNIST numbers; this is a Glow-style model sized for MNIST (this
 choice): L=2 levels (28 is divisible by 4, not by 8), K=16 steps per level, 256 hidden channels,
 affine coupling, Adam lr 1e-3 with warmup, batch 256. Flows of this kind reach about 1.0-1.1
 bits/dim on MNIST (e.g. RealNVP/Glow-style baselines in the Residual Flows and FFJORD papers);
-`eiw_flow_jax.table` tabulates no published number for it.
+`eiw_flow_jax.commands.table` tabulates no published number for it.
 
 Hardware: one accelerator (or 8, 32 images each).
 Memory per device at 256 images on one device: about 5.6 GiB: 0.06 GiB of state plus 22 MiB
@@ -16,12 +16,12 @@ Wall time: not measured. Estimate: about 20 min on one device at an assumed sust
 20 TFLOP/s (XLA: 2 GFLOP per image per step x 256 x 50k steps); 40-80 min at 5-10 TFLOP/s.
 """
 
-from eiw_flow_jax import config_lib
+from eiw_flow_jax.config import recipes
 
 
 def get_config():
-  return config_lib.glow_recipe(
-      "mnist", **config_lib.MNIST_GLOW_MODEL, batch_size=256, eval_batch_size=512,
+  return recipes.glow_recipe(
+      "mnist", **recipes.MNIST_GLOW_MODEL, batch_size=256, eval_batch_size=512,
       num_train_steps=50_000,  # ~210 epochs of 60k images
       warmup_steps=1000, eval_every_steps=5000,
   )

@@ -7,12 +7,12 @@ the real 60000/10000 split is used. Same Glow-style model as configs/mnist.py, w
 batch and fewer steps because 9000 training images overfit quickly.
 """
 
-from eiw_flow_jax import config_lib
+from eiw_flow_jax.config import recipes
 
 
 def get_config():
-  config = config_lib.glow_recipe(
-      "mnist_idx", **config_lib.MNIST_GLOW_MODEL, batch_size=64, eval_batch_size=512,
+  config = recipes.glow_recipe(
+      "mnist_idx", **recipes.MNIST_GLOW_MODEL, batch_size=64, eval_batch_size=512,
       num_train_steps=10_000,  # ~70 epochs of 9000 images
       warmup_steps=500, checkpoint_every_steps=1000, eval_every_steps=2000,
   )

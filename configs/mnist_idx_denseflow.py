@@ -12,7 +12,7 @@ on 2 loaded CPU cores, most of it compiling. `model.split` picks EIW (the author
 transition, default) or `vanilla`. These models are far from converged; see docs/results.md.
 """
 
-from eiw_flow_jax.config_lib import base_config
+from eiw_flow_jax.config.schema import base_config
 
 
 def get_config():

@@ -20,7 +20,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from eiw_flow_jax.config_lib import base_config  # noqa: E402
+from eiw_flow_jax.config.schema import base_config  # noqa: E402
 
 # The suite's time is mostly XLA:CPU compiling small graphs. Two compile-only flags: LLVM
 # optimisation level 0 (most of the compile time is LLVM optimising the emitted loops: a tiny EIW
@@ -193,12 +193,12 @@ def trained(tmp_path_factory):
   or change a trained workdir work on a copy (`copy_of_run`), never on this one."""
   from test_train import tiny_config
 
-  from eiw_flow_jax import train
+  from eiw_flow_jax.training import train_loop
 
   data_dir = str(tmp_path_factory.mktemp("tfds_trained"))
   workdir = str(tmp_path_factory.mktemp("trained") / "run")
   config = tiny_config(data_dir, num_train_steps=20, checkpoint_every_steps=10)
-  train.train(config, workdir)
+  train_loop.train(config, workdir)
   return config, workdir
 
 

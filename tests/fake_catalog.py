@@ -3,7 +3,7 @@
 `write_cifar10` writes `<data_dir>/cifar10/<version>/` through TFDS's own writer: a subclass of
 the catalog `cifar10` builder (so name, version, features, dataset_info.json and features.json
 are TFDS's) whose examples are random PNGs instead of the downloaded ones. The source-file
-writers produce what `eiw_flow_jax.prepare --source_dir` reads for ImageNet and LSUN.
+writers produce what `eiw_flow_jax.data.catalog --source_dir` reads for ImageNet and LSUN.
 """
 
 from __future__ import annotations

@@ -16,11 +16,13 @@ import jax.numpy as jnp
 import pytest
 from conftest import REPO
 
-from eiw_flow_jax import aot, optimizer, sharding, train_state
-from eiw_flow_jax.model import build_flow
+from eiw_flow_jax import aot
+from eiw_flow_jax.aot import chips, compiler, report, search, topology
+from eiw_flow_jax.model.flow import build_flow
+from eiw_flow_jax.training import optimizer, sharding, train_state
 
 pytestmark = pytest.mark.skipif(
-    not aot.libtpu_available(),
+    not topology.libtpu_available(),
     reason="libtpu is not installed (pip install -e '.[tpu]'; .ci/run installs it)",
 )
 
@@ -77,7 +79,7 @@ def test_digits_compiles_for_four_chips_with_data_parallelism(digits_run):
   assert train_memory["aliased"] >= held - 2**12
   assert train_memory["temporaries"] >= 0  # 0 for digits' scanned steps on v5e
   assert r["train_total"] >= held
-  assert r["train_total"] < r["hbm_bytes"] == int(15.75 * aot.GiB)
+  assert r["train_total"] < r["hbm_bytes"] == int(15.75 * chips.GiB)
   assert r["eval"] is not None and r["eval_total"] > r["eval"]["arguments"]
   assert r["flops"] > 0 and r["bytes_accessed"] > 0
   assert r["cost_source"] == "unrolled K=1,2"  # digits scans its K=4 steps
@@ -90,7 +92,7 @@ def test_scanned_steps_cost_is_what_the_unrolled_program_costs(digits_run):
   _, r = digits_run
   config = digits_config()
   config.model.scan_steps = False
-  unrolled = aot.compile_for_topology(config, TOPOLOGY, with_eval=False)
+  unrolled = compiler.compile_for_topology(config, TOPOLOGY, with_eval=False)
   assert unrolled.cost_source == "compiler"
   assert r["flops"] == pytest.approx(unrolled.flops, rel=0.02)
   assert r["bytes_accessed"] == pytest.approx(unrolled.bytes_accessed, rel=0.15)
@@ -106,7 +108,7 @@ def test_the_command_prints_the_report(digits_run):
   assert re.match(r"[\d.]+ \(params [\d.]+, EMA [\d.]+, optimizer state [\d.]+",
                   fields["arguments"])
   total, hbm = float(fields["train step total"]), float(fields["HBM"].split()[0])
-  assert total == pytest.approx(report["train_total"] / aot.GiB, abs=1e-3)
+  assert total == pytest.approx(report["train_total"] / chips.GiB, abs=1e-3)
   assert 0 < total < hbm == 15.75
   assert re.match(r"[\d.]+ GFLOP, [\d.]+ GB accessed \(TPU compiler; scanned steps: unrolled "
                   r"K=1,2, extrapolated\)", fields["cost per step per device"])
@@ -118,7 +120,7 @@ def test_the_command_prints_the_report(digits_run):
 
 @pytest.fixture(scope="module")
 def cifar_report():
-  return aot.compile_for_topology(
+  return compiler.compile_for_topology(
       reduced_cifar_config(), TOPOLOGY, 64, with_eval=False, config_name="cifar10 K=2")
 
 
@@ -131,9 +133,9 @@ def test_reduced_cifar_compiles_at_64_per_chip(cifar_report):
   # forward and backward passes, not of the global 256 (the program is partitioned).
   held = sum(r.state_bytes.values())
   assert held <= r.train.arguments < 2 * held
-  assert 0.01 * aot.GiB < r.train.temporaries < 1 * aot.GiB
+  assert 0.01 * chips.GiB < r.train.temporaries < 1 * chips.GiB
   assert 80e9 < r.flops < 110e9
-  text = aot.render(r)
+  text = report.render(r)
   assert "fits: yes" in text and "roofline: step >=" in text
 
 
@@ -173,8 +175,8 @@ def test_cpu_program_takes_the_cpu_forms(wide_config):
 
 def test_tpu_program_keeps_the_3x3_convolutions(wide_config):
   # Lowered in this CPU process for a TPU mesh: the kernels are chosen per target platform
-  # (eiw_flow_jax.kernels), so none of the XLA:CPU matmul forms leak into the TPU program.
-  devices = aot.topology_devices(TOPOLOGY)
+  # (eiw_flow_jax.model.kernels), so none of the XLA:CPU matmul forms leak into the TPU program.
+  devices = topology.topology_devices(TOPOLOGY)
   text, kernels = _forward_lowered(wide_config, devices)
   assert _three_by_three_convolutions(text) == kernels
   assert jax.default_backend() == "cpu"
@@ -183,20 +185,20 @@ def test_tpu_program_keeps_the_3x3_convolutions(wide_config):
 def test_parse_oom_reads_the_compilers_figures():
   message = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
              "temporaries (400.00G) exceeds available HBM (15.75G).")
-  assert aot.parse_oom(message) == (400 * aot.GiB, int(15.75 * aot.GiB))
-  assert aot.parse_oom("Used 20.5G of 15.75G hbm. Exceeded hbm capacity") == (
-      int(20.5 * aot.GiB), int(15.75 * aot.GiB))
-  assert aot.parse_oom("INTERNAL: something else") is None
+  assert compiler.parse_oom(message) == (400 * chips.GiB, int(15.75 * chips.GiB))
+  assert compiler.parse_oom("Used 20.5G of 15.75G hbm. Exceeded hbm capacity") == (
+      int(20.5 * chips.GiB), int(15.75 * chips.GiB))
+  assert compiler.parse_oom("INTERNAL: something else") is None
 
 
 @pytest.mark.parametrize("topology", ["v5e", "v5e:2y2", "tpu"])
 def test_a_bad_topology_is_an_error_naming_it(topology):
   with pytest.raises(aot.AotError, match="--topology must look like v5e:2x2"):
-    aot.topology_devices(topology)
+    topology.topology_devices(topology)
 
 
 def test_multi_slice_topologies_have_every_slice():
-  devices = aot.topology_devices(TOPOLOGY, num_slices=2)
+  devices = topology.topology_devices(TOPOLOGY, num_slices=2)
   assert len(devices) == 8
   assert sorted({d.slice_index for d in devices}) == [0, 1]
 
@@ -206,7 +208,7 @@ def test_a_batch_that_does_not_split_is_an_error():
   config.batch_size = 66
   with pytest.raises(aot.AotError, match="batch_size=66 must be divisible by the number of "
                                           "devices \\(4\\)"):
-    aot.compile_for_topology(config, TOPOLOGY)
+    compiler.compile_for_topology(config, TOPOLOGY)
 
 
 def test_a_config_that_does_not_fit_exits_with_one_line(env):
@@ -228,22 +230,22 @@ def test_a_config_that_does_not_fit_exits_with_one_line(env):
 
 
 def _fake_report(batch: int, *, per_image: int = 10 * 2**20, fixed: int = 2**30,
-                 hbm: int = 15 * 2**30) -> aot.AotReport:
+                 hbm: int = 15 * 2**30) -> report.AotReport:
   """A report as the compiler would give for a model of `fixed` + `per_image` x batch bytes."""
   total = fixed + per_image * batch
-  report = aot.AotReport(
+  fake = report.AotReport(
       config_name="fake", topology=TOPOLOGY, num_slices=1, num_devices=4,
-      device_kind="TPU v5 lite", chip=aot.CHIPS["v5e"], hbm_bytes=hbm, per_device_batch=batch,
+      device_kind="TPU v5 lite", chip=chips.CHIPS["v5e"], hbm_bytes=hbm, per_device_batch=batch,
       global_batch=4 * batch, num_train_steps=1000, eval_batch=256, dtype="float32",
       compile_seconds=1.0, flops=1e12, bytes_accessed=1e9,
       state_bytes={"params": 2**28, "ema": 2**28, "optimizer": 2**29, "constants": 0})
   if total <= hbm:
-    report.train = aot.ProgramMemory(arguments=fixed, outputs=fixed, aliased=fixed,
-                                     temporaries=total - fixed, code=0)
+    fake.train = report.ProgramMemory(arguments=fixed, outputs=fixed, aliased=fixed,
+                                   temporaries=total - fixed, code=0)
   else:
-    report.error = "train step: RESOURCE_EXHAUSTED"
-    report.required_bytes = total
-  return report
+    fake.error = "train step: RESOURCE_EXHAUSTED"
+    fake.required_bytes = total
+  return fake
 
 
 @pytest.mark.parametrize("start", [1, 64, 1300, 5000])
@@ -254,19 +256,19 @@ def test_the_batch_search_finds_the_largest_batch_that_fits(monkeypatch, start):
     compiled.append(batch)
     return _fake_report(batch)
 
-  monkeypatch.setattr(aot, "compile_for_topology", fake_compile)
-  search = aot.largest_batch(None, TOPOLOGY, _fake_report(start), budget_s=60)
+  monkeypatch.setattr(search, "compile_for_topology", fake_compile)
+  found = search.largest_batch(None, TOPOLOGY, _fake_report(start), budget_s=60)
   # (15 GiB - 1 GiB) / 10 MiB = 1433.6 images.
-  assert (search.fits, search.fails, search.exact) == (1433, 1434, True)
-  assert search.compiles == len(compiled) <= 12
-  stopped = aot.largest_batch(None, TOPOLOGY, _fake_report(start), budget_s=0)
+  assert (found.fits, found.fails, found.exact) == (1433, 1434, True)
+  assert found.compiles == len(compiled) <= 12
+  stopped = search.largest_batch(None, TOPOLOGY, _fake_report(start), budget_s=0)
   assert stopped.compiles == 0 and not stopped.exact
 
 
 def test_the_before_you_rent_table():
   fits, refused = _fake_report(64), _fake_report(4096)
   assert fits.fits and not refused.fits
-  table = aot.markdown_table([aot.table_row(fits), aot.table_row(refused)]).splitlines()
+  table = report.markdown_table([report.table_row(fits), report.table_row(refused)]).splitlines()
   assert table[0].startswith("| config | topology | batch/device | fits | GiB/device |")
   # 1e12 FLOPs at 197 TFLOP/s: 5.1 ms a step (HBM: 1e9 B at 819 GB/s, 1.2 ms); 1000 steps.
   assert table[2] == "| fake | v5e:2x2 | 64 | y | 1.62 | 15.00 | 5.1 ms | 1000 | 5.1 s |"

@@ -101,7 +101,7 @@ def test_peer_benchmark_names_missing_extras():
 def test_peer_benchmark_config_variants():
   parsed = _in_peer_script_process(
       "from ml_collections import ConfigDict\n"
-      "from eiw_flow_jax.config_lib import base_config\n"
+      "from eiw_flow_jax.config import base_config\n"
       "name, fields = peer_pytorch.config_variant_fields("
       "'pe=model.split=eiw,model.eiw.mode=per_example,model.eiw.beta=3.0')\n"
       "config = base_config()\n"

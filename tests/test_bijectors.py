@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from conftest import ON_PINNED_COMPILER, log_abs_det_jacobian, perturb
 
-from eiw_flow_jax import bijectors
-from eiw_flow_jax.bijectors import (
+from eiw_flow_jax.model import bijectors
+from eiw_flow_jax.model.bijectors import (
     ActNorm,
     AdditiveCoupling,
     AffineCoupling,
@@ -22,14 +22,14 @@ from eiw_flow_jax.bijectors import (
     Squeeze,
     UniformDequantize,
 )
-from eiw_flow_jax.kernels import xla_cpu
-from eiw_flow_jax.kernels.xla_cpu import (
+from eiw_flow_jax.model.kernels import xla_cpu
+from eiw_flow_jax.model.kernels.xla_cpu import (
     channel_matmul,
     conv3x3_by_matmul,
     conv3x3_takes_matmul_form,
     transpose_block_rows,
 )
-from eiw_flow_jax.splits import EIWGlobalSplit, EIWPerExampleSplit, VanillaSplit
+from eiw_flow_jax.model.splits import EIWGlobalSplit, EIWPerExampleSplit, VanillaSplit
 
 SHAPE = (3, 4, 4, 4)  # B, H, W, C: tiny, so the 64x64 Jacobian is cheap
 

@@ -24,7 +24,10 @@ import pytest
 from conftest import REPO, copy_of_run
 from test_train import cli_args, finalized_steps, tiny_config
 
-from eiw_flow_jax import checkpointing, evaluate, main, storage, train
+from eiw_flow_jax.commands import main
+from eiw_flow_jax.model.flow import build_flow
+from eiw_flow_jax.training import evaluate, optimizer, resume, sharding, train_loop, train_state
+from eiw_flow_jax.workdir import background_errors, checkpointing, digests, storage
 
 # ------------------------------------------------------------------------------------------------
 # Helpers.
@@ -47,7 +50,7 @@ def mounted_tmpfs(directory, options: str):
 
 
 def _leaf_names(tree) -> list[str]:
-  return ["/".join(checkpointing._key_name(k) for k in path)
+  return ["/".join(digests.key_name(k) for k in path)
           for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
@@ -95,7 +98,7 @@ def flip_bytes_silently(step_dir: str, abstract_state) -> list[str]:
 
 def test_every_checkpoint_carries_digests_of_its_arrays(trained):
   config, workdir = trained
-  state = train.restore_for_inference(config, workdir).state
+  state = resume.restore_for_inference(config, workdir).state
   manager = checkpointing.make_manager(workdir, keep=5, read_only=True)
   try:
     record = manager.restore(20, args=ocp.args.Composite(
@@ -105,12 +108,12 @@ def test_every_checkpoint_carries_digests_of_its_arrays(trained):
   assert record["format"] == 1 and record["algorithm"] == "sha256"
   assert sorted(record["arrays"]) == sorted(_leaf_names(state))
   # A replicated state: one entry per array covering it whole, equal to a recomputation.
-  assert record["arrays"] == checkpointing.array_digests(state)
-  assert record["arrays"]["step"] == {"": checkpointing._sha256(np.asarray(20, np.int32))}
-  assert checkpointing.digest_mismatch(state, record) is None
+  assert record["arrays"] == digests.array_digests(state)
+  assert record["arrays"]["step"] == {"": digests._sha256(np.asarray(20, np.int32))}
+  assert digests.digest_mismatch(state, record) is None
   changed = jax.tree.map(np.array, jax.device_get(state))
   changed.params["level0_steps"]["layers_2"]["net"]["Conv_0"]["kernel"][0, 0, 0, 0, 0] += 1.0
-  assert checkpointing.digest_mismatch(changed, record) == (
+  assert digests.digest_mismatch(changed, record) == (
       "params/level0_steps/layers_2/net/Conv_0/kernel")
 
 
@@ -119,14 +122,14 @@ def test_flipped_bytes_fall_back_to_the_previous_checkpoint_naming_the_array(
 ):
   config, _ = trained
   workdir = copy_of_run(trained, tmp_path)
-  flow, tx, mesh = train.build_flow(config), train.make_optimizer(config), train.make_mesh()
-  abstract = train.abstract_state(flow, tx, mesh)
+  flow, tx, mesh = build_flow(config), optimizer.make_optimizer(config), sharding.make_mesh()
+  abstract = train_state.abstract_state(flow, tx, mesh)
   step_dir = os.path.join(workdir, checkpointing.CHECKPOINT_DIR, "20")
   changed = flip_bytes_silently(step_dir, abstract)
 
   # Eval/sample (read-only): falls back, moves nothing.
   with caplog.at_level(logging.WARNING):
-    assert train.restore_for_inference(config, workdir).step == 10
+    assert resume.restore_for_inference(config, workdir).step == 10
   lines = [r.getMessage() for r in caplog.records if "does not match the digest" in r.getMessage()]
   assert len(lines) == 1, caplog.text
   assert lines[0].startswith("Checkpoint at step 20 in ")
@@ -137,11 +140,11 @@ def test_flipped_bytes_fall_back_to_the_previous_checkpoint_naming_the_array(
   caplog.clear()
   longer = tiny_config(data_dir, num_train_steps=30, checkpoint_every_steps=10)
   with caplog.at_level(logging.WARNING):
-    train.train(longer, workdir)
+    train_loop.train(longer, workdir)
   assert "Resuming from checkpoint 10 instead of the corrupt newer one(s) [20]" in caplog.text
   assert glob.glob(os.path.join(workdir, checkpointing.CORRUPT_DIR, "20-*"))
   assert finalized_steps(workdir) == [10, 20, 30]
-  assert train.restore_for_inference(longer, workdir).step == 30
+  assert resume.restore_for_inference(longer, workdir).step == 30
 
 
 def test_a_checkpoint_without_digests_still_restores(trained, tmp_path, caplog):
@@ -151,7 +154,7 @@ def test_a_checkpoint_without_digests_still_restores(trained, tmp_path, caplog):
   shutil.rmtree(os.path.join(workdir, checkpointing.CHECKPOINT_DIR, "20",
                              checkpointing.DIGESTS))
   with caplog.at_level(logging.INFO):
-    assert train.restore_for_inference(config, workdir).step == 20
+    assert resume.restore_for_inference(config, workdir).step == 20
   assert "has no digests (saved by an older version)" in caplog.text
 
 
@@ -161,10 +164,10 @@ def test_cli_resume_after_silent_corruption(tmp_path, data_dir, env):
   overrides = {"num_train_steps": 60, "checkpoint_every_steps": 20}
   config = tiny_config(data_dir, **overrides)
   workdir = str(tmp_path / "run")
-  train.train(config, workdir)
-  flow, tx, mesh = train.build_flow(config), train.make_optimizer(config), train.make_mesh()
+  train_loop.train(config, workdir)
+  flow, tx, mesh = build_flow(config), optimizer.make_optimizer(config), sharding.make_mesh()
   step_dir = os.path.join(workdir, checkpointing.CHECKPOINT_DIR, "60")
-  changed = flip_bytes_silently(step_dir, train.abstract_state(flow, tx, mesh))
+  changed = flip_bytes_silently(step_dir, train_state.abstract_state(flow, tx, mesh))
 
   result = subprocess.run(cli_args(workdir, data_dir, **overrides), env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=300)
@@ -210,7 +213,7 @@ def test_eval_on_a_read_only_workdir_fails_before_evaluating(tmp_path, data_dir,
   def evaluation_started(*args, **kwargs):
     raise AssertionError("the evaluation ran before the workdir was checked")
 
-  monkeypatch.setattr(train, "restore_for_inference", evaluation_started)
+  monkeypatch.setattr(resume, "restore_for_inference", evaluation_started)
   monkeypatch.setattr(evaluate, "evaluate_and_write", evaluation_started)
   config = tiny_config(data_dir)
   if os.geteuid() != 0:
@@ -231,14 +234,14 @@ def test_background_errors_go_to_the_log_file_not_the_console(tmp_path, capsys):
   unraisables are appended to the workdir's log; other records and unraisables pass."""
   from absl import logging as absl_logging
 
-  quiet = checkpointing.quiet_background_errors(str(tmp_path))
+  quiet = background_errors.quiet_background_errors(str(tmp_path))
   try:
     handler = absl_logging.get_absl_handler()
     orbax_record = logging.LogRecord(
         "absl", logging.ERROR, "/x/site-packages/orbax/checkpoint/future.py", 1,
         "_SignalingThread.run() raised an exception", None, None)
     own_record = logging.LogRecord(
-        "absl", logging.ERROR, "/x/eiw_flow_jax/train.py", 1, "our own error", None, None)
+        "absl", logging.ERROR, "/x/eiw_flow_jax/train_loop.py", 1, "our own error", None, None)
     assert not quiet.filter(orbax_record) and quiet.filter(own_record)
     assert handler.filters.count(quiet) == 1
     try:
@@ -263,7 +266,7 @@ def test_background_errors_go_to_the_log_file_not_the_console(tmp_path, capsys):
   finally:
     quiet.uninstall()
   assert "Event loop is closed" not in capsys.readouterr().err
-  log = (tmp_path / checkpointing.ERROR_LOG).read_text()
+  log = (tmp_path / background_errors.ERROR_LOG).read_text()
   assert "_SignalingThread.run() raised an exception" in log
   assert "RuntimeError: Event loop is closed" in log and "our own error" not in log
   assert "OSError: [Errno 28] No space left on device" in log
@@ -283,7 +286,7 @@ def test_an_unawaited_write_coroutine_warns_into_the_log_file(tmp_path):
   with warnings.catch_warnings():
     warnings.simplefilter("always")
     warnings.showwarning = lambda message, *args, **kwargs: shown.append(str(message))
-    quiet = checkpointing.quiet_background_errors(str(tmp_path))
+    quiet = background_errors.quiet_background_errors(str(tmp_path))
     try:
       coroutine = write_fragment()
       del coroutine
@@ -292,5 +295,5 @@ def test_an_unawaited_write_coroutine_warns_into_the_log_file(tmp_path):
     finally:
       quiet.uninstall()
   assert shown == ["a warning of our own"]
-  log = (tmp_path / checkpointing.ERROR_LOG).read_text()
+  log = (tmp_path / background_errors.ERROR_LOG).read_text()
   assert "RuntimeWarning: coroutine" in log and "write_fragment" in log and "never awaited" in log

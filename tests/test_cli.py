@@ -12,7 +12,9 @@ import sys
 import pytest
 from conftest import REPO, with_test_xla_flags
 
-from eiw_flow_jax import data, evaluate, model, optimizer, sharding, train_state
+from eiw_flow_jax.data import pipeline
+from eiw_flow_jax.model.flow import build_flow
+from eiw_flow_jax.training import evaluate, optimizer, sharding, train_state
 
 CONFIGS = os.path.join(REPO, "configs")
 TINY = [
@@ -77,8 +79,8 @@ def test_train_eval_sample_on_digits(tmp_path, data_dir, env):
 
   # Test bpd of the same model at initialisation (same seed, same init batch, same eval noise).
   config = _tiny_config(data_dir)
-  flow, tx, mesh = model.build_flow(config), optimizer.make_optimizer(config), sharding.make_mesh()
-  images = data.load_examples(config, "train", config.init_batch_size)
+  flow, tx, mesh = build_flow(config), optimizer.make_optimizer(config), sharding.make_mesh()
+  images = pipeline.load_examples(config, "train", config.init_batch_size)
   state = train_state.create_state(config, flow, tx, mesh, images)
   init_bpd, count = evaluate.evaluate_bpd(
       config, flow, state.variables(), mesh, train_state.rng_keys(config)["eval"]

@@ -9,7 +9,8 @@ import os
 import pytest
 from conftest import REPO
 
-from eiw_flow_jax import config_lib, train
+from eiw_flow_jax.config import checks, schema
+from eiw_flow_jax.training import run_config, train_loop
 
 CONFIG_FILES = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))
 EXPECTED = {
@@ -38,8 +39,8 @@ def test_config_is_valid_and_defaults_to_eiw_global(name):
   assert config.model.split == "eiw"
   assert config.model.eiw.mode == "global"
   # Same fields as the base config, so every override works on every config.
-  assert set(config.keys()) == set(config_lib.base_config().keys())
-  config_lib.validate_config(config, num_devices=8, num_processes=2)
+  assert set(config.keys()) == set(schema.base_config().keys())
+  run_config.validate_config(config, num_devices=8, num_processes=2)
   # Image side divisible by 2**levels; the Glow-style datasets use 8 bits.
   height, width, _ = config.model.image_shape
   assert height % 2**config.model.num_levels == 0
@@ -59,7 +60,7 @@ def test_command_line_overrides_reach_every_config(path, monkeypatch):
   config_flags.DEFINE_config_file("config", path, flag_values=values, lock_config=True)
   values(argv)
   assert values.config.dataset.worker_count == 2 and values.config.batch_size == 32
-  config_lib.validate_config(values.config)
+  run_config.validate_config(values.config)
 
 
 def _load_module(path: str):
@@ -108,7 +109,7 @@ def test_hardware_variant_from_the_command_line(path, variant, monkeypatch):
     node[leaf] = value
   expected.seed = 3
   assert values.config.to_dict() == expected.to_dict()
-  config_lib.validate_config(values.config, num_devices=16)
+  run_config.validate_config(values.config, num_devices=16)
 
 
 def test_every_recipe_fits_16_gib_v5e_chips_as_it_is():
@@ -123,7 +124,7 @@ def test_every_recipe_fits_16_gib_v5e_chips_as_it_is():
 
 def test_unknown_hardware_variant_names_the_known_ones():
   module = _load_module(os.path.join(REPO, "configs", "cifar10.py"))
-  with pytest.raises(config_lib.ConfigError, match=r"'v9_1' .*expected one of: v5e_16"):
+  with pytest.raises(checks.ConfigError, match=r"'v9_1' .*expected one of: v5e_16"):
     module.get_config("v9_1")
   with pytest.raises(TypeError):
     _load_module(os.path.join(REPO, "configs", "digits.py")).get_config("v5e_16")
@@ -166,18 +167,18 @@ def _bad(**overrides):
 )
 def test_bad_config_raises_config_error(overrides, message):
   config = _bad(**overrides)
-  with pytest.raises(config_lib.ConfigError, match=message.replace("*", r"\*")):
-    config_lib.validate_config(config)
-  assert issubclass(config_lib.ConfigError, ValueError)
+  with pytest.raises(checks.ConfigError, match=message.replace("*", r"\*")):
+    run_config.validate_config(config)
+  assert issubclass(checks.ConfigError, ValueError)
 
 
 @pytest.mark.parametrize("field", ["batch_size", "eval_batch_size"])
 def test_batch_not_divisible_by_devices(field):
   config = _bad(**{field: 12})
-  config_lib.validate_config(config)  # fine without a device count
-  config_lib.validate_config(config, num_devices=4)
-  with pytest.raises(config_lib.ConfigError, match=rf"config.{field}=12 .*devices \(8\)"):
-    config_lib.validate_config(config, num_devices=8)
+  run_config.validate_config(config)  # fine without a device count
+  run_config.validate_config(config, num_devices=4)
+  with pytest.raises(checks.ConfigError, match=rf"config.{field}=12 .*devices \(8\)"):
+    run_config.validate_config(config, num_devices=8)
 
 
 def test_missing_mnist_idx_source_dir(tmp_path):
@@ -185,19 +186,19 @@ def test_missing_mnist_idx_source_dir(tmp_path):
   config.dataset.source_dir = str(tmp_path / "does_not_exist")
   config.dataset.data_dir = str(tmp_path / "tfds")
   with pytest.raises(FileNotFoundError, match="does not exist"):
-    train.train(config, str(tmp_path / "work"))
+    train_loop.train(config, str(tmp_path / "work"))
 
 
 def test_catalog_dataset_not_prepared(tmp_path):
   config = load_config("cifar10")
   config.dataset.data_dir = str(tmp_path / "tfds")
   with pytest.raises(FileNotFoundError, match="not prepared"):
-    train.train(config, str(tmp_path / "work"))
+    train_loop.train(config, str(tmp_path / "work"))
 
 
 def test_wrong_split_name_is_a_config_error(tmp_path):
   config = load_config("digits")
   config.dataset.data_dir = str(tmp_path / "tfds")
   config.dataset.eval_split = "validation"
-  with pytest.raises(config_lib.ConfigError, match="no split 'validation'"):
-    train.train(config, str(tmp_path / "work"))
+  with pytest.raises(checks.ConfigError, match="no split 'validation'"):
+    train_loop.train(config, str(tmp_path / "work"))

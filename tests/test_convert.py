@@ -1,5 +1,5 @@
-"""eiw_flow_jax.convert without torch: .pt files are read, and a converted state_dict becomes
-the Orbax TrainState checkpoint that train.py writes and --mode=eval restores."""
+"""`python -m eiw_flow_jax.convert` without torch: .pt files are read, and a converted state_dict
+becomes the Orbax TrainState checkpoint that train.py writes and --mode=eval restores."""
 
 from __future__ import annotations
 
@@ -13,15 +13,18 @@ import pytest
 from conftest import REPO
 from test_denseflow_parity import config_from_fixture, load_case
 
-from eiw_flow_jax import checkpointing, convert, optimizer, sharding, train_state
-from eiw_flow_jax.model import build_flow
+from eiw_flow_jax.commands import convert
+from eiw_flow_jax.model.backbones import denseflow_torch
+from eiw_flow_jax.model.flow import build_flow
+from eiw_flow_jax.training import optimizer, sharding, train_state
+from eiw_flow_jax.workdir import checkpointing
 
 SMALL_PT = os.path.join(REPO, "tests", "fixtures", "torch_state_dict_small.pt")
 
 
 def test_reads_a_torch_file_without_torch(monkeypatch):
   monkeypatch.setitem(sys.modules, "torch", None)  # any import of torch would fail
-  state = convert.state_dict_from(convert.read_torch_file(SMALL_PT))
+  state = denseflow_torch.state_dict_from(denseflow_torch.read_torch_file(SMALL_PT))
   # Saved by torch 2.13 from nn.DataParallel-style keys; one tensor is a transposed view.
   assert set(state) == {"a.weight", "b.bias", "c.num_batches_tracked", "d.weight"}
   np.testing.assert_array_equal(state["a.weight"], np.arange(12.0).reshape(3, 4).T)
@@ -31,9 +34,9 @@ def test_reads_a_torch_file_without_torch(monkeypatch):
 
 def test_errors_name_the_problem(tmp_path):
   with pytest.raises(FileNotFoundError, match="No such checkpoint"):
-    convert.read_torch_file(str(tmp_path / "missing.pt"))
-  with pytest.raises(convert.ConversionError, match="Expected a state_dict"):
-    convert.state_dict_from([1, 2])
+    denseflow_torch.read_torch_file(str(tmp_path / "missing.pt"))
+  with pytest.raises(denseflow_torch.ConversionError, match="Expected a state_dict"):
+    denseflow_torch.state_dict_from([1, 2])
 
 
 def test_convert_checkpoint_writes_a_restorable_train_state(tmp_path):
@@ -56,7 +59,7 @@ def test_convert_checkpoint_writes_a_restorable_train_state(tmp_path):
   finally:
     manager.close()
   assert step == 0
-  expected = convert.convert_state_dict(weights, flow)
+  expected = denseflow_torch.convert_state_dict(weights, flow)
   got = jax.device_get(state.variables(ema=True))
   jax.tree.map(np.testing.assert_array_equal, got, expected)
 
@@ -86,12 +89,12 @@ def ties(tied: int, kept: int = 0, cross: int = 0, channels: int = 64) -> dict[s
      "6 of 64 channels (crossing the kept/factored split)"),
 ], ids=["none", "factored", "kept", "cross"])
 def test_weight_ties_are_reported_in_one_line(found, expected):
-  line = convert.describe_weight_ties(found)
+  line = denseflow_torch.describe_weight_ties(found)
   assert expected in line and "\n" not in line
 
 
 def test_weight_ties_of_a_saturated_checkpoint():
   _, cfg, weights = load_case("denseflow_eiw_saturated_kept")
   flow = build_flow(config_from_fixture(cfg))
-  found = convert.authors_weight_ties(convert.convert_state_dict(weights, flow))
+  found = denseflow_torch.authors_weight_ties(denseflow_torch.convert_state_dict(weights, flow))
   assert found == {"transition0": ties(45, channels=144)}

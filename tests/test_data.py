@@ -8,12 +8,13 @@ import itertools
 import json
 from pathlib import Path
 
+import grain
 import ml_collections
 import numpy as np
 import pytest
 
-from eiw_flow_jax import data
-from eiw_flow_jax.config_lib import base_config
+from eiw_flow_jax.config.schema import base_config
+from eiw_flow_jax.data import idx, pipeline, preprocess
 
 MNIST_DIR = Path(__file__).resolve().parents[2] / "shared/data/mnist"
 
@@ -79,11 +80,11 @@ def _write_idx(path: Path, array: np.ndarray, *, magic: bytes | None = None) -> 
 
 
 def test_digits_builder(digits_config):
-  info = data.get_dataset_info(digits_config)
+  info = pipeline.get_dataset_info(digits_config)
   assert (info.num_train, info.num_eval) == (1500, 297)
   assert info.image_shape == (8, 8, 1) and info.pixel_bits == 5
-  train = data.load_examples(digits_config, "train", 1500)
-  test = data.load_examples(digits_config, "test", 297)
+  train = pipeline.load_examples(digits_config, "train", 1500)
+  test = pipeline.load_examples(digits_config, "test", 297)
   assert train.dtype == np.uint8 and train.shape == (1500, 8, 8, 1)
   assert test.shape == (297, 8, 8, 1)
   # Raw values kept: 0..16 with both ends present.
@@ -97,26 +98,26 @@ def test_digits_builder(digits_config):
 
 
 def test_mnist_idx_t10k_split(mnist_config):
-  info = data.get_dataset_info(mnist_config)
+  info = pipeline.get_dataset_info(mnist_config)
   assert (info.num_train, info.num_eval) == (9000, 1000)
   assert info.image_shape == (28, 28, 1)
-  raw = data.read_idx(MNIST_DIR / "t10k-images-idx3-ubyte.gz")
-  test = data.load_examples(mnist_config, "test", 1000)
+  raw = idx.read_idx(MNIST_DIR / "t10k-images-idx3-ubyte.gz")
+  test = pipeline.load_examples(mnist_config, "test", 1000)
   assert test.dtype == np.uint8 and test.shape == (1000, 28, 28, 1)
   np.testing.assert_array_equal(test[..., 0], raw[9000:])  # last 1000 -> test
-  np.testing.assert_array_equal(data.load_examples(mnist_config, "train", 5)[..., 0], raw[:5])
-  batch = next(data.create_train_iterator(mnist_config))
+  np.testing.assert_array_equal(pipeline.load_examples(mnist_config, "train", 5)[..., 0], raw[:5])
+  batch = next(pipeline.create_train_iterator(mnist_config))
   assert batch["image"].dtype == np.uint8 and batch["image"].shape == (30, 28, 28, 1)
 
 
 def test_mnist_idx_reuses_prepared_copy_without_source(mnist_config):
-  data.get_dataset_info(mnist_config)  # prepared (by this or an earlier test)
+  pipeline.get_dataset_info(mnist_config)  # prepared (by this or an earlier test)
   config = _config(
       Path(mnist_config.dataset.data_dir),
       **{"dataset.name": "mnist_idx", "dataset.source_dir": ""},
       **{"model.image_shape": (28, 28, 1)},
   )
-  assert data.get_dataset_info(config).num_train == 9000
+  assert pipeline.get_dataset_info(config).num_train == 9000
 
 
 def test_mnist_idx_full_when_train_files_present(tmp_path):
@@ -124,7 +125,7 @@ def test_mnist_idx_full_when_train_files_present(tmp_path):
   source.mkdir()
   rng = np.random.default_rng(0)
   for part, n in (("train", 12), ("t10k", 5)):
-    image_name, label_name = data.MNIST_FILES[part]
+    image_name, label_name = idx.MNIST_FILES[part]
     if part == "train":  # uncompressed copies (names without .gz) are accepted too
       image_name, label_name = image_name.removesuffix(".gz"), label_name.removesuffix(".gz")
     _write_idx(source / image_name, rng.integers(0, 256, (n, 28, 28)))
@@ -134,7 +135,7 @@ def test_mnist_idx_full_when_train_files_present(tmp_path):
       **{"dataset.name": "mnist_idx", "dataset.source_dir": str(source)},
       **{"model.image_shape": (28, 28, 1), "batch_size": 4, "eval_batch_size": 4},
   )
-  info = data.get_dataset_info(config)
+  info = pipeline.get_dataset_info(config)
   assert (info.num_train, info.num_eval) == (12, 5)
 
 
@@ -143,20 +144,20 @@ def test_mnist_idx_full_when_train_files_present(tmp_path):
 
 
 def test_train_batches_deterministic_by_seed(digits_config):
-  first = _take(data.create_train_iterator(digits_config), 5)
-  again = _take(data.create_train_iterator(digits_config), 5)
+  first = _take(pipeline.create_train_iterator(digits_config), 5)
+  again = _take(pipeline.create_train_iterator(digits_config), 5)
   for a, b in zip(first, again, strict=True):
     assert a.shape == (30, 8, 8, 1) and a.dtype == np.uint8
     np.testing.assert_array_equal(a, b)
   other_seed = digits_config.copy_and_resolve_references()
   other_seed.seed = 1
-  other = _take(data.create_train_iterator(other_seed), 5)
+  other = _take(pipeline.create_train_iterator(other_seed), 5)
   assert not all(np.array_equal(a, b) for a, b in zip(first, other, strict=True))
 
 
 def test_train_epochs_cover_split_and_reshuffle(digits_config):
-  train = data.load_examples(digits_config, "train", 1500)
-  batches = _take(data.create_train_iterator(digits_config), 100)  # two epochs of 50 batches
+  train = pipeline.load_examples(digits_config, "train", 1500)
+  batches = _take(pipeline.create_train_iterator(digits_config), 100)  # two epochs of 50 batches
   epoch0, epoch1 = batches[:50], batches[50:]
   assert _counter(epoch0) == _counter([train]) == _counter(epoch1)
   assert not np.array_equal(np.concatenate(epoch0), np.concatenate(epoch1))  # new order
@@ -164,10 +165,11 @@ def test_train_epochs_cover_split_and_reshuffle(digits_config):
 
 
 def test_process_sharding(digits_config):
-  train = data.load_examples(digits_config, "train", 1500)
-  single = _take(data.create_train_iterator(digits_config, process_index=0, process_count=1), 50)
+  train = pipeline.load_examples(digits_config, "train", 1500)
+  single = _take(
+      pipeline.create_train_iterator(digits_config, process_index=0, process_count=1), 50)
   shards = [
-      _take(data.create_train_iterator(digits_config, process_index=p, process_count=2), 50)
+      _take(pipeline.create_train_iterator(digits_config, process_index=p, process_count=2), 50)
       for p in range(2)
   ]
   assert all(batch.shape == (15, 8, 8, 1) for shard in shards for batch in shard)
@@ -177,15 +179,15 @@ def test_process_sharding(digits_config):
   for step in range(50):
     np.testing.assert_array_equal(np.concatenate([shards[0][step], shards[1][step]]), single[step])
   with pytest.raises(ValueError, match="batch_size=30 must be a positive multiple"):
-    data.create_train_iterator(digits_config, process_index=0, process_count=4)
+    pipeline.create_train_iterator(digits_config, process_index=0, process_count=4)
 
 
 def test_iterator_state_resumes_exactly(digits_config):
-  iterator = data.create_train_iterator(digits_config)
+  iterator = pipeline.create_train_iterator(digits_config)
   _take(iterator, 45)
   state = json.loads(json.dumps(iterator.get_state()))  # state is plain JSON
   expected = _take(iterator, 10)  # crosses the epoch boundary at batch 50
-  resumed = data.create_train_iterator(digits_config)
+  resumed = pipeline.create_train_iterator(digits_config)
   resumed.set_state(state)
   for a, b in zip(expected, _take(resumed, 10), strict=True):
     np.testing.assert_array_equal(a, b)
@@ -195,12 +197,12 @@ def test_worker_processes_give_the_same_batches_and_resume(digits_config):
   """config.dataset.worker_count > 0 (grain worker processes): same stream, resumable."""
   workers = digits_config.copy_and_resolve_references()
   workers.dataset.worker_count = 1
-  expected = _take(data.create_train_iterator(digits_config), 6)
-  iterator = data.create_train_iterator(workers)
+  expected = _take(pipeline.create_train_iterator(digits_config), 6)
+  iterator = pipeline.create_train_iterator(workers)
   for a, b in zip(expected[:3], _take(iterator, 3), strict=True):
     np.testing.assert_array_equal(a, b)
   state = json.loads(json.dumps(iterator.get_state()))
-  resumed = data.create_train_iterator(workers)
+  resumed = pipeline.create_train_iterator(workers)
   resumed.set_state(state)
   for a, b in zip(expected[3:], _take(resumed, 3), strict=True):
     np.testing.assert_array_equal(a, b)
@@ -208,16 +210,17 @@ def test_worker_processes_give_the_same_batches_and_resume(digits_config):
 
 def test_iterator_orbax_checkpoint(digits_config, tmp_path):
   ocp = pytest.importorskip("orbax.checkpoint")
-  iterator = data.create_train_iterator(digits_config)
+  iterator = pipeline.create_train_iterator(digits_config)
   _take(iterator, 7)
   with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
-    manager.save(7, args=ocp.args.Composite(data=data.iterator_save_args(iterator)))
+    manager.save(7, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(iterator)))
     manager.wait_until_finished()
   expected = _take(iterator, 3)
   with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
-    fresh = data.create_train_iterator(digits_config)
+    fresh = pipeline.create_train_iterator(digits_config)
     restored = manager.restore(
-        manager.latest_step(), args=ocp.args.Composite(data=data.iterator_restore_args(fresh))
+        manager.latest_step(),
+        args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh)),
     )
   for a, b in zip(expected, _take(restored.data, 3), strict=True):
     np.testing.assert_array_equal(a, b)
@@ -229,12 +232,12 @@ def test_iterator_orbax_checkpoint(digits_config, tmp_path):
 
 @pytest.mark.parametrize("process_count", [1, 2])
 def test_eval_batches_cover_split_once(digits_config, process_count):
-  test = data.load_examples(digits_config, "test", 297)
+  test = pipeline.load_examples(digits_config, "test", 297)
   per_process = [
-      list(data.eval_batches(digits_config, process_index=p, process_count=process_count))
+      list(pipeline.eval_batches(digits_config, process_index=p, process_count=process_count))
       for p in range(process_count)
   ]
-  num_batches = data.num_eval_batches(digits_config, 297)
+  num_batches = pipeline.num_eval_batches(digits_config, 297)
   assert num_batches == 5  # ceil(297 / 64)
   valid = []
   for batches in per_process:
@@ -267,7 +270,7 @@ def test_missing_mnist_source_dir(tmp_path):
       **{"model.image_shape": (28, 28, 1)},
   )
   with pytest.raises(FileNotFoundError) as error:
-    data.get_dataset_info(config)
+    pipeline.get_dataset_info(config)
   message = str(error.value)
   for needle in ("mnist_idx", str(missing), "t10k-images-idx3-ubyte.gz",
                  "t10k-labels-idx1-ubyte.gz", "config.dataset.source_dir"):
@@ -277,7 +280,7 @@ def test_missing_mnist_source_dir(tmp_path):
 def test_unprepared_catalog_dataset(tmp_path):
   config = _config(tmp_path, **{"dataset.name": "cifar10", "model.image_shape": (32, 32, 3)})
   with pytest.raises(FileNotFoundError) as error:
-    data.create_train_iterator(config)
+    pipeline.create_train_iterator(config)
   message = str(error.value)
   for needle in ("'cifar10'", str(tmp_path), "pip install -e '.[prepare]'",
                  f"python -m eiw_flow_jax.prepare --dataset=cifar10 --data_dir={tmp_path}"):
@@ -289,16 +292,16 @@ def test_unknown_dataset_and_split(digits_config):
   config = digits_config.copy_and_resolve_references()
   config.dataset.name = "nope"
   with pytest.raises(ValueError, match="Unknown config.dataset.name 'nope'"):
-    data.get_dataset_info(config)
+    pipeline.get_dataset_info(config)
   with pytest.raises(ValueError, match="has no split 'validation'"):
-    data.load_examples(digits_config, "validation", 1)
+    pipeline.load_examples(digits_config, "validation", 1)
 
 
 def test_shape_mismatch(digits_config):
   config = digits_config.copy_and_resolve_references()
   config.model.image_shape = (28, 28, 1)
   with pytest.raises(ValueError, match=r"shape \(8, 8, 1\).*image_shape is \(28, 28, 1\)"):
-    data.create_train_iterator(config)
+    pipeline.create_train_iterator(config)
 
 
 def test_corrupt_idx_files(tmp_path):
@@ -309,17 +312,17 @@ def test_corrupt_idx_files(tmp_path):
   header = bytes([0, 0, 0x08, 3]) + b"".join(int(d).to_bytes(4, "big") for d in images.shape)
   truncated.write_bytes(gzip.compress(header + images.tobytes()[:-100]))
   with pytest.raises(ValueError, match=f"{truncated}.*corrupt"):
-    data.read_idx(truncated)
+    idx.read_idx(truncated)
 
   bad_magic = tmp_path / "bad_magic.gz"
   _write_idx(bad_magic, images, magic=bytes([0x1F, 0x8B, 0x08, 3]))
   with pytest.raises(ValueError, match=f"{bad_magic} is not an idx file"):
-    data.read_idx(bad_magic)
+    idx.read_idx(bad_magic)
 
   not_gzip = tmp_path / "not_gzip.gz"
   not_gzip.write_bytes(b"garbage")
   with pytest.raises(ValueError, match=f"Cannot read idx file {not_gzip}"):
-    data.read_idx(not_gzip)
+    idx.read_idx(not_gzip)
 
   # Through the builder: preparing from a directory with a truncated file names that file.
   _write_idx(truncated.parent / "t10k-labels-idx1-ubyte.gz", good_labels)
@@ -329,22 +332,22 @@ def test_corrupt_idx_files(tmp_path):
       **{"model.image_shape": (28, 28, 1)},
   )
   with pytest.raises(ValueError, match=str(truncated)):
-    data.get_dataset_info(config)
+    pipeline.get_dataset_info(config)
   assert not (tmp_path / "tfds" / "mnist_idx" / "t10k" / "1.0.0").exists()
 
 
 def test_center_crop_resize():
   image = np.arange(218 * 178 * 3, dtype=np.uint32).astype(np.uint8).reshape(218, 178, 3)
-  out = data.center_crop_resize(image, (64, 64, 3), crop=148)
+  out = preprocess.center_crop_resize(image, (64, 64, 3), crop=148)
   assert out.shape == (64, 64, 3) and out.dtype == np.uint8
-  gray = data.center_crop_resize(image[..., :1], (32, 48, 1))
+  gray = preprocess.center_crop_resize(image[..., :1], (32, 48, 1))
   assert gray.shape == (32, 48, 1)
 
 
 def test_low_bits_are_dropped_for_smaller_n_bits(mnist_config):
   """n_bits below the stored depth keeps the top bits (x >> (8 - n_bits)), as Glow does."""
   mnist_config.model.n_bits = 5
-  raw = data.read_idx(MNIST_DIR / "t10k-images-idx3-ubyte.gz")
-  test = data.load_examples(mnist_config, "test", 10)
+  raw = idx.read_idx(MNIST_DIR / "t10k-images-idx3-ubyte.gz")
+  test = pipeline.load_examples(mnist_config, "test", 10)
   np.testing.assert_array_equal(test[..., 0], raw[9000:9010] >> 3)
   assert int(test.max()) < 32

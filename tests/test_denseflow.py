@@ -13,16 +13,18 @@ import pytest
 from conftest import ON_PINNED_COMPILER
 from test_configs import load_config
 
-from eiw_flow_jax import config_lib
-from eiw_flow_jax.backbones import dense_bijectors as db
-from eiw_flow_jax.backbones.dense_dequantizer import VariationalDequantizer
-from eiw_flow_jax.backbones.denseflow import (
-    DenseUnit,
-    Transition,
-    authors_weight_bits,
-    authors_weight_ties,
+from eiw_flow_jax.config import checks, schema
+from eiw_flow_jax.model.backbones import dense_bijectors as db
+from eiw_flow_jax.model.backbones import denseflow_torch
+from eiw_flow_jax.model.backbones.dense_dequantizer import VariationalDequantizer
+from eiw_flow_jax.model.backbones.denseflow import (
+  DenseUnit,
+  Transition,
+  authors_weight_bits,
+  authors_weight_ties,
 )
-from eiw_flow_jax.model import DenseFlow, build_flow
+from eiw_flow_jax.model.flow import DenseFlow, build_flow
+from eiw_flow_jax.training import run_config
 
 DENSEFLOW_CONFIGS = ["cifar10_denseflow", "imagenet32_denseflow", "imagenet64_denseflow",
                      "celeba_denseflow"]
@@ -175,12 +177,11 @@ def tiny():
   """The 3-scale parity model with the authors' (random) weights: no init to compile."""
   from test_denseflow_parity import config_from_fixture, load_case
 
-  from eiw_flow_jax import convert
 
   data, cfg, weights = load_case("denseflow_eiw_3scale")
   config = config_from_fixture(cfg)
   flow = build_flow(config)
-  variables = jax.tree.map(jnp.asarray, convert.convert_state_dict(weights, flow))
+  variables = jax.tree.map(jnp.asarray, denseflow_torch.convert_state_dict(weights, flow))
   x = jnp.asarray(np.transpose(data["inputs/x"], (0, 2, 3, 1)))
   return flow, variables, x, config
 
@@ -228,8 +229,8 @@ def test_tiny_denseflow_elbo_iwbo_and_injected_noise(tiny):
 @pytest.mark.parametrize("name", DENSEFLOW_CONFIGS)
 def test_denseflow_configs_are_df_74_10_with_the_recipe(name):
   config = load_config(name)
-  assert set(config.keys()) == set(config_lib.base_config().keys())
-  config_lib.validate_config(config, num_devices=8, num_processes=1)
+  assert set(config.keys()) == set(schema.base_config().keys())
+  run_config.validate_config(config, num_devices=8, num_processes=1)
   m = config.model
   assert m.backbone == "denseflow" and m.split == "eiw" and m.eiw.regularizer == "literal"
   assert tuple(m.denseflow.block_conf) == (6, 4, 1)
@@ -263,23 +264,23 @@ def test_bad_denseflow_configs_fail_clearly(field, value, match):
   for parent in parents:
     node = node[parent]
   node[leaf] = value
-  with pytest.raises(config_lib.ConfigError, match=match):
-    config_lib.validate_config(config)
+  with pytest.raises(checks.ConfigError, match=match):
+    run_config.validate_config(config)
 
 
 def test_iwbo_needs_denseflow_and_optimizer_fields_are_checked():
   config = load_config("digits")
   config.eval.iwbo_samples = 10
-  with pytest.raises(config_lib.ConfigError, match="iwbo_samples > 0 needs"):
-    config_lib.validate_config(config)
+  with pytest.raises(checks.ConfigError, match="iwbo_samples > 0 needs"):
+    run_config.validate_config(config)
   config = load_config("cifar10_denseflow")
   config.optimizer.name = "sgd"
-  with pytest.raises(config_lib.ConfigError, match="optimizer.name must be one of"):
-    config_lib.validate_config(config)
+  with pytest.raises(checks.ConfigError, match="optimizer.name must be one of"):
+    run_config.validate_config(config)
   config = load_config("cifar10_denseflow")
   config.optimizer.decay_rate = 1.5
-  with pytest.raises(config_lib.ConfigError, match="decay_rate must be in"):
-    config_lib.validate_config(config)
+  with pytest.raises(checks.ConfigError, match="decay_rate must be in"):
+    run_config.validate_config(config)
 
 
 @pytest.mark.parametrize("name", ["digits_denseflow", "mnist_idx_denseflow"])
@@ -287,14 +288,14 @@ def test_small_denseflow_configs_validate_and_build(name):
   """The CPU configs of docs/results.md: MNIST's 7x7 last scale needs 7 landmarks, not 4."""
   config = load_config(name)
   assert config.model.backbone == "denseflow" and config.eval.iwbo_samples > 0
-  config_lib.validate_config(config)
+  run_config.validate_config(config)
   shapes = build_flow(config).latent_shapes
   if name == "mnist_idx_denseflow":
     assert config.model.denseflow.attention_landmarks == 7
     assert [s[:2] for s in shapes] == [(7, 7), (7, 7)]
     config.model.denseflow.attention_landmarks = 4
-    with pytest.raises(config_lib.ConfigError, match="block 1 works at 7x7 = 49 pixels"):
-      config_lib.validate_config(config)
+    with pytest.raises(checks.ConfigError, match="block 1 works at 7x7 = 49 pixels"):
+      run_config.validate_config(config)
 
 
 def test_attention_landmarks_reach_the_coupling_nets():
@@ -314,7 +315,7 @@ def test_remat_units_give_the_same_gradients_with_less_memory():
   """memory="remat" (memory.remat_call per unit): the same gradients, the same BatchNorm
   running statistics (training mode updates them inside the recomputed units), and a compiled
   gradient whose temporaries are well below "store"'s: the recomputation really is deferred."""
-  from eiw_flow_jax.backbones.denseflow import InvertibleDenseBlock
+  from eiw_flow_jax.model.backbones.denseflow import InvertibleDenseBlock
 
   def block(memory):
     return InvertibleDenseBlock(3, 1, 8, 4, 1, 8, memory=memory, train=True)
@@ -387,7 +388,7 @@ def test_remat_per_unit_gives_the_training_objective_and_gradients_of_store(tiny
 
 
 def test_adamax_with_warmup_and_per_epoch_decay():
-  from eiw_flow_jax import optimizer
+  from eiw_flow_jax.training import optimizer
 
   config = load_config("cifar10_denseflow")
   schedule = optimizer.make_schedule(config)
@@ -408,8 +409,8 @@ def test_matmul_conv1x1_is_nn_conv_in_parameters_values_and_gradients(use_bias, 
   """The nets' 1x1 convolutions (`dense_nets.conv(..., 1, ...)`, a matmul) have nn.Conv's
   parameter names, shapes and initial values, so converted state_dicts load unchanged, and
   compute its function and gradients."""
-  from eiw_flow_jax.backbones import dense_nets
-  from eiw_flow_jax.bijectors import Conv1x1
+  from eiw_flow_jax.model.backbones import dense_nets
+  from eiw_flow_jax.model.bijectors import Conv1x1
 
   layer = dense_nets.conv(96, 1, "c", use_bias=use_bias, zero_init=zero_init)
   assert isinstance(layer, Conv1x1)

@@ -3,7 +3,7 @@
 The fixtures (tests/fixtures/denseflow_*.npz) were written by
 `tools/make_denseflow_fixtures.py` from the authors' code: random weights, uint8 images, the
 dequantization and augmentation noise, and their model's outputs. Here the weights go through
-`eiw_flow_jax.convert` and the same inputs and noise must give the same ELBO terms: per
+`eiw_flow_jax.commands.convert` and the same inputs and noise must give the same ELBO terms: per
 example to 2e-3 nats + 1e-5 relative (values are ~1,000-5,000 nats; a wrong channel order at
 a transition costs tenths of a nat to nats).
 
@@ -23,9 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from eiw_flow_jax import config_lib, convert
-from eiw_flow_jax.backbones import denseflow
-from eiw_flow_jax.model import build_flow
+from eiw_flow_jax.config import schema
+from eiw_flow_jax.model.backbones import denseflow, denseflow_torch
+from eiw_flow_jax.model.flow import build_flow
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 CASES = [
@@ -39,7 +39,7 @@ ELBO_TOL = dict(rtol=1e-5, atol=2e-3)
 
 
 def config_from_fixture(cfg: dict):
-  config = config_lib.base_config()
+  config = schema.base_config()
   c, h, w = cfg["data_shape"]
   m = config.model
   m.backbone = "denseflow"
@@ -69,7 +69,7 @@ def nhwc(a: np.ndarray) -> jnp.ndarray:
 def test_elbo_terms_match_the_authors_model(name):
   data, cfg, weights = load_case(name)
   flow = build_flow(config_from_fixture(cfg))
-  variables = convert.convert_state_dict(weights, flow)
+  variables = denseflow_torch.convert_state_dict(weights, flow)
   x = nhwc(data["inputs/x"])
   etas = sorted((k for k in data.files if k.startswith("inputs/eta_")),
                 key=lambda k: int(k.rsplit("_", 1)[1]))
@@ -100,8 +100,8 @@ def test_conversion_reports_a_wrong_config():
   _, cfg, weights = load_case("denseflow_eiw_3scale")
   cfg = dict(cfg, growth_rate=cfg["growth_rate"] + 2)
   flow = build_flow(config_from_fixture(cfg))
-  with pytest.raises(convert.ConversionError, match="does not fit the configured model"):
-    convert.convert_state_dict(weights, flow)
+  with pytest.raises(denseflow_torch.ConversionError, match="does not fit the configured model"):
+    denseflow_torch.convert_state_dict(weights, flow)
 
 
 def count_params(flow) -> int:
@@ -116,7 +116,7 @@ def test_parameter_count_matches_the_authors_df_74_10():
   with open(os.path.join(FIXTURES, "denseflow_param_counts_eiw.json")) as f:
     expected = json.load(f)["DF-74-10 3x32x32"]["trainable"]
   assert expected == 130_922_462
-  config = config_lib.base_config()
+  config = schema.base_config()
   config.model.backbone = "denseflow"
   config.model.image_shape = (32, 32, 3)
   assert count_params(build_flow(config)) == expected
@@ -128,7 +128,7 @@ def test_parameter_counts_match_for_every_counted_config():
     with open(os.path.join(FIXTURES, f"denseflow_param_counts_{kind}.json")) as f:
       counts = json.load(f)
     for entry in counts.values():
-      config = config_lib.base_config()
+      config = schema.base_config()
       c, h, w = entry["data_shape"]
       config.model.backbone = "denseflow"
       config.model.image_shape = (h, w, c)
@@ -143,10 +143,10 @@ def test_channel_order_is_torchs_and_its_ties_are_found(name):
   along it), and the ties of their weights are what `shuffle_stats` and `convert` report."""
   data, cfg, weights = load_case(name)
   flow = build_flow(config_from_fixture(cfg))
-  variables = convert.convert_state_dict(weights, flow)
+  variables = denseflow_torch.convert_state_dict(weights, flow)
   y = (nhwc(data["inputs/x"]).astype(jnp.float32) + 0.5) / 2.0**flow.n_bits
   stats = jax.device_get(jax.jit(flow.shuffle_stats)(variables, y))
-  ties = convert.authors_weight_ties(variables)
+  ties = denseflow_torch.authors_weight_ties(variables)
   num = len([k for k in data.files if k.startswith("expected/wg_weights_")])
   assert num == len(ties) >= 1
   for t in range(num):
@@ -178,4 +178,4 @@ def test_channel_order_is_torchs_and_its_ties_are_found(name):
     for key, value in expected.items():
       assert int(stats[t][key]) == value, key
       assert ties[f"transition{t}"][key] == value, key
-  assert "(all factored)" in convert.describe_weight_ties(ties)
+  assert "(all factored)" in denseflow_torch.describe_weight_ties(ties)

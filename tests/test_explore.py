@@ -1,5 +1,5 @@
-"""eiw_flow_jax.explore: load a run (or a converted checkpoint), interpolate, bits per pixel, and
-what the Shuffle keeps."""
+"""eiw_flow_jax.model.explore: load a run (or a converted checkpoint), interpolate, bits per
+pixel, and what the Shuffle keeps."""
 
 from __future__ import annotations
 
@@ -13,8 +13,12 @@ from conftest import make_config, perturb
 from test_denseflow_parity import config_from_fixture, load_case
 
 import eiw_flow_jax
-from eiw_flow_jax import checkpointing, convert, explore, optimizer, resume, sharding, train_state
-from eiw_flow_jax.model import build_flow
+from eiw_flow_jax.commands import convert
+from eiw_flow_jax.model import explore
+from eiw_flow_jax.model.backbones import denseflow_torch
+from eiw_flow_jax.model.flow import build_flow
+from eiw_flow_jax.training import optimizer, resume, sharding, train_state
+from eiw_flow_jax.workdir import checkpointing
 
 # (split, mode, coupling, memory): the three Shuffle variants, additive couplings, remat.
 GLOW_CASES = {
@@ -251,7 +255,7 @@ def test_load_a_converted_authors_checkpoint(converted):
   flow, variables, loaded_config, step = eiw_flow_jax.load(workdir)
   assert step == 0 and isinstance(flow, eiw_flow_jax.DenseFlow)
   assert loaded_config.model.denseflow.block_conf == tuple(config.model.denseflow.block_conf)
-  expected = convert.convert_state_dict(weights, build_flow(config))
+  expected = denseflow_torch.convert_state_dict(weights, build_flow(config))
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(variables), expected)
   h, w, c = flow.image_shape
   x = images(10, 2, (h, w, c), flow.n_bits)

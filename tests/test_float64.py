@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from conftest import log_abs_det_jacobian, make_config, perturb, random_uint8
 
-from eiw_flow_jax import config_lib
-from eiw_flow_jax.model import build_flow
+from eiw_flow_jax.model import shapes
+from eiw_flow_jax.model.flow import build_flow
 
 SHAPE = (4, 4, 2)  # two levels of a tiny Glow: a 32x32 Jacobian
 
@@ -58,7 +58,7 @@ def test_explicit_dtype_casts_the_coupling_networks_under_x64():
 
 def test_float32_inputs_compute_in_float32_by_default():
   config = make_config()
-  assert config.model.dtype == "auto" and config_lib.compute_dtype(config.model) is None
+  assert config.model.dtype == "auto" and shapes.compute_dtype(config.model) is None
   flow, variables = _flow()
   y = jax.random.uniform(jax.random.PRNGKey(2), (2, *SHAPE))
   latents, log_det, log_prior, _ = flow.forward(variables, y)

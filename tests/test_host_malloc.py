@@ -8,7 +8,7 @@ import sys
 import pytest
 from conftest import transparent_hugepage_mode
 
-from eiw_flow_jax import host_malloc
+from eiw_flow_jax.host import malloc as host_malloc
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MADVISE = "always [madvise] never\n"
@@ -69,7 +69,7 @@ _CHILD = """
 import os, sys
 print("pid", os.getpid(), "tunables", os.environ.get("GLIBC_TUNABLES"), "argv", sys.argv[1:],
       flush=True)
-from eiw_flow_jax import host_malloc
+from eiw_flow_jax.host import malloc as host_malloc
 host_malloc.reexec_with_malloc_tunables(sys.argv[1])
 print("done", os.getpid(), flush=True)
 """
@@ -149,16 +149,13 @@ def test_command_line_reexecutes_before_importing_jax():
 def test_package_import_is_light_and_its_names_load_on_use():
   code = ("import sys, eiw_flow_jax; assert 'jax' not in sys.modules, 'jax imported'; "
           "from eiw_flow_jax import build_flow, base_config; "
-          "print(eiw_flow_jax.train.__name__, sorted(eiw_flow_jax.__all__) == "
+          "print(build_flow.__module__, sorted(eiw_flow_jax.__all__) == "
           "sorted(n for n in eiw_flow_jax.__all__ if n in dir(eiw_flow_jax)))")
   result = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": REPO},
                           capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]
-  assert result.stdout.split() == ["eiw_flow_jax.train", "True"]
+  assert result.stdout.split() == ["eiw_flow_jax.model.flow", "True"]
   import eiw_flow_jax
 
   with pytest.raises(AttributeError, match="no attribute 'nope'"):
     eiw_flow_jax.nope  # noqa: B018
-  if "eiw_flow_jax.main" not in sys.modules:  # the CLI module loads only when imported by name
-    with pytest.raises(AttributeError, match="import eiw_flow_jax.main"):
-      eiw_flow_jax.main  # noqa: B018

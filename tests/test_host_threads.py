@@ -6,7 +6,8 @@ import os
 import subprocess
 import sys
 
-from eiw_flow_jax import host_platform, host_threads
+from eiw_flow_jax.host import platform as host_platform
+from eiw_flow_jax.host import threads as host_threads
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,5 +1,5 @@
-"""The kernel dispatcher (eiw_flow_jax.kernels): the XLA:CPU forms in programs compiled for the
-CPU, the portable forms in programs compiled for anything else or with kernels="portable", the
+"""The kernel dispatcher (eiw_flow_jax.model.kernels): the XLA:CPU forms in programs compiled for
+the CPU, the portable forms in programs compiled for anything else or with kernels="portable", the
 same function and derivatives either way."""
 
 from __future__ import annotations
@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 from conftest import make_config, perturb, random_uint8
 
-from eiw_flow_jax import bijectors, config_lib, kernels
-from eiw_flow_jax.model import build_flow
+from eiw_flow_jax.config import checks
+from eiw_flow_jax.model import bijectors, kernels
+from eiw_flow_jax.model.flow import build_flow
+from eiw_flow_jax.training import run_config
 
 # Glow's coupling network at the width where the CPU forms differ most from the portable one:
 # (size 4) NHWC with both 3x3 convolutions as matmuls, (size 16) channels-first.
@@ -145,6 +147,6 @@ def test_model_kernels_config_reaches_every_coupling_network():
 def test_config_validates_kernels():
   config = make_config()
   config.model.kernels = "fast"
-  with pytest.raises(config_lib.ConfigError,
+  with pytest.raises(checks.ConfigError,
                      match=r"model.kernels must be one of \('auto', 'portable'\), got 'fast'"):
-    config_lib.validate_config(config)
+    run_config.validate_config(config)

@@ -17,7 +17,7 @@ import pytest
 from conftest import REPO
 from test_train import TINY, tiny_config
 
-from eiw_flow_jax import data
+from eiw_flow_jax.data import pipeline
 
 LAUNCH = os.path.join(REPO, "launch")
 SCRIPTS = sorted(
@@ -176,7 +176,7 @@ def _fake_slurm_job(tmp_path, data_dir, env, *extra):
     (bin_dir / name).chmod(0o755)
   logs = tmp_path / "logs"
   logs.mkdir()
-  data.prepare_dataset(tiny_config(data_dir))  # once, not by both processes at the same time
+  pipeline.prepare_dataset(tiny_config(data_dir))  # once, not by both processes at the same time
   workdir = tmp_path / "run"
   flags = [f"--config.{k}={'(' + ','.join(map(str, v)) + ',)' if isinstance(v, tuple) else v}"
            for k, v in TINY.items()]

@@ -1,4 +1,5 @@
-"""The package's import graph: arrows point down, from the model to the backbones to the layers.
+"""The package's import graph: arrows point down, between groups (commands -> aot -> training ->
+model, data, workdir -> config) and inside the model (flow -> backbones -> layers).
 
 Read from the source (every `import` statement, lazy ones in functions included), so it costs
 no imports and names the offending module.
@@ -13,7 +14,22 @@ import pytest
 from conftest import REPO
 
 PACKAGE = "eiw_flow_jax"
-BACKBONES = f"{PACKAGE}.backbones"
+BACKBONES = f"{PACKAGE}.model.backbones"
+
+# What each group of the package may import besides itself (the top-level modules `main`,
+# `convert`, `table`, `prepare` are the commands' `python -m` entry points).
+ALLOWED = {
+    "config": set(),
+    "host": set(),
+    "model": {"config"},
+    "data": {"config"},
+    "workdir": {"config"},
+    "training": {"config", "model", "data", "workdir"},
+    "aot": {"config", "model", "data", "training"},
+    "commands": {"config", "model", "data", "workdir", "training", "aot", "host"},
+    # The package itself (its lazily loaded public names) and the commands' entry points.
+    "": {"commands", "host", "config", "model", "training"},
+}
 
 
 def import_graph(root: pathlib.Path) -> dict[str, set[str]]:
@@ -29,8 +45,9 @@ def import_graph(root: pathlib.Path) -> dict[str, set[str]]:
       if isinstance(node, ast.Import):
         found.update(alias.name for alias in node.names)
       elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-        found.add(node.module)
-        found.update(f"{node.module}.{alias.name}" for alias in node.names)
+        submodules = {f"{node.module}.{alias.name}" for alias in node.names} & set(files)
+        # `from pkg import mod` uses mod; pkg's __init__ (a docstring) only when names come from it
+        found.update(submodules or {node.module})
     graph[name] = {m for m in found if m in files and m not in (name, PACKAGE)}
   return graph
 
@@ -64,10 +81,38 @@ def cycles(graph: dict[str, set[str]]) -> list[str]:
 
 def test_backbones_use_only_shared_layers():
   graph = import_graph(pathlib.Path(REPO))
-  assert any(map(is_backbone, graph)) and f"{PACKAGE}.bijectors" in graph
+  assert any(map(is_backbone, graph)) and f"{PACKAGE}.model.bijectors" in graph
   assert upward_imports(graph) == [], (
       "a module the backbones import leads back into eiw_flow_jax/backbones/: move it into the "
       "backbone that owns it, or keep it free of backbone imports"
+  )
+
+
+def group(name: str) -> str:
+  """`eiw_flow_jax.training.train_loop` -> "training"; the package's own modules -> ""."""
+  parts = name.split(".")
+  if parts[-1] == "__main__":  # `python -m eiw_flow_jax.aot`: an entry point, like main.py
+    return ""
+  return parts[1] if len(parts) > 2 or (len(parts) == 2 and parts[1] in ALLOWED) else ""
+
+
+def wrong_groups(graph: dict[str, set[str]]) -> list[str]:
+  """'module -> module' for each import from a group into one it may not use."""
+  out = []
+  for name in sorted(graph):
+    for used in sorted(graph[name]):
+      here, there = group(name), group(used)
+      if there != here and there not in ALLOWED[here]:
+        out.append(f"{name} -> {used}")
+  return out
+
+
+def test_groups_import_only_what_they_may():
+  graph = import_graph(pathlib.Path(REPO))
+  assert {group(name) for name in graph} == set(ALLOWED)
+  assert wrong_groups(graph) == [], (
+      "an import against the layering of docs/architecture.md (e.g. the model never imports "
+      "training; config imports nothing of the package)"
   )
 
 
@@ -82,24 +127,27 @@ def test_no_import_cycles():
         # the backbone that imports it.
         (
             {
-                "backbones/__init__.py": "",
-                "backbones/denseflow.py": "from eiw_flow_jax.dequantizers import V\n",
-                "backbones/nets.py": "",
-                "dequantizers.py": "from eiw_flow_jax.backbones import nets\n",
-                "bijectors.py": "",
+                "model/__init__.py": "",
+                "model/backbones/__init__.py": "",
+                "model/backbones/denseflow.py": "from eiw_flow_jax.model.dequantizers import V\n",
+                "model/backbones/nets.py": "",
+                "model/dequantizers.py": "from eiw_flow_jax.model.backbones import nets\n",
+                "model/bijectors.py": "",
             },
-            ["eiw_flow_jax.backbones.denseflow -> eiw_flow_jax.dequantizers"],
+            ["eiw_flow_jax.model.backbones.denseflow -> eiw_flow_jax.model.dequantizers"],
             [],
         ),
         (
             {
-                "backbones/__init__.py": "",
-                "backbones/glow.py": "import eiw_flow_jax.bijectors\n",
-                "bijectors.py": "def f():\n  from eiw_flow_jax import model\n",
-                "model.py": "from eiw_flow_jax.backbones import glow\n",
+                "model/__init__.py": "",
+                "model/backbones/__init__.py": "",
+                "model/backbones/glow.py": "import eiw_flow_jax.model.bijectors\n",
+                "model/bijectors.py": "def f():\n  from eiw_flow_jax.model import flow\n",
+                "model/flow.py": "from eiw_flow_jax.model.backbones import glow\n",
             },
-            ["eiw_flow_jax.backbones.glow -> eiw_flow_jax.bijectors"],
-            ["eiw_flow_jax.backbones.glow", "eiw_flow_jax.bijectors", "eiw_flow_jax.model"],
+            ["eiw_flow_jax.model.backbones.glow -> eiw_flow_jax.model.bijectors"],
+            ["eiw_flow_jax.model.backbones.glow", "eiw_flow_jax.model.bijectors",
+             "eiw_flow_jax.model.flow"],
         ),
     ],
 )
@@ -111,3 +159,15 @@ def test_the_checks_catch_wrong_arrows(tmp_path, files, expected_upward, expecte
   graph = import_graph(tmp_path)
   assert upward_imports(graph) == expected_upward
   assert cycles(graph) == expected_cycles
+
+
+def test_the_group_check_catches_a_model_importing_training(tmp_path):
+  files = {"__init__.py": "", "model/__init__.py": "", "training/__init__.py": "",
+           "model/flow.py": "def f():\n  from eiw_flow_jax.training import train_loop\n",
+           "training/train_loop.py": "from eiw_flow_jax.model import flow\n"}
+  for relative, text in files.items():
+    file = tmp_path / PACKAGE / relative
+    file.parent.mkdir(parents=True, exist_ok=True)
+    file.write_text(text)
+  assert wrong_groups(import_graph(tmp_path)) == [
+      "eiw_flow_jax.model.flow -> eiw_flow_jax.training.train_loop"]

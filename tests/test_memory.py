@@ -11,7 +11,7 @@ import pytest
 from conftest import ON_PINNED_COMPILER, VARIANTS, make_config, perturb, random_uint8
 
 import eiw_flow_jax
-from eiw_flow_jax import memory
+from eiw_flow_jax.model import memory
 
 
 def _loss_and_grads(config, mode, variables=None, x=None, dtype="float32", scan=True):
@@ -125,8 +125,8 @@ def test_fused_step_inverse_vjp_matches_vjp_at_the_true_input(coupling, dtype):
   In bfloat16 XLA:CPU may round the coupling network's intermediates differently in the two
   compiled graphs, so the rebuilt input is exact only to bfloat16 precision there.
   """
-  from eiw_flow_jax.bijectors import FlowStep
-  from eiw_flow_jax.memory import flow_step_inverse_vjp
+  from eiw_flow_jax.model.bijectors import FlowStep
+  from eiw_flow_jax.model.memory import flow_step_inverse_vjp
 
   step = FlowStep(8, coupling, jnp.dtype(dtype), parent=None)
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 4, 6))
@@ -150,7 +150,7 @@ def test_fused_step_inverse_vjp_matches_vjp_at_the_true_input(coupling, dtype):
 
 @pytest.mark.parametrize("channels", [1, 3, 12, 48, 100])
 def test_lower_triangular_inverse_matches_triangular_solve(channels):
-  from eiw_flow_jax.bijectors import lower_triangular_inverse
+  from eiw_flow_jax.model.bijectors import lower_triangular_inverse
 
   rng = np.random.RandomState(channels)
   lower = np.tril(rng.randn(channels, channels) * 0.1, -1) + np.diag(

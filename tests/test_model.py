@@ -12,8 +12,8 @@ import pytest
 from conftest import VARIANTS, log_abs_det_jacobian, make_config, perturb, random_uint8
 
 import eiw_flow_jax
-from eiw_flow_jax import config_lib
-from eiw_flow_jax.model import Flow
+from eiw_flow_jax.config import schema
+from eiw_flow_jax.model.flow import Flow
 
 
 @functools.cache
@@ -298,8 +298,8 @@ def test_bad_model_config(field, value, match):
 def test_the_variant_fixture_covers_every_split_and_eiw_mode():
   """The `variant` fixture runs most model tests once per (split, mode): a split or EIW mode
   added to config_lib must be added there too, or those tests would never see it."""
-  assert {split for split, _ in VARIANTS} == set(config_lib.SPLITS)
-  assert {mode for split, mode in VARIANTS if split == "eiw"} == set(config_lib.EIW_MODES)
+  assert {split for split, _ in VARIANTS} == set(schema.SPLITS)
+  assert {mode for split, mode in VARIANTS if split == "eiw"} == set(schema.EIW_MODES)
 
 
 def test_python_lists_get_a_message_saying_an_array_is_expected():
@@ -344,7 +344,7 @@ def test_variables_without_constants_name_the_missing_collection():
 def test_stacked_steps_init_each_step_on_its_own_input_with_its_own_permutation():
   """nn.scan at init: step k's ActNorm normalises step k's input (data-dependent init inside
   the scanned body), and every step drew its own 1x1-conv permutation."""
-  from eiw_flow_jax.bijectors import ActNorm, FlowStep, squeeze2x2
+  from eiw_flow_jax.model.bijectors import ActNorm, FlowStep, squeeze2x2
 
   steps = 3
   config = make_config((8, 8, 1), num_levels=2, steps=steps, hidden=8)
@@ -397,7 +397,7 @@ def test_scan_steps_must_be_a_bool():
 
 
 def test_nonfinite_leaves_name_the_stacked_steps():
-  from eiw_flow_jax import resume
+  from eiw_flow_jax.training import resume
 
   tree = {"params": {"level1_steps": {"layers_0": {"bias": np.zeros((4, 3), np.float32)}},
                      "top_prior": {"mean": np.array([0.0, np.inf], np.float32)}}}

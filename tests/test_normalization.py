@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from conftest import perturb
 
-from eiw_flow_jax.bijectors import FlowStep
-from eiw_flow_jax.splits import EIWGlobalSplit, EIWPerExampleSplit, TopPrior, VanillaSplit
+from eiw_flow_jax.model.bijectors import FlowStep
+from eiw_flow_jax.model.splits import EIWGlobalSplit, EIWPerExampleSplit, TopPrior, VanillaSplit
 
 HALF_WIDTH = 8.0
 POINTS = 40  # per axis: 40**4 = 2.6M density evaluations

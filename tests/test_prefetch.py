@@ -8,7 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-from eiw_flow_jax import config_lib, prefetch, sharding
+from eiw_flow_jax.config import checks, schema
+from eiw_flow_jax.training import prefetch, run_config, sharding
 
 
 class _Counter:
@@ -48,7 +49,7 @@ def test_prefetcher_order_position_and_limit(depth):
 
 
 def test_prefetch_batches_is_validated():
-  config = config_lib.base_config()
+  config = schema.base_config()
   config.prefetch_batches = -1
-  with pytest.raises(config_lib.ConfigError, match="config.prefetch_batches must be an int >= 0"):
-    config_lib.validate_config(config)
+  with pytest.raises(checks.ConfigError, match="config.prefetch_batches must be an int >= 0"):
+    run_config.validate_config(config)

@@ -1,4 +1,4 @@
-"""eiw_flow_jax.prepare: writes array_record in TFDS's exact layout, and its error messages.
+"""eiw_flow_jax.data.catalog: writes array_record in TFDS's exact layout, and its error messages.
 
 Nothing here downloads: TFDS's download step is replaced by synthetic builders (subclasses of the
 catalog builders, see fake_catalog.py) or fed local source files (ImageNet tars, LSUN lmdb).
@@ -24,8 +24,8 @@ from fake_catalog import (
 )
 from google.protobuf import json_format
 
-from eiw_flow_jax import data, prepare
-from eiw_flow_jax.config_lib import base_config
+from eiw_flow_jax.config.schema import base_config
+from eiw_flow_jax.data import catalog, pipeline, sources
 
 
 def _config(name: str, data_dir, image_shape) -> object:
@@ -61,19 +61,19 @@ def test_synthetic_cifar10_has_tfds_layout_and_is_read_by_the_data_layer(tmp_pat
   assert version_dir == tmp_path / "cifar10" / "3.0.2"
   _assert_tfds_layout(version_dir, "cifar10", {"train": 24, "test": 10})
   config = _config("cifar10", tmp_path, (32, 32, 3))
-  info = data.get_dataset_info(config)
+  info = pipeline.get_dataset_info(config)
   assert (info.num_train, info.num_eval, info.pixel_bits) == (24, 10, 8)
-  images = data.load_examples(config, "test", 3)
+  images = pipeline.load_examples(config, "test", 3)
   assert images.shape == (3, 32, 32, 3) and images.dtype == np.uint8
 
 
 def test_prepare_imagenet32_from_source_tars(tmp_path):
   sources = write_downsampled_imagenet_sources(tmp_path / "src", 32, num_train=12, num_valid=5)
-  version_dir = Path(prepare.prepare("imagenet32", str(tmp_path / "tfds"), source_dir=sources))
+  version_dir = Path(catalog.prepare("imagenet32", str(tmp_path / "tfds"), source_dir=sources))
   assert version_dir == tmp_path / "tfds" / "downsampled_imagenet" / "32x32" / "2.0.0"
   _assert_tfds_layout(version_dir, "downsampled_imagenet/32x32", {"train": 12, "validation": 5})
   config = _config("imagenet32", tmp_path / "tfds", (32, 32, 3))
-  info = data.get_dataset_info(config)
+  info = pipeline.get_dataset_info(config)
   assert (info.num_train, info.num_eval) == (12, 5)
   # Pixels survive exactly (PNG is lossless; the stored bytes are the archive's).
   import tarfile
@@ -82,10 +82,10 @@ def test_prepare_imagenet32_from_source_tars(tmp_path):
   with tarfile.open(sources / "valid_32x32.tar") as archive:
     member = sorted(m.name for m in archive.getmembers())[0]
     first = np.asarray(Image.open(archive.extractfile(member)))
-  stored = {img.tobytes() for img in data.load_examples(config, "validation", 5)}
+  stored = {img.tobytes() for img in pipeline.load_examples(config, "validation", 5)}
   assert first.tobytes() in stored
   # Preparing again is a no-op that returns the same folder.
-  assert prepare.prepare("imagenet32", str(tmp_path / "tfds"), source_dir=sources) == str(
+  assert catalog.prepare("imagenet32", str(tmp_path / "tfds"), source_dir=sources) == str(
       version_dir
   )
 
@@ -93,11 +93,11 @@ def test_prepare_imagenet32_from_source_tars(tmp_path):
 def test_prepare_lsun_from_lmdb_export(tmp_path):
   pytest.importorskip("lmdb")
   sources = write_lsun_lmdb(tmp_path / "src", "church_outdoor", num_train=5, num_val=3)
-  version_dir = Path(prepare.prepare("lsun_church", str(tmp_path / "tfds"), source_dir=sources))
+  version_dir = Path(catalog.prepare("lsun_church", str(tmp_path / "tfds"), source_dir=sources))
   assert version_dir == tmp_path / "tfds" / "lsun" / "church_outdoor" / "3.1.0"
   _assert_tfds_layout(version_dir, "lsun/church_outdoor", {"train": 5, "validation": 3})
   config = _config("lsun_church", tmp_path / "tfds", (64, 64, 3))
-  assert data.load_examples(config, "validation", 3).shape == (3, 64, 64, 3)
+  assert pipeline.load_examples(config, "validation", 3).shape == (3, 64, 64, 3)
 
 
 def test_prepare_download_path_writes_array_record(tmp_path, monkeypatch):
@@ -113,28 +113,28 @@ def test_prepare_download_path_writes_array_record(tmp_path, monkeypatch):
 
     return Built()
 
-  monkeypatch.setattr(prepare, "catalog_builder", fake_builder)
-  monkeypatch.setattr(prepare, "missing_modules", lambda *a: [])
-  out = prepare.prepare("cifar10", str(tmp_path))
+  monkeypatch.setattr(catalog, "catalog_builder", fake_builder)
+  monkeypatch.setattr(catalog, "missing_modules", lambda *a: [])
+  out = catalog.prepare("cifar10", str(tmp_path))
   assert calls == {"dataset": "cifar10", "data_dir": str(tmp_path), "file_format": "array_record"}
   assert out == str(tmp_path / "cifar10" / "3.0.2")
-  assert "train: 8 examples" in prepare.summary("cifar10", str(tmp_path))
+  assert "train: 8 examples" in catalog.summary("cifar10", str(tmp_path))
 
 
 def test_catalog_builder_asks_tfds_for_array_record(tmp_path):
-  builder = prepare.catalog_builder("cifar10", str(tmp_path))
+  builder = catalog.catalog_builder("cifar10", str(tmp_path))
   assert builder.info.file_format.value == "array_record"
   assert builder.name == "cifar10"
-  builder = prepare.catalog_builder("imagenet64_resized", str(tmp_path))
+  builder = catalog.catalog_builder("imagenet64_resized", str(tmp_path))
   assert builder.name == "imagenet_resized" and builder.builder_config.name == "64x64"
 
 
 def test_missing_requirements_are_named(tmp_path, monkeypatch):
-  assert prepare.missing_modules({"json": "json", "no_such_module_xyz": "no-such"}) == ["no-such"]
-  monkeypatch.setattr(prepare, "missing_modules", lambda *a: ["tensorflow", "apache-beam"])
-  with pytest.raises(prepare.PrepareError, match=r"needs \['tensorflow', 'apache-beam'\]: pip "
+  assert catalog.missing_modules({"json": "json", "no_such_module_xyz": "no-such"}) == ["no-such"]
+  monkeypatch.setattr(catalog, "missing_modules", lambda *a: ["tensorflow", "apache-beam"])
+  with pytest.raises(catalog.PrepareError, match=r"needs \['tensorflow', 'apache-beam'\]: pip "
                      r"install -e '\.\[prepare\]'"):
-    prepare.prepare("cifar10", str(tmp_path))
+    catalog.prepare("cifar10", str(tmp_path))
   assert not (tmp_path / "cifar10").exists()
 
 
@@ -143,10 +143,10 @@ def test_download_failure_for_downsampled_imagenet_suggests_source_dir(tmp_path,
     def download_and_prepare(self, **kwargs):
       raise ConnectionError("404 Not Found")
 
-  monkeypatch.setattr(prepare, "catalog_builder", lambda *a, **k: Failing())
-  monkeypatch.setattr(prepare, "missing_modules", lambda *a: [])
-  with pytest.raises(prepare.PrepareError) as error:
-    prepare.prepare("imagenet64", str(tmp_path))
+  monkeypatch.setattr(catalog, "catalog_builder", lambda *a, **k: Failing())
+  monkeypatch.setattr(catalog, "missing_modules", lambda *a: [])
+  with pytest.raises(catalog.PrepareError) as error:
+    catalog.prepare("imagenet64", str(tmp_path))
   message = str(error.value)
   for needle in ("404 Not Found", "train_64x64.tar", "valid_64x64.tar", "--source_dir"):
     assert needle in message
@@ -156,26 +156,26 @@ def test_tfrecord_dataset_is_explained_and_converted(tmp_path, monkeypatch):
   version_dir = write_cifar10(tmp_path, 8, 4)
   set_file_format(version_dir, "tfrecord")
   config = _config("cifar10", tmp_path, (32, 32, 3))
-  data._open.cache_clear()
+  sources.open_split.cache_clear()
   with pytest.raises(FileNotFoundError) as error:
-    data.get_dataset_info(config)
+    pipeline.get_dataset_info(config)
   message = str(error.value)
   for needle in ("stored as tfrecord", "--dataset=cifar10", f"--data_dir={tmp_path}",
                  "--convert", str(version_dir)):
     assert needle in message
-  with pytest.raises(prepare.PrepareError, match="already prepared .* as tfrecord.*--convert"):
-    prepare.prepare("cifar10", str(tmp_path))
+  with pytest.raises(catalog.PrepareError, match="already prepared .* as tfrecord.*--convert"):
+    catalog.prepare("cifar10", str(tmp_path))
 
   converted = []
-  monkeypatch.setattr(prepare, "missing_modules", lambda *a: [])
-  monkeypatch.setattr(prepare, "convert_in_place", converted.append)
-  assert prepare.prepare("cifar10", str(tmp_path), convert=True) == str(version_dir)
+  monkeypatch.setattr(catalog, "missing_modules", lambda *a: [])
+  monkeypatch.setattr(catalog, "convert_in_place", converted.append)
+  assert catalog.prepare("cifar10", str(tmp_path), convert=True) == str(version_dir)
   assert converted == [str(version_dir)]
   # What TFDS's in-place conversion leaves: tfrecord first, array_record as an alternative.
   set_file_format(version_dir, "tfrecord", ["array_record"])
-  data._open.cache_clear()
-  assert data.get_dataset_info(config).num_train == 8
-  assert prepare.prepare("cifar10", str(tmp_path)) == str(version_dir)  # nothing left to do
+  sources.open_split.cache_clear()
+  assert pipeline.get_dataset_info(config).num_train == 8
+  assert catalog.prepare("cifar10", str(tmp_path)) == str(version_dir)  # nothing left to do
 
 
 @pytest.mark.parametrize(
@@ -192,20 +192,20 @@ def test_tfrecord_dataset_is_explained_and_converted(tmp_path, monkeypatch):
 )
 def test_prepare_errors(tmp_path, kwargs, message):
   kwargs = {"data_dir": str(tmp_path), **kwargs}
-  with pytest.raises(prepare.PrepareError, match=message.replace(".", r"\.")):
-    prepare.prepare(kwargs.pop("dataset"), kwargs.pop("data_dir"), **kwargs)
+  with pytest.raises(catalog.PrepareError, match=message.replace(".", r"\.")):
+    catalog.prepare(kwargs.pop("dataset"), kwargs.pop("data_dir"), **kwargs)
 
 
 def test_missing_source_files_are_named(tmp_path):
   (tmp_path / "src").mkdir()
-  with pytest.raises(prepare.PrepareError, match="has neither train_32x32.tar nor a folder"):
-    prepare.prepare("imagenet32", str(tmp_path / "tfds"), source_dir=str(tmp_path / "src"))
-  with pytest.raises(prepare.PrepareError, match=r"bedroom_train_lmdb/data.mdb"):
-    prepare.prepare("lsun_bedroom", str(tmp_path / "tfds"), source_dir=str(tmp_path / "src"))
+  with pytest.raises(catalog.PrepareError, match="has neither train_32x32.tar nor a folder"):
+    catalog.prepare("imagenet32", str(tmp_path / "tfds"), source_dir=str(tmp_path / "src"))
+  with pytest.raises(catalog.PrepareError, match=r"bedroom_train_lmdb/data.mdb"):
+    catalog.prepare("lsun_bedroom", str(tmp_path / "tfds"), source_dir=str(tmp_path / "src"))
 
 
 def test_prepare_offline_builder(tmp_path):
-  out = prepare.prepare("digits", str(tmp_path))
+  out = catalog.prepare("digits", str(tmp_path))
   assert out == str(tmp_path / "digits")
   assert any(p.name.endswith("array_record-00000-of-00001") for p in Path(out).rglob("*"))
 
@@ -242,7 +242,7 @@ def test_command_line(tmp_path):
 
 
 def test_not_prepared_message_points_to_the_prepare_command(tmp_path):
-  data._open.cache_clear()
+  sources.open_split.cache_clear()
   for name, shape, needles in (
       ("cifar10", (32, 32, 3), [f"python -m eiw_flow_jax.prepare --dataset=cifar10 "
                                 f"--data_dir={tmp_path}\n"]),
@@ -252,7 +252,7 @@ def test_not_prepared_message_points_to_the_prepare_command(tmp_path):
       ("lsun_church", (64, 64, 3), ["--source_dir=SRC", "church_outdoor_train_lmdb/"]),
   ):
     with pytest.raises(FileNotFoundError) as error:
-      data.get_dataset_info(_config(name, tmp_path, shape))
+      pipeline.get_dataset_info(_config(name, tmp_path, shape))
     message = str(error.value)
     assert "pip install -e '.[prepare]'" in message
     for needle in needles:
@@ -265,10 +265,10 @@ def test_reading_a_prepared_catalog_dataset_does_not_import_tensorflow(tmp_path)
   code = (
       "import sys\n"
       "from eiw_flow_jax import data\n"
-      "from eiw_flow_jax.config_lib import base_config\n"
+      "from eiw_flow_jax.config import base_config\n"
       "c = base_config(); c.dataset.name = 'cifar10'; c.dataset.data_dir = sys.argv[1]\n"
       "c.model.image_shape = (32, 32, 3)\n"
-      "assert data.load_examples(c, 'train', 8).shape == (8, 32, 32, 3)\n"
+      "assert pipeline.load_examples(c, 'train', 8).shape == (8, 32, 32, 3)\n"
       "loaded = [m for m in sys.modules if m.split('.')[0] == 'tensorflow']\n"
       "assert not loaded, loaded\n"
   )

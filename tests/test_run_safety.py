@@ -21,20 +21,12 @@ import pytest
 from conftest import REPO, copy_of_run, make_config
 from test_train import assert_states_equal, cli_args, finalized_steps, restore, tiny_config
 
-from eiw_flow_jax import (
-    checkpointing,
-    data,
-    divergence,
-    evaluate,
-    main,
-    model,
-    resume,
-    stop_signals,
-    storage,
-    train,
-    workdir_lock,
-)
-from eiw_flow_jax.config_lib import base_config
+from eiw_flow_jax.commands import main
+from eiw_flow_jax.config.schema import base_config
+from eiw_flow_jax.data import pipeline
+from eiw_flow_jax.model.flow import build_flow
+from eiw_flow_jax.training import evaluate, resume, train_loop
+from eiw_flow_jax.workdir import checkpointing, divergence, stop_signals, storage, workdir_lock
 
 # ------------------------------------------------------------------------------------------------
 # SIGTERM / SIGINT.
@@ -65,7 +57,7 @@ def _signal_after_first_checkpoint(proc, workdir: str, signum: int) -> tuple[str
 def test_sigterm_saves_then_resume_matches_uninterrupted_run(tmp_path, data_dir, env):
   overrides = {"num_train_steps": 120, "checkpoint_every_steps": 20, "keep_checkpoints": 10}
   config = tiny_config(data_dir, **overrides)
-  data.prepare_dataset(config)  # once, before two runs start at the same time
+  pipeline.prepare_dataset(config)  # once, before two runs start at the same time
   reference = str(tmp_path / "reference")
   proc = _start(cli_args(reference, data_dir, **overrides), env)
   workdir = str(tmp_path / "stopped")
@@ -203,7 +195,7 @@ def test_resume_with_a_different_config_is_refused_before_config_json_changes(
       **{"model.n_bits": 4, "dataset.name": "mnist"},
   )
   with pytest.raises(resume.ConfigMismatchError) as info:
-    train.train(changed, workdir)
+    train_loop.train(changed, workdir)
   message = str(info.value)
   for text in ("batch_size: saved 16, now 32", "seed: saved 0, now 3",
                "model.n_bits: saved 5, now 4", "dataset.name: saved 'digits', now 'mnist'",
@@ -216,7 +208,7 @@ def test_resume_with_a_different_config_is_refused_before_config_json_changes(
   # An architecture change, allowed on purpose, still cannot restore: said so, not "corrupt".
   wider = tiny_config(data_dir, num_train_steps=30, **{"model.hidden_channels": 16})
   with pytest.raises(checkpointing.CheckpointMismatchError) as info:
-    train.train(wider, workdir, allow_config_change=True)
+    train_loop.train(wider, workdir, allow_config_change=True)
   message = str(info.value)
   assert "another architecture" in message and "corrupt" not in message
   assert "(1, 8) in the checkpoint, (1, 16) in the model" in message, message  # K=1 stacked
@@ -230,7 +222,7 @@ def test_resume_with_another_worker_count_is_refused_even_when_allowed(trained, 
   workers = tiny_config(data_dir, num_train_steps=30, checkpoint_every_steps=10,
                         **{"dataset.worker_count": 2})
   with pytest.raises(resume.ConfigMismatchError) as info:
-    train.train(workers, workdir, allow_config_change=True)
+    train_loop.train(workers, workdir, allow_config_change=True)
   message = str(info.value)
   assert "dataset.worker_count: saved 0, now 2" in message, message
   assert "not even with --allow_config_change" in message, message
@@ -247,11 +239,11 @@ def test_nonfinite_restored_state_is_refused(trained, tmp_path, data_dir):
   )
   manager = checkpointing.make_manager(workdir, keep=5, async_save=False)
   checkpointing.save(
-      manager, 25, jax.tree.map(jnp.asarray, poisoned), data.create_train_iterator(config)
+      manager, 25, jax.tree.map(jnp.asarray, poisoned), pipeline.create_train_iterator(config)
   )
   manager.close()
   with pytest.raises(checkpointing.CheckpointError, match="non-finite values") as info:
-    train.train(tiny_config(data_dir, num_train_steps=30, checkpoint_every_steps=10), workdir)
+    train_loop.train(tiny_config(data_dir, num_train_steps=30, checkpoint_every_steps=10), workdir)
   assert "step 25" in str(info.value) and "ema_params" in str(info.value)
 
 
@@ -267,7 +259,7 @@ def test_failed_save_is_one_line_and_earlier_checkpoints_stay(tmp_path, data_dir
 
   monkeypatch.setattr(ocp.CheckpointManager, "save", save)
   with pytest.raises(storage.StorageError) as info:
-    train.train(config, workdir)
+    train_loop.train(config, workdir)
   message = str(info.value)
   assert "\n" not in message
   assert message.startswith("Cannot write the checkpoint of step 20 to ")
@@ -291,7 +283,7 @@ def test_failed_save_is_one_line_and_earlier_checkpoints_stay(tmp_path, data_dir
   blocker = tmp_path / "file"
   blocker.write_text("")
   with pytest.raises(storage.StorageError, match=f"Cannot write the workdir to {blocker}/run"):
-    train.train(config, str(blocker / "run"))
+    train_loop.train(config, str(blocker / "run"))
 
 
 def test_divergence_is_an_error(trained, tmp_path, monkeypatch):
@@ -307,7 +299,7 @@ def test_divergence_is_an_error(trained, tmp_path, monkeypatch):
   workdir = copy_of_run(trained, tmp_path)
   monkeypatch.setattr(evaluate, "evaluate_bpd", lambda *a, **k: (math.inf, 297))
   with pytest.raises(divergence.DivergedError):
-    train.train_and_evaluate(config, workdir)
+    train_loop.train_and_evaluate(config, workdir)
   assert os.path.exists(os.path.join(workdir, "results.json"))  # written for inspection
 
 
@@ -361,7 +353,7 @@ def test_gs_workdir_end_to_end_with_a_local_stand_in(tmp_path, data_dir, monkeyp
     config = tiny_config(data_dir, num_train_steps=20, checkpoint_every_steps=10)
     workdir = main.resolve_paths(config, "gs://bucket/runs/r1/")
     assert workdir == "gs://bucket/runs/r1"
-    results = train.train_and_evaluate(config, workdir)
+    results = train_loop.train_and_evaluate(config, workdir)
     local_dir = os.path.join(root, "bucket", "runs", "r1")
     assert results["step"] == 20
     assert json.load(open(os.path.join(local_dir, "results.json")))["bpd"] == results["bpd"]
@@ -373,8 +365,8 @@ def test_gs_workdir_end_to_end_with_a_local_stand_in(tmp_path, data_dir, monkeyp
     assert set(finalized_steps(local_dir)) >= {20}
     assert not os.path.exists(os.path.join(REPO, "gs:"))
     # Restores from the bucket, and a resumed run reads the same checkpoints.
-    assert int(train.restore_for_inference(config, workdir).step) == 20
-    state = jax.device_get(train.restore_for_inference(config, workdir).state)
+    assert int(resume.restore_for_inference(config, workdir).step) == 20
+    state = jax.device_get(resume.restore_for_inference(config, workdir).state)
     assert_states_equal(state, restore(config, local_dir))
   finally:
     fsspec.register_implementation("gcs", "gcsfs.GCSFileSystem", clobber=True)
@@ -402,7 +394,7 @@ def test_paths_stay_urls():
 def test_api_rejects_empty_batches_bad_y_and_bad_temperatures():
   from conftest import make_config
 
-  flow = model.build_flow(make_config(steps=1))
+  flow = build_flow(make_config(steps=1))
   variables = flow.init(jax.random.PRNGKey(0), jnp.zeros((2, 8, 8, 1), jnp.uint8))
   with pytest.raises(ValueError, match="B=0"):
     flow.bpd(variables, jnp.zeros((0, 8, 8, 1), jnp.uint8), jax.random.PRNGKey(1))
@@ -431,8 +423,8 @@ def test_configs_are_locked():
 def test_nonfinite_message_without_a_checkpoint(tmp_path, data_dir):
   config = tiny_config(data_dir, num_train_steps=2, checkpoint_every_steps=0,
                        max_consecutive_nonfinite=2)
-  with pytest.raises(train.NonFiniteError) as info:
-    train.train(config, str(tmp_path / "w"), nonfinite_steps=lambda step: True)
+  with pytest.raises(train_loop.NonFiniteError) as info:
+    train_loop.train(config, str(tmp_path / "w"), nonfinite_steps=lambda step: True)
   assert "step None" not in str(info.value)
   assert "No checkpoint was saved yet in" in str(info.value)
 

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from eiw_flow_jax import evaluate, table, train
-from eiw_flow_jax.config_lib import base_config
+from eiw_flow_jax.commands import table
+from eiw_flow_jax.config.schema import base_config
+from eiw_flow_jax.training import evaluate, train_loop
 
 MNIST_DIR = Path(REPO).parent / "shared" / "data" / "mnist"
 
@@ -37,7 +38,7 @@ def _tiny(config, data_dir: str, steps: int):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, data_dir):
   """Workdirs of a digits run (EIW global; trained to step 2, then resumed to step 4) and an
-  mnist_idx run (vanilla), trained through train.train / train.train_and_evaluate."""
+  mnist_idx run (vanilla), trained through train_loop.train / train_loop.train_and_evaluate."""
   root = tmp_path_factory.mktemp("runs")
   digits = base_config()
   digits.dataset.name = "digits"
@@ -45,10 +46,10 @@ def runs(tmp_path_factory, data_dir):
   digits.model.n_bits = 5
   digits = _tiny(digits, data_dir, 2)
   out = {"digits": root / "digits_eiw"}
-  train.train(digits, str(out["digits"]))  # a first run to step 2 ...
+  train_loop.train(digits, str(out["digits"]))  # a first run to step 2 ...
   out["first_run_s"] = evaluate.read_train_time(str(out["digits"]))
   digits.num_train_steps = 4
-  train.train_and_evaluate(digits, str(out["digits"]))  # ... resumed to step 4
+  train_loop.train_and_evaluate(digits, str(out["digits"]))  # ... resumed to step 4
 
   if MNIST_DIR.is_dir():
     mnist = base_config()
@@ -57,7 +58,7 @@ def runs(tmp_path_factory, data_dir):
     mnist.model.image_shape = (28, 28, 1)
     mnist.model.split = "vanilla"
     out["mnist_idx"] = root / "mnist_idx"
-    train.train_and_evaluate(_tiny(mnist, data_dir, 2), str(out["mnist_idx"]))
+    train_loop.train_and_evaluate(_tiny(mnist, data_dir, 2), str(out["mnist_idx"]))
   return out
 
 

@@ -20,8 +20,12 @@ import numpy as np
 import pytest
 from conftest import REPO, with_test_xla_flags
 
-from eiw_flow_jax import checkpointing, data, model, optimizer, sharding, train, train_state
-from eiw_flow_jax.config_lib import base_config
+from eiw_flow_jax.config.schema import base_config
+from eiw_flow_jax.data import pipeline
+from eiw_flow_jax.model.backbones import layouts
+from eiw_flow_jax.model.flow import build_flow
+from eiw_flow_jax.training import optimizer, resume, sharding, train_loop, train_state, train_step
+from eiw_flow_jax.workdir import checkpointing
 
 DIGITS = os.path.join(REPO, "configs", "digits.py")
 
@@ -79,7 +83,7 @@ def finalized_steps(workdir: str) -> list[int]:
 
 
 def restore(config, workdir: str):
-  return jax.device_get(train.restore_for_inference(config, workdir).state)
+  return jax.device_get(resume.restore_for_inference(config, workdir).state)
 
 
 def assert_states_equal(a, b, atol: float = 1e-6) -> None:
@@ -109,8 +113,8 @@ def test_schedule_and_ema_decay():
   assert float(schedule(10)) == pytest.approx(1e-3)
   assert float(schedule(100)) == pytest.approx(1e-4, rel=1e-4)
   assert float(schedule(55)) == pytest.approx(0.55e-3, rel=1e-3)
-  assert float(train._ema_decay(config, jax.numpy.asarray(0))) == pytest.approx(0.1)
-  assert float(train._ema_decay(config, jax.numpy.asarray(10**6))) == pytest.approx(0.999)
+  assert float(train_step._ema_decay(config, jax.numpy.asarray(0))) == pytest.approx(0.1)
+  assert float(train_step._ema_decay(config, jax.numpy.asarray(10**6))) == pytest.approx(0.999)
 
 
 EIGHT_DEVICES = textwrap.dedent(
@@ -119,17 +123,17 @@ EIGHT_DEVICES = textwrap.dedent(
     import jax, numpy as np
     sys.path.insert(0, {tests!r})
     from test_train import tiny_config
-    from eiw_flow_jax import data, model, optimizer, sharding, train, train_state
+    from eiw_flow_jax.training import optimizer, sharding, train_state
 
     assert jax.device_count() == 8, jax.devices()
     config = tiny_config({data_dir!r})
-    flow, tx = model.build_flow(config), optimizer.make_optimizer(config)
-    images = data.load_examples(config, "train", 64)
+    flow, tx = build_flow(config), optimizer.make_optimizer(config)
+    images = pipeline.load_examples(config, "train", 64)
     out = {{}}
     for n in (1, 8):
       mesh = sharding.make_mesh(jax.devices()[:n])
       state = train_state.create_state(config, flow, tx, mesh, images)
-      step = train.make_train_step(config, flow, tx, mesh)
+      step = train_step.make_train_step(config, flow, tx, mesh)
       losses = []
       for i in range(3):
         batch = sharding.global_batch(images[16 * i : 16 * (i + 1)], sharding.batch_sharding(mesh))
@@ -220,8 +224,8 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, data_dir):
   workdir = str(tmp_path / "work")
   # Steps 3 and 4: isolated failures, skipped and counted. From step 15 on, every step fails.
   bad = lambda step: step in (3, 4) or step >= 15  # noqa: E731
-  with pytest.raises(train.NonFiniteError, match="4 consecutive training steps"):
-    train.train(config, workdir, nonfinite_steps=bad)
+  with pytest.raises(train_loop.NonFiniteError, match="4 consecutive training steps"):
+    train_loop.train(config, workdir, nonfinite_steps=bad)
   # Step 10 was saved; step 20 never was; step 10's checkpoint is intact and good.
   assert finalized_steps(workdir) == [10]
   state = restore(config, workdir)
@@ -231,11 +235,11 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, data_dir):
   assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(state.params))
 
   # A skipped step leaves params, EMA and optimizer state exactly as they were.
-  flow, tx, mesh = model.build_flow(config), optimizer.make_optimizer(config), sharding.make_mesh()
-  images = data.load_examples(config, "train", 16)
+  flow, tx, mesh = build_flow(config), optimizer.make_optimizer(config), sharding.make_mesh()
+  images = pipeline.load_examples(config, "train", 16)
   before = train_state.create_state(config, flow, tx, mesh, images)
   before_host = jax.device_get(before)
-  poisoned = train.make_train_step(config, flow, tx, mesh, inject_nonfinite=True)
+  poisoned = train_step.make_train_step(config, flow, tx, mesh, inject_nonfinite=True)
   after, metrics = poisoned(before, sharding.global_batch(images, sharding.batch_sharding(mesh)))
   after = jax.device_get(after)
   assert not bool(metrics["finite"])
@@ -250,7 +254,7 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, data_dir):
 
 
 def _unstack_steps(tree):
-  """The inverse of checkpointing.stack_unrolled_steps: the layout saved before stacking."""
+  """The inverse of layouts.stack_unrolled_steps: the layout saved before stacking."""
   if isinstance(tree, dict):
     out = {}
     for key, value in tree.items():
@@ -273,7 +277,7 @@ def test_resume_from_the_unrolled_layout_is_refused_then_converted(tmp_path, dat
   config = tiny_config(data_dir, num_train_steps=2, checkpoint_every_steps=2,
                        **{"model.steps_per_level": 2})
   workdir = str(tmp_path / "stacked")
-  train.train(config, workdir)
+  train_loop.train(config, workdir)
   # The same checkpoint written in the old layout.
   old = str(tmp_path / "unrolled")
   import shutil
@@ -291,7 +295,7 @@ def test_resume_from_the_unrolled_layout_is_refused_then_converted(tmp_path, dat
   longer = tiny_config(data_dir, num_train_steps=4, checkpoint_every_steps=2,
                        **{"model.steps_per_level": 2})
   with pytest.raises(checkpointing.CheckpointMismatchError) as info:
-    train.train(longer, old)
+    train_loop.train(longer, old)
   message = str(info.value)
   assert "\n" not in message and "unrolled layout" in message, message
   assert "convert_unrolled_checkpoints" in message, message
@@ -299,7 +303,7 @@ def test_resume_from_the_unrolled_layout_is_refused_then_converted(tmp_path, dat
   converted = str(tmp_path / "converted")
   assert checkpointing.convert_unrolled_checkpoints(old, converted) == [2]
   assert_states_equal(restore(config, converted), restore(config, workdir), atol=0)
-  train.train(longer, converted)
+  train_loop.train(longer, converted)
   assert finalized_steps(converted) == [2, 4]
 
 
@@ -315,7 +319,7 @@ def test_stack_unrolled_steps_converts_glow_and_denseflow_trees():
                               "layer0_actnorm": {"shift": np.zeros(2)},
                               "layer0_coupling": {"w": np.zeros(1)},
                               "layer1_coupling": {"w": np.ones(1)}}}}
-  out = checkpointing.stack_unrolled_steps(tree)
+  out = layouts.stack_unrolled_steps(tree)
   np.testing.assert_array_equal(out["params"]["level0_steps"]["layers_0"]["bias"],
                                 [[1, 1, 1], [2, 2, 2]])
   assert set(out["params"]) == {"level0_steps", "level0_split"}
@@ -325,4 +329,4 @@ def test_stack_unrolled_steps_converts_glow_and_denseflow_trees():
                                 [[0, 0], [1, 1]])
   assert set(out["dense"]["unit0"]) == {"layers"}
   with pytest.raises(ValueError, match=r"level0: expected steps 0..0, got \[1\]"):
-    checkpointing.stack_unrolled_steps({"level0_step1": step})
+    layouts.stack_unrolled_steps({"level0_step1": step})

@@ -13,7 +13,7 @@ augmentation eta, injected in place of their samplers), and writes per fixture a
 the state_dict, inputs, noise (NCHW, as torch has them), the config, and the expected
 outputs of their `Flow.log_prob` loop: every transform's log-det and the final
 log-likelihood (`elbo`) and EIW `scale_loss`. `tests/test_denseflow_parity.py` converts the
-weights with `eiw_flow_jax.convert` and compares, without torch.
+weights with `eiw_flow_jax.commands.convert` and compares, without torch.
 
 The coupling and dequantization networks of their code have hard-coded widths (DNMH: depth 7,
 growth 64; the dequantizer: 4 steps, 64 channels) that would make a fixture tens of MB. Those

@@ -1,0 +1,164 @@
+"""`python -m eiw_flow_jax.aot`: the ahead-of-time check from the command line (the library is
+`eiw_flow_jax.aot`)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if __name__ == "__main__":
+  # The command compiles for a topology and never runs on local devices: JAX's CPU backend, so
+  # that it neither probes nor takes the TPU chips of the machine it runs on (a TPU VM may be
+  # training on them), before JAX is imported.
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import importlib.util
+import json
+from typing import Any
+
+import jax
+import ml_collections
+from absl import app, flags
+from ml_collections import config_flags
+
+from eiw_flow_jax.aot import AotError
+from eiw_flow_jax.aot.compiler import compile_for_topology
+from eiw_flow_jax.aot.report import AotReport, markdown_table, render, report_dict, table_row
+from eiw_flow_jax.aot.search import largest_batch
+
+
+def load_config(path: str) -> ml_collections.ConfigDict:
+  """`get_config()` of a config file (configs/<name>.py)."""
+  if not os.path.isfile(path):
+    raise AotError(f"config file {path!r} not found.")
+  spec = importlib.util.spec_from_file_location("_aot_config", path)
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+    return module.get_config()
+  except Exception as e:  # noqa: BLE001 - a broken config file is the user's to fix
+    raise AotError(f"cannot load {path}: {type(e).__name__}: {e}") from e
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line.
+
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+def _define_flags() -> None:
+  """The command's flags, defined when it runs (importing this module defines none, so it can
+  share a process with `commands.main`, whose --config has the same name)."""
+  global _CONFIG, _TOPOLOGY, _NUM_SLICES, _PER_DEVICE_BATCH, _EVAL, _EXACT_COST
+  global _MAX_BATCH_SEARCH, _JSON, _TABLE
+  _CONFIG = config_flags.DEFINE_config_file(
+      "config", os.path.join(_REPO_ROOT, "configs", "digits.py"),
+      "Config file (configs/<name>.py); override fields with --config.<field>=<value>.",
+      lock_config=True,
+  )
+  _TOPOLOGY = flags.DEFINE_list(
+      "topology", ["v5e:2x2"],
+      "TPU topology as JAX names it: v5e:2x2, v5e:4x4, v4:2x2x1, v5p:2x2x1, v6e:2x4, ... "
+      "(several, comma-separated, with --table).")
+  _NUM_SLICES = flags.DEFINE_integer(
+      "num_slices", 1, "Slices of that topology joined by the data-center network (multi-slice).")
+  _PER_DEVICE_BATCH = flags.DEFINE_integer(
+      "per_device_batch", None,
+      "Images per device per step (global batch = this x devices); default: the config's "
+      "batch_size split over the topology's devices.")
+  _EVAL = flags.DEFINE_bool("eval", True, "Also compile the eval step (test bits/dim).")
+  _EXACT_COST = flags.DEFINE_bool(
+      "exact_cost", True,
+      "With scanned flow steps (model.scan_steps), find FLOPs and bytes per step from two "
+      "small unrolled compiles (K=1, 2): the compiler counts a scanned loop body once.")
+  _MAX_BATCH_SEARCH = flags.DEFINE_float(
+      "max_batch_search", 0.0,
+      "Seconds to spend finding the largest per-device batch that fits (a few compiles, each "
+      "as long as the first); 0: do not search.")
+  _JSON = flags.DEFINE_string("json", None, "Also write the report (or the table's) as JSON here.")
+  _TABLE = flags.DEFINE_bool(
+      "table", False,
+      "A 'before you rent' table over the config files given as arguments and every "
+      "--topology: fits, GiB per device, roofline step time and wall time to num_train_steps.")
+
+
+def _fail(message: str, code: int = 1) -> None:
+  print(message, file=sys.stderr, flush=True)
+  sys.exit(code)
+
+
+def _write_json(value: Any) -> None:
+  if _JSON.value:
+    with open(_JSON.value, "w") as f:
+      json.dump(value, f, indent=2, default=str)
+
+
+def _run_one(config, name: str, topology: str) -> AotReport:
+  report = compile_for_topology(
+      config, topology, _PER_DEVICE_BATCH.value, num_slices=_NUM_SLICES.value,
+      with_eval=_EVAL.value, config_name=name, exact_cost=_EXACT_COST.value,
+  )
+  return report
+
+
+def main(argv: list[str]) -> None:
+  # JAX's persistent compilation cache writes these executables but cannot read them back
+  # without a TPU client (a warning, then a recompile): off for this command.
+  jax.config.update("jax_enable_compilation_cache", False)
+  try:
+    if _TABLE.value:
+      if len(argv) < 2:
+        raise app.UsageError("--table needs config files: --table configs/a.py configs/b.py")
+      rows, reports = [], []
+      for path in argv[1:]:
+        config = load_config(path)
+        for topology in _TOPOLOGY.value:
+          report = _run_one(config, path, topology)
+          rows.append(table_row(report))
+          reports.append(report_dict(report))
+          print(f"{path} on {topology}: {'fits' if report.fits else 'does not fit'} "
+                f"(compiled in {report.compile_seconds:.0f} s)", file=sys.stderr, flush=True)
+      print(markdown_table(rows), flush=True)
+      _write_json(reports)
+      return
+    if len(argv) > 1:
+      raise app.UsageError(f"Unexpected arguments: {argv[1:]} (config files go with --table)")
+    if len(_TOPOLOGY.value) != 1:
+      raise AotError(f"give one --topology without --table, got {_TOPOLOGY.value}.")
+    name = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")),
+                "configs/digits.py")
+    report = _run_one(_CONFIG.value, name, _TOPOLOGY.value[0])
+    if not report.fits:
+      _write_json(report_dict(report))
+      _fail(report.one_line())
+    if _MAX_BATCH_SEARCH.value > 0:
+      report.batch_search = largest_batch(
+          _CONFIG.value, report.topology, report, budget_s=_MAX_BATCH_SEARCH.value,
+          num_slices=_NUM_SLICES.value,
+      )
+    print(render(report), flush=True)
+    _write_json(report_dict(report))
+  except AotError as e:
+    _fail(f"error: {e}")
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's parsing; a bad flag, config path or --config.<field> is one line."""
+  try:
+    rest = flags.FLAGS(argv)
+    _CONFIG.value.get("model")  # a missing or broken config file surfaces on first use
+  except flags.Error as e:
+    _fail(f"error: {e}\nPass --help for the flags.")
+  except (AttributeError, KeyError, OSError, ImportError, SyntaxError) as e:
+    detail = " ".join(str(e).split())[:300]
+    _fail(f"error: ConfigError: --config or a --config.<field> override: {detail}")
+  return rest
+
+
+def cli() -> None:
+  """Parses the command line and runs `main` (what `python -m eiw_flow_jax.aot` does)."""
+  _define_flags()
+  app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+  cli()

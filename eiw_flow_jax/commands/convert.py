@@ -1,0 +1,101 @@
+"""Imports a PyTorch state_dict of the authors' DenseFlow / EIW-Flow model into this project.
+
+  python -m eiw_flow_jax.convert --torch_checkpoint=/path/to/checkpoint.pt \\
+      --config=configs/cifar10_denseflow.py --workdir=/tmp/df_cifar10
+
+writes the checkpoint `train.py` writes (a `TrainState` at step 0, EMA = the imported weights,
+a fresh optimizer state) into `<workdir>/checkpoints`, and the config into
+`<workdir>/config.json`, so that `python -m eiw_flow_jax.main --mode=eval` (and
+`--mode=sample`) run on it. Both the EIW-Flow checkpoints (studying910/EIW-Flow, `DIW-Flow/`)
+and DenseFlow's (matejgrcic/DenseFlow, vanilla transitions: use `--config.model.split=vanilla`)
+are accepted: their `check/checkpoint.pt` (a dict whose "model" entry is the state_dict), a
+bare state_dict, or either saved from `nn.DataParallel` ("module." prefixes).
+
+The reading and the mapping are `eiw_flow_jax.model.backbones.denseflow_torch`'s.
+"""
+
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from eiw_flow_jax.model.backbones.denseflow_torch import (
+  authors_weight_ties,
+  convert_state_dict,
+  describe_weight_ties,
+  read_torch_file,
+  state_dict_from,
+)
+from eiw_flow_jax.model.backbones.layouts import stack_unit_layers  # noqa: F401 - also the converter's name
+from eiw_flow_jax.training import run_config
+from eiw_flow_jax.workdir import checkpointing
+
+
+def convert_checkpoint(
+    torch_checkpoint: str, config: Any, workdir: str,
+    report: Callable[[str], None] | None = print,
+) -> str:
+  """Writes `<workdir>/checkpoints/0` (a TrainState) from the .pt file; returns its directory.
+
+  `report` (a callable of one string, or None) receives one line on the EIW channel order:
+  whether the authors' float32 channel weights tie (`describe_weight_ties`).
+  """
+  import jax
+  import jax.numpy as jnp
+
+  from eiw_flow_jax.model.flow import build_flow
+  from eiw_flow_jax.training import optimizer, resume, sharding, train_state
+
+  run_config.validate_config(config)
+  flow = build_flow(config)
+  variables = convert_state_dict(state_dict_from(read_torch_file(torch_checkpoint)), flow)
+  if report is not None:
+    report(describe_weight_ties(authors_weight_ties(variables)))
+  variables = jax.tree.map(jnp.asarray, variables)
+  tx = optimizer.make_optimizer(config)
+  mesh = sharding.make_mesh()
+  state = train_state.state_from_variables(tx, variables)
+  shardings = sharding.state_shardings(mesh, train_state.abstract_state(flow, tx, mesh))
+  state = jax.device_put(state, shardings)
+  os.makedirs(workdir, exist_ok=True)
+  resume.save_config(config, workdir)
+  manager = checkpointing.make_manager(workdir, keep=config.keep_checkpoints)
+  try:
+    checkpointing.save(manager, 0, state, force=True)
+    manager.wait_until_finished()
+  finally:
+    manager.close()
+  return checkpointing.checkpoint_dir(workdir)
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise SystemExit(f"Unexpected arguments: {argv[1:]}")
+  path = convert_checkpoint(_TORCH.value, _CONFIG.value, _WORKDIR.value)
+  print(f"Wrote {path} (step 0). Evaluate it with: python -m eiw_flow_jax.main "
+        f"--config=<the same config> --workdir={_WORKDIR.value} --mode=eval", flush=True)
+
+
+def _define_flags() -> None:
+  """The command's flags, defined when it runs (importing this module defines none, so it can
+  share a process with `commands.main`, whose --config and --workdir have the same names)."""
+  global _CONFIG, _TORCH, _WORKDIR
+  _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).")
+  _TORCH = flags.DEFINE_string("torch_checkpoint", None, "The authors' .pt file.")
+  _WORKDIR = flags.DEFINE_string("workdir", None, "Where to write the Orbax checkpoint.")
+  flags.mark_flags_as_required(["config", "torch_checkpoint", "workdir"])
+
+
+def cli() -> None:
+  """Parses the command line and runs `main` (what `python -m eiw_flow_jax.convert` does)."""
+  _define_flags()
+  app.run(main)
+
+
+if __name__ == "__main__":
+  cli()

@@ -1,0 +1,152 @@
+"""Offline TFDS builders: datasets that ship with a package or come from local files.
+
+skip_registration keeps them out of TFDS's global catalog: they are created directly, and their
+names must not clash with catalog datasets.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from eiw_flow_jax.data.idx import MNIST_FILES, MNIST_T10K_TRAIN, find_idx, mnist_present, read_mnist
+
+# The file format this project reads (random access, no TensorFlow); every builder writes it.
+ARRAY_RECORD = "array_record"
+
+
+
+class _OfflineBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Shared parts of our builders: uint8 image + int label examples from in-memory arrays."""
+
+  IMAGE_SHAPE: ClassVar[tuple[int, int, int]]
+  DESCRIPTION: ClassVar[str]
+  HOMEPAGE: ClassVar[str]
+  RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "Initial release."}
+
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls) -> None:
+    # TFDS looks for a checksums file next to a builder's code, and that lookup imports the
+    # undeclared `importlib_resources` package (tfds 4.9.10). Ours download nothing, so say
+    # there is no code directory and the lookup is skipped.
+    return None
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description=self.DESCRIPTION,
+        features=tfds.features.FeaturesDict({
+            "image": tfds.features.Tensor(shape=self.IMAGE_SHAPE, dtype=np.uint8),
+            "label": tfds.features.Scalar(dtype=np.int64),
+        }),
+        supervised_keys=("image", "label"),
+        disable_shuffling=True,  # keep source order, so "first n" means the same as the source
+        homepage=self.HOMEPAGE,
+    )
+
+  def _generate_examples(self, images: np.ndarray, labels: np.ndarray) -> Iterator[Any]:
+    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+      yield i, {"image": image, "label": label}
+
+
+class DigitsBuilder(_OfflineBuilder, skip_registration=True):
+  """scikit-learn's 8x8 digits; raw values 0..16; first 1500 -> train, last 297 -> test."""
+
+  name = "digits"
+  VERSION = tfds.core.Version("1.0.0")
+  IMAGE_SHAPE = (8, 8, 1)
+  DESCRIPTION = "scikit-learn's bundled 8x8 digits with raw pixel values 0..16."
+  HOMEPAGE = "https://scikit-learn.org/stable/datasets/toy_dataset.html#digits-dataset"
+  NUM_TRAIN = 1500
+
+  def _split_generators(self, dl_manager: Any) -> dict[str, Any]:
+    del dl_manager  # the data ships with scikit-learn
+    from sklearn.datasets import load_digits  # slow import, only needed to prepare
+
+    digits = load_digits()
+    images = digits.images.astype(np.uint8)[..., None]  # float 0..16 -> exact uint8
+    labels = digits.target.astype(np.int64)
+    n = self.NUM_TRAIN
+    return {
+        "train": self._generate_examples(images[:n], labels[:n]),
+        "test": self._generate_examples(images[n:], labels[n:]),
+    }
+
+
+class MnistIdxBuilder(_OfflineBuilder, skip_registration=True):
+  """MNIST from idx files in the manual dir (`config.dataset.source_dir`)."""
+
+  name = "mnist_idx"
+  VERSION = tfds.core.Version("1.0.0")
+  IMAGE_SHAPE = (28, 28, 1)
+  DESCRIPTION = "MNIST read from the original idx files."
+  HOMEPAGE = "http://yann.lecun.com/exdb/mnist/"
+  BUILDER_CONFIGS: ClassVar[list[tfds.core.BuilderConfig]] = [
+      tfds.core.BuilderConfig(
+          name="full", description="Real MNIST: 60000 train (train-*) and 10000 test (t10k-*)."
+      ),
+      tfds.core.BuilderConfig(
+          name="t10k",
+          description=f"Only the 10k test files: first {MNIST_T10K_TRAIN} -> train, rest -> test.",
+      ),
+  ]
+  MANUAL_DOWNLOAD_INSTRUCTIONS = (
+      "Put the MNIST idx files (" + ", ".join(MNIST_FILES["t10k"] + MNIST_FILES["train"]) + ")"
+      " in a directory and set config.dataset.source_dir to it; the train-* files are optional."
+  )
+
+  def _split_generators(self, dl_manager: Any) -> dict[str, Any]:
+    source_dir = Path(dl_manager.manual_dir)
+    test_images, test_labels = read_mnist(source_dir, "t10k")
+    if self.builder_config.name == "full":
+      train_images, train_labels = read_mnist(source_dir, "train")
+    else:
+      n = MNIST_T10K_TRAIN
+      train_images, train_labels = test_images[:n], test_labels[:n]
+      test_images, test_labels = test_images[n:], test_labels[n:]
+    return {
+        "train": self._generate_examples(train_images, train_labels),
+        "test": self._generate_examples(test_images, test_labels),
+    }
+
+
+
+def mnist_idx_builder(data_dir: str, source_dir: str) -> tfds.core.DatasetBuilder:
+  """The mnist_idx builder: the files in source_dir pick its config; else a prepared copy."""
+  source = Path(os.path.expanduser(source_dir)) if source_dir else None
+  if source is not None and mnist_present(source, "t10k"):
+    builder = MnistIdxBuilder(
+        config="full" if mnist_present(source, "train") else "t10k",
+        data_dir=data_dir,
+        file_format=ARRAY_RECORD,
+    )
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=str(source))
+    )
+    return builder
+  for builder_config in ("full", "t10k"):
+    builder = MnistIdxBuilder(config=builder_config, data_dir=data_dir, file_format=ARRAY_RECORD)
+    if builder.is_prepared():
+      return builder
+  required = MNIST_FILES["t10k"]
+  if source is None:
+    found = "config.dataset.source_dir is unset"
+  elif not source.is_dir():
+    found = f"looked in {source}, which does not exist"
+  else:
+    missing = [name for name in required if find_idx(source, name) is None]
+    found = f"looked in {source}, which lacks {missing}"
+  raise FileNotFoundError(
+      f"Dataset 'mnist_idx' needs the MNIST idx files {list(required)} (optionally also "
+      f"{list(MNIST_FILES['train'])} for the full train set; uncompressed copies without .gz "
+      f"work too) in config.dataset.source_dir, but {found}; nor is a prepared copy under "
+      f"{data_dir}/mnist_idx. Download the files from an MNIST mirror (e.g. "
+      f"https://ossci-datasets.s3.amazonaws.com/mnist/) into a directory and set "
+      f"config.dataset.source_dir to it."
+  )

@@ -1,0 +1,582 @@
+"""The DenseFlow backbone with EIW transitions: the paper's own model.
+
+Follows the authors' PyTorch code (studying910/EIW-Flow, `DIW-Flow/experiments/image/model`,
+on matejgrcic/DenseFlow) literally, so that a converted state_dict gives the same numbers:
+
+  x (uint8) -> variational dequantization y = (x + u) / 2^n, u ~ q(u | x)
+    -> y - 0.5 -> squeeze -> for each scale b: an invertible dense block, then (but at the last
+       scale) a transition: squeeze, EIW Shuffle (or none), split in halves, the second half
+       scored by a standard normal -> the last scale's conv-Gaussian base (loc, log_scale per
+       channel).
+
+Invertible dense block (`block_conf[b]` units): unit 0 maps x; unit i > 0 first appends
+`growth_rate` noise channels eta_hat = mu + exp(2 tanh(r / 2)) * eta, eta ~ N(0, I), where
+(mu, r) come from a network of the block's earlier inputs (the block input and the outputs of
+units 0..i-2), and adds -log N(eta) + sum log-scale to the log-likelihood (the authors count
+this cross-unit augmentation as a log-det: the bound's -log q(eta_hat | x)). A unit is
+`layers_conf[b]` x [ActNorm, 1x1 conv, affine coupling (multi-head DenseNet with gated convs
+and Nystrom attention, zero-initialised output), channel switch].
+
+EIW transition (the authors' `InvertibleTransition`): after the squeeze to C channels, global
+weights g = softmax(W2 relu(W1 [C])) (a bias-free MLP of the constant C), channels sorted by g
+(heaviest first), the SE Solver s on the *sorted* features, the regulariser
+sum_c g_c (log g_c - s_c) per example ('literal', their KLDivLoss on probabilities; 'kl' uses
+log s_c), the first half kept. With `model.split = "vanilla"`: DenseFlow's transition (no sort).
+
+The order is computed from the logits W2 relu(W1 [C]) (stable descending argsort), not from g:
+the softmax saturates (logits tens to hundreds apart at default scale), torch's float32 g on
+CPU keeps subnormals (1e-45) and sorts them as distinct, while XLA (CPU, GPU, TPU) flushes them
+to exact zeros whose ties an argsort would break by channel index, another permutation than
+the authors'. Softmax is monotone, so the logit order is the authors' wherever their float32
+weights differ; where those tie exactly (underflow to 0), torch's unstable sort leaves their
+order undefined (`authors_weight_ties` finds such ties, `convert` reports them).
+
+Every stochastic draw (dequantization eps, augmentation eta) is an explicit input (`noise`),
+so the map is a pure function; `Flow` draws it from an rng when none is given.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from eiw_flow_jax.model import memory
+from eiw_flow_jax.model.backbones.dense_bijectors import (
+    ActNorm,
+    AffineCoupling,
+    Conv1x1,
+    squeeze2d,
+    std_normal_log_prob,
+    sum_except_batch,
+    switch_channels,
+    unsqueeze2d,
+)
+from eiw_flow_jax.model.backbones.dense_dequantizer import VariationalDequantizer
+from eiw_flow_jax.model.backbones.dense_nets import conv
+
+Array = jax.Array
+MEMORY_MODES = ("store", "remat")
+
+
+def denseflow_shapes(model: Any) -> dict[str, Any]:
+  """Static shapes of a DenseFlow config: per-scale channels, latents and noise.
+
+  Returns a dict with `block_in` ((h, w, c) entering each dense block), `latents` (per-example
+  shapes in `encode`'s order: each transition's factored half, then the base's input),
+  `augment` (per-example shape of each eta, blocks in order, units 1.. within a block) and
+  `dequant` (the dequantizer's eps).
+  """
+  df = model.denseflow
+  h, w, c = tuple(model.image_shape)
+  dequant = (h // 2, w // 2, 4 * c)
+  h, w, c = h // 2, w // 2, 4 * c
+  block_in, latents, augment = [], [], []
+  num_blocks = len(df.block_conf)
+  for b, units in enumerate(df.block_conf):
+    block_in.append((h, w, c))
+    augment += [(h, w, df.growth_rate)] * (units - 1)
+    c = c + df.growth_rate * (units - 1)
+    if b < num_blocks - 1:
+      h, w, c = h // 2, w // 2, 4 * c
+      latents.append((h, w, c - c // 2))
+      c = c // 2
+  latents.append((h, w, c))
+  return {"block_in": block_in, "latents": latents, "augment": augment, "dequant": dequant}
+
+
+class DenseLayer(nn.Module):
+  """One coupling layer of a unit: ActNorm, 1x1 conv, affine coupling, channel switch."""
+
+  mid_channels: int
+  depth: int
+  growth: int
+  train: bool = False
+  num_landmarks: int = 4
+
+  def setup(self) -> None:
+    self.actnorm = ActNorm()
+    self.conv1x1 = Conv1x1()
+    self.coupling = AffineCoupling(self.mid_channels, self.depth, self.growth, multihead=True,
+                                   train=self.train, num_landmarks=self.num_landmarks)
+
+  def __call__(self, x: Array, reverse: bool = False) -> tuple[Array, Array]:
+    log_det = jnp.zeros((x.shape[0],), x.dtype)
+    if reverse:
+      x = switch_channels(x, reverse=True)
+      for layer in (self.coupling, self.conv1x1, self.actnorm):
+        x, ld = layer(x, reverse=True)
+        log_det = log_det + ld
+      return x, log_det
+    for layer in (self.actnorm, self.conv1x1, self.coupling):
+      x, ld = layer(x)
+      log_det = log_det + ld
+    return switch_channels(x), log_det
+
+
+class _DenseLayerCell(DenseLayer):
+  """DenseLayer as a scan body over the carry (h, log_det)."""
+
+  def __call__(self, carry: tuple[Array, Array], _: Any) -> tuple[tuple[Array, Array], None]:
+    h, log_det = carry
+    h, layer_log_det = DenseLayer.__call__(self, h)
+    return (h, log_det + layer_log_det), None
+
+
+class DenseUnit(nn.Module):
+  """`num_layers` x [ActNorm, 1x1 conv, affine coupling, channel switch], as one scan.
+
+  The layers of a unit share every shape (the channel switch keeps C), so their variables are
+  stacked along a leading axis (`unit0/layers/actnorm/shift` has shape (num_layers, C)) and
+  the layer is traced and compiled once per unit (`scan=True`) or unrolled `num_layers` times
+  in the program (`scan=False`, `model.scan_steps`): same parameters either way. The units of
+  a dense block cannot share one scan: each appends `growth_rate` channels to its input, so no
+  two units of a block have the same shapes (nor do the noise networks between them).
+  """
+
+  num_layers: int
+  mid_channels: int
+  depth: int
+  growth: int
+  train: bool = False
+  num_landmarks: int = 4  # of the coupling nets' Nystrom attention
+  scan: bool = True
+
+  def setup(self) -> None:
+    # nn.scan also at init: each layer's data-dependent ActNorm init sees that layer's input.
+    scanned = nn.scan(
+        _DenseLayerCell, variable_axes={"params": 0, "constants": 0},
+        split_rngs={"params": True}, length=self.num_layers,
+        unroll=1 if self.scan else self.num_layers,
+    )
+    self.layers = scanned(self.mid_channels, self.depth, self.growth, self.train,
+                          self.num_landmarks)
+
+  def __call__(self, x: Array) -> tuple[Array, Array]:
+    (x, log_det), _ = self.layers((x, jnp.zeros((x.shape[0],), x.dtype)), None)
+    return x, log_det
+
+  def inverse(self, z: Array) -> Array:
+    # The inverse runs in evaluation (no BatchNorm update): a reverse lax.scan of a parentless
+    # layer over the stacked variables.
+    twin = DenseLayer(self.mid_channels, self.depth, self.growth, self.train,
+                      self.num_landmarks, parent=None)
+    variables = {"params": self.variables["params"]["layers"]}
+    constants = self.variables.get("constants", {}).get("layers")
+    if constants is not None:
+      variables["constants"] = constants
+
+    def body(h, layer_variables):
+      return twin.apply(layer_variables, h, reverse=True)[0], None
+
+    return jax.lax.scan(body, z, variables, reverse=True,
+                        unroll=1 if self.scan else self.num_layers)[0]
+
+
+class NoiseParams(nn.Module):
+  """The authors' `_BNReLUConv`: conv3x3 (-> 4 in) -> ReLU -> zero-init conv1x1 (-> 2 growth)."""
+
+  growth: int
+
+  @nn.compact
+  def __call__(self, x: Array) -> tuple[Array, Array]:
+    h = nn.relu(conv(4 * x.shape[-1], 3, "conv0")(x))
+    h = conv(2 * self.growth, 1, "conv2", zero_init=True)(h)
+    mu, unconstrained = jnp.split(h, 2, axis=-1)
+    return mu, 2.0 * jnp.tanh(unconstrained / 2.0)
+
+
+class InvertibleDenseBlock(nn.Module):
+  """Units with incremental noise augmentation (cross-unit coupling); see the module doc."""
+
+  num_units: int
+  num_layers: int
+  mid_channels: int
+  growth_rate: int
+  depth: int
+  coupling_growth: int
+  memory: str = "store"
+  train: bool = False
+  num_landmarks: int = 4
+  scan: bool = True  # each unit's layers as one lax.scan (DenseUnit)
+
+  def setup(self) -> None:
+    self.units = [
+        DenseUnit(self.num_layers, self.mid_channels, self.depth, self.coupling_growth,
+                  self.train, self.num_landmarks, self.scan, name=f"unit{i}")
+        for i in range(self.num_units)
+    ]
+    self.noise_nets = [NoiseParams(self.growth_rate, name=f"noise{i}")
+                       for i in range(self.num_units - 1)]
+
+  def __call__(
+      self, x: Array, etas: Sequence[Array], token: Array | None = None
+  ) -> tuple[Array, Array, Array, Array]:
+    """(x, the block's etas, remat token) -> (output, log-det of the units, augmentation
+    terms, remat token); the token orders the units' recomputation (`memory.remat_call`)."""
+    if len(etas) != self.num_units - 1:
+      raise ValueError(f"expected {self.num_units - 1} augmentation draws, got {len(etas)}.")
+    if token is None:
+      token = jnp.zeros((), jnp.float32)
+    log_det = jnp.zeros((x.shape[0],), x.dtype)
+    augment = jnp.zeros((x.shape[0],), x.dtype)
+    g_inputs = [x]
+    (h, ld), token = self._unit(0, x, token)
+    log_det = log_det + ld
+    for i in range(1, self.num_units):
+      eta = etas[i - 1]
+      mu, log_scale = self.noise_nets[i - 1](jnp.concatenate(g_inputs, axis=-1))
+      eta_hat = mu + jnp.exp(log_scale) * eta
+      augment = augment - std_normal_log_prob(eta) + sum_except_batch(log_scale)
+      g_inputs.append(h)
+      (h, ld), token = self._unit(i, jnp.concatenate([h, eta_hat], axis=-1), token)
+      log_det = log_det + ld
+    return h, log_det, augment, token
+
+  def _unit(self, i: int, x: Array, token: Array) -> tuple[tuple[Array, Array], Array]:
+    """Unit i on x; under memory="remat" its internals are recomputed in the backward pass."""
+    if self.memory == "store" or self.is_initializing():
+      return self.units[i](x), token
+    name = f"unit{i}"
+    # A parentless twin applied to unit i's variables: memory.remat_call needs a pure function.
+    twin = DenseUnit(self.num_layers, self.mid_channels, self.depth, self.coupling_growth,
+                     self.train, self.num_landmarks, self.scan, parent=None)
+    variables = {"params": self.variables["params"][name],
+                 "constants": self.variables.get("constants", {}).get(name, {})}
+    update = self.train and self.is_mutable_collection("constants")
+
+    def apply(v: Any, h: Array) -> tuple[Any, Any]:
+      if update:  # training-mode BatchNorm updates its running statistics
+        out, changed = twin.apply(v, h, mutable=["constants"])
+        return out, changed["constants"]
+      return twin.apply(v, h), v["constants"]
+
+    out, constants, token = memory.remat_call(apply, variables, x, token)
+    if update:
+      for key, value in constants.items():
+        self.units[i].put_variable("constants", key, value)
+    return out, token
+
+  def inverse(self, z: Array) -> Array:
+    for i in reversed(range(self.num_units)):
+      z = self.units[i].inverse(z)
+      if i > 0:
+        z = z[..., : -self.growth_rate]
+    return z
+
+
+def weight_generator_logits(wg_fc0: Array, wg_fc2: Array, channels: int) -> Array:
+  """The weight generator's logits W2 relu(W1 [C]), shape (C,).
+
+  Elementwise products summed in float32 rather than a matmul, so that no matmul precision
+  (TF32 on GPU, bf16 passes on TPU) perturbs the channel order taken from them.
+  """
+  hidden = nn.relu(float(channels) * wg_fc0[0])
+  return jnp.sum(hidden[:, None] * wg_fc2, axis=0)
+
+
+def _pow2(exponent: Array) -> Array:
+  """2.0 ** exponent in float32 for integer exponents in [-126, 127], exactly (built from the
+  exponent bits: exp2 and ldexp need not be exact)."""
+  bits = (jnp.clip(exponent, -126, 127).astype(jnp.int32) + 127) << 23
+  return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+_LN2_HI = 0.693359375  # ln 2 = _LN2_HI + _LN2_LO, _LN2_HI with 9 significant bits (Cody-Waite)
+_LN2_LO = -2.12194440e-4
+
+
+def authors_weight_bits(logits: Array) -> Array:
+  """The float32 bit patterns (int32) of softmax(logits) as the authors' PyTorch model holds it
+  on CPU: fl(fl(exp(l - max)) * fl(1 / sum)), subnormals kept.
+
+  Computed without subnormal arithmetic (which XLA flushes on every backend): exp(d) =
+  exp(f) 2^n with f = d - n ln 2 (Cody-Waite), every value scaled by 2^100, and a subnormal
+  rounded to its integer multiple of 2^-149 explicitly. Positive float32 values order as
+  their bit patterns, so equal patterns are exactly the authors' ties. Equal to torch's values
+  but at rounding boundaries (torch's exp and summation order differ from XLA's by an ulp);
+  its ties, which arise between underflowing weights, are torch's (tests/test_denseflow.py checks
+  against numpy's float32 arithmetic, tests/test_denseflow_parity.py against torch's).
+  """
+  logits = logits.astype(jnp.float32)
+  d = jnp.maximum(logits - jnp.max(logits), -200.0)  # exp(-104) is 0 in float32 already
+  n = jnp.round(d / math.log(2.0))
+  f = (d - n * _LN2_HI) - n * _LN2_LO
+  mant = jnp.exp(f)  # in [0.70, 1.42]
+  n = n.astype(jnp.int32)
+  # e = fl(exp(d)): a subnormal e (below 2^-126) is an integer multiple of 2^-149.
+  e_149 = mant * _pow2(jnp.minimum(n + 149, 60))  # e * 2^149 while it is below 2^23
+  subnormal_e = e_149 < 2.0**23
+  e_100 = jnp.where(subnormal_e, jnp.round(e_149) * 2.0**-49, mant * _pow2(n + 100))
+  # w = fl(e * fl(1 / sum)); subnormal terms cannot change a sum of at least 1.
+  w_100 = e_100 * (1.0 / jnp.sum(jnp.exp(d)))
+  subnormal_w = w_100 < 2.0**-26
+  normal_bits = jax.lax.bitcast_convert_type(
+      jnp.where(subnormal_w, 1.0, w_100) * 2.0**-100, jnp.int32)
+  return jnp.where(subnormal_w, jnp.round(w_100 * 2.0**49).astype(jnp.int32), normal_bits)
+
+
+def authors_weight_ties(logits: Array) -> dict[str, Array]:
+  """Where the authors' float32 weights softmax(logits) tie exactly (see
+  `authors_weight_bits`): their descending torch.sort is not stable on CPU, so the order of
+  tied channels, and with it their model's likelihood, is undefined unless every tie lies in
+  the factored half (whose N(0, I) log-density ignores the order; their regulariser does not).
+
+  Returns int32 scalars: `authors_tied_channels` (channels whose weight equals another's),
+  `authors_tied_kept_channels` (those among the kept first half in the logit order) and
+  `authors_ties_cross_split` (1 where a kept and a factored channel tie: which channels are
+  kept is then undefined).
+  """
+  bits = authors_weight_bits(logits)
+  channels = bits.shape[0]
+  kept_mask = jnp.zeros((channels,), bool).at[
+      jnp.argsort(-logits, stable=True)[: channels // 2]].set(True)
+  same = bits[:, None] == bits[None, :]
+  tied = jnp.sum(same, axis=1) > 1
+  crosses = jnp.any(same & kept_mask[:, None] & ~kept_mask[None, :])
+  return {
+      "authors_tied_channels": jnp.sum(tied).astype(jnp.int32),
+      "authors_tied_kept_channels": jnp.sum(tied & kept_mask).astype(jnp.int32),
+      "authors_ties_cross_split": crosses.astype(jnp.int32),
+  }
+
+
+def _xlogy_safe(p: Array) -> Array:
+  """p log p with 0 log 0 = 0 and finite gradients there (torch's KLDivLoss uses xlogy): the
+  weight generator's softmax over a constant input of size C underflows to exact zeros."""
+  positive = p > 0
+  return jnp.where(positive, p * jnp.log(jnp.where(positive, p, 1.0)), 0.0)
+
+
+class Transition(nn.Module):
+  """Squeeze, then the EIW Shuffle (`eiw=True`) or none, split in halves (see module doc)."""
+
+  channels: int  # after the squeeze
+  eiw: bool = True
+  reduction: int = 16
+  regularizer: str = "literal"
+
+  def setup(self) -> None:
+    c, hidden = self.channels, self.channels // self.reduction
+
+    def init(key, shape):  # torch allows C // r = 0 (an empty layer: s is uniform)
+      return nn.initializers.lecun_normal()(key, shape) if min(shape) else jnp.zeros(shape)
+
+    if self.eiw:
+      self.wg_fc0 = self.param("wg_fc0", init, (1, c // 2))
+      self.wg_fc2 = self.param("wg_fc2", init, (c // 2, c))
+      self.se_fc0 = self.param("se_fc0", init, (c, hidden))
+      self.se_fc2 = self.param("se_fc2", init, (hidden, c))
+
+  def logits(self) -> Array:
+    """The weight generator's logits W2 relu(W1 [C]) (a function of the constant C)."""
+    return weight_generator_logits(self.wg_fc0, self.wg_fc2, self.channels)
+
+  def weights(self) -> Array:
+    """g: the weight generator's softmax over channels, as the regulariser uses it."""
+    return jax.nn.softmax(self.logits())
+
+  def permutation(self) -> Array:
+    """Channels by descending logit (ties by index): g's order without its underflow."""
+    if not self.eiw:
+      return jnp.arange(self.channels)
+    return jnp.argsort(-self.logits(), stable=True)
+
+  def solver(self, z_sorted: Array) -> Array:
+    """s: the SE Solver's per-example softmax over the (sorted) channels."""
+    pooled = jnp.mean(z_sorted, axis=(1, 2))
+    return jax.nn.softmax(nn.relu(pooled @ self.se_fc0) @ self.se_fc2, axis=-1)
+
+  def regularizer_per_example(self, z_sorted: Array) -> Array:
+    g = self.weights()
+    s = self.solver(z_sorted)
+    target = jnp.log(s) if self.regularizer == "kl" else s
+    return jnp.sum(_xlogy_safe(g) - g * target, axis=-1)
+
+  def __call__(self, x: Array) -> tuple[Array, Array, Array, Array]:
+    """x -> (kept, factored, log N(factored), regularizer per example)."""
+    z = squeeze2d(x)
+    if z.shape[-1] != self.channels:
+      raise ValueError(f"transition: expected {self.channels} channels after the squeeze, "
+                       f"got shape {z.shape}.")
+    if self.eiw:
+      z = jnp.take(z, self.permutation(), axis=-1)
+      reg = self.regularizer_per_example(z)
+    else:
+      reg = jnp.zeros((x.shape[0],), x.dtype)
+    kept, factored = z[..., : self.channels // 2], z[..., self.channels // 2:]
+    return kept, factored, std_normal_log_prob(factored), reg
+
+  def inverse(self, kept: Array, factored: Array) -> Array:
+    z = jnp.concatenate([kept, factored], axis=-1)
+    if self.eiw:
+      z = jnp.take(z, jnp.argsort(self.permutation()), axis=-1)
+    return unsqueeze2d(z)
+
+  def diagnostics(self, x: Array) -> dict[str, Array]:
+    z = squeeze2d(x)
+    perm = self.permutation()
+    z = jnp.take(z, perm, axis=-1)
+    factored = z[..., self.channels // 2:]
+    # Differential entropy of N(0, I) per dimension, the prior of the factored half.
+    stats = {"factored_entropy": jnp.asarray(0.5 * math.log(2 * math.pi * math.e))}
+    del factored
+    if self.eiw:
+      g = self.weights()
+      mean_s = jnp.mean(self.solver(z), axis=0)
+      stats.update({
+          "g_entropy": -jnp.sum(_xlogy_safe(g)),
+          "mean_s_entropy": -jnp.sum(mean_s * jnp.log(mean_s)),
+          "regularizer": jnp.mean(self.regularizer_per_example(z)),
+          "permutation": perm,
+          "kept_channels": perm[: self.channels // 2],
+          **authors_weight_ties(self.logits()),
+      })
+    return stats
+
+
+class DenseFlowBackbone(nn.Module):
+  """The whole DenseFlow (+ EIW) model; methods mirror `MultiScaleFlow`'s plus `forward_x`."""
+
+  model: ml_collections.FrozenConfigDict  # the validated `config.model`
+  train: bool = False  # BatchNorm: batch statistics (True) or running ones (False)
+
+  def setup(self) -> None:
+    m, df = self.model, self.model.denseflow
+    memory = m.get("memory", "store")
+    if memory not in MEMORY_MODES:
+      raise ValueError(
+          f"model.memory={memory!r}: the denseflow backbone supports {MEMORY_MODES}; "
+          "'invert' (recompute activations by inverting the flow) is supported for the glow "
+          "backbone only."
+      )
+    shapes = denseflow_shapes(m)
+    self.shapes = shapes
+    self.dequantizer = VariationalDequantizer(
+        m.n_bits, df.dequant_steps, df.dequant_context_channels, df.dequant_mid_channels,
+        df.dequant_depth, df.dequant_growth, df.dequant_context_growth,
+        df.dequant_context_depth, name="dequantizer")
+    n = len(df.block_conf)
+    self.blocks = [
+        InvertibleDenseBlock(df.block_conf[b], df.layers_conf[b], df.layer_mid_chnls[b],
+                             df.growth_rate, df.coupling_depth, df.coupling_growth, memory,
+                             self.train, df.get("attention_landmarks", 4),
+                             m.get("scan_steps", True), name=f"block{b}")
+        for b in range(n)
+    ]
+    self.transitions = [
+        Transition(4 * (shapes["block_in"][b][2] + df.growth_rate * (df.block_conf[b] - 1)),
+                   m.split == "eiw", m.eiw.reduction, m.eiw.regularizer, name=f"transition{b}")
+        for b in range(n - 1)
+    ]
+    top_c = shapes["latents"][-1][2]
+    self.base_loc = self.param("base_loc", nn.initializers.zeros, (top_c,))
+    self.base_log_scale = self.param("base_log_scale", nn.initializers.zeros, (top_c,))
+
+  # ---- helpers ----------------------------------------------------------------------------
+  def _split_etas(self, augment: Sequence[Array]) -> list[list[Array]]:
+    expected = len(self.shapes["augment"])
+    if len(augment) != expected:
+      raise ValueError(f"augmentation noise: expected {expected} arrays, got {len(augment)}.")
+    out, start = [], 0
+    for units in self.model.denseflow.block_conf:
+      out.append(list(augment[start : start + units - 1]))
+      start += units - 1
+    return out
+
+  def base_log_prob(self, z: Array) -> Array:
+    ls, loc = self.base_log_scale, self.base_loc
+    return sum_except_batch(
+        -0.5 * math.log(2 * math.pi) - ls - 0.5 * jnp.exp(-2 * ls) * jnp.square(z - loc))
+
+  # ---- the maps ---------------------------------------------------------------------------
+  def forward(
+      self, y: Array, augment: Sequence[Array]
+  ) -> tuple[list[Array], Array, Array, dict[str, Any]]:
+    """y in [0,1]^D -> (latents, log-det incl. augmentation terms, log prior, aux).
+
+    aux: "regularizer" (per transition, per example) and "augmentation" (the cross-unit
+    terms alone, per example; already inside log-det, as the authors count them).
+    """
+    etas = self._split_etas(augment)
+    h = squeeze2d(y - 0.5)
+    log_det = jnp.zeros((y.shape[0],), y.dtype)
+    log_prior = jnp.zeros_like(log_det)
+    augmentation = jnp.zeros_like(log_det)
+    latents, regs = [], []
+    token = jnp.zeros((), jnp.float32)  # orders the units' recomputation across blocks
+    for b, block in enumerate(self.blocks):
+      h, ld, aug, token = block(h, etas[b], token)
+      log_det, augmentation = log_det + ld + aug, augmentation + aug
+      if b < len(self.transitions):
+        h, factored, lp, reg = self.transitions[b](h)
+        latents.append(factored)
+        log_prior, regs = log_prior + lp, regs + [reg]
+    latents.append(h)
+    log_prior = log_prior + self.base_log_prob(h)
+    return latents, log_det, log_prior, {"regularizer": regs, "augmentation": augmentation}
+
+  def forward_x(
+      self, x: Array, noise: dict[str, Any]
+  ) -> tuple[list[Array], dict[str, Any]]:
+    """uint8 x and its noise -> (latents, per-example ELBO terms, in nats).
+
+    Terms: dequant_log_det (-D n ln 2), dequant_log_q (log q(u|x)), log_det (flow log-dets
+    incl. augmentation), augmentation, log_prior, regularizer (list), elbo (the sum, the
+    authors' `log_prob`).
+    """
+    u, log_q = self.dequantizer(x, noise["dequant"])
+    y = (x.astype(u.dtype) + u) / 2.0**self.model.n_bits
+    latents, log_det, log_prior, aux = self.forward(y, noise["augment"])
+    dims = math.prod(x.shape[1:])
+    deq_ld = jnp.full((x.shape[0],), -dims * math.log(2.0**self.model.n_bits), y.dtype)
+    elbo = deq_ld - log_q + log_det + log_prior
+    terms = {
+        "dequant_log_det": deq_ld,
+        "dequant_log_q": log_q,
+        "log_det": log_det,
+        "augmentation": aux["augmentation"],
+        "log_prior": log_prior,
+        "regularizer": aux["regularizer"],
+        "elbo": elbo,
+    }
+    return latents, terms
+
+  def inverse(self, latents: Sequence[Array]) -> Array:
+    """latents -> y (the augmented channels are dropped, as the authors' inverse does)."""
+    h = latents[-1]
+    for b in reversed(range(len(self.blocks))):
+      if b < len(self.transitions):
+        h = self.transitions[b].inverse(h, latents[b])
+      h = self.blocks[b].inverse(h)
+    return unsqueeze2d(h) + 0.5
+
+  def generate(self, rng: Array, num: int, temperature: float) -> tuple[Array, list[Array]]:
+    """Base and factored halves drawn with std scaled by `temperature`, then decoded."""
+    shapes = self.shapes["latents"]
+    rngs = jax.random.split(rng, len(shapes))
+    top = self.base_loc + temperature * jnp.exp(self.base_log_scale) * jax.random.normal(
+        rngs[-1], (num, *shapes[-1]))
+    latents = [temperature * jax.random.normal(r, (num, *s)) for r, s in zip(rngs, shapes[:-1])]
+    latents.append(top)
+    return self.inverse(latents), latents
+
+  def prior_means(self, latents: Sequence[Array]) -> list[Array]:
+    means = [jnp.zeros_like(z) for z in latents[:-1]]
+    return means + [jnp.broadcast_to(self.base_loc, latents[-1].shape)]
+
+  def diagnostics(self, y: Array, augment: Sequence[Array]) -> list[dict[str, Array]]:
+    etas = self._split_etas(augment)
+    h = squeeze2d(y - 0.5)
+    stats = []
+    for b, block in enumerate(self.blocks[:-1]):
+      h = block(h, etas[b])[0]
+      stats.append(self.transitions[b].diagnostics(h))
+      h = self.transitions[b](h)[0]
+    return stats
+
