@@ -1,10 +1,7 @@
 """`python -m eiw_flow_jax.main`: train, evaluate or sample (`eiw_flow_jax.commands.main`)."""
 
+import runpy
+
 if __name__ == "__main__":
-  from eiw_flow_jax.host.process import prepare_command_process
-
-  prepare_command_process()  # before JAX is imported
-
-  from eiw_flow_jax.commands import main
-
-  main.cli()
+  # Runs the command's module as __main__, so that absl's --help lists its flags and usage.
+  runpy.run_module("eiw_flow_jax.commands.main", run_name="__main__", alter_sys=True)

@@ -1,7 +1,8 @@
 """`python -m eiw_flow_jax.table`: runs' results against published bits/dim
 (`eiw_flow_jax.commands.table`)."""
 
-if __name__ == "__main__":
-  from eiw_flow_jax.commands import table
+import runpy
 
-  table.cli()
+if __name__ == "__main__":
+  # Runs the command's module as __main__, so that absl's --help lists its flags and usage.
+  runpy.run_module("eiw_flow_jax.commands.table", run_name="__main__", alter_sys=True)
