@@ -1,5 +1,5 @@
-"""The docs cite only what exists: every name README.md and docs/*.md put in backticks, and every
-command in their bash blocks, is looked up in the repository.
+"""The docs cite only what exists: every name README.md, docs/*.md and launch/README.md put in
+backticks, and every command in their bash blocks, is looked up in the repository.
 
 How a cited token is read, by its shape (the first rule that applies):
 
@@ -57,7 +57,7 @@ from eiw_flow_jax.config.schema import base_config
 
 ROOT = Path(REPO)
 THIS_FILE = "tests/test_docs.py"
-DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "launch" / "README.md"]
 
 # Outside the repository: data and checkpoints users bring, the authors' code, library and tool
 # names that are not importable here (torch, TensorFlow's formats, shell commands).
@@ -79,6 +79,7 @@ LIBRARIES = {
     "optax": "optax", "ocp": "orbax.checkpoint", "orbax": "orbax", "tfds": "tensorflow_datasets",
     "np": "numpy", "numpy": "numpy", "etils": "etils", "grain": "grain",
     "ml_collections": "ml_collections", "absl": "absl",
+    "multihost_utils": "jax.experimental.multihost_utils",
 }
 # Where CamelCase names not defined in the package are looked for.
 CLASS_LIBRARIES = ("jax", "jax.sharding", "flax.linen", "flax.errors", "orbax.checkpoint",
@@ -275,6 +276,12 @@ class Repository:
     self.all_flags = set().union(*self.flags.values(), *self.script_flags.values(),
                                  launch_words, PYTEST_FLAGS)
     self.words = self._known_words()
+    self.package_strings = {
+        node.value for file in self.files
+        if file.startswith(("eiw_flow_jax/", "configs/")) and file.endswith(".py")
+        for node in ast.walk(ast.parse((root / file).read_text()))
+        if isinstance(node, ast.Constant) and isinstance(node.value, str)
+        and "\n" not in node.value and len(node.value) < 100}
 
   def _known_words(self) -> set[str]:
     """Identifiers the repository's Python defines or uses, and its string values."""
@@ -490,8 +497,10 @@ def command_problems(command: str, repo: Repository) -> list[str]:
 def token_problem(token: str, repo: Repository, defined: set[str]) -> str | None:
   """Why `token` names nothing in the repository, or None (see the module docstring)."""
   token = token.strip()
-  if token in EXTERNAL or token in SHOWN_ERRORS or token in defined or token in repo.words:
-    return None  # (repo.words: also a string the code holds, e.g. a dataset's TFDS name)
+  if token in EXTERNAL or token in SHOWN_ERRORS or token in defined:
+    return None
+  if token in repo.package_strings:  # a value the package holds: a TFDS name, a glibc tunable
+    return None
   if token.startswith(("python ", "python3 ", ".venv/bin/python ", "bench/", "tools/",
                        "launch/", "pip ")) and " " in token:
     problems = command_problems(token, repo)
@@ -516,8 +525,9 @@ def token_problem(token: str, repo: Repository, defined: set[str]) -> str | None
     return token_problem(assignment.group(1), repo, defined)
   quoted = re.fullmatch(r"([\"'])([\w.-]+)\1", token)
   if quoted:
-    return None if quoted.group(2) in repo.words or quoted.group(2) in defined else (
-        f"no value {quoted.group(2)!r} in the code")
+    value = quoted.group(2)
+    return None if value in repo.package_strings or value in repo.words or value in defined else (
+        f"no value {value!r} in the code")
   if "://" in token or token.startswith(("/", "~", "$")):
     return None
   if " " not in token and ("/" in token or token.endswith(FILE_SUFFIXES)) and not re.fullmatch(
@@ -528,8 +538,6 @@ def token_problem(token: str, repo: Repository, defined: set[str]) -> str | None
       return None if PLACEHOLDER.search(last) or last in repo.words else (
           f"no TensorBoard tag {token}")
     if PLACEHOLDER.search(path) or path.split("/")[0] in OUTPUT_ROOTS:
-      return None
-    if path in repo.words:  # a dataset name such as downsampled_imagenet/32x32
       return None
     path = path.split(":")[0]
     if not repo.has_path(path):
