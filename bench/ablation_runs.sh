@@ -14,6 +14,7 @@
 # OUT_DIR/.claims and start the script again. Each run writes OUT_DIR/VARIANT/seedS/
 # (TensorBoard events, results.json, train.log) and appends "variant seed wall_seconds
 # exit_code" to OUT_DIR/times.tsv. Run from the repository root; PYTHON picks the interpreter.
+# The mnist_idx suite reads the MNIST idx files from MNIST_DIR (--config.dataset.source_dir).
 set -u
 suite=${1:?usage: bench/ablation_runs.sh mnist_idx|digits OUT_DIR [SEEDS...]}
 out=${2:?usage: bench/ablation_runs.sh mnist_idx|digits OUT_DIR [SEEDS...]}
@@ -25,7 +26,9 @@ case "$suite" in
   mnist_idx)
     # BUDGET: L=2, K=4, hidden 64, batch 32, 600 steps (~2.1 epochs of the 9000 images), test
     # bpd every 200 steps. About 2.5 minutes per run on 2 quiet CPU cores, ~10 on a loaded one.
-    common=(--config=configs/mnist_idx.py --config.model.steps_per_level=4
+    mnist_dir=${MNIST_DIR:?set MNIST_DIR to the directory of the MNIST idx files}
+    common=(--config=configs/mnist_idx.py --config.dataset.source_dir="$mnist_dir"
+            --config.model.steps_per_level=4
             --config.model.hidden_channels=64 --config.batch_size=32
             --config.num_train_steps=600 --config.optimizer.warmup_steps=100
             --config.log_every_steps=50 --config.eval_every_steps=200

@@ -13,6 +13,7 @@ with --steps N, the median of N train steps after one warm-up. With --topology (
 installed) the step is compiled deviceless for that TPU topology, data-parallel over its chips,
 --batch images per chip; `memory_analysis()` then gives the chip's temporaries. Processes run
 one at a time, so compiles do not overlap; the machine's other load still shows in wall times.
+A child that fails prints {"k": ..., "error": ...} and the command exits 1 after the others.
 """
 
 from __future__ import annotations
@@ -88,8 +89,8 @@ def child(args: argparse.Namespace) -> None:
     out["temp_gib_per_chip"] = round(analysis.temp_size_in_bytes / 2**30, 2)
     out["gflop"] = round(float(cost.get("flops", 0.0)) / 1e9, 1)
   if args.steps and not args.topology:
-    x = np.random.default_rng(0).integers(0, 256, (args.batch, *config.model.image_shape),
-                                          dtype=np.uint8)
+    x = np.random.default_rng(0).integers(0, 2**config.model.n_bits,
+                                          (args.batch, *config.model.image_shape), dtype=np.uint8)
     variables = flow.init(jax.random.PRNGKey(0), x)
     # Through host copies: params and EMA must not share a buffer (the step donates both).
     state = jax.device_get(train_state.state_from_variables(tx, variables))
@@ -121,6 +122,8 @@ def main() -> None:
   parser.add_argument("--topology", default="",
                       help="compile for this TPU topology instead (e.g. v5e:2x2; needs "
                       "jax[tpu]); --batch is then per chip")
+  parser.add_argument("--xla_flags", default="",
+                      help="XLA_FLAGS of the compiling processes (default: none, XLA's defaults)")
   parser.add_argument("--child", action="store_true")
   parser.add_argument("--k", type=int)
   parser.add_argument("--scan")
@@ -132,9 +135,10 @@ def main() -> None:
   from eiw_flow_jax.host import threads as host_threads
 
   env = host_threads.blas_thread_environ({**os.environ, "PYTHONPATH": REPO})
-  env.pop("XLA_FLAGS", None)  # XLA's defaults
+  env["XLA_FLAGS"] = args.xla_flags  # empty: XLA's defaults, whatever this process has
   variants = args.variants.split(",")
   runs = [int(k) for k in args.ks.split(",") for _ in range(args.repeats)]
+  failed = False
   for index, k in enumerate(runs):
     order = variants if index % 2 == 0 else variants[::-1]
     for scan in order:
@@ -146,8 +150,11 @@ def main() -> None:
       lines = [ln for ln in result.stdout.splitlines() if ln.startswith("{")]
       if result.returncode or not lines:
         print(json.dumps({"k": k, "scan": scan, "error": result.stderr[-2000:]}), flush=True)
+        failed = True
       else:
         print(lines[-1], flush=True)
+  if failed:
+    sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,13 @@
-"""MNIST read offline from the original idx files in config.dataset.source_dir (no TFDS catalog).
+"""MNIST read offline from the original idx files (no TFDS catalog, no download).
 
-The default source_dir, "../shared/data/mnist", is relative to the current directory (run from
-the repository root). It holds only the 10k MNIST test files, which the data layer splits
-deterministically into 9000 train / 1000 test images; with the 60k train files there as well,
-the real 60000/10000 split is used. Same Glow-style model as configs/mnist.py, with a smaller
-batch and fewer steps because 9000 training images overfit quickly.
+The files come from the user: `--config.dataset.source_dir=DIR` names a directory holding MNIST's
+idx files (from an MNIST mirror). With only the 10k test files (t10k-images-idx3-ubyte.gz,
+t10k-labels-idx1-ubyte.gz) the data layer splits them deterministically into 9000 train /
+1000 test images; with the 60k train files there as well, the real 60000/10000 split is used.
+Once prepared into config.dataset.data_dir the directory is no longer needed. Without it (and
+without a prepared copy) the run stops before any compute with one line naming the flag.
+Same Glow-style model as configs/mnist.py, with a smaller batch and fewer steps because 9000
+training images overfit quickly.
 """
 
 from eiw_flow_jax.config import recipes
@@ -16,5 +19,4 @@ def get_config():
       num_train_steps=10_000,  # ~70 epochs of 9000 images
       warmup_steps=500, checkpoint_every_steps=1000, eval_every_steps=2000,
   )
-  config.dataset.source_dir = "../shared/data/mnist"
   return config

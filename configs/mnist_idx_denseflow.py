@@ -1,8 +1,8 @@
 """A small DenseFlow (the paper's backbone) on MNIST read offline from idx files, for CPU runs.
 
-Data as configs/mnist_idx.py (`../shared/data/mnist` relative to the repository root; the 10k
-test files split 9000 train / 1000 test, or the real 60k/10k split when the train files are
-there), 8-bit pixels. The model is shrunk to a 2-core CPU budget: two dense blocks (14x14x4 ->
+Data as configs/mnist_idx.py (the idx files in `--config.dataset.source_dir=DIR`; the 10k test
+files split 9000 train / 1000 test, or the real 60k/10k split when the train files are there),
+8-bit pixels. The model is shrunk to a 2-core CPU budget: two dense blocks (14x14x4 ->
 transition -> 7x7x8, so the Nystrom attention uses 7 landmarks, `attention_landmarks`, instead
 of the authors' 4, which need H*W divisible by 4), 2 + 1 units of 2 coupling layers, coupling
 nets 16 wide (depth 2, growth 8), growth_rate 2, a 2-step dequantizer. The budget of the
@@ -18,7 +18,6 @@ from eiw_flow_jax.config.schema import base_config
 def get_config():
   config = base_config()
   config.dataset.name = "mnist_idx"
-  config.dataset.source_dir = "../shared/data/mnist"
   config.model.backbone = "denseflow"
   config.model.image_shape = (28, 28, 1)
   config.model.n_bits = 8

@@ -77,7 +77,11 @@ def test_digits_compiles_for_four_chips_with_data_parallelism(digits_run):
   held = state["params"] + state["ema"] + state["optimizer"] + state["constants"]
   assert held <= train_memory["arguments"] < 4 * held
   assert train_memory["aliased"] >= held - 2**12
-  assert train_memory["temporaries"] >= 0  # 0 for digits' scanned steps on v5e
+  # The total is the compiler's buffer assignment, temporaries included (digits' scanned steps
+  # need none on v5e; the reduced CIFAR-10 test below checks temporaries that are there).
+  assert r["train_total"] == (
+      train_memory["arguments"] + train_memory["outputs"] - train_memory["aliased"]
+      + train_memory["temporaries"] + train_memory["code"])
   assert r["train_total"] >= held
   assert r["train_total"] < r["hbm_bytes"] == int(15.75 * chips.GiB)
   assert r["eval"] is not None and r["eval_total"] > r["eval"]["arguments"]

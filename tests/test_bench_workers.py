@@ -78,7 +78,7 @@ def _in_peer_script_process(body: str):
   the script defines its absl flags, once per process. Returns the printed value."""
   code = (f"import json, sys; sys.path.insert(0, {os.path.join(REPO, 'bench')!r}); "
           "import peer_pytorch\n" + body)
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
                        timeout=120, check=True).stdout
   return json.loads(out)
 
@@ -101,7 +101,7 @@ def test_peer_benchmark_names_missing_extras():
 def test_peer_benchmark_config_variants():
   parsed = _in_peer_script_process(
       "from ml_collections import ConfigDict\n"
-      "from eiw_flow_jax.config import base_config\n"
+      "from eiw_flow_jax.config.schema import base_config\n"
       "name, fields = peer_pytorch.config_variant_fields("
       "'pe=model.split=eiw,model.eiw.mode=per_example,model.eiw.beta=3.0')\n"
       "config = base_config()\n"

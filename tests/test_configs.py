@@ -5,6 +5,8 @@ from __future__ import annotations
 import glob
 import importlib.util
 import os
+import subprocess
+import sys
 
 import pytest
 from conftest import REPO
@@ -130,9 +132,31 @@ def test_unknown_hardware_variant_names_the_known_ones():
     _load_module(os.path.join(REPO, "configs", "digits.py")).get_config("v5e_16")
 
 
-def test_mnist_idx_points_at_shared_data():
-  config = load_config("mnist_idx")
-  assert config.dataset.source_dir == "../shared/data/mnist"
+@pytest.mark.parametrize("name", ["mnist_idx", "mnist_idx_denseflow"])
+def test_mnist_idx_source_dir_comes_from_the_user(name):
+  assert load_config(name).dataset.source_dir == ""
+
+
+@pytest.mark.parametrize("given", ["", "empty", "missing"])
+def test_mnist_idx_without_files_is_one_line_naming_the_flag(tmp_path, env, given):
+  """`python -m eiw_flow_jax.main` on configs/mnist_idx.py without the idx files (none given, an
+  empty directory, a missing one) stops before any compute with one line naming the flag and
+  where the files come from."""
+  (tmp_path / "empty").mkdir()
+  source = str(tmp_path / given) if given else ""
+  workdir = tmp_path / "work"
+  result = subprocess.run(
+      [sys.executable, "-m", "eiw_flow_jax.main",
+       f"--config={os.path.join(REPO, 'configs', 'mnist_idx.py')}", f"--workdir={workdir}",
+       f"--config.dataset.data_dir={tmp_path / 'tfds'}", f"--config.dataset.source_dir={source}"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 1, result.stderr[-3000:]
+  errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+  assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+  found = {"": "is empty", "empty": "which lacks", "missing": "which does not exist"}[given]
+  for needle in ("--config.dataset.source_dir=DIR", "MNIST mirror", found):
+    assert needle in errors[0]
+  assert not (workdir / "checkpoints").exists() and not (tmp_path / "tfds" / "mnist_idx").exists()
 
 
 def _bad(**overrides):

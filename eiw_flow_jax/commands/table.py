@@ -12,21 +12,10 @@ number and the gap (measured minus published; negative is better than the paper)
 whose results.json is missing, unreadable or lacks fields is reported and skipped (a warning per
 workdir); with --strict it is an error. No run found at all is an error.
 
-Published numbers (test bits/dim, 8-bit data unless said otherwise), each from the paper named
-in `REFERENCES` (the same figures as the table in EIW_FLOW.md):
-
-| benchmark | RealNVP | Glow | Flow++ | DenseFlow |
-| --- | --- | --- | --- | --- |
-| CIFAR-10 | 3.49 | 3.35 | 3.08 | 2.98 |
-| ImageNet 32x32 (van den Oord et al.) | 4.28 | 4.09 | 3.86 | 3.63 |
-| ImageNet 64x64 (van den Oord et al.) | 3.98 | 3.81 | 3.69 | 3.35 |
-| CelebA 64x64, 8-bit | 3.02 | | | 1.99 |
-| CelebA-HQ 256x256, 5-bit | | 1.03 | | |
-| LSUN bedroom 64x64 | 2.72 | 2.38 | | |
-| LSUN church outdoor 64x64 | 3.08 | 2.67 | | |
-
-EIW-Flow's own numbers (arXiv:2407.04958) are not included: they could not be checked against
-the paper with a page reference here, so none is quoted (see EIW_FLOW.md). Runs on datasets
+Published numbers (test bits/dim, 8-bit data unless said otherwise) are `BENCHMARKS`, each
+from the paper named in `REFERENCES`; docs/formulation.md shows them as a table (which
+tests/test_docs.py keeps equal to `BENCHMARKS`). EIW-Flow's own numbers (arXiv:2407.04958) are
+not included: they could not be checked against the paper with a page reference. Runs on datasets
 without a published number (digits, mnist_idx, imagenet*_resized, ...) get none; a CelebA run
 is compared only with numbers of its bit depth (`n_bits`) and resolution.
 """

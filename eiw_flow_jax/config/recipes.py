@@ -132,7 +132,7 @@ def hardware_variant(config: ml_collections.ConfigDict, hardware: str | None,
 
 
 
-# Glow's LSUN setup (configs/lsun_*.py); 16 images on a 16 GiB v5e chip fit as stored (7.27 GiB).
+# Glow's LSUN setup (configs/lsun_*.py); 16 images on a 16 GiB v5e chip fit as stored.
 LSUN_HARDWARE = {"v5e_16": {}}
 
 
@@ -146,13 +146,10 @@ def glow_lsun(dataset: str, hardware: str = "") -> ml_collections.ConfigDict:
   Evaluated on "validation" (LSUN has no public test split). Hardware: 8 accelerators with
   >= 16 GB each, 32 images per device.
 
-  Memory per device, from the TPU compiler (scanned steps, `store`), TPU v5e, float32 coupling
-  networks: at 32 images a chip 11.90 GiB of the 15.75 the compiler allows (arguments 1.00,
-  temporaries 10.86), 4572 GFLOP per chip per step, roofline >= 148 ms a step, >= 12.3 h for
-  300k steps on 8 chips; at 16 images a chip 7.27 GiB (arguments 1.00, temporaries 6.23),
-  2287 GFLOP, roofline >= 100 ms a step, >= 8.3 h on 16 chips. Command: `python -m
-  eiw_flow_jax.aot --config=configs/lsun_bedroom.py --topology=v5e:2x2 --per_device_batch=32
-  --noeval` (docs/tpu.md). `:v5e_16` (16 chips of 16 GiB, 16 images each): as is.
+  Memory per device and roofline on TPU v5e at 32 and 16 images a chip (both fit a 16 GiB chip):
+  the LSUN rows of docs/tpu.md, from `python -m eiw_flow_jax.aot --config=configs/lsun_bedroom.py
+  --topology=v5e:2x2 --per_device_batch=32 --noeval`. `:v5e_16` (16 chips of 16 GiB, 16 images
+  each): as is.
   """
   config = glow_recipe(
       dataset, image_shape=(64, 64, 3), num_levels=3, steps_per_level=48, batch_size=256,

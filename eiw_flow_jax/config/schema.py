@@ -62,7 +62,7 @@ def base_config() -> ml_collections.ConfigDict:
   # or "float32" cast to it, while parameters, log-determinants, priors and the loss stay in the
   # inputs' dtype.
   config.model.dtype = "auto"
-  # How convolutions are computed (eiw_flow_jax/kernels): "auto" takes the XLA:CPU forms
+  # How convolutions are computed (eiw_flow_jax/model/kernels): "auto" takes the XLA:CPU forms
   # (matmuls) in programs compiled for the CPU and convolutions elsewhere; "portable" takes the
   # convolutions everywhere (to run on CPU what a TPU or GPU program computes).
   config.model.kernels = "auto"

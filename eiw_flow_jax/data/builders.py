@@ -98,7 +98,8 @@ class MnistIdxBuilder(_OfflineBuilder, skip_registration=True):
   ]
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
       "Put the MNIST idx files (" + ", ".join(MNIST_FILES["t10k"] + MNIST_FILES["train"]) + ")"
-      " in a directory and set config.dataset.source_dir to it; the train-* files are optional."
+      " in a directory and pass it as --config.dataset.source_dir=DIR; the train-* files are"
+      " optional."
   )
 
   def _split_generators(self, dl_manager: Any) -> dict[str, Any]:
@@ -136,17 +137,16 @@ def mnist_idx_builder(data_dir: str, source_dir: str) -> tfds.core.DatasetBuilde
       return builder
   required = MNIST_FILES["t10k"]
   if source is None:
-    found = "config.dataset.source_dir is unset"
+    found = "config.dataset.source_dir is empty"
   elif not source.is_dir():
     found = f"looked in {source}, which does not exist"
   else:
     missing = [name for name in required if find_idx(source, name) is None]
     found = f"looked in {source}, which lacks {missing}"
   raise FileNotFoundError(
-      f"Dataset 'mnist_idx' needs the MNIST idx files {list(required)} (optionally also "
-      f"{list(MNIST_FILES['train'])} for the full train set; uncompressed copies without .gz "
-      f"work too) in config.dataset.source_dir, but {found}; nor is a prepared copy under "
-      f"{data_dir}/mnist_idx. Download the files from an MNIST mirror (e.g. "
-      f"https://ossci-datasets.s3.amazonaws.com/mnist/) into a directory and set "
-      f"config.dataset.source_dir to it."
+      f"Dataset 'mnist_idx' reads the MNIST idx files {list(required)} (optionally also "
+      f"{list(MNIST_FILES['train'])} for the full train set; copies without .gz work too) from "
+      f"the directory given by --config.dataset.source_dir=DIR, but {found}, and "
+      f"{data_dir}/mnist_idx holds no prepared copy. The files are MNIST's own distribution: "
+      f"download them from an MNIST mirror (e.g. https://ossci-datasets.s3.amazonaws.com/mnist/)."
   )

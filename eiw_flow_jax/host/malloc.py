@@ -1,19 +1,17 @@
 """Host memory: glibc's malloc tuned for XLA:CPU's per-step buffers (re-executes the CLI once).
 
-XLA:CPU allocates a step's temporaries as large blocks (hundreds of MiB at the CIFAR config).
-By default glibc serves blocks above its mmap threshold (at most 32 MiB) with a fresh `mmap`
-and returns them with `munmap`, so every step page-faults its whole working set again in 4 KiB
-pages: ~70,000 minor faults and ~0.27 s of kernel time per CIFAR benchmark step on 2 cores
-(docs/performance.md). glibc tunables (glibc 2.26+; hugetlb 2.35+) that change this:
+XLA:CPU allocates a step's temporaries as large blocks. By default glibc serves blocks above its
+mmap threshold (at most 32 MiB) with a fresh `mmap` and returns them with `munmap`, so every
+step page-faults its whole working set again in 4 KiB pages. glibc tunables (glibc 2.26+;
+hugetlb 2.35+) that change this (what each gains: docs/performance.md, "Host settings"):
 
 * Huge pages (`HUGE_PAGES`, the default where the kernel's THP mode is `madvise`): the blocks on
-  2 MiB transparent huge pages, ~500 faults a step. CIFAR benchmark step 0.77-0.80x the time.
+  2 MiB transparent huge pages, a few hundred faults a step instead of tens of thousands.
 * Heap reuse (`HEAP_REUSE`, opt-in: `EIW_FLOW_JAX_HOST_MALLOC=reuse`): one arena, no mmap'd
   chunks and no trimming, so a freed block stays mapped and the next step reuses it: 0 faults
   a step after the first. (XLA's threads otherwise allocate from per-thread arenas, whose heaps
   are capped at 64 MiB and which mmap anything larger regardless of `mmap_max`.) Not the
-  default: the single arena serialises the threads' mallocs, which made smaller models' steps
-  1.1-1.8x slower (digits, widths 32-128), against 0.95-1.03x for the CIFAR config back to back;
+  default: the single arena serialises the threads' mallocs, which slows smaller models' steps,
   and freed memory is kept for reuse, so the resident size stays at its peak.
 
 glibc reads tunables once, at process start, so the command line re-executes itself with them

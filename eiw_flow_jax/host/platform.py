@@ -1,6 +1,6 @@
 """Whether this process's JAX computations will run on the CPU, decided before JAX loads.
 
-The command line's host settings (`host_malloc`: glibc malloc tunables, `host_threads`: one
+The command line's host settings (`malloc`: glibc malloc tunables, `threads`: one
 OpenBLAS thread) are for XLA:CPU's step: its buffers, its LAPACK calls. On a TPU or GPU host the
 step runs on the accelerator, and they are left alone. JAX itself can tell only once it has
 loaded its backends (seconds, and then too late for both settings), so this decides cheaply

@@ -2,8 +2,8 @@
 
 Where the step runs on the CPU (`platform.runs_on_cpu`), the process re-executes itself with
 glibc malloc tunables for XLA:CPU's buffers (`malloc`) and limits OpenBLAS to one thread under
-XLA's LAPACK calls (`threads`). The re-executed process then imports JAX once, not twice (~4 s
-per start). On a TPU or GPU host both are left alone.
+XLA's LAPACK calls (`threads`). Both happen before JAX is imported, so the re-executed process
+imports it once, not twice. On a TPU or GPU host both are left alone.
 """
 
 from __future__ import annotations

@@ -3,11 +3,9 @@
 On CPU, jaxlib computes LU factorisations and triangular solves (DenseFlow's 1x1 convolutions
 take `slogdet` of their weight every step; Glow's `inverse_method="solve"`) by LAPACK custom
 calls into scipy's OpenBLAS, which by default starts a worker thread per core. Those workers
-compete with XLA's own thread pool for the same cores: inside a DenseFlow train step one
-308x308 LU took 24-38 ms and 32x32 triangular solves 5-6 ms each, against 0.75 ms for the LU
-and its gradient alone. With `OPENBLAS_NUM_THREADS=1` they drop out of the profile and the
-DenseFlow CIFAR-10 step (batch 16, layers_conf 1,1,1, 2 cores) took 0.91-0.97x the time at the
-min and 0.81-0.92x at the median (docs/performance.md).
+compete with XLA's own thread pool for the same cores, and the LU calls inside a DenseFlow step
+take many times their time alone; with `OPENBLAS_NUM_THREADS=1` they drop out of the profile and
+the step is faster (measured: docs/performance.md, "Host settings").
 
 OpenBLAS reads the variable once, when it is loaded, so the command line sets it before it
 imports JAX (`limit_blas_threads`); a value the user set is left as it is. In a notebook, set
