@@ -126,17 +126,19 @@ EIGHT_DEVICES = textwrap.dedent(
     import jax, numpy as np
     sys.path.insert(0, {tests!r})
     from test_train import tiny_config
-    from eiw_flow_jax.training import optimizer, sharding, train_state
+    from eiw_flow_jax.data import pipeline
+    from eiw_flow_jax.training import sharding
+    from eiw_flow_jax.training.run import Run
 
     assert jax.device_count() == 8, jax.devices()
     config = tiny_config({data_dir!r})
-    flow, tx = build_flow(config), optimizer.make_optimizer(config)
     images = pipeline.load_examples(config, "train", 64)
     out = {{}}
     for n in (1, 8):
       mesh = sharding.make_mesh(jax.devices()[:n])
-      state = train_state.create_state(config, flow, tx, mesh, images)
-      step = train_step.make_train_step(config, flow, tx, mesh)
+      run = Run.build(config, mesh)
+      state = run.create_state(images)
+      step = run.train_step()
       losses = []
       for i in range(3):
         batch = sharding.global_batch(images[16 * i : 16 * (i + 1)], sharding.batch_sharding(mesh))
