@@ -193,7 +193,6 @@ def has_checkpoints(workdir: str) -> bool:
     return False
 
 
-
 # ----------------------------------------------------------------------------------------------
 # What a checkpoint holds, by leaf name ("params/level0_steps/..."), against what is restored.
 
