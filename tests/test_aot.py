@@ -18,6 +18,7 @@ from conftest import REPO
 
 from eiw_flow_jax import aot
 from eiw_flow_jax.aot import chips, compiler, report, search, topology
+from eiw_flow_jax.commands import aot as aot_command
 from eiw_flow_jax.model.flow import build_flow
 from eiw_flow_jax.training import optimizer, sharding, train_state
 
@@ -30,13 +31,13 @@ TOPOLOGY = "v5e:2x2"
 
 
 def digits_config():
-  return aot.load_config(f"{REPO}/configs/digits.py")
+  return aot_command.load_config(f"{REPO}/configs/digits.py")
 
 
 def reduced_cifar_config(steps: int = 2, width: int = 512):
   """configs/cifar10.py with K steps per level (32 published), unrolled (one compile whose own
   cost analysis counts every step): the same network otherwise."""
-  config = aot.load_config(f"{REPO}/configs/cifar10.py")
+  config = aot_command.load_config(f"{REPO}/configs/cifar10.py")
   config.model.steps_per_level = steps
   config.model.scan_steps = False
   config.model.hidden_channels = width
@@ -195,10 +196,10 @@ def test_parse_oom_reads_the_compilers_figures():
   assert compiler.parse_oom("INTERNAL: something else") is None
 
 
-@pytest.mark.parametrize("topology", ["v5e", "v5e:2y2", "tpu"])
-def test_a_bad_topology_is_an_error_naming_it(topology):
+@pytest.mark.parametrize("name", ["v5e", "v5e:2y2", "tpu"])
+def test_a_bad_topology_is_an_error_naming_it(name):
   with pytest.raises(aot.AotError, match="--topology must look like v5e:2x2"):
-    topology.topology_devices(topology)
+    topology.topology_devices(name)
 
 
 def test_multi_slice_topologies_have_every_slice():

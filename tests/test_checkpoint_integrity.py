@@ -24,9 +24,11 @@ import pytest
 from conftest import REPO, copy_of_run
 from test_train import cli_args, finalized_steps, tiny_config
 
+import eiw_flow_jax
 from eiw_flow_jax.commands import main
 from eiw_flow_jax.model.flow import build_flow
 from eiw_flow_jax.training import evaluate, optimizer, resume, sharding, train_loop, train_state
+from eiw_flow_jax.training.run import Run
 from eiw_flow_jax.workdir import background_errors, checkpointing, digests, storage
 
 # ------------------------------------------------------------------------------------------------
@@ -54,10 +56,11 @@ def _leaf_names(tree) -> list[str]:
           for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
-def flip_bytes_silently(step_dir: str, abstract_state) -> list[str]:
+def flip_bytes_silently(step_dir: str, abstract_state, within: str = "") -> list[str]:
   """Flips 8 bytes in the middle of one of the step's data files such that Orbax still restores
-  it (the flip lands in array data, which has no checksum) but values change. Returns the names
-  of the arrays that changed. Candidates are tried in a fixed order (deterministic)."""
+  it (the flip lands in array data, which has no checksum) but values change, in an array whose
+  name starts with `within`. Returns the names of the arrays that changed. Candidates are tried
+  in a fixed order (deterministic)."""
   state_dir = os.path.join(step_dir, checkpointing.STATE)
   checkpointer = ocp.StandardCheckpointer()
   original = jax.device_get(checkpointer.restore(state_dir, abstract_state))
@@ -85,11 +88,12 @@ def flip_bytes_silently(step_dir: str, abstract_state) -> list[str]:
                 names, jax.tree.leaves(original), jax.tree.leaves(damaged), strict=True)
             if not np.array_equal(np.asarray(a), np.asarray(b), equal_nan=True)
         ]
-        if changed:
+        if any(name.startswith(within) for name in changed):
           return changed
       with open(file, "wb") as f:
         f.write(raw)
-  pytest.fail("no flip of 8 bytes in the middle of a data file restored with changed values")
+  pytest.fail(f"no flip of 8 bytes in the middle of a data file restored with changed values "
+              f"of {within or 'any array'}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -147,15 +151,52 @@ def test_flipped_bytes_fall_back_to_the_previous_checkpoint_naming_the_array(
   assert resume.restore_for_inference(longer, workdir).step == 30
 
 
-def test_a_checkpoint_without_digests_still_restores(trained, tmp_path, caplog):
-  """Checkpoints saved before digests existed restore (unverified, said at info level)."""
+def test_load_verifies_the_digests_of_what_it_reads(trained, tmp_path, caplog):
+  """`eiw_flow_jax.load` reads only the EMA parameters and constants, and verifies them: a
+  flipped byte in the EMA parameters of the newest checkpoint falls back to the one before,
+  naming the array; with no checkpoint left, one CheckpointError line."""
+  config, _ = trained
+  workdir = copy_of_run(trained, tmp_path)
+  step_dir = os.path.join(workdir, checkpointing.CHECKPOINT_DIR, "20")
+  changed = flip_bytes_silently(step_dir, Run.build(config).abstract_state, within="ema_params/")
+  expected = jax.device_get(resume.restore_for_inference(config, workdir).state.ema_params)
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    loaded = eiw_flow_jax.load(workdir)
+  assert loaded.step == 10
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded.variables["params"]),
+               expected)
+  lines = [r.getMessage() for r in caplog.records if "does not match the digest" in r.getMessage()]
+  assert len(lines) == 1 and lines[0].startswith("Checkpoint at step 20 in "), caplog.text
+  named = lines[0].split(" is corrupt: array ")[1].split(" does not match")[0]
+  assert named in changed and not named.startswith("params/"), (named, changed)
+  assert finalized_steps(workdir) == [10, 20]  # read-only: nothing moved aside
+
+  shutil.rmtree(os.path.join(workdir, checkpointing.CHECKPOINT_DIR, "10"))
+  with pytest.raises(checkpointing.CheckpointError) as info:
+    eiw_flow_jax.load(workdir)
+  assert "\n" not in str(info.value)
+  assert "None of the checkpoints [20]" in str(info.value)
+
+
+def test_a_checkpoint_without_digests_restores_with_a_warning_naming_it(
+    trained, tmp_path, caplog
+):
+  """Checkpoints saved before digests existed restore on every path (eval, `load`, training),
+  unverified, with a warning naming the checkpoint."""
   config, _ = trained
   workdir = copy_of_run(trained, tmp_path)
   shutil.rmtree(os.path.join(workdir, checkpointing.CHECKPOINT_DIR, "20",
                              checkpointing.DIGESTS))
-  with caplog.at_level(logging.INFO):
-    assert resume.restore_for_inference(config, workdir).step == 20
-  assert "has no digests (saved by an older version)" in caplog.text
+  expected = (f"Checkpoint at step 20 in {workdir}/checkpoints has no digests (saved by an "
+              "older version): its values are not verified.")
+  for read in (lambda: resume.restore_for_inference(config, workdir).step,
+               lambda: eiw_flow_jax.load(workdir).step):
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+      assert read() == 20
+    warned = [r for r in caplog.records if r.getMessage() == expected]
+    assert len(warned) == 1 and warned[0].levelno == logging.WARNING, caplog.text
 
 
 def test_cli_resume_after_silent_corruption(tmp_path, data_dir, env):

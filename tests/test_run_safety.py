@@ -383,7 +383,7 @@ def test_paths_stay_urls():
   assert config.dataset.source_dir == os.path.abspath("relative/src")
   assert checkpointing.checkpoint_dir("gs://b/run") == "gs://b/run/checkpoints"
   for bad in ("", "  "):
-    with pytest.raises(main.config_lib.ConfigError, match="--workdir must name a directory"):
+    with pytest.raises(main.checks.ConfigError, match="--workdir must name a directory"):
       main.resolve_paths(base_config(), bad)
 
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,12 +22,13 @@ import numpy as np
 import pytest
 from conftest import REPO, with_test_xla_flags
 
+import eiw_flow_jax
 from eiw_flow_jax.config.schema import base_config
 from eiw_flow_jax.data import pipeline
 from eiw_flow_jax.model.backbones import layouts
 from eiw_flow_jax.model.flow import build_flow
 from eiw_flow_jax.training import optimizer, resume, sharding, train_loop, train_state, train_step
-from eiw_flow_jax.workdir import checkpointing
+from eiw_flow_jax.workdir import checkpointing, digests
 
 DIGITS = os.path.join(REPO, "configs", "digits.py")
 
@@ -123,17 +126,19 @@ EIGHT_DEVICES = textwrap.dedent(
     import jax, numpy as np
     sys.path.insert(0, {tests!r})
     from test_train import tiny_config
-    from eiw_flow_jax.training import optimizer, sharding, train_state
+    from eiw_flow_jax.data import pipeline
+    from eiw_flow_jax.training import sharding
+    from eiw_flow_jax.training.run import Run
 
     assert jax.device_count() == 8, jax.devices()
     config = tiny_config({data_dir!r})
-    flow, tx = build_flow(config), optimizer.make_optimizer(config)
     images = pipeline.load_examples(config, "train", 64)
     out = {{}}
     for n in (1, 8):
       mesh = sharding.make_mesh(jax.devices()[:n])
-      state = train_state.create_state(config, flow, tx, mesh, images)
-      step = train_step.make_train_step(config, flow, tx, mesh)
+      run = Run.build(config, mesh)
+      state = run.create_state(images)
+      step = run.train_step()
       losses = []
       for i in range(3):
         batch = sharding.global_batch(images[16 * i : 16 * (i + 1)], sharding.batch_sharding(mesh))
@@ -271,38 +276,85 @@ def _unstack_steps(tree):
   return tree
 
 
-def test_resume_from_the_unrolled_layout_is_refused_then_converted(tmp_path, data_dir):
-  """A checkpoint saved before the steps of a level were stacked: one line naming the
-  conversion; converted, it restores the same state and training continues."""
+def write_unrolled_copy(workdir: str, old: str) -> None:
+  """`old`: a copy of `workdir` whose checkpoints hold the layout saved before the steps of a
+  level were stacked, with digests of that layout (as such checkpoints were written)."""
+  shutil.copytree(workdir, old)
+  for step in finalized_steps(old):
+    step_dir = os.path.join(old, checkpointing.CHECKPOINT_DIR, str(step))
+    state_dir = os.path.join(step_dir, checkpointing.STATE)
+    with checkpointing.ocp.StandardCheckpointer() as checkpointer:
+      raw = checkpointer.restore(state_dir)
+      assert "level0_steps" in raw["params"]
+      unrolled = _unstack_steps(raw)
+      shutil.rmtree(state_dir)
+      checkpointer.save(state_dir, unrolled)
+    with open(os.path.join(step_dir, checkpointing.DIGESTS, "metadata"), "w") as f:
+      json.dump(digests.digest_record(unrolled), f)
+
+
+def test_a_checkpoint_of_the_unrolled_layout_resumes_directly(tmp_path, data_dir, caplog):
+  """A checkpoint saved before the steps of a level were stacked: verified against its own
+  digests, migrated through the flow, and training goes on; its next checkpoints are in the
+  current layout with digests that verify."""
   config = tiny_config(data_dir, num_train_steps=2, checkpoint_every_steps=2,
                        **{"model.steps_per_level": 2})
   workdir = str(tmp_path / "stacked")
   train_loop.train(config, workdir)
-  # The same checkpoint written in the old layout.
   old = str(tmp_path / "unrolled")
-  import shutil
+  write_unrolled_copy(workdir, old)
 
-  shutil.copytree(workdir, old)
-  state_dir = os.path.join(old, checkpointing.CHECKPOINT_DIR, "2", checkpointing.STATE)
-  checkpointer = checkpointing.ocp.StandardCheckpointer()
-  raw = checkpointer.restore(state_dir)
-  assert "level0_steps" in raw["params"]
-  shutil.rmtree(state_dir)
-  checkpointer.save(state_dir, _unstack_steps(raw))
-  checkpointer.wait_until_finished()
-  checkpointer.close()
+  # Eval and `load` read it as it is.
+  with caplog.at_level(logging.WARNING):
+    assert_states_equal(restore(config, old), restore(config, workdir), atol=0)
+  assert "holds an older parameter layout: migrated" in caplog.text
+  assert "corrupt" not in caplog.text
+  loaded = eiw_flow_jax.load(old)
+  assert loaded.step == 2
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded.variables["params"]),
+               jax.device_get(restore(config, workdir).ema_params))
 
+  # Training resumes from it (the input position included) and saves in the current layout.
   longer = tiny_config(data_dir, num_train_steps=4, checkpoint_every_steps=2,
                        **{"model.steps_per_level": 2})
-  with pytest.raises(checkpointing.CheckpointMismatchError) as info:
-    train_loop.train(longer, old)
-  message = str(info.value)
-  assert "\n" not in message and "unrolled layout" in message, message
-  assert "convert_unrolled_checkpoints" in message, message
+  train_loop.train(longer, old)
+  train_loop.train(longer, workdir)
+  assert finalized_steps(old) == [2, 4]
+  assert_states_equal(restore(longer, old), restore(longer, workdir), atol=0)
+  manager = checkpointing.make_manager(old, keep=5, read_only=True)
+  try:
+    assert checkpointing.architecture_differences(
+        manager, 4, restore(longer, workdir)) == []
+  finally:
+    manager.close()
+
+
+def test_converted_unrolled_checkpoints_carry_fresh_digests(tmp_path, data_dir, caplog):
+  """The explicit offline conversion writes the current layout with digests of what it wrote
+  (the digests it read name the old layout), so the converted checkpoint verifies."""
+  config = tiny_config(data_dir, num_train_steps=2, checkpoint_every_steps=2,
+                       **{"model.steps_per_level": 2})
+  workdir = str(tmp_path / "stacked")
+  train_loop.train(config, workdir)
+  old = str(tmp_path / "unrolled")
+  write_unrolled_copy(workdir, old)
 
   converted = str(tmp_path / "converted")
-  assert checkpointing.convert_unrolled_checkpoints(old, converted) == [2]
-  assert_states_equal(restore(config, converted), restore(config, workdir), atol=0)
+  assert resume.convert_unrolled_checkpoints(old, converted) == [2]
+  manager = checkpointing.make_manager(converted, keep=5, read_only=True)
+  try:
+    record = manager.restore(2, args=checkpointing.ocp.args.Composite(
+        **{checkpointing.DIGESTS: checkpointing.ocp.args.JsonRestore()}))[checkpointing.DIGESTS]
+  finally:
+    manager.close()
+  expected = restore(config, workdir)
+  assert digests.digest_mismatch(expected, record) is None
+  with caplog.at_level(logging.WARNING):
+    assert_states_equal(restore(config, converted), expected, atol=0)
+  for unexpected in ("corrupt", "no digests", "migrated"):  # verified as it is
+    assert unexpected not in caplog.text, caplog.text
+  longer = tiny_config(data_dir, num_train_steps=4, checkpoint_every_steps=2,
+                       **{"model.steps_per_level": 2})
   train_loop.train(longer, converted)
   assert finalized_steps(converted) == [2, 4]
 

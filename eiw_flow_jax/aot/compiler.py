@@ -16,8 +16,8 @@ from eiw_flow_jax.aot.chips import GiB, chip_for
 from eiw_flow_jax.aot.report import AotReport, ProgramMemory
 from eiw_flow_jax.aot.topology import topology_devices
 from eiw_flow_jax.config import checks
-from eiw_flow_jax.model.flow import build_flow
-from eiw_flow_jax.training import evaluate, optimizer, run_config, sharding, train_state, train_step
+from eiw_flow_jax.training import run_config, sharding, train_state
+from eiw_flow_jax.training.run import Run
 
 _OOM = re.compile(
     r"\(([\d.]+)([KMGT]?)\) exceeds available HBM \(([\d.]+)([KMGT]?)\)"
@@ -61,7 +61,7 @@ def _cost(compiled: Any) -> dict[str, float]:
 
 def _compute_dtype_name(config: ml_collections.ConfigDict) -> str:
   # "auto" computes in the inputs' dtype: the train step feeds float32 (dequantized images).
-  dtype = str(config.model.get("dtype", "auto"))
+  dtype = str(config.model.dtype)
   return "float32" if dtype == "auto" else dtype
 
 
@@ -83,7 +83,7 @@ def _configure(
 def _scanned_steps(config: ml_collections.ConfigDict) -> int:
   """K where the program scans over K flow steps (whose cost the compiler counts once), else 0."""
   m = config.model
-  if not m.get("scan_steps", True) or m.get("backbone", "glow") != "glow":
+  if not m.scan_steps or m.backbone != "glow":
     return 0  # DenseFlow scans only each unit's few coupling layers: see docs/tpu.md
   return int(m.steps_per_level)
 
@@ -103,26 +103,32 @@ def _unrolled_cost(config: ml_collections.ConfigDict, mesh: Any) -> tuple[float,
 
 
 def lower_train_step(config: ml_collections.ConfigDict, mesh: Any) -> Any:
-  """`train_step.make_train_step` lowered for `mesh` on abstract arguments (nothing allocated)."""
-  flow = build_flow(config)
-  tx = optimizer.make_optimizer(config)
-  state = train_state.abstract_state(flow, tx, mesh)
-  images = _abstract_batch((config.batch_size, *flow.image_shape), jnp.uint8, mesh)
-  # The kernels are chosen per target platform (eiw_flow_jax.model.kernels): lowered for a TPU mesh,
-  # the program holds the portable forms although this process's backend is the CPU.
-  return train_step.make_train_step(config, flow, tx, mesh).lower(state, images)
+  """The train step as `main` builds it (`Run.train_step`), lowered for `mesh` on abstract
+  arguments (nothing allocated)."""
+  return _lower_train_step(Run.build(config, mesh))
 
 
 def lower_eval_step(config: ml_collections.ConfigDict, mesh: Any) -> Any:
-  """The eval step `evaluate.evaluate_bpd` runs (EMA variables, config.eval_batch_size images),
-  lowered for `mesh` on abstract arguments."""
-  flow = build_flow(config)
-  state = train_state.abstract_state(flow, optimizer.make_optimizer(config), mesh)
-  images = _abstract_batch((config.eval_batch_size, *flow.image_shape), jnp.uint8, mesh)
-  mask = _abstract_batch((config.eval_batch_size,), jnp.bool_, mesh)
-  key = jax.eval_shape(lambda: jax.random.fold_in(train_state.rng_keys(config)["eval"], 0))
+  """The eval step `evaluate.evaluate_bpd` runs (`Run.eval_step`: EMA variables,
+  config.eval_batch_size images), lowered for `mesh` on abstract arguments."""
+  return _lower_eval_step(Run.build(config, mesh))
+
+
+def _lower_train_step(run: Run) -> Any:
+  images = _abstract_batch(
+      (run.config.batch_size, *run.flow.image_shape), jnp.uint8, run.mesh)
+  # The kernels are chosen per target platform (eiw_flow_jax.model.kernels): lowered for a TPU
+  # mesh, the program holds the portable forms although this process's backend is the CPU.
+  return run.train_step().lower(run.abstract_state, images)
+
+
+def _lower_eval_step(run: Run) -> Any:
+  batch, mesh = run.config.eval_batch_size, run.mesh
+  images = _abstract_batch((batch, *run.flow.image_shape), jnp.uint8, mesh)
+  mask = _abstract_batch((batch,), jnp.bool_, mesh)
+  key = jax.eval_shape(lambda: jax.random.fold_in(train_state.rng_keys(run.config)["eval"], 0))
   rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=sharding.replicated(mesh))
-  return evaluate._bpd_sum_fn(flow, mesh).lower(state.variables(ema=True), images, mask, rng)
+  return run.eval_step().lower(run.abstract_state.variables(ema=True), images, mask, rng)
 
 
 def compile_for_topology(
@@ -159,14 +165,15 @@ def compile_for_topology(
       dtype=_compute_dtype_name(config), cores_per_device=cores,
   )
   mesh = sharding.make_mesh(devices)
-  state = train_state.abstract_state(build_flow(config), optimizer.make_optimizer(config), mesh)
+  run = Run.build(config, mesh)
+  state = run.abstract_state
   report.state_bytes = {
       "params": _shard_bytes(state.params), "ema": _shard_bytes(state.ema_params),
       "optimizer": _shard_bytes(state.opt_state), "constants": _shard_bytes(state.constants),
   }
   started = time.perf_counter()
   try:
-    compiled = lower_train_step(config, mesh).compile()
+    compiled = _lower_train_step(run).compile()
   except Exception as e:  # noqa: BLE001 - only the compiler's out-of-memory is an answer
     report.compile_seconds = time.perf_counter() - started
     _refused(report, e, "train step")
@@ -183,7 +190,7 @@ def compile_for_topology(
   if with_eval:
     started = time.perf_counter()
     try:
-      compiled = lower_eval_step(config, mesh).compile()
+      compiled = _lower_eval_step(run).compile()
     except Exception as e:  # noqa: BLE001
       report.eval_compile_seconds = time.perf_counter() - started
       _refused(report, e, "eval step")

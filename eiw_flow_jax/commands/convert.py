@@ -32,7 +32,8 @@ from eiw_flow_jax.model.backbones.denseflow_torch import (
   state_dict_from,
 )
 from eiw_flow_jax.model.backbones.layouts import stack_unit_layers  # noqa: F401 - also the converter's name
-from eiw_flow_jax.training import run_config
+from eiw_flow_jax.training import resume
+from eiw_flow_jax.training.run import Run
 from eiw_flow_jax.workdir import checkpointing
 
 
@@ -42,32 +43,22 @@ def convert_checkpoint(
 ) -> str:
   """Writes `<workdir>/checkpoints/0` (a TrainState) from the .pt file; returns its directory.
 
+  The run is assembled as training assembles it (`training.run.Run`) and the checkpoint saved
+  as training saves it, digests included, so eval, sampling, `load` and resuming verify it.
   `report` (a callable of one string, or None) receives one line on the EIW channel order:
   whether the authors' float32 channel weights tie (`describe_weight_ties`).
   """
-  import jax
-  import jax.numpy as jnp
-
-  from eiw_flow_jax.model.flow import build_flow
-  from eiw_flow_jax.training import optimizer, resume, sharding, train_state
-
-  run_config.validate_config(config)
-  flow = build_flow(config)
-  variables = convert_state_dict(state_dict_from(read_torch_file(torch_checkpoint)), flow)
+  run = Run.build(config)
+  variables = convert_state_dict(state_dict_from(read_torch_file(torch_checkpoint)), run.flow)
   if report is not None:
     report(describe_weight_ties(authors_weight_ties(variables)))
-  variables = jax.tree.map(jnp.asarray, variables)
-  tx = optimizer.make_optimizer(config)
-  mesh = sharding.make_mesh()
-  state = train_state.state_from_variables(tx, variables)
-  shardings = sharding.state_shardings(mesh, train_state.abstract_state(flow, tx, mesh))
-  state = jax.device_put(state, shardings)
+  state = run.state_from_variables(variables)
   os.makedirs(workdir, exist_ok=True)
   resume.save_config(config, workdir)
   manager = checkpointing.make_manager(workdir, keep=config.keep_checkpoints)
   try:
     checkpointing.save(manager, 0, state, force=True)
-    manager.wait_until_finished()
+    checkpointing.wait(manager)
   finally:
     manager.close()
   return checkpointing.checkpoint_dir(workdir)

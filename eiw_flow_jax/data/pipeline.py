@@ -164,7 +164,7 @@ def create_train_iterator(
   ds = ds.shuffle(seed=_shuffle_seed(config.seed)).repeat(None)
   ds = _ProcessBlock(ds, index, count, batch).batch(batch, drop_remainder=True)
   iter_ds = ds.to_iter_dataset(_READ_OPTIONS)
-  workers = config.dataset.get("worker_count", 0)
+  workers = config.dataset.worker_count
   if workers:
     # grain's worker processes read absl flags; outside `absl.app.run` (tests, notebooks) they
     # are unparsed and every read raises, so fall back to the flags' defaults.

@@ -23,6 +23,7 @@ import numpy as np
 
 from eiw_flow_jax.model import explore
 from eiw_flow_jax.model import validation as model_validation
+from eiw_flow_jax.model.backbones import layouts
 from eiw_flow_jax.model.backbones.denseflow import DenseFlowBackbone, denseflow_shapes
 from eiw_flow_jax.model.backbones.glow import MultiScaleFlow
 from eiw_flow_jax.model.bijectors import UniformDequantize
@@ -190,6 +191,13 @@ class Flow:
     # One compiled graph: op by op, every distinct op shape is compiled separately (a tiny
     # digits model: 23 s eager against 10.5 s jitted on 2 cores; the CIFAR model: about even).
     return self.module.init({"params": params_rng}, y, method="forward")
+
+  def migrate_layout(self, tree: Any) -> Any:
+    """A raw-restored pytree (a train state as saved, or params) of an older parameter layout,
+    in the current one; unchanged if already current. Raises `layouts.LayoutError` (a
+    ValueError) if it cannot. The run assembly passes it to every checkpoint read."""
+    # Temporary: the unrolled -> stacked layout only, until the backbones migrate their own.
+    return layouts.stack_unrolled_steps(tree)
 
   def forward(self, variables: Variables, y: Array):
     """(latents, log_det, log_prior, aux) of dequantized y in [0,1]; see MultiScaleFlow."""

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import subprocess
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -31,9 +32,9 @@ from jax.sharding import PartitionSpec as P
 from eiw_flow_jax.data import pipeline, registry
 from eiw_flow_jax.model.flow import Flow
 from eiw_flow_jax.training import reporting
+from eiw_flow_jax.training.train_state import IWBO_BATCH_OFFSET
 from eiw_flow_jax.workdir import storage
 
-# Offsets folded into the seed for eval noise and sampling (train.py owns the others).
 RESULTS_FILE = "results.json"
 # Training wall time summed over every (resumed) training run of a workdir.
 TRAIN_TIME_FILE = "train_time.json"
@@ -44,7 +45,11 @@ def _global(local: np.ndarray, mesh: Mesh) -> jax.Array:
 
 
 @functools.lru_cache(maxsize=8)
-def _bpd_sum_fn(flow: Flow, mesh: Mesh):
+def bpd_sum_step(flow: Flow, mesh: Mesh) -> Callable[..., tuple[jax.Array, jax.Array]]:
+  """The eval step, jitted: (variables, uint8 batch, bool mask, rng) -> (sum of the unmasked
+  examples' bpd, their count), replicated over `mesh`. The mask hides the padding of the split's
+  last batch."""
+
   def fn(variables, images, mask, rng):
     bpd = flow.bpd(variables, images, rng)
     # where, not multiply: a padding example's bpd may be anything, even NaN.
@@ -61,7 +66,7 @@ def evaluate_bpd(
     rng: jax.Array,
 ) -> tuple[float, int]:
   """(mean test bpd, number of examples) over the whole eval split; one noise draw each."""
-  return _mean_over_eval_split(config, _bpd_sum_fn(flow, mesh), variables, mesh, rng, 0)
+  return _mean_over_eval_split(config, bpd_sum_step(flow, mesh), variables, mesh, rng, 0)
 
 
 def _mean_over_eval_split(
@@ -110,7 +115,7 @@ def evaluate_iwbo(
   k, chunk = int(config.eval.iwbo_samples), int(config.eval.iwbo_chunk)
   fn = _iwbo_sum_fn(flow, mesh, k, min(chunk, k))
   # Other noise than evaluate_bpd's (offset keys), so the two bounds are independent draws.
-  return _mean_over_eval_split(config, fn, variables, mesh, rng, 1_000_003)
+  return _mean_over_eval_split(config, fn, variables, mesh, rng, IWBO_BATCH_OFFSET)
 
 
 def config_hash(config: ml_collections.ConfigDict) -> str:
@@ -192,7 +197,7 @@ def evaluate_and_write(
       "step": int(step),
       "parameters": "ema" if config.ema_decay > 0 else "raw",
       "n_bits": config.model.n_bits,
-      "backbone": config.model.get("backbone", "glow"),
+      "backbone": config.model.backbone,
       "split": config.model.split,
       "eiw_mode": config.model.eiw.mode,
       "image_shape": list(config.model.image_shape),
@@ -209,7 +214,7 @@ def evaluate_and_write(
     # DenseFlow's objective is a bound: "bpd" is the ELBO (one draw of all noise per example);
     # the importance-weighted bound with k samples is the number the papers report.
     results["elbo_bpd"] = bpd
-    k = int(config.get("eval", {}).get("iwbo_samples", 0))
+    k = int(config.eval.iwbo_samples)
     if k > 0:
       iwbo, iwbo_count = evaluate_iwbo(config, flow, variables, mesh, rng)
       if iwbo_count != count:

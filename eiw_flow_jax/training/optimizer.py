@@ -10,6 +10,9 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from eiw_flow_jax.config.checks import choice
+from eiw_flow_jax.config.schema import OPTIMIZERS
+
 
 def make_schedule(config: ml_collections.ConfigDict) -> Callable[[Any], jax.Array]:
   """Learning rate per applied update: linear warmup, then constant or cosine decay, times
@@ -25,7 +28,7 @@ def make_schedule(config: ml_collections.ConfigDict) -> Callable[[Any], jax.Arra
     if opt.cosine_decay:
       frac = jnp.clip((count - warmup) / max(1, total - warmup), 0.0, 1.0)
       lr = lr * (end + (1.0 - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * frac)))
-    decay_rate = float(opt.get("decay_rate", 1.0))
+    decay_rate = float(opt.decay_rate)
     if decay_rate < 1.0:
       epoch = jnp.floor(count / max(1, int(opt.steps_per_epoch)))
       lr = lr * decay_rate**epoch
@@ -40,6 +43,7 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
   parts = []
   if opt.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(opt.grad_clip_norm))
-  make = {"adam": optax.adam, "adamax": optax.adamax}[opt.get("name", "adam")]
+  choice("config.optimizer.name", opt.name, OPTIMIZERS)
+  make = getattr(optax, opt.name)  # OPTIMIZERS are named as optax names them
   parts.append(make(make_schedule(config), b1=opt.b1, b2=opt.b2))
   return optax.chain(*parts)

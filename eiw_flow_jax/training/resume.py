@@ -1,16 +1,21 @@
 """Coming back to a workdir: the saved config, the restored state's checks, restoring for eval.
 
-* Config check: resuming with a config that differs from `<workdir>/config.json` in the model,
-  batch size, seed or dataset is refused (naming the fields) unless `allow_config_change`; a
-  changed `dataset.worker_count` is refused even then (the saved pipeline position needs it).
+* The saved config (`read_saved_config`, used by resuming and by `load`): `<workdir>/config.json`
+  read onto `base_config()`, so a file written before a field existed gets its default, and a
+  field the schema does not know is a ConfigError naming it (`config_from_saved`).
+* Config check: resuming with a config that differs from the saved one in the model, batch
+  size, seed or dataset is refused (naming the fields) unless `allow_config_change`; a changed
+  `dataset.worker_count` is refused even then (the saved pipeline position needs it).
 * A restored state with NaN/inf parameters is refused (`check_restored`).
 * `restore_for_inference`: the newest checkpoint's state, read-only, for eval and sampling.
+* `convert_unrolled_checkpoints`: a workdir's checkpoints migrated offline into a new workdir.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -21,11 +26,11 @@ from absl import logging
 from jax.sharding import Mesh
 
 from eiw_flow_jax.config import checks
-from eiw_flow_jax.model.flow import build_flow
+from eiw_flow_jax.config.schema import base_config
 from eiw_flow_jax.training import run_config
-from eiw_flow_jax.training.optimizer import make_optimizer
+from eiw_flow_jax.training.run import Run
 from eiw_flow_jax.training.sharding import make_mesh
-from eiw_flow_jax.training.train_state import TrainResult, TrainState, abstract_state
+from eiw_flow_jax.training.train_state import TrainResult, TrainState
 from eiw_flow_jax.workdir import checkpointing, storage
 
 CONFIG_FILE = "config.json"
@@ -66,13 +71,76 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
   return {prefix[:-1]: tree}
 
 
-def config_differences(
-    saved: dict[str, Any], config: ml_collections.ConfigDict
-) -> list[tuple[str, Any, Any]]:
-  """(field, saved value, current value) for every RESUME_FIELDS field that differs.
+# ----------------------------------------------------------------------------------------------
+# The saved config.
 
-  Fields absent from the saved config (added by a newer version of the code) are not compared.
+
+def config_from_saved(values: Mapping[str, Any], source: str) -> ml_collections.ConfigDict:
+  """`base_config()` with the saved `values` (a config.json's contents) set on it.
+
+  Fields the saved values lack (added to the schema since they were written) keep their
+  defaults; JSON lists become the schema's tuples. A field the schema does not have, or a value
+  of another type than the field's, is a ConfigError naming the fields and `source`.
   """
+  config = base_config()
+  unknown, wrong = [], []
+
+  def tuples(value: Any) -> Any:  # JSON has no tuples; the configs' sequences are tuples
+    if isinstance(value, dict):
+      return {k: tuples(v) for k, v in value.items()}
+    return tuple(tuples(v) for v in value) if isinstance(value, list) else value
+
+  def set_fields(node: ml_collections.ConfigDict, saved: Mapping[str, Any], prefix: str) -> None:
+    for key, value in saved.items():
+      name = f"{prefix}{key}"
+      if key not in node:
+        unknown.append(name)
+      elif isinstance(node[key], ml_collections.ConfigDict) and isinstance(value, Mapping):
+        set_fields(node[key], value, f"{name}.")
+      else:
+        try:
+          node[key] = tuples(value)
+        except (TypeError, ValueError):
+          wrong.append(f"{name}={value!r} (expected {type(node[key]).__name__})")
+
+  if not isinstance(values, Mapping):
+    raise checks.ConfigError(f"{source}: expected a JSON object of config fields, got "
+                             f"{type(values).__name__}.")
+  set_fields(config, values, "")
+  if unknown or wrong:
+    problems = ([f"fields this version does not define: {', '.join(unknown)}"] if unknown
+                else []) + ([f"values of another type: {', '.join(wrong)}"] if wrong else [])
+    raise checks.ConfigError(
+        f"{source} holds {'; '.join(problems)}. It was written by another version of "
+        "eiw_flow_jax, or edited; the fields are those of eiw_flow_jax.config.schema.base_config."
+    )
+  return config
+
+
+def read_saved_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config `workdir`'s checkpoints were made with: its config.json, `config_from_saved`.
+
+  FileNotFoundError (one line) if the workdir has none; ConfigError if it cannot be read.
+  """
+  file = storage.path(workdir, CONFIG_FILE)
+  try:
+    values = json.loads(file.read_text())
+  except FileNotFoundError:
+    raise FileNotFoundError(
+        f"No {CONFIG_FILE} in {workdir}: expected the --workdir of a training run (or of "
+        "python -m eiw_flow_jax.convert)."
+    ) from None
+  except ValueError as e:
+    raise checks.ConfigError(f"{file} is not a readable config ({e}).") from None
+  return config_from_saved(values, str(file))
+
+
+def config_differences(
+    saved: Mapping[str, Any] | ml_collections.ConfigDict, config: ml_collections.ConfigDict
+) -> list[tuple[str, Any, Any]]:
+  """(field, saved value, current value) for every RESUME_FIELDS field that differs."""
+  if isinstance(saved, ml_collections.ConfigDict):
+    saved = json.loads(saved.to_json())
   now = _flatten(json.loads(config.to_json()))
   before = _flatten(saved)
   out = []
@@ -88,18 +156,22 @@ def check_resume_config(
     config: ml_collections.ConfigDict, workdir: str, *, has_checkpoints: bool,
     allow_change: bool = False,
 ) -> None:
-  """Raises ConfigMismatchError if resuming `workdir` with `config` changes RESUME_FIELDS."""
+  """Raises ConfigMismatchError if resuming `workdir` with `config` changes RESUME_FIELDS.
+
+  The saved config is read as `read_saved_config` reads it (fields it lacks compare as their
+  defaults; fields the schema does not define are a ConfigError); a damaged one is not compared.
+  """
   file = storage.path(workdir, CONFIG_FILE)
   if not has_checkpoints:
     return
   try:
-    saved = json.loads(file.read_text())
+    values = json.loads(file.read_text())
   except FileNotFoundError:
     return
-  except (OSError, ValueError) as e:
+  except (OSError, ValueError) as e:  # a damaged file: it is rewritten with this config
     logging.warning("Cannot read %s (%s); not comparing configs.", file, e)
     return
-  differences = config_differences(saved, config)
+  differences = config_differences(config_from_saved(values, str(file)), config)
   if not differences:
     return
   listed = "; ".join(f"{name}: saved {old!r}, now {new!r}" for name, old, new in differences)
@@ -169,24 +241,19 @@ def restore_for_inference(
 
   Read-only: safe while a training run writes to the same workdir.
   """
-  mesh = make_mesh() if mesh is None else mesh
-  run_config.validate_config(config, num_devices=mesh.size, num_processes=jax.process_count())
+  run = Run.build(config, mesh)
   info = run_config.check_dataset(config)
-  flow = build_flow(config)
-  tx = make_optimizer(config)
-  directory = checkpointing.checkpoint_dir(workdir)
-  restored = None
-  if storage.path(directory).is_dir():
-    manager = checkpointing.make_manager(workdir, keep=config.keep_checkpoints, read_only=True)
-    try:
-      restored = checkpointing.restore_latest(
-          manager, abstract_state(flow, tx, mesh), quarantine=False
-      )
-    finally:
-      manager.close()
-  if restored is None:
-    raise FileNotFoundError(
-        f"No checkpoint in {directory}; train first (--mode=train) with the same --workdir."
-    )
-  step, state = restored
-  return TrainResult(flow=flow, state=state, mesh=mesh, info=info, step=step)
+  step, state = run.restore_state(workdir)
+  return TrainResult(flow=run.flow, state=state, mesh=run.mesh, info=info, step=step)
+
+
+def convert_unrolled_checkpoints(workdir: str, new_workdir: str) -> list[int]:
+  """Copies `workdir`'s checkpoints into `new_workdir` in the current parameter layout.
+
+  The offline form of what resuming does by itself: each checkpoint is read as saved, verified
+  against its digests, migrated by the flow of the workdir's config (`Flow.migrate_layout`) and
+  written with fresh digests (`checkpointing.migrate_checkpoints`). `workdir` is not changed;
+  both are local directories. Returns the steps converted.
+  """
+  run = Run.build(read_saved_config(workdir), make_mesh(jax.local_devices()[:1]))
+  return checkpointing.migrate_checkpoints(workdir, new_workdir, run.flow.migrate_layout)

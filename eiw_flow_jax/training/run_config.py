@@ -55,9 +55,8 @@ def _validate_training(config: ml_collections.ConfigDict) -> None:
     positive_int(f"config.{field}", config[field])
   for field in ("log_every_steps", "keep_checkpoints", "max_consecutive_nonfinite"):
     positive_int(f"config.{field}", config[field])
-  positive_int("config.prefetch_batches", config.get("prefetch_batches", 2), allow_zero=True)
-  positive_int("config.dataset.worker_count", config.dataset.get("worker_count", 0),
-                allow_zero=True)
+  positive_int("config.prefetch_batches", config.prefetch_batches, allow_zero=True)
+  positive_int("config.dataset.worker_count", config.dataset.worker_count, allow_zero=True)
   for field in ("checkpoint_every_steps", "eval_every_steps"):
     positive_int(f"config.{field}", config[field], allow_zero=True)
   require(
@@ -75,24 +74,22 @@ def _validate_training(config: ml_collections.ConfigDict) -> None:
       "config.optimizer.end_learning_rate_factor must be in [0, 1], got "
       f"{opt.end_learning_rate_factor!r}.",
   )
-  choice("config.optimizer.name", opt.get("name", "adam"), OPTIMIZERS)
-  decay_rate = opt.get("decay_rate", 1.0)
+  choice("config.optimizer.name", opt.name, OPTIMIZERS)
+  decay_rate = opt.decay_rate
   require(0.0 < decay_rate <= 1.0,
-           f"config.optimizer.decay_rate must be in (0, 1] (1 disables), got {decay_rate!r}.")
+          f"config.optimizer.decay_rate must be in (0, 1] (1 disables), got {decay_rate!r}.")
   if decay_rate < 1.0:
-    positive_int("config.optimizer.steps_per_epoch", opt.get("steps_per_epoch", 0))
-  if "eval" in config:
-    k, chunk = config.eval.iwbo_samples, config.eval.iwbo_chunk
-    positive_int("config.eval.iwbo_samples", k, allow_zero=True)
-    positive_int("config.eval.iwbo_chunk", chunk)
-    if k:
-      require(config.model.get("backbone", "glow") == "denseflow",
-               "config.eval.iwbo_samples > 0 needs model.backbone='denseflow' (Glow's "
-               "likelihood is exact given the dequantization noise), got "
-               f"{config.model.get('backbone', 'glow')!r}.")
-      require(k % min(chunk, k) == 0,
-               f"config.eval.iwbo_samples={k} must be a multiple of config.eval.iwbo_chunk="
-               f"{chunk}.")
+    positive_int("config.optimizer.steps_per_epoch", opt.steps_per_epoch)
+  k, chunk = config.eval.iwbo_samples, config.eval.iwbo_chunk
+  positive_int("config.eval.iwbo_samples", k, allow_zero=True)
+  positive_int("config.eval.iwbo_chunk", chunk)
+  if k:
+    require(config.model.backbone == "denseflow",
+            "config.eval.iwbo_samples > 0 needs model.backbone='denseflow' (Glow's likelihood "
+            f"is exact given the dequantization noise), got {config.model.backbone!r}.")
+    require(k % min(chunk, k) == 0,
+            f"config.eval.iwbo_samples={k} must be a multiple of config.eval.iwbo_chunk="
+            f"{chunk}.")
   for field in ("b1", "b2"):
     require(
         0.0 <= opt[field] < 1.0, f"config.optimizer.{field} must be in [0, 1), got {opt[field]!r}."

@@ -79,7 +79,7 @@ def write_sample_grids(
   out_dir = storage.path(workdir, SAMPLES_DIR)
   fn = _sample_fn(flow, mesh, config.sample.num_samples)
   # Pixel value shown as white; by default the top of the model's n_bits range.
-  max_value = config.sample.get("display_max", 0) or 2**config.model.n_bits - 1
+  max_value = config.sample.display_max or 2**config.model.n_bits - 1
   paths, grids = [], {}
   for index, temperature in enumerate(config.sample.temperatures):
     images = np.asarray(jax.device_get(fn(variables, jax.random.fold_in(rng, index), temperature)))

@@ -39,13 +39,11 @@ from typing import Any
 
 import jax
 import ml_collections
-import optax
 import orbax.checkpoint as ocp
 from absl import logging
 from jax.sharding import Mesh
 
 from eiw_flow_jax.data import pipeline, registry
-from eiw_flow_jax.model.flow import Flow, build_flow
 from eiw_flow_jax.training import (
     evaluate,
     reporting,
@@ -54,16 +52,10 @@ from eiw_flow_jax.training import (
     sample_grids,
     train_step,
 )
-from eiw_flow_jax.training.optimizer import make_optimizer
 from eiw_flow_jax.training.prefetch import Prefetcher
-from eiw_flow_jax.training.sharding import batch_sharding, make_mesh
-from eiw_flow_jax.training.train_state import (
-  TrainResult,
-  TrainState,
-  abstract_state,
-  create_state,
-  rng_keys,
-)
+from eiw_flow_jax.training.run import Run
+from eiw_flow_jax.training.sharding import batch_sharding
+from eiw_flow_jax.training.train_state import TrainResult, TrainState, rng_keys
 from eiw_flow_jax.workdir import checkpointing, divergence, stop_signals, storage, workdir_lock
 
 
@@ -99,8 +91,7 @@ def train(
   whichever comes first; the checkpoints saved before are left as they are.
   """
   started = time.time()
-  mesh = make_mesh() if mesh is None else mesh
-  run_config.validate_config(config, num_devices=mesh.size, num_processes=jax.process_count())
+  run = Run.build(config, mesh)
   workdir = storage.normalize_dir(workdir, "workdir")
   with storage.writing("the workdir", workdir):
     storage.path(workdir).mkdir(parents=True, exist_ok=True)
@@ -114,17 +105,15 @@ def train(
         allow_change=allow_config_change,
     )
     info = run_config.check_dataset(config)
-    flow = build_flow(config)
-    tx = make_optimizer(config)
     with storage.writing("checkpoints", checkpointing.checkpoint_dir(workdir)):
       manager = checkpointing.make_manager(workdir, keep=config.keep_checkpoints)
     resume.save_config(config, workdir)
     train_iter = pipeline.create_train_iterator(config)
-    restored = checkpointing.restore_latest(manager, abstract_state(flow, tx, mesh), train_iter)
+    restored = run.restore(manager, train_iter)
     if restored is None:
       n_init = min(config.init_batch_size, info.num_train)
       init_images = pipeline.load_examples(config, registry.resolve_split(config, "train"), n_init)
-      state = create_state(config, flow, tx, mesh, init_images)
+      state = run.create_state(init_images)
       logging.info("Initialised a fresh model (data-dependent init on %d examples).", n_init)
     else:
       restored_step, state = restored
@@ -141,8 +130,7 @@ def train(
         return signals.should_stop(done)
 
       state, position = _train_loop(
-          config, flow, tx, mesh, manager, reporter, state, train_iter, nonfinite_steps,
-          after_step=after_step,
+          run, manager, reporter, state, train_iter, nonfinite_steps, after_step=after_step
       )
       final = int(jax.device_get(state.step))
       if manager.latest_step() != final:
@@ -168,7 +156,7 @@ def train(
         logging.debug("Closing the checkpoint manager: %s", e)
     if lock is not None:
       lock.release()
-  return TrainResult(flow=flow, state=state, mesh=mesh, info=info, step=final)
+  return TrainResult(flow=run.flow, state=state, mesh=run.mesh, info=info, step=final)
 
 
 def _saved_message(manager: ocp.CheckpointManager) -> str:
@@ -179,10 +167,7 @@ def _saved_message(manager: ocp.CheckpointManager) -> str:
 
 
 def _train_loop(
-    config: ml_collections.ConfigDict,
-    flow: Flow,
-    tx: optax.GradientTransformation,
-    mesh: Mesh,
+    run: Run,
     manager: ocp.CheckpointManager,
     reporter: reporting.Reporter,
     state: TrainState,
@@ -200,13 +185,14 @@ def _train_loop(
   caller saves). Returns the state and the input position to checkpoint with it (prefetched
   batches not yet consumed are not counted).
   """
+  config, flow, mesh = run.config, run.flow, run.mesh
   start, total = int(jax.device_get(state.step)), config.num_train_steps
-  step_fn = train_step.make_train_step(config, flow, tx, mesh)
+  step_fn = run.train_step()
   poisoned_fn = None
   stats_fn = train_step.make_stats_fn(flow, mesh)
   keys = rng_keys(config)
   batches = Prefetcher(
-      train_iter, batch_sharding(mesh), config.get("prefetch_batches", 2), limit=total - start
+      train_iter, batch_sharding(mesh), config.prefetch_batches, limit=total - start
   )
   history: list[tuple[int, dict[str, jax.Array]]] = []  # (step, its metrics), since last log
   last_log_time, last_log_step = time.time(), start
@@ -231,7 +217,7 @@ def _train_loop(
     images = batches.next()
     if nonfinite_steps is not None and nonfinite_steps(step):
       if poisoned_fn is None:
-        poisoned_fn = train_step.make_train_step(config, flow, tx, mesh, inject_nonfinite=True)
+        poisoned_fn = run.train_step(inject_nonfinite=True)
       state, metrics = poisoned_fn(state, images)
     else:
       state, metrics = step_fn(state, images)

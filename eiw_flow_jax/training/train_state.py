@@ -20,6 +20,9 @@ from eiw_flow_jax.training.sharding import host_replicated, state_shardings
 
 # Fixed offsets folded into the seed, one per use of randomness.
 _INIT_STREAM, _TRAIN_STREAM, _STATS_STREAM, _EVAL_STREAM, _SAMPLE_STREAM = 0, 1, 2, 3, 4
+# Eval batch i draws its noise from fold_in(eval key, i); the importance-weighted bound's batches
+# from fold_in(eval key, IWBO_BATCH_OFFSET + i), so the two bounds are independent draws.
+IWBO_BATCH_OFFSET = 1_000_003
 
 
 @flax.struct.dataclass

@@ -11,10 +11,13 @@ is ignored and cleaned up on the next start). A checkpoint that was finalised bu
 the previous one and moves the damaged one aside into `<workdir>/checkpoints_corrupt/`.
 A checkpoint of another architecture (the config changed) is not corrupt: restoring raises
 CheckpointMismatchError naming the differing parameters and leaves every checkpoint in place.
+One of an older parameter layout is read as saved and migrated by the caller's `migrate` (the
+run assembly passes the flow's `migrate_layout`): this module reads names and shapes, never
+what they mean.
 
-Digests (`digests`): every checkpoint carries the SHA-256 of each array's bytes, verified on
-restore. Background tracebacks of a failed save or restore go to a log file
-(`background_errors`).
+Digests (`digests`): every checkpoint carries the SHA-256 of each array's bytes, verified by
+every read (training, eval, `load`, conversions); conversions write fresh ones. Background
+tracebacks of a failed save or restore go to a log file (`background_errors`).
 
 The workdir may be local or an `etils.epath` URL (`gs://bucket/run`): paths are never made
 local. A save that fails (disk full, no permission) raises `storage.StorageError`, one line
@@ -26,6 +29,7 @@ from __future__ import annotations
 import re
 import shutil
 import time
+from collections.abc import Callable
 from typing import Any
 
 import grain
@@ -35,7 +39,6 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
-from eiw_flow_jax.model.backbones.layouts import stack_unrolled_steps, unrolled_layout
 from eiw_flow_jax.workdir import storage
 from eiw_flow_jax.workdir.digests import digest_mismatch, digest_record, key_name
 
@@ -190,36 +193,41 @@ def has_checkpoints(workdir: str) -> bool:
     return False
 
 
+# ----------------------------------------------------------------------------------------------
+# What a checkpoint holds, by leaf name ("params/level0_steps/..."), against what is restored.
+
+# The top-level entries whose leaves are the model's: their names and shapes say which
+# architecture a checkpoint holds. The EMA mirrors `params`, so it is compared only when
+# `params` is not read (`load` reads the EMA alone).
+_MODEL_GROUPS = ("params", "ema_params", "constants")
+
+
+def _leaf_name(key_path: Any) -> str:
+  return "/".join(key_name(k) for k in key_path)
+
 
 def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
   out = {}
   for key_path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
     shape = getattr(leaf, "shape", None)
     if shape is not None:
-      out["/".join(key_name(k) for k in key_path)] = tuple(shape)
+      out[_leaf_name(key_path)] = tuple(shape)
   return out
 
 
-def architecture_differences(
-    manager: ocp.CheckpointManager, step: int, abstract_state: Any
-) -> list[str] | None:
-  """Parameters whose presence or shape differ between checkpoint `step` and the model.
+def _model_groups(names: Any) -> tuple[str, ...]:
+  present = {name.split("/")[0] for name in names}
+  groups = [group for group in _MODEL_GROUPS if group in present]
+  if "params" in groups and "ema_params" in groups:
+    groups.remove("ema_params")
+  return tuple(groups)
 
-  None when the checkpoint's metadata cannot be read (then it is treated as possibly corrupt).
-  """
-  try:
-    metadata = ocp.StandardCheckpointer().metadata(_step_dir(manager, step) / STATE)
-    tree = getattr(metadata, "item_metadata", metadata)
-    saved = {k: v for k, v in _shapes(tree).items() if k.split("/")[0] in ("params", "constants")}
-  except Exception:  # noqa: BLE001 - damaged metadata surfaces as many exception types
-    return None
-  now = {
-      f"{group}/{name}": shape
-      for group in ("params", "constants")
-      for name, shape in _shapes(getattr(abstract_state, group)).items()
-  }
-  if not saved:
-    return None
+
+def _differences(saved: dict[str, tuple[int, ...]], now: dict[str, tuple[int, ...]]) -> list[str]:
+  """Model leaves (`_MODEL_GROUPS` of `now`) present in only one of the two, or shaped apart."""
+  groups = _model_groups(now)
+  saved = {k: v for k, v in saved.items() if k.split("/")[0] in groups}
+  now = {k: v for k, v in now.items() if k.split("/")[0] in groups}
   out = []
   for name in sorted(set(saved) | set(now)):
     if name not in now:
@@ -231,86 +239,162 @@ def architecture_differences(
   return out
 
 
+def _saved_tree_metadata(manager: ocp.CheckpointManager, step: int) -> Any:
+  """The saved train state's tree of array metadata (shape, dtype), as saved."""
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    metadata = checkpointer.metadata(_step_dir(manager, step) / STATE)
+  metadata = getattr(metadata, "item_metadata", metadata)
+  return getattr(metadata, "tree", metadata)
 
-def convert_unrolled_checkpoints(workdir: str, new_workdir: str) -> list[int]:
-  """Copies `workdir`'s checkpoints of the unrolled Glow layout into `new_workdir`, stacked.
 
-  Each checkpoint's train state is read as saved (no target), converted by
-  `stack_unrolled_steps` and written anew; the input pipeline's position and the workdir's
-  other files (config.json, ...) are copied as they are. `workdir` is not changed. Returns
-  the steps converted. Then resume with `--workdir=<new_workdir>`.
+def architecture_differences(
+    manager: ocp.CheckpointManager, step: int, target: Any
+) -> list[str] | None:
+  """The model's leaves whose presence or shape differ between checkpoint `step` and `target`
+  (a train state or a part of one, as arrays or ShapeDtypeStructs).
+
+  None when the checkpoint's metadata cannot be read (then it is treated as possibly corrupt).
   """
-  source = ocp.CheckpointManager(checkpoint_dir(workdir), options=ocp.CheckpointManagerOptions(
-      read_only=True), item_names=(STATE, DATA))
-  steps = sorted(source.all_steps())
-  if not steps:
-    raise CheckpointError(f"No checkpoints in {source.directory} to convert.")
-  shutil.copytree(workdir, new_workdir, ignore=shutil.ignore_patterns(CHECKPOINT_DIR))
-  target = ocp.CheckpointManager(checkpoint_dir(new_workdir), item_names=(STATE, DATA),
-                                 options=ocp.CheckpointManagerOptions(create=True))
-  checkpointer = ocp.StandardCheckpointer()
   try:
-    for step in steps:
-      state = checkpointer.restore(_step_dir(source, step) / STATE)
-      step_dir = _step_dir(target, step)
-      shutil.copytree(_step_dir(source, step), step_dir,
-                      ignore=shutil.ignore_patterns(STATE))
-      checkpointer.save(step_dir / STATE, stack_unrolled_steps(state))
-      checkpointer.wait_until_finished()
-  finally:
-    checkpointer.close()
-    source.close()
-    target.close()
-  return steps
+    saved = _shapes(_saved_tree_metadata(manager, step))
+  except Exception:  # noqa: BLE001 - damaged metadata surfaces as many exception types
+    return None
+  now = _shapes(target)
+  if not any(name.split("/")[0] in _model_groups(now) for name in saved):
+    return None
+  return _differences(saved, now)
+
+
+def _mismatch_error(
+    manager: ocp.CheckpointManager, step: int, differences: list[str]
+) -> CheckpointMismatchError:
+  shown = "; ".join(differences[:4]) + (
+      f"; and {len(differences) - 4} more" if len(differences) > 4 else ""
+  )
+  return CheckpointMismatchError(
+      f"The checkpoint at step {step} in {manager.directory} holds another architecture "
+      f"than the config builds ({len(differences)} parameters differ: {shown}). The "
+      "checkpoints are intact: resume with the config they were trained with "
+      "(config.json in the workdir), or train the new architecture in another --workdir."
+  )
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading a checkpoint: as the target lays it out, or as saved (an older layout, to migrate).
+
+Migrate = Callable[[Any], Any]
+
+
+def _read_as_saved(manager: ocp.CheckpointManager, step: int) -> Any:
+  """Checkpoint `step`'s train state as it was saved (nested dicts and lists of numpy arrays):
+  the names the digests were computed with, whatever layout the model has now."""
+  as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                          _saved_tree_metadata(manager, step))
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    return checkpointer.restore(_step_dir(manager, step) / STATE,
+                                args=ocp.args.PyTreeRestore(restore_args=as_numpy))
+
+
+def _read(
+    manager: ocp.CheckpointManager, step: int, target: Any, data_iterator: Any | None, *,
+    partial: bool, as_saved: bool, digests: bool,
+) -> tuple[Any, dict[str, Any] | None]:
+  """(state, digest record or None) of checkpoint `step`; the iterator's position restored."""
+  items = {}
+  if as_saved:
+    pass  # read below, outside the manager: its handler for the state restores into a target
+  elif partial:  # only target's entries are read from disk
+    items[STATE] = ocp.args.PyTreeRestore(
+        target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True)
+  else:
+    items[STATE] = ocp.args.StandardRestore(target)
+  if data_iterator is not None:
+    items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
+  if digests:
+    items[DIGESTS] = ocp.args.JsonRestore()
+  restored = manager.restore(step, args=ocp.args.Composite(**items)) if items else {}
+  state = _read_as_saved(manager, step) if as_saved else restored[STATE]
+  return state, (restored[DIGESTS] if digests else None)
+
+
+def _migrated(
+    manager: ocp.CheckpointManager, step: int, saved: Any, target: Any, migrate: Migrate
+) -> Any:
+  """The tree read as saved, through `migrate`, checked against and placed like `target`."""
+  try:
+    tree = migrate(saved)
+  except ValueError as e:  # the migration's LayoutError, or a malformed tree
+    raise CheckpointMismatchError(
+        f"The checkpoint at step {step} in {manager.directory} holds a parameter layout that "
+        f"cannot be migrated to the current one: {' '.join(str(e).split())[:300]} The "
+        "checkpoints are intact: resume with the version of the code that wrote them, or start "
+        "in another --workdir."
+    ) from None
+  leaves = {_leaf_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  now = _shapes(target)
+  differences = _differences({name: np.shape(leaf) for name, leaf in leaves.items()}, now)
+  differences += [  # the optimizer's moments and counters, which the model check leaves out
+      f"{name} only in the model" if name not in leaves
+      else f"{name}: {np.shape(leaves[name])} in the checkpoint, {shape} in the model"
+      for name, shape in now.items()
+      if name.split("/")[0] not in _model_groups(now)
+      and (name not in leaves or np.shape(leaves[name]) != shape)
+  ]
+  if differences:
+    raise _mismatch_error(manager, step, differences)
+  logging.warning(
+      "Checkpoint at step %d in %s holds an older parameter layout: migrated to the current one "
+      "(checkpoints saved from here on are in it).", step, manager.directory)
+
+  def placed(path: Any, spec: jax.ShapeDtypeStruct) -> jax.Array:
+    value = np.asarray(leaves[_leaf_name(path)], dtype=spec.dtype)
+    return jax.make_array_from_callback(spec.shape, spec.sharding, lambda index: value[index])
+
+  return jax.tree_util.tree_map_with_path(placed, target)
 
 
 def restore_latest(
     manager: ocp.CheckpointManager,
-    abstract_state: Any,
+    target: Any,
     data_iterator: Any | None = None,
     *,
     quarantine: bool = True,
+    migrate: Migrate | None = None,
+    partial: bool = False,
 ) -> tuple[int, Any] | None:
   """(step, state) of the newest readable checkpoint, or None if there is none.
 
-  `abstract_state` is a pytree of `jax.ShapeDtypeStruct` (with shardings) giving the structure
-  to restore into. With `data_iterator`, its position is restored in place as well. Unreadable
-  checkpoints are reported and skipped (and, with `quarantine`, moved aside once an older one
-  restores); if checkpoints exist but none can be read, raises CheckpointError rather than
-  starting over.
+  `target` is a pytree of `jax.ShapeDtypeStruct` (with shardings) giving the structure to
+  restore into: the whole train state, or with `partial` some of its top-level entries (only
+  those are read from disk). With `data_iterator`, its position is restored in place as well.
+
+  Every checkpoint read is verified against the digests saved with it (with `partial`, the
+  leaves read); one without digests (saved before they existed) restores with a warning.
+  Unreadable or damaged checkpoints are reported and skipped (and, with `quarantine`, moved
+  aside once an older one restores); if checkpoints exist but none can be read, raises
+  CheckpointError rather than starting over.
+
+  A checkpoint whose parameters differ from `target`'s is read as saved, verified, and passed
+  through `migrate(tree) -> tree` (an older parameter layout into the current one; ValueError
+  if it cannot); if they still differ (or without `migrate`), CheckpointMismatchError names
+  them and every checkpoint stays in place.
   """
   manager.wait_until_finished()
   steps = sorted(manager.all_steps(), reverse=True)
   failures = []
   for step in steps:
-    items = {STATE: ocp.args.StandardRestore(abstract_state)}
-    if data_iterator is not None:
-      items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
     has_digests = (_step_dir(manager, step) / DIGESTS).exists()
-    if has_digests:
-      items[DIGESTS] = ocp.args.JsonRestore()
-    differences = architecture_differences(manager, step, abstract_state)
-    if differences and unrolled_layout(differences):
-      raise CheckpointMismatchError(
-          f"The checkpoint at step {step} in {manager.directory} holds the unrolled layout "
-          "(Glow level{l}_step{k} or DenseFlow layer{j}_*); convert it to the stacked one with "
-          "eiw_flow_jax.workdir.checkpointing.convert_unrolled_checkpoints(old_workdir, "
-          "new_workdir).")
-    if differences:
-      shown = "; ".join(differences[:4]) + (
-          f"; and {len(differences) - 4} more" if len(differences) > 4 else ""
-      )
-      raise CheckpointMismatchError(
-          f"The checkpoint at step {step} in {manager.directory} holds another architecture "
-          f"than the config builds ({len(differences)} parameters differ: {shown}). The "
-          "checkpoints are intact: resume with the config they were trained with "
-          "(config.json in the workdir), or train the new architecture in another --workdir."
-      )
+    differences = architecture_differences(manager, step, target)
+    as_saved = bool(differences) and migrate is not None
+    if differences and not as_saved:
+      raise _mismatch_error(manager, step, differences)
     error, mismatch = None, None
     try:
-      restored = manager.restore(step, args=ocp.args.Composite(**items))
-      if has_digests:
-        mismatch = digest_mismatch(restored[STATE], restored[DIGESTS])
+      state, record = _read(manager, step, target, data_iterator, partial=partial,
+                            as_saved=as_saved, digests=has_digests)
+      if record is not None:
+        mismatch = digest_mismatch(state, record, partial=partial and not as_saved)
     except Exception as e:  # noqa: BLE001 - corruption surfaces as many exception types
       error = e
     # Every process takes the same fallback, even if only one of them read damaged bytes.
@@ -330,10 +414,12 @@ def restore_latest(
         )
       continue
     if not has_digests:
-      logging.info(
+      logging.warning(
           "Checkpoint at step %d in %s has no digests (saved by an older version): its values "
           "are not verified.", step, manager.directory,
       )
+    if as_saved:
+      state = _migrated(manager, step, state, target, migrate)
     if failures:
       logging.warning(
           "Resuming from checkpoint %d instead of the corrupt newer one(s) %s.", step, failures
@@ -341,7 +427,7 @@ def restore_latest(
       # Out of the way, or saving those steps again would collide with them.
       for bad in failures if quarantine else ():
         _quarantine(manager, bad)
-    return step, restored[STATE]
+    return step, state
   if failures:
     # Left in place: a rerun must not silently start from scratch.
     raise CheckpointError(
@@ -349,3 +435,43 @@ def restore_latest(
         "warnings above. Move the damaged step directories aside (or use a fresh workdir)."
     )
   return None
+
+
+def migrate_checkpoints(workdir: str, new_workdir: str, migrate: Migrate) -> list[int]:
+  """Writes `workdir`'s checkpoints into `new_workdir`, each passed through `migrate`.
+
+  The offline form of what restoring does for an older parameter layout: each checkpoint's
+  train state is read as saved, verified against its digests, migrated and written anew with
+  fresh digests of what was written; the input pipeline's position and the workdir's other
+  files (config.json, ...) are copied as they are. A checkpoint that does not verify is not
+  converted (a warning names it). `workdir` is not changed; both are local directories.
+  Returns the steps converted.
+  """
+  source = make_manager(workdir, keep=1, read_only=True)
+  try:
+    steps = sorted(source.all_steps())
+    if not steps:
+      raise CheckpointError(f"No checkpoints in {source.directory} to convert.")
+    shutil.copytree(workdir, new_workdir, ignore=shutil.ignore_patterns(CHECKPOINT_DIR))
+    converted = []
+    for step in steps:
+      has_digests = (_step_dir(source, step) / DIGESTS).exists()
+      saved, record = _read(source, step, None, None, partial=False, as_saved=True,
+                            digests=has_digests)
+      mismatch = digest_mismatch(saved, record) if record is not None else None
+      if mismatch is not None:
+        logging.warning("Checkpoint at step %d in %s is corrupt: array %s does not match the "
+                        "digest saved with it; not converted.", step, source.directory, mismatch)
+        continue
+      tree = migrate(saved)
+      step_dir = storage.path(checkpoint_dir(new_workdir), str(step))
+      shutil.copytree(_step_dir(source, step), step_dir,
+                      ignore=shutil.ignore_patterns(STATE, DIGESTS))
+      with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(step_dir / STATE, tree)
+      with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
+        checkpointer.save(step_dir / DIGESTS, args=ocp.args.JsonSave(digest_record(tree)))
+      converted.append(step)
+  finally:
+    source.close()
+  return converted
