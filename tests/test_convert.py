@@ -1,5 +1,5 @@
 """`python -m eiw_flow_jax.convert` without torch: .pt files are read, and a converted state_dict
-becomes the Orbax TrainState checkpoint that train.py writes and --mode=eval restores."""
+becomes the Orbax TrainState checkpoint that the training loop writes and --mode=eval restores."""
 
 from __future__ import annotations
 

@@ -186,7 +186,7 @@ def test_bad_inputs_fail_clearly(glow):
 
 
 def write_run(workdir: str, config, variables, steps: tuple[int, ...]) -> None:
-  """Checkpoints as train.py writes them, EMA = variables + step, raw params = variables."""
+  """Checkpoints as the training loop writes them: EMA = variables + step, raw = variables."""
   flow = build_flow(config)
   tx = optimizer.make_optimizer(config)
   mesh = sharding.make_mesh()

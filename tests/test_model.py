@@ -297,7 +297,7 @@ def test_bad_model_config(field, value, match):
 
 def test_the_variant_fixture_covers_every_split_and_eiw_mode():
   """The `variant` fixture runs most model tests once per (split, mode): a split or EIW mode
-  added to config_lib must be added there too, or those tests would never see it."""
+  added to config/schema.py must be added there too, or those tests would never see it."""
   assert {split for split, _ in VARIANTS} == set(schema.SPLITS)
   assert {mode for split, mode in VARIANTS if split == "eiw"} == set(schema.EIW_MODES)
 

@@ -3,7 +3,7 @@
   python -m eiw_flow_jax.convert --torch_checkpoint=/path/to/checkpoint.pt \\
       --config=configs/cifar10_denseflow.py --workdir=/tmp/df_cifar10
 
-writes the checkpoint `train.py` writes (a `TrainState` at step 0, EMA = the imported weights,
+writes the checkpoint training writes (a `TrainState` at step 0, EMA = the imported weights,
 a fresh optimizer state) into `<workdir>/checkpoints`, and the config into
 `<workdir>/config.json`, so that `python -m eiw_flow_jax.main --mode=eval` (and
 `--mode=sample`) run on it. Both the EIW-Flow checkpoints (studying910/EIW-Flow, `DIW-Flow/`)
