@@ -264,8 +264,8 @@ def test_reading_a_prepared_catalog_dataset_does_not_import_tensorflow(tmp_path)
   write_cifar10(tmp_path, 8, 4)
   code = (
       "import sys\n"
-      "from eiw_flow_jax import data\n"
-      "from eiw_flow_jax.config import base_config\n"
+      "from eiw_flow_jax.data import pipeline\n"
+      "from eiw_flow_jax.config.schema import base_config\n"
       "c = base_config(); c.dataset.name = 'cifar10'; c.dataset.data_dir = sys.argv[1]\n"
       "c.model.image_shape = (32, 32, 3)\n"
       "assert pipeline.load_examples(c, 'train', 8).shape == (8, 32, 32, 3)\n"
