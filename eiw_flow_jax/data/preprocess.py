@@ -77,7 +77,8 @@ def tf1_resize_bilinear(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
   """TF1's `tf.image.resize_images(image, size, method=0, align_corners=False)`, float32 (H, W, C).
 
   The legacy kernel: each output pixel interpolates the 2x2 source pixels around out * scale,
-  with no antialiasing (a downsample by 2.3 skips rows), in TF's float32 order of operations.
+  with no antialiasing (a downsample by 2.3 skips rows), in TF's float32 order of operations:
+  equal to TensorFlow's (tools/check_preprocessing.py).
   """
   x = np.asarray(image, np.float32)
   top, bottom, y_lerp = _tf1_bilinear_axis(x.shape[0], size[0])
@@ -115,8 +116,8 @@ def realnvp_lsun_downscale(image: np.ndarray, name: str = "image") -> np.ndarray
   `img_as_float`), a Gaussian blur of sigma = 2 * downscale / 6 per channel (scipy.ndimage, mode
   "reflect"), a bilinear resize to ceil(rows / downscale) x ceil(cols / downscale) sampling at
   pixel centres ((i + 0.5) * scale - 0.5), clipped to the blurred image's range; then `* 255`
-  and `astype("uint8")`, which truncates. scikit-image's float operations come in another
-  order, so where a value sits within float rounding of an integer the two can differ by one.
+  and `astype("uint8")`, which truncates (a flat 128 comes out 127, as theirs did). Equal pixel
+  for pixel to scikit-image 0.26's pyramid_reduce (tools/check_preprocessing.py).
   """
   from scipy import ndimage  # only preparing LSUN needs it
 
