@@ -233,7 +233,7 @@ def test_resized_imagenet_run_is_tabulated_against_denseflow_only(tmp_path, fake
   write_resized_imagenet_sources(tmp_path / "src", 32, python2=True)
   catalog.prepare("imagenet32_resized", str(tmp_path / "tfds"), source_dir=tmp_path / "src")
   config = _config("imagenet32_resized", tmp_path / "tfds", (32, 32, 3))
-  config.model.num_levels, config.model.steps_per_level, config.model.hidden_channels = 2, 1, 8
+  config.model.num_levels, config.model.steps_per_level, config.model.hidden_channels = 1, 1, 4
   config.model.eiw.reduction = 2
   config.batch_size, config.eval_batch_size, config.init_batch_size = 8, 16, 16
   config.num_train_steps = config.log_every_steps = config.checkpoint_every_steps = 2
