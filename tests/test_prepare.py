@@ -163,6 +163,7 @@ def test_tfrecord_dataset_is_explained_and_converted(tmp_path, monkeypatch):
         ({"dataset": "cifar100"}, "Unknown --dataset 'cifar100'; choose one of"),
         ({"dataset": "cifar10", "data_dir": ""}, "--data_dir is empty"),
         ({"dataset": "lsun_bedroom"}, "bedroom_train_lmdb.zip and bedroom_val_lmdb.zip"),
+        ({"dataset": "lsun_bedroom_realnvp"}, "can only be prepared from the LSUN lmdb export"),
         ({"dataset": "cifar10", "source_dir": "."}, "TFDS downloads 'cifar10'"),
         ({"dataset": "cifar10", "source_dir": "/nonexistent/x"}, "is not a folder"),
         ({"dataset": "cifar10", "convert": True}, "--convert: nothing to convert"),
@@ -229,6 +230,12 @@ def test_not_prepared_message_points_to_the_prepare_command(tmp_path):
                                    "train_32x32.tar and valid_32x32.tar",
                                    "'downsampled_imagenet/32x32'"]),
       ("lsun_church", (64, 64, 3), ["--source_dir=SRC", "church_outdoor_train_lmdb/"]),
+      ("imagenet32_resized", (32, 32, 3), ["--dataset=imagenet32_resized", "--source_dir=SRC",
+                                           "Imagenet32_train.zip and Imagenet32_val.zip",
+                                           "'imagenet_resized/32x32'"]),
+      ("lsun_church_realnvp", (64, 64, 3), ["--dataset=lsun_church_realnvp", "--source_dir=SRC",
+                                            "church_outdoor_train_lmdb/",
+                                            "'lsun_realnvp/church_outdoor'"]),
   ):
     with pytest.raises(FileNotFoundError) as error:
       pipeline.get_dataset_info(_config(name, tmp_path, shape))
