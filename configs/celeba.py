@@ -1,6 +1,7 @@
-"""CelebA 64x64x3, 8-bit: the RealNVP / DenseFlow variant (TFDS `celeb_a`, 148x148 centre crop
-resized to 64x64). Not CelebA-HQ: Glow's CelebA result is CelebA-HQ 256x256 at 5 bits (1.03),
-a different dataset that this project does not register, so Glow has no comparable number here.
+"""CelebA 64x64x3, 8-bit, as RealNVP prepared it (`celeba_realnvp`: TFDS `celeb_a`, the 148x148
+crop at row 40, column 15, TF1's bilinear resize to 64x64). Not CelebA-HQ: Glow's CelebA
+result is CelebA-HQ 256x256 at 5 bits (1.03), a different dataset that this project does not
+register, so Glow has no comparable number here.
 
 Architecture after Glow: K=32 steps per level and 512 hidden channels as in Glow's CelebA-HQ
 model, with L=4 levels for 64x64 (Glow used L=6 at 256x256). n_bits 8 as RealNVP and DenseFlow;
@@ -8,11 +9,14 @@ model, with L=4 levels for 64x64 (Glow used L=6 at 256x256). n_bits 8 as RealNVP
 which no published number is tabulated. Batch 256, lr 1e-3 with warmup; step count, EMA and
 clipping are this project's choices.
 
-Published target (test bits/dim, 64x64 8-bit CelebA): RealNVP 3.02 (arXiv:1605.08803, Table 1);
-DenseFlow 1.99 (arXiv:2106.04627), a much larger model. Run with `--config.model.split=vanilla`
-for the Glow-architecture baseline, as is for EIW-Flow (`recipes.glow_recipe`).
+Published target (test bits/dim, 64x64 8-bit CelebA, RealNVP's crop): RealNVP 3.02
+(arXiv:1605.08803, Table 1). DenseFlow's 1.99 (arXiv:2106.04627) is on whole faces squashed
+to 64x64 (`--config.dataset.name=celeba_denseflow`); `celeba` is this project's own centred
+crop, compared with nothing (docs/datasets.md). Run with `--config.model.split=vanilla` for the
+Glow-architecture baseline, as is for EIW-Flow (`recipes.glow_recipe`).
 
-Data: `python -m eiw_flow_jax.prepare --dataset=celeba --data_dir=DIR`.
+Data: `python -m eiw_flow_jax.prepare --dataset=celeba --data_dir=DIR` (TFDS `celeb_a`, which
+every CelebA name reads).
 Hardware: 8 accelerators with >= 16 GB each, 32 images per device.
 Memory per device, from the TPU compiler (scanned steps, `store`), TPU v5e at 32 images per
 chip, float32 coupling networks: 8.97 GiB of the 15.75 the compiler allows (arguments 1.12,
@@ -29,7 +33,7 @@ HARDWARE = {"v5e_16": {}}
 
 def get_config(hardware: str = ""):
   config = recipes.glow_recipe(
-      "celeba", image_shape=(64, 64, 3), num_levels=4, steps_per_level=32, batch_size=256,
+      "celeba_realnvp", image_shape=(64, 64, 3), num_levels=4, steps_per_level=32, batch_size=256,
       num_train_steps=300_000,
   )
   return recipes.hardware_variant(config, hardware, HARDWARE)

@@ -5,6 +5,11 @@ The authors' command: --epochs 50 --batch_size 32 --optimizer adamax --lr 1e-3 -
 reproduced here). Target: DenseFlow reports 1.99 bits/dim (IWBO, k = 200, --kbs 25); EIW-Flow
 reports its own number in its paper's table. This project's CelebA pipeline has no horizontal
 flips.
+
+Data: `celeba_denseflow`, what the authors' loader (denseflow/data/datasets/image/celeba.py)
+does: the whole 178x218 aligned image resized to 64x64 with Pillow's bilinear filter (the
+RealNVP crop it computes is unused; docs/datasets.md). `python -m eiw_flow_jax.prepare
+--dataset=celeba --data_dir=DIR` prepares the TFDS `celeb_a` that all CelebA names read.
 """
 
 from eiw_flow_jax.config import recipes
@@ -12,6 +17,6 @@ from eiw_flow_jax.config import recipes
 
 def get_config():
   return recipes.denseflow_df_74_10(
-      "celeba", (64, 64, 3), batch_size=32, epochs=50, num_train=162_770,
+      "celeba_denseflow", (64, 64, 3), batch_size=32, epochs=50, num_train=162_770,
       decay_rate=0.95, iwbo_samples=200, iwbo_chunk=25,
   )

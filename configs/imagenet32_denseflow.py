@@ -4,6 +4,11 @@ The authors' command: --epochs 20 --batch_size 64 --optimizer adamax --lr 1e-3 -
 --warmup 5000, DF-74-10 (then 2 epochs at lr 2e-5 with train_more.py; not reproduced here).
 Target: DenseFlow reports 3.63 bits/dim (IWBO, k = 200, --kbs 50); EIW-Flow reports its own
 number in its paper's table.
+
+Data: Chrabaszcz et al.'s box-resized ImageNet (`imagenet32_resized`), the version both
+authors' loaders read (Imagenet32_train.zip; docs/datasets.md), not van den Oord's of the Glow
+configs: `python -m eiw_flow_jax.prepare --dataset=imagenet32_resized --data_dir=DIR
+--source_dir=SRC` with Imagenet32_train.zip and Imagenet32_val.zip in SRC.
 """
 
 from eiw_flow_jax.config import recipes
@@ -11,6 +16,6 @@ from eiw_flow_jax.config import recipes
 
 def get_config():
   return recipes.denseflow_df_74_10(
-      "imagenet32", (32, 32, 3), batch_size=64, epochs=20, num_train=1_281_167,
+      "imagenet32_resized", (32, 32, 3), batch_size=64, epochs=20, num_train=1_281_167,
       decay_rate=0.95, iwbo_samples=200, iwbo_chunk=50,
   )

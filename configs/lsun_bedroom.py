@@ -1,14 +1,18 @@
-"""LSUN bedroom at 64x64x3, 8-bit (TFDS `lsun/bedroom`), with Glow's LSUN 64x64 setup.
+"""LSUN bedroom at 64x64x3, 8-bit, as RealNVP and Glow report on it
+(`lsun_bedroom_realnvp`), with Glow's LSUN 64x64 setup.
 
 The setup, its hardware and its `:v5e_16` variant: `recipes.glow_lsun`.
 `--config.model.split=vanilla` is Glow itself (`recipes.glow_recipe`).
 
 Published target (bits/dim): Glow 2.38 (arXiv:1807.03039, Table 2); RealNVP 2.72
-(arXiv:1605.08803, Table 1).
+(arXiv:1605.08803, Table 1). Their data: images downscaled so the smallest side is 96, random
+64x64 crops (docs/datasets.md). `--config.dataset.name=lsun_bedroom` reads this project's own
+largest centre square instead, compared with nothing.
 
-Data: only from the LSUN lmdb export (TFDS's LSUN builder needs tensorflow-io, which does not
-load next to current TensorFlow): unzip bedroom_train_lmdb.zip and bedroom_val_lmdb.zip into
-SRC, then `python -m eiw_flow_jax.prepare --dataset=lsun_bedroom --data_dir=DIR --source_dir=SRC`.
+Data: from the LSUN lmdb export (TFDS's LSUN builder needs tensorflow-io, which does not load
+next to current TensorFlow): unzip bedroom_train_lmdb.zip and bedroom_val_lmdb.zip
+into SRC, then `python -m eiw_flow_jax.prepare --dataset=lsun_bedroom_realnvp --data_dir=DIR
+--source_dir=SRC`.
 """
 
 from eiw_flow_jax.config import recipes
@@ -17,4 +21,4 @@ HARDWARE = recipes.LSUN_HARDWARE
 
 
 def get_config(hardware: str = ""):
-  return recipes.glow_lsun("lsun_bedroom", hardware)
+  return recipes.glow_lsun("lsun_bedroom_realnvp", hardware)

@@ -1,15 +1,18 @@
-"""LSUN church outdoor at 64x64x3, 8-bit (TFDS `lsun/church_outdoor`), Glow's LSUN 64x64 setup.
+"""LSUN church outdoor at 64x64x3, 8-bit, as RealNVP and Glow report on it
+(`lsun_church_realnvp`), with Glow's LSUN 64x64 setup.
 
 The setup, its hardware and its `:v5e_16` variant: `recipes.glow_lsun`.
 `--config.model.split=vanilla` is Glow itself (`recipes.glow_recipe`).
 
 Published target (bits/dim): Glow 2.67 (arXiv:1807.03039, Table 2); RealNVP 3.08
-(arXiv:1605.08803, Table 1).
+(arXiv:1605.08803, Table 1). Their data: images downscaled so the smallest side is 96, random
+64x64 crops (docs/datasets.md). `--config.dataset.name=lsun_church` reads this project's own
+largest centre square instead, compared with nothing.
 
-Data: only from the LSUN lmdb export (TFDS's LSUN builder needs tensorflow-io, which does not
-load next to current TensorFlow): unzip church_outdoor_train_lmdb.zip and
-church_outdoor_val_lmdb.zip into SRC, then
-`python -m eiw_flow_jax.prepare --dataset=lsun_church --data_dir=DIR --source_dir=SRC`.
+Data: from the LSUN lmdb export (TFDS's LSUN builder needs tensorflow-io, which does not load
+next to current TensorFlow): unzip church_outdoor_train_lmdb.zip and church_outdoor_val_lmdb.zip
+into SRC, then `python -m eiw_flow_jax.prepare --dataset=lsun_church_realnvp --data_dir=DIR
+--source_dir=SRC`.
 """
 
 from eiw_flow_jax.config import recipes
@@ -18,4 +21,4 @@ HARDWARE = recipes.LSUN_HARDWARE
 
 
 def get_config(hardware: str = ""):
-  return recipes.glow_lsun("lsun_church", hardware)
+  return recipes.glow_lsun("lsun_church_realnvp", hardware)

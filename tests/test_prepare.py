@@ -6,7 +6,6 @@ catalog builders, see fake_catalog.py) or fed local source files (ImageNet tars,
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -14,15 +13,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 from conftest import REPO
 from fake_catalog import (
+  assert_tfds_layout,
   set_file_format,
   write_cifar10,
   write_downsampled_imagenet_sources,
   write_lsun_lmdb,
 )
-from google.protobuf import json_format
 
 from eiw_flow_jax.config.schema import base_config
 from eiw_flow_jax.data import catalog, pipeline, sources
@@ -37,29 +35,10 @@ def _config(name: str, data_dir, image_shape) -> object:
   return config
 
 
-def _assert_tfds_layout(version_dir: Path, tfds_name: str, splits: dict[str, int]) -> None:
-  """The folder is what TFDS 4.9.10 writes for the catalog builder `tfds_name`."""
-  catalog = tfds.builder(tfds_name, data_dir=str(version_dir.parents[2]) + "/nowhere")
-  name = tfds_name.split("/")[0]
-  assert version_dir.name == str(catalog.info.version)
-  files = sorted(p.name for p in version_dir.iterdir())
-  expected = ["dataset_info.json", "features.json"] + [
-      f"{name}-{split}.array_record-00000-of-00001" for split in splits
-  ]
-  assert files == sorted(expected)
-  info = json.loads((version_dir / "dataset_info.json").read_text())
-  assert info["name"] == name and info["version"] == str(catalog.info.version)
-  assert info["fileFormat"] == "array_record"
-  assert {s["name"]: int(s["shardLengths"][0]) for s in info["splits"]} == splits
-  # The feature spec is the catalog builder's, byte for byte.
-  features = json.loads((version_dir / "features.json").read_text())
-  assert features == json_format.MessageToDict(catalog.info.features.to_proto())
-
-
 def test_synthetic_cifar10_has_tfds_layout_and_is_read_by_the_data_layer(tmp_path):
   version_dir = write_cifar10(tmp_path, num_train=24, num_test=10)
   assert version_dir == tmp_path / "cifar10" / "3.0.2"
-  _assert_tfds_layout(version_dir, "cifar10", {"train": 24, "test": 10})
+  assert_tfds_layout(version_dir, "cifar10", {"train": 24, "test": 10})
   config = _config("cifar10", tmp_path, (32, 32, 3))
   info = pipeline.get_dataset_info(config)
   assert (info.num_train, info.num_eval, info.pixel_bits) == (24, 10, 8)
@@ -71,7 +50,7 @@ def test_prepare_imagenet32_from_source_tars(tmp_path):
   sources = write_downsampled_imagenet_sources(tmp_path / "src", 32, num_train=12, num_valid=5)
   version_dir = Path(catalog.prepare("imagenet32", str(tmp_path / "tfds"), source_dir=sources))
   assert version_dir == tmp_path / "tfds" / "downsampled_imagenet" / "32x32" / "2.0.0"
-  _assert_tfds_layout(version_dir, "downsampled_imagenet/32x32", {"train": 12, "validation": 5})
+  assert_tfds_layout(version_dir, "downsampled_imagenet/32x32", {"train": 12, "validation": 5})
   config = _config("imagenet32", tmp_path / "tfds", (32, 32, 3))
   info = pipeline.get_dataset_info(config)
   assert (info.num_train, info.num_eval) == (12, 5)
@@ -95,7 +74,7 @@ def test_prepare_lsun_from_lmdb_export(tmp_path):
   sources = write_lsun_lmdb(tmp_path / "src", "church_outdoor", num_train=5, num_val=3)
   version_dir = Path(catalog.prepare("lsun_church", str(tmp_path / "tfds"), source_dir=sources))
   assert version_dir == tmp_path / "tfds" / "lsun" / "church_outdoor" / "3.1.0"
-  _assert_tfds_layout(version_dir, "lsun/church_outdoor", {"train": 5, "validation": 3})
+  assert_tfds_layout(version_dir, "lsun/church_outdoor", {"train": 5, "validation": 3})
   config = _config("lsun_church", tmp_path / "tfds", (64, 64, 3))
   assert pipeline.load_examples(config, "validation", 3).shape == (3, 64, 64, 3)
 
@@ -184,6 +163,7 @@ def test_tfrecord_dataset_is_explained_and_converted(tmp_path, monkeypatch):
         ({"dataset": "cifar100"}, "Unknown --dataset 'cifar100'; choose one of"),
         ({"dataset": "cifar10", "data_dir": ""}, "--data_dir is empty"),
         ({"dataset": "lsun_bedroom"}, "bedroom_train_lmdb.zip and bedroom_val_lmdb.zip"),
+        ({"dataset": "lsun_bedroom_realnvp"}, "can only be prepared from the LSUN lmdb export"),
         ({"dataset": "cifar10", "source_dir": "."}, "TFDS downloads 'cifar10'"),
         ({"dataset": "cifar10", "source_dir": "/nonexistent/x"}, "is not a folder"),
         ({"dataset": "cifar10", "convert": True}, "--convert: nothing to convert"),
@@ -250,6 +230,12 @@ def test_not_prepared_message_points_to_the_prepare_command(tmp_path):
                                    "train_32x32.tar and valid_32x32.tar",
                                    "'downsampled_imagenet/32x32'"]),
       ("lsun_church", (64, 64, 3), ["--source_dir=SRC", "church_outdoor_train_lmdb/"]),
+      ("imagenet32_resized", (32, 32, 3), ["--dataset=imagenet32_resized", "--source_dir=SRC",
+                                           "Imagenet32_train.zip and Imagenet32_val.zip",
+                                           "'imagenet_resized/32x32'"]),
+      ("lsun_church_realnvp", (64, 64, 3), ["--dataset=lsun_church_realnvp", "--source_dir=SRC",
+                                            "church_outdoor_train_lmdb/",
+                                            "'lsun_realnvp/church_outdoor'"]),
   ):
     with pytest.raises(FileNotFoundError) as error:
       pipeline.get_dataset_info(_config(name, tmp_path, shape))
@@ -264,8 +250,8 @@ def test_reading_a_prepared_catalog_dataset_does_not_import_tensorflow(tmp_path)
   write_cifar10(tmp_path, 8, 4)
   code = (
       "import sys\n"
-      "from eiw_flow_jax import data\n"
-      "from eiw_flow_jax.config import base_config\n"
+      "from eiw_flow_jax.data import pipeline\n"
+      "from eiw_flow_jax.config.schema import base_config\n"
       "c = base_config(); c.dataset.name = 'cifar10'; c.dataset.data_dir = sys.argv[1]\n"
       "c.model.image_shape = (32, 32, 3)\n"
       "assert pipeline.load_examples(c, 'train', 8).shape == (8, 32, 32, 3)\n"

@@ -82,7 +82,8 @@ def test_table_from_digits_and_mnist_idx_runs(runs, tmp_path):
   cifar = tmp_path / "cifar_fake"
   cifar.mkdir()
   results = json.loads((runs["digits"] / "results.json").read_text())
-  results.update(dataset="cifar10", n_bits=8, image_shape=[32, 32, 3], bpd=3.5, split="vanilla")
+  results.update(dataset="cifar10", data_version="cifar10", n_bits=8, image_shape=[32, 32, 3],
+                 bpd=3.5, split="vanilla")
   (cifar / "results.json").write_text(json.dumps(results))
 
   out = tmp_path / "table"
@@ -117,7 +118,7 @@ def test_table_from_digits_and_mnist_idx_runs(runs, tmp_path):
     assert reference in text
   saved = json.loads(Path(json_path).read_text())
   assert len(saved["rows"]) == 3 and saved["skipped"] == []
-  assert "| mnist_idx | glow | vanilla | - | 2 |" in text
+  assert "| mnist_idx | mnist | glow | vanilla | - | 2 |" in text
 
 
 def test_missing_and_corrupt_results_are_skipped_with_a_warning(runs, tmp_path):
@@ -153,7 +154,7 @@ def test_command_line(runs, tmp_path):
           f"--out={tmp_path / 'out'}"]
   result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert "| digits | glow | eiw | global | 4 |" in result.stdout
+  assert "| digits | digits | glow | eiw | global | 4 |" in result.stdout
   assert "Skipped:" in result.stdout and "unreadable" in result.stdout
   assert (tmp_path / "out" / "bpd_table.md").is_file()
   assert (tmp_path / "out" / "bpd_table.json").is_file()

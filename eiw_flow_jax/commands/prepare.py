@@ -21,8 +21,10 @@ _DATA_DIR = flags.DEFINE_string(
 )
 _SOURCE_DIR = flags.DEFINE_string(
     "source_dir", "",
-    "Local source files: train_/valid_32x32.tar (imagenet32/64), the extracted LSUN lmdb "
-    "folders (lsun_*), the MNIST idx files (mnist_idx). Empty: TFDS downloads.",
+    "Local source files: train_/valid_32x32.tar (imagenet32/64), Imagenet32_train.zip and "
+    "Imagenet32_val.zip or their _npz zips or extracted batches (imagenet32/64_resized), the "
+    "extracted LSUN lmdb folders (lsun_*), the MNIST idx files (mnist_idx). Empty: TFDS "
+    "downloads.",
 )
 _DOWNLOAD_DIR = flags.DEFINE_string(
     "download_dir", "", "Where TFDS keeps downloads; empty means <data_dir>/downloads."

@@ -3,21 +3,30 @@
   python -m eiw_flow_jax.table WORKDIR [WORKDIR ...] [--out=DIR]
 
 Each WORKDIR is a run's --workdir (holding results.json) or a folder searched recursively for
-them. Writes `bpd_table.md` (a Markdown table, then the references) and `bpd_table.json` (one
-object per run, with the published numbers and gaps) into --out (default: the current folder).
+them. Writes `bpd_table.md` (a Markdown table, then the published numbers it compares with, the
+data versions and the references) and `bpd_table.json` (one object per run, with the published
+numbers, their sources and the gaps) into --out (default: the current folder).
 
-Per run: dataset, backbone, split, EIW mode, steps, training wall time, devices, parameter
-count, measured test bpd, and for each published model that reported the same benchmark its
-number and the gap (measured minus published; negative is better than the paper). A workdir
-whose results.json is missing, unreadable or lacks fields is reported and skipped (a warning per
-workdir); with --strict it is an error. No run found at all is an error.
+Per run: dataset, data version, backbone, split, EIW mode, steps, training wall time, devices,
+parameter count, measured test bpd, and for each published model that reported the same
+benchmark its number and the gap (measured minus published; negative is better than the paper).
+A workdir whose results.json is missing, unreadable or lacks fields is reported and skipped (a
+warning per workdir); with --strict it is an error. No run found at all is an error.
 
-Published numbers (test bits/dim, 8-bit data unless said otherwise) are `BENCHMARKS`, each
-from the paper named in `REFERENCES`; docs/formulation.md shows them as a table (which
-tests/test_docs.py keeps equal to `BENCHMARKS`). EIW-Flow's own numbers (arXiv:2407.04958) are
-not included: they could not be checked against the paper with a page reference. Runs on datasets
-without a published number (digits, mnist_idx, imagenet*_resized, ...) get none; a CelebA run
-is compared only with numbers of its bit depth (`n_bits`) and resolution.
+A benchmark is one data version (`eiw_flow_jax.data.registry.DATA_VERSIONS`) at one resolution
+and bit depth: the same images prepared another way give other bits/dim (Chrabaszcz et al.'s
+box-resized ImageNet is easier than van den Oord et al.'s; DenseFlow's CelebA squashes whole
+faces where RealNVP crops them), so a run is compared only with the numbers published on its
+own version. Which version each paper used is read from the authors' code (`Published.version`,
+docs/datasets.md); a paper whose version could not be determined would say so here and be
+compared with nothing. The published numbers (test bits/dim, 8-bit data unless said otherwise)
+are `BENCHMARKS`, each from the paper and table named with it; docs/formulation.md shows them as
+a table, which tests/test_docs.py keeps equal to `BENCHMARKS`.
+
+EIW-Flow's own numbers (arXiv:2407.04958) are not included: they could not be checked against
+the paper with a page reference here, so none is quoted. Runs on versions without a published
+number (digits, mnist_idx, `celeba`, `lsun_bedroom`: this project's own crops, ...) get none; a
+CelebA run is compared only with numbers of its bit depth (`n_bits`) and resolution.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ from typing import Any
 
 from absl import app, flags, logging
 
+from eiw_flow_jax.data import registry
 from eiw_flow_jax.training import evaluate
 
 TABLE_MD = "bpd_table.md"
@@ -39,46 +49,94 @@ TABLE_JSON = "bpd_table.json"
 
 REFERENCES = {
     "RealNVP": "Dinh, Sohl-Dickstein & Bengio, Density estimation using Real NVP, ICLR 2017 "
-               "(arXiv:1605.08803), Table 1",
+               "(arXiv:1605.08803)",
     "Glow": "Kingma & Dhariwal, Glow: Generative flow with invertible 1x1 convolutions, NeurIPS "
-            "2018 (arXiv:1807.03039), Table 2 (CIFAR-10, ImageNet, LSUN); CelebA-HQ 256x256 "
-            "5-bit: 1.03, as reported for Glow (no CelebA-HQ dataset is registered here)",
+            "2018 (arXiv:1807.03039)",
     "Flow++": "Ho, Chen, Srinivas, Duan & Abbeel, Flow++: Improving flow-based generative "
               "models with variational dequantization and architecture design, ICML 2019 "
-              "(arXiv:1902.00275), density-estimation results table",
+              "(arXiv:1902.00275)",
     "DenseFlow": "Grcic, Grubisic & Segvic, Densely connected normalizing flows, NeurIPS 2021 "
-                 "(arXiv:2106.04627), density-estimation results table",
+                 "(arXiv:2106.04627)",
 }
+MODELS = tuple(REFERENCES)
+
+
+@dataclasses.dataclass(frozen=True)
+class Published:
+  """One published number: where it is printed and how its data version is known."""
+
+  model: str  # a key of REFERENCES
+  bpd: float
+  table: str  # where in the paper
+  version: str  # the evidence for its benchmark's data version (the authors' code)
 
 
 @dataclasses.dataclass(frozen=True)
 class Benchmark:
-  """A published benchmark: which runs it applies to, and the numbers reported on it."""
+  """A published benchmark: one data version at one resolution and bit depth, and its numbers."""
 
   title: str
-  datasets: tuple[str, ...]  # config.dataset.name values evaluated on this benchmark
+  data_version: str | None  # a key of registry.DATA_VERSIONS; None: no registered dataset
   image_shape: tuple[int, int, int]
   n_bits: int
-  published: dict[str, float]
+  published: tuple[Published, ...]
 
+
+# Evidence for the data versions, cited at file and line in docs/datasets.md.
+_OORD_REALNVP = "real_nvp/imnet_formatting.py reads image-net.org/small's train_32x32.tar, ..."
+_OORD_GLOW = "openai/glow README: imagenet-oord, downloaded from image-net.org/small"
+_OORD_FLOWPP = "flowpp flows_imagenet/create_imagenet_benchmark_datasets.py: image-net.org/small"
+_CHRABASZCZ_DENSEFLOW = ("DenseFlow's ImageNet loaders and make_imagenet_data.py read "
+                         "Imagenet32_train.zip's pickled batches; README, Dec 2023")
+_CIFAR = "one published version"
 
 BENCHMARKS = (
-    Benchmark("CIFAR-10", ("cifar10",), (32, 32, 3), 8,
-              {"RealNVP": 3.49, "Glow": 3.35, "Flow++": 3.08, "DenseFlow": 2.98}),
-    Benchmark("ImageNet 32x32", ("imagenet32",), (32, 32, 3), 8,
-              {"RealNVP": 4.28, "Glow": 4.09, "Flow++": 3.86, "DenseFlow": 3.63}),
-    Benchmark("ImageNet 64x64", ("imagenet64",), (64, 64, 3), 8,
-              {"RealNVP": 3.98, "Glow": 3.81, "Flow++": 3.69, "DenseFlow": 3.35}),
-    Benchmark("CelebA 64x64 (8-bit)", ("celeba",), (64, 64, 3), 8,
-              {"RealNVP": 3.02, "DenseFlow": 1.99}),
+    Benchmark("CIFAR-10", "cifar10", (32, 32, 3), 8, (
+        Published("RealNVP", 3.49, "Table 1", _CIFAR),
+        Published("Glow", 3.35, "Table 2", _CIFAR),
+        Published("Flow++", 3.08, "Table 1", _CIFAR),
+        Published("DenseFlow", 2.98, "Table 1", _CIFAR),
+    )),
+    Benchmark("ImageNet 32x32, van den Oord et al.", "imagenet:van_den_oord", (32, 32, 3), 8, (
+        Published("RealNVP", 4.28, "Table 1", _OORD_REALNVP),
+        Published("Glow", 4.09, "Table 2", _OORD_GLOW),
+        Published("Flow++", 3.86, "Table 1", _OORD_FLOWPP),
+    )),
+    Benchmark("ImageNet 64x64, van den Oord et al.", "imagenet:van_den_oord", (64, 64, 3), 8, (
+        Published("RealNVP", 3.98, "Table 1", _OORD_REALNVP),
+        Published("Glow", 3.81, "Table 2", _OORD_GLOW),
+        Published("Flow++", 3.69, "Table 1", _OORD_FLOWPP),
+    )),
+    Benchmark("ImageNet 32x32, Chrabaszcz et al.", "imagenet:chrabaszcz", (32, 32, 3), 8, (
+        Published("DenseFlow", 3.63, "Table 1", _CHRABASZCZ_DENSEFLOW),
+    )),
+    Benchmark("ImageNet 64x64, Chrabaszcz et al.", "imagenet:chrabaszcz", (64, 64, 3), 8, (
+        Published("DenseFlow", 3.35, "Table 1", _CHRABASZCZ_DENSEFLOW),
+    )),
+    Benchmark("CelebA 64x64, RealNVP's crop", "celeba:realnvp_crop", (64, 64, 3), 8, (
+        Published("RealNVP", 3.02, "Table 1",
+                  "real_nvp_multiscale_dataset.py: image[40:188, 15:163], resize_images"),
+    )),
+    Benchmark("CelebA 64x64, whole image squashed", "celeba:whole_squashed", (64, 64, 3), 8, (
+        Published("DenseFlow", 1.99, "Table 1",
+                  "DenseFlow's celeba.py resizes the uncropped image (its crop is unused)"),
+    )),
     # Listed for completeness; no registered dataset is CelebA-HQ, so no run matches it.
-    Benchmark("CelebA-HQ 256x256 (5-bit)", (), (256, 256, 3), 5, {"Glow": 1.03}),
-    Benchmark("LSUN bedroom 64x64", ("lsun_bedroom",), (64, 64, 3), 8,
-              {"RealNVP": 2.72, "Glow": 2.38}),
-    Benchmark("LSUN church outdoor 64x64", ("lsun_church",), (64, 64, 3), 8,
-              {"RealNVP": 3.08, "Glow": 2.67}),
+    Benchmark("CelebA-HQ 256x256, 5-bit", None, (256, 256, 3), 5, (
+        Published("Glow", 1.03, "as reported for Glow (not its Table 2)",
+                  "Karras et al.'s CelebA-HQ"),
+    )),
+    Benchmark("LSUN bedroom 64x64, RealNVP's", "lsun_bedroom:realnvp", (64, 64, 3), 8, (
+        Published("RealNVP", 2.72, "Table 1",
+                  "real_nvp/lsun_formatting.py: smallest side 96; random 64x64 crops"),
+        Published("Glow", 2.38, "Table 2", "openai/glow lsun_realnvp: lsun.py --realnvp"),
+    )),
+    Benchmark("LSUN church outdoor 64x64, RealNVP's", "lsun_church:realnvp", (64, 64, 3), 8, (
+        Published("RealNVP", 3.08, "Table 1",
+                  "real_nvp/lsun_formatting.py: smallest side 96; random 64x64 crops"),
+        Published("Glow", 2.67, "Table 2", "openai/glow lsun_realnvp: lsun.py --realnvp"),
+    )),
 )
-MODELS = ("RealNVP", "Glow", "Flow++", "DenseFlow")
 
 REQUIRED = ("bpd", "dataset", "split", "step", "n_bits")
 
@@ -87,12 +145,23 @@ class TableError(Exception):
   """Bad input the user can fix; main() prints it as one line and exits 1."""
 
 
+def data_version_of(results: dict[str, Any]) -> str | None:
+  """The run's data version: as recorded in results.json, else its dataset's in the registry
+  (results.json files written before the field existed); None for an unknown dataset."""
+  recorded = results.get("data_version")
+  if isinstance(recorded, str):
+    return recorded
+  spec = registry.DATASETS.get(results["dataset"])
+  return spec.data_version if spec else None
+
+
 def benchmark_for(results: dict[str, Any]) -> Benchmark | None:
-  """The published benchmark a run is comparable with, or None."""
+  """The published benchmark a run is comparable with (same data version, bits, size), or None."""
   shape = tuple(results.get("image_shape") or ())
+  version = data_version_of(results)
   for bench in BENCHMARKS:
-    if (results["dataset"] in bench.datasets and results["n_bits"] == bench.n_bits
-        and (not shape or shape == bench.image_shape)):
+    if (version is not None and version == bench.data_version
+        and results["n_bits"] == bench.n_bits and (not shape or shape == bench.image_shape)):
       return bench
   return None
 
@@ -151,10 +220,11 @@ def row(results: dict[str, Any], path: str) -> dict[str, Any]:
       measure = "ELBO"
   else:
     measure = "exact"
-  published = dict(bench.published) if bench else {}
+  published = {p.model: p.bpd for p in bench.published} if bench else {}
   return {
       "workdir": os.path.dirname(path),
       "dataset": results["dataset"],
+      "data_version": data_version_of(results),
       "benchmark": bench.title if bench else None,
       "backbone": results.get("backbone", "glow"),
       "split": results["split"],
@@ -169,8 +239,28 @@ def row(results: dict[str, Any], path: str) -> dict[str, Any]:
       "measure": measure,
       "elbo_bpd": results.get("elbo_bpd"),
       "published": published,
+      "sources": {p.model: f"{REFERENCES[p.model]}, {p.table}" for p in bench.published}
+                 if bench else {},
       "gap": {model: bpd - value for model, value in published.items()},
+      "not_compared": {b.title: {p.model: p.bpd for p in b.published}
+                       for b in other_versions(results)},
   }
+
+
+def _family(data_version: str) -> str:
+  return data_version.split(":")[0]  # "imagenet:chrabaszcz" -> "imagenet"
+
+
+def other_versions(results: dict[str, Any]) -> list[Benchmark]:
+  """Benchmarks of the run's dataset, size and bits on another data version: not compared."""
+  version = data_version_of(results)
+  shape = tuple(results.get("image_shape") or ())
+  return [
+      bench for bench in BENCHMARKS
+      if version is not None and bench.data_version is not None
+      and bench.data_version != version and _family(bench.data_version) == _family(version)
+      and results["n_bits"] == bench.n_bits and (not shape or shape == bench.image_shape)
+  ]
 
 
 def collect(
@@ -213,14 +303,15 @@ def _count(n: int | None) -> str:
 
 def markdown(rows: Sequence[dict[str, Any]], warnings: Sequence[str] = ()) -> str:
   """The table as Markdown, with the references and any skipped workdirs."""
-  header = ["dataset", "backbone", "split", "mode", "steps", "wall time", "devices", "params",
-            "bpd", "likelihood"] + [f"{m} (gap)" for m in MODELS] + ["workdir"]
+  header = ["dataset", "data version", "backbone", "split", "mode", "steps", "wall time",
+            "devices", "params", "bpd", "likelihood"] + [f"{m} (gap)" for m in MODELS] + [
+                "workdir"]
   lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
   for r in rows:
     devices = f"{r['device_count']} x {r['device_kind']}" if r["device_count"] else "n/a"
-    cells = [r["dataset"], r["backbone"], r["split"], r["mode"] or "-", str(r["steps"]),
-             _duration(r["wall_time_s"]), devices, _count(r["num_parameters"]),
-             f"{r['bpd']:.4f}", r["measure"]]
+    cells = [r["dataset"], r["data_version"] or "unknown", r["backbone"], r["split"],
+             r["mode"] or "-", str(r["steps"]), _duration(r["wall_time_s"]), devices,
+             _count(r["num_parameters"]), f"{r['bpd']:.4f}", r["measure"]]
     for model in MODELS:
       value = r["published"].get(model)
       cells.append("" if value is None else f"{value:.2f} ({r['gap'][model]:+.3f})")
@@ -231,16 +322,41 @@ def markdown(rows: Sequence[dict[str, Any]], warnings: Sequence[str] = ()) -> st
       "bpd: test bits/dim of the EMA parameters over the whole eval split; likelihood: exact "
       "(Glow backbone), or for DenseFlow the importance-weighted bound with k samples (IWBO, "
       "what DenseFlow reports) or, without it, the ELBO. Published: test "
-      "bits/dim of the same benchmark (gap = measured - published; negative is better). "
-      "Empty: no published number for that dataset, bit depth and resolution. EIW-Flow's own "
-      "numbers are not quoted (not checked against the paper with a page reference).",
-      "",
-      "References:",
-      *[f"- {model}: {ref}" for model, ref in REFERENCES.items()],
+      "bits/dim of the same benchmark: the same data version, bit depth and resolution (gap = "
+      "measured - published; negative is better). Empty: no number published on that version. "
+      "EIW-Flow's own numbers are not quoted (not checked against the paper with a page "
+      "reference).",
   ]
+  lines += _compared_section(rows)
+  lines += ["", "References:", *[f"- {model}: {ref}" for model, ref in REFERENCES.items()]]
   if warnings:
     lines += ["", "Skipped:", *[f"- {w}" for w in warnings]]
   return "\n".join(lines) + "\n"
+
+
+def _compared_section(rows: Sequence[dict[str, Any]]) -> list[str]:
+  """The published numbers the rows are compared with (source, how the version is known), the
+  data versions of the rows, and the numbers left out because they are on another version."""
+  titles = sorted({r["benchmark"] for r in rows if r["benchmark"]})
+  lines = []
+  if titles:
+    lines += ["", "Compared with (benchmark: model bpd, source; how its data version is known):"]
+    for bench in BENCHMARKS:
+      if bench.title in titles:
+        lines += [f"- {bench.title}:"] + [
+            f"  - {p.model} {p.bpd:.2f}, {p.model} paper {p.table}; version: {p.version}"
+            for p in bench.published]
+  versions = sorted({r["data_version"] for r in rows if r["data_version"]})
+  lines += ["", "Data versions:"] + [
+      f"- {v}: {registry.DATA_VERSIONS[v].description}" if v in registry.DATA_VERSIONS
+      else f"- {v}: not a version this project knows" for v in versions]
+  skipped = {(r["dataset"], title): numbers for r in rows
+             for title, numbers in r["not_compared"].items()}
+  if skipped:
+    lines += ["", "Not compared (published on another data version of the same dataset):"]
+    lines += [f"- {dataset} vs {title}: " + ", ".join(f"{m} {v:.2f}" for m, v in numbers.items())
+              for (dataset, title), numbers in sorted(skipped.items())]
+  return lines
 
 
 def write_table(
@@ -255,7 +371,9 @@ def write_table(
   with open(md_path, "w") as f:
     f.write(markdown(rows, warnings))
   with open(json_path, "w") as f:
-    json.dump({"rows": rows, "skipped": warnings, "references": REFERENCES}, f, indent=2)
+    json.dump({"rows": rows, "skipped": warnings, "references": REFERENCES,
+               "data_versions": {k: dataclasses.asdict(v)
+                                 for k, v in registry.DATA_VERSIONS.items()}}, f, indent=2)
   return md_path, json_path, rows
 
 

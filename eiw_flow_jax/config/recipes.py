@@ -140,9 +140,10 @@ def glow_lsun(dataset: str, hardware: str = "") -> ml_collections.ConfigDict:
   """Glow's LSUN 64x64 setup (github.com/openai/glow README, "LSUN 64x64 quantitative result").
 
   L=3, K=48, 512 hidden channels, affine coupling, lr 1e-3, n_bits 8 (`glow_recipe`). Glow
-  (like RealNVP) trained on random 64x64 crops of 96x96 images, while the data layer here takes
-  the largest centre square resized to 64x64, so numbers are close to but not exactly
-  comparable. Batch 256, step count, warmup, EMA and clipping are this project's choices.
+  (like RealNVP) trained on random 64x64 crops of images downscaled to a smallest side of 96,
+  the data the configs read (`lsun_*_realnvp`; `lsun_*` is this project's centre square,
+  compared with no published number). Batch 256, step count, warmup, EMA and clipping are this
+  project's choices.
   Evaluated on "validation" (LSUN has no public test split). Hardware: 8 accelerators with
   >= 16 GB each, 32 images per device.
 

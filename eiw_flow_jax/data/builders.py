@@ -1,11 +1,14 @@
 """Offline TFDS builders: datasets that ship with a package or come from local files.
 
 skip_registration keeps them out of TFDS's global catalog: they are created directly, and their
-names must not clash with catalog datasets.
+names must not clash with catalog datasets. `digits` and `mnist_idx` are prepared on first use
+(`ON_FIRST_USE`); `lsun_realnvp` only by `python -m eiw_flow_jax.prepare` (3 million images for
+bedroom take hours).
 """
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,12 +18,20 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from eiw_flow_jax.data.idx import MNIST_FILES, MNIST_T10K_TRAIN, find_idx, mnist_present, read_mnist
+from eiw_flow_jax.data.preprocess import realnvp_lsun_downscale
 
 # The file format this project reads (random access, no TensorFlow); every builder writes it.
 ARRAY_RECORD = "array_record"
 
 
+def no_checksums_lookup(cls: type) -> type:
+  """Skips TFDS's lookup of a checksums file next to a builder's code, which imports the
+  undeclared `importlib_resources` package (tfds 4.9.10): for builders that download nothing."""
+  cls.code_path = tfds.core.utils.classproperty(classmethod(lambda _: None))
+  return cls
 
+
+@no_checksums_lookup
 class _OfflineBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Shared parts of our builders: uint8 image + int label examples from in-memory arrays."""
 
@@ -28,14 +39,7 @@ class _OfflineBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   DESCRIPTION: ClassVar[str]
   HOMEPAGE: ClassVar[str]
   RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "Initial release."}
-
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> None:
-    # TFDS looks for a checksums file next to a builder's code, and that lookup imports the
-    # undeclared `importlib_resources` package (tfds 4.9.10). Ours download nothing, so say
-    # there is no code directory and the lookup is skipped.
-    return None
+  ON_FIRST_USE: ClassVar[bool] = True  # prepared by the data layer when first opened
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
@@ -150,3 +154,86 @@ def mnist_idx_builder(data_dir: str, source_dir: str) -> tfds.core.DatasetBuilde
       f"{data_dir}/mnist_idx holds no prepared copy. The files are MNIST's own distribution: "
       f"download them from an MNIST mirror (e.g. https://ossci-datasets.s3.amazonaws.com/mnist/)."
   )
+
+
+# ----------------------------------------------------------------------------------------------
+# LSUN, from the lmdb export of LSUN's download.py (`<category>_train_lmdb/`, `_val_lmdb/`).
+
+LSUN_SPLIT_FOLDERS = {"train": "train", "validation": "val"}  # TFDS split -> export suffix
+
+
+def lsun_lmdb_dir(root: Path, category: str, split: str) -> Path:
+  """The extracted lmdb export of one split; FileNotFoundError naming what is missing."""
+  stem = f"{category}_{LSUN_SPLIT_FOLDERS[split]}_lmdb"
+  path = root / stem
+  if not (path / "data.mdb").is_file():
+    raise FileNotFoundError(
+        f"Expected the LSUN lmdb export {path}/data.mdb (unzip {stem}.zip into {root}); "
+        f"found {'the folder without data.mdb' if path.is_dir() else 'no such folder'}."
+    )
+  return path
+
+
+def lsun_records(path: Path) -> Iterator[tuple[str, bytes]]:
+  """(key, stored image bytes) of every record of an LSUN lmdb export, in key order."""
+  import lmdb  # only LSUN needs it
+
+  env = lmdb.open(str(path), readonly=True, lock=False, readahead=False, max_readers=1)
+  try:
+    with env.begin(write=False) as txn:
+      for key, value in txn.cursor():
+        yield key.decode("utf-8"), bytes(value)
+  finally:
+    env.close()
+
+
+@no_checksums_lookup
+class LsunRealnvpBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """LSUN as RealNVP prepared it: each image downscaled so that its smallest side is 96.
+
+  RealNVP's lsun_formatting.py (and openai/glow's generate_tfr/lsun.py with --realnvp, whose
+  data Glow's LSUN results use) store `skimage.transform.pyramid_reduce(image, downscale)` with
+  downscale = min(rows, cols) / 96, times 255 and truncated to uint8; `preprocess.
+  realnvp_lsun_downscale` does the same. The 64x64 crops are taken when the data is read
+  (`registry.DatasetSpec.random_crop`). Source: the lmdb export in the manual dir.
+  """
+
+  name = "lsun_realnvp"
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "Initial release."}
+  BUILDER_CONFIGS: ClassVar[list[tfds.core.BuilderConfig]] = [
+      tfds.core.BuilderConfig(name=category, description=f"LSUN {category}, smallest side 96.")
+      for category in ("bedroom", "church_outdoor")
+  ]
+  MANUAL_DOWNLOAD_INSTRUCTIONS = (
+      "Download <category>_train_lmdb.zip and <category>_val_lmdb.zip with LSUN's download.py "
+      "(`python download.py -c <category>`) and unzip both into the manual dir."
+  )
+  ON_FIRST_USE: ClassVar[bool] = False  # prepared by `python -m eiw_flow_jax.prepare` only
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description="LSUN downscaled so that the smallest side is 96 pixels (RealNVP, Glow).",
+        features=tfds.features.FeaturesDict({
+            "id": tfds.features.Text(),
+            "image": tfds.features.Image(shape=(None, None, 3)),  # PNG: lossless
+        }),
+        homepage="https://www.yf.io/p/lsun",
+    )
+
+  def _split_generators(self, dl_manager: Any) -> dict[str, Any]:
+    root = Path(dl_manager.manual_dir)
+    category = self.builder_config.name
+    paths = {split: lsun_lmdb_dir(root, category, split) for split in LSUN_SPLIT_FOLDERS}
+    return {split: self._generate_examples(path) for split, path in paths.items()}
+
+  def _generate_examples(self, path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    from PIL import Image  # only preparing needs it
+
+    for key, blob in lsun_records(path):
+      with Image.open(io.BytesIO(blob)) as stored:
+        image = np.asarray(stored.convert("RGB"))
+      buffer = io.BytesIO()
+      Image.fromarray(realnvp_lsun_downscale(image, key)).save(buffer, format="png")
+      yield key, {"id": key, "image": buffer.getvalue()}

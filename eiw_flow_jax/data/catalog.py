@@ -5,9 +5,18 @@
 
 `--dataset` takes this project's names (`config.dataset.name`, see `eiw_flow_jax.data`):
 
-* `mnist`, `cifar10`, `celeba`, `imagenet32_resized`, `imagenet64_resized`: TFDS downloads the
-  source files and builds the catalog dataset with `file_format=array_record` (the builder API
-  that `tfds build ... --file_format=array_record` calls, minus the CLI's extra imports).
+* `mnist`, `cifar10`, `celeba` (and `celeba_realnvp`, `celeba_denseflow`: the same TFDS
+  `celeb_a`, preprocessed when read): TFDS downloads the source files and builds the catalog
+  dataset with `file_format=array_record` (the builder API that `tfds build ...
+  --file_format=array_record` calls, minus the CLI's extra imports).
+* `imagenet32_resized`, `imagenet64_resized` (TFDS `imagenet_resized/32x32`, `/64x64`,
+  Chrabaszcz et al.'s box-resized ImageNet, the data of DenseFlow's ImageNet results): with
+  `--source_dir=DIR` holding `Imagenet32_train.zip` and `Imagenet32_val.zip` (64:
+  `Imagenet64_train_part1.zip`, `_part2.zip`, `Imagenet64_val.zip`), their `_npz` zips, or the
+  extracted batch files, this project's subclass of TFDS's builder writes TFDS's layout offline
+  (the val set as "validation"), the examples keyed as TFDS keys them so the prepared split is
+  TFDS's, in TFDS's order (`eiw_flow_jax.data.resized_imagenet`). Without `--source_dir` TFDS
+  downloads the `_npz` zips.
 * `imagenet32`, `imagenet64` (TFDS `downsampled_imagenet/32x32`, `/64x64`, the van den Oord
   et al. data of the density papers): with `--source_dir=DIR` holding `train_32x32.tar` and
   `valid_32x32.tar` (or `_64x64`; extracted folders of the same names work too), this project's
@@ -19,6 +28,8 @@
   `bedroom_val_lmdb/` (`church_outdoor_...` for church), read with the `lmdb` package by this
   project's subclass of TFDS's LSUN builder (TFDS's own needs tensorflow-io, whose current
   wheel does not load next to current TensorFlow). Same layout and feature spec as TFDS's.
+* `lsun_bedroom_realnvp`, `lsun_church_realnvp`: from the same lmdb export, RealNVP's
+  downscaling to a smallest side of 96 (`builders.LsunRealnvpBuilder`, `lsun_realnvp/...`).
 * `digits`, `mnist_idx`: the offline builders, prepared exactly as training would.
 
 A dataset already built in another format (`tfds build`'s default is tfrecord) is reported with
@@ -41,8 +52,13 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from eiw_flow_jax.config import schema
-from eiw_flow_jax.data import pipeline, registry, sources
-from eiw_flow_jax.data.builders import ARRAY_RECORD
+from eiw_flow_jax.data import pipeline, registry, resized_imagenet, sources
+from eiw_flow_jax.data.builders import (
+  ARRAY_RECORD,
+  lsun_lmdb_dir,
+  lsun_records,
+  no_checksums_lookup,
+)
 
 # Module -> pip requirement that a TFDS download-and-build needs with TFDS 4.9.10 (the
 # [prepare] extra of setup.cfg installs them). TFDS imports each lazily, so a missing one
@@ -57,7 +73,10 @@ INSTALL_HINT = "pip install -e '.[prepare]'  (from the repository root)"
 
 # Datasets that cannot be downloaded by TFDS today and need --source_dir.
 _LSUN_CATEGORIES = {"lsun_bedroom": "bedroom", "lsun_church": "church_outdoor"}
+_LSUN_REALNVP = {"lsun_bedroom_realnvp": "bedroom", "lsun_church_realnvp": "church_outdoor"}
 _DOWNSAMPLED = {"imagenet32": "32x32", "imagenet64": "64x64"}
+# Datasets that TFDS can download, or this project writes from local files with --source_dir.
+_RESIZED = {"imagenet32_resized": 32, "imagenet64_resized": 64}
 
 
 class PrepareError(Exception):
@@ -76,11 +95,12 @@ def missing_modules(modules: dict[str, str] | None = None) -> list[str]:
 # where the examples come from. skip_registration keeps TFDS's catalog entry the one registered.
 
 
-def _no_code_path(cls: type) -> type:
-  # TFDS looks for a checksums file next to a builder's code, which imports the undeclared
-  # `importlib_resources`; these builders download nothing, so skip that lookup.
-  cls.code_path = tfds.core.utils.classproperty(classmethod(lambda _: None))
-  return cls
+def _png(image: Any) -> bytes:
+  from PIL import Image  # TFDS encodes arrays with TensorFlow; Pillow's PNG is as lossless
+
+  buffer = io.BytesIO()
+  Image.fromarray(image).save(buffer, format="png")
+  return buffer.getvalue()
 
 
 def _split_path(source_dir: Path, stem: str) -> Path:
@@ -116,7 +136,7 @@ def downsampled_imagenet_builder(
   """TFDS `downsampled_imagenet/<resolution>` from local train_/valid_<resolution> files."""
   base = tfds.builder_cls("downsampled_imagenet")
 
-  @_no_code_path
+  @no_checksums_lookup
   class LocalDownsampledImagenet(base, skip_registration=True):
     name = "downsampled_imagenet"
 
@@ -143,41 +163,61 @@ def lsun_builder(category: str, source_dir: str, **kwargs: Any) -> tfds.core.Dat
   """TFDS `lsun/<category>` from the extracted LSUN lmdb export, read with `lmdb`."""
   base = tfds.builder_cls("lsun")
 
-  @_no_code_path
+  @no_checksums_lookup
   class LocalLsun(base, skip_registration=True):
     name = "lsun"
 
     def _split_generators(self, dl_manager: Any) -> dict[str, Any]:
       del dl_manager
       root = Path(source_dir)
-      return {
-          "train": self._generate_examples(_lmdb_dir(root, f"{category}_train_lmdb")),
-          "validation": self._generate_examples(_lmdb_dir(root, f"{category}_val_lmdb")),
-      }
+      paths = {split: lsun_lmdb_dir(root, category, split) for split in ("train", "validation")}
+      return {split: self._generate_examples(path) for split, path in paths.items()}
 
     def _generate_examples(self, path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-      import lmdb  # only this builder needs it
-
-      env = lmdb.open(str(path), readonly=True, lock=False, readahead=False, max_readers=1)
-      try:
-        with env.begin(write=False) as txn:
-          # Same records as TFDS's builder: the key as id, the stored (webp) bytes unchanged.
-          for index, (key, value) in enumerate(txn.cursor()):
-            yield index, {"id": key.decode("utf-8"), "image": io.BytesIO(value)}
-      finally:
-        env.close()
+      # Same records as TFDS's builder: the key as id, the stored (webp) bytes unchanged.
+      for index, (key, blob) in enumerate(lsun_records(path)):
+        yield index, {"id": key, "image": io.BytesIO(blob)}
 
   return LocalLsun(config=category, **kwargs)
 
 
-def _lmdb_dir(root: Path, stem: str) -> Path:
-  path = root / stem
-  if not (path / "data.mdb").is_file():
-    raise PrepareError(
-        f"Expected the LSUN lmdb export {path}/data.mdb (unzip {stem}.zip into {root}); "
-        f"found {'the folder without data.mdb' if path.is_dir() else 'no such folder'}."
-    )
-  return path
+def resized_imagenet_builder(
+    size: int, source_dir: str, **kwargs: Any
+) -> tfds.core.DatasetBuilder:
+  """TFDS `imagenet_resized/<size>x<size>` from Chrabaszcz et al.'s zips or extracted batches."""
+  base = tfds.builder_cls("imagenet_resized")
+
+  @no_checksums_lookup
+  class LocalImagenetResized(base, skip_registration=True):
+    name = "imagenet_resized"
+
+    def _split_generators(self, dl_manager: Any) -> dict[str, Any]:
+      del dl_manager
+      try:
+        located = resized_imagenet.locate(Path(source_dir), size)
+      except (FileNotFoundError, ValueError) as e:
+        raise PrepareError(str(e)) from e
+      return {split: self._generate_examples(split, batches) for split, batches in located.items()}
+
+    def _generate_examples(
+        self, split: str, batches: list[resized_imagenet.BatchFile]
+    ) -> Iterator[tuple[str, dict[str, Any]]]:
+      count = 0
+      for batch in batches:
+        try:
+          images, labels = resized_imagenet.read_batch(batch, size)
+        except ValueError as e:
+          raise PrepareError(str(e)) from e
+        for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+          # TFDS's key: the batch's path in its _npz zip plus the index (module docstring).
+          yield f"{batch.key}{i}", {"image": _png(image), "label": int(label)}
+        count += len(labels)
+      try:
+        resized_imagenet.check_count(split, count)
+      except ValueError as e:
+        raise PrepareError(f"{source_dir}: {e}") from e
+
+  return LocalImagenetResized(config=f"{size}x{size}", **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,20 +233,25 @@ def catalog_builder(
     kwargs["file_format"] = file_format
   if source_dir and dataset in _DOWNSAMPLED:
     return downsampled_imagenet_builder(_DOWNSAMPLED[dataset], source_dir, **kwargs)
-  if dataset in _LSUN_CATEGORIES:
+  if source_dir and dataset in _RESIZED:
+    return resized_imagenet_builder(_RESIZED[dataset], source_dir, **kwargs)
+  if dataset in _LSUN_CATEGORIES or dataset in _LSUN_REALNVP:
+    category = {**_LSUN_CATEGORIES, **_LSUN_REALNVP}[dataset]
     if not source_dir:
-      category = _LSUN_CATEGORIES[dataset]
       raise PrepareError(
-          f"Dataset {dataset!r} (TFDS 'lsun/{category}') can only be prepared from the LSUN "
+          f"Dataset {dataset!r} (TFDS {spec.tfds_name!r}) can only be prepared from the LSUN "
           f"lmdb export: download {category}_train_lmdb.zip and {category}_val_lmdb.zip (LSUN's "
           f"download.py, `python download.py -c {category}`), unzip both into a folder and pass "
           f"--source_dir=FOLDER. TFDS's own LSUN builder needs tensorflow-io, whose current "
           f"wheel does not load next to current TensorFlow, so it is not used."
       )
-    return lsun_builder(_LSUN_CATEGORIES[dataset], source_dir, **kwargs)
+    if dataset in _LSUN_REALNVP:
+      return sources.dataset_builder(spec, **kwargs)  # reads the manual dir: --source_dir
+    return lsun_builder(category, source_dir, **kwargs)
   if source_dir:
+    with_sources = sorted({**_DOWNSAMPLED, **_RESIZED, **_LSUN_CATEGORIES, **_LSUN_REALNVP})
     raise PrepareError(
-        f"--source_dir is only used for {sorted(_DOWNSAMPLED) + sorted(_LSUN_CATEGORIES)} and "
+        f"--source_dir is only used for {with_sources} and "
         f"mnist_idx; TFDS downloads {dataset!r} (TFDS {spec.tfds_name!r}) itself."
     )
   return tfds.builder(spec.tfds_name, **kwargs)
@@ -261,12 +306,12 @@ def prepare(
   if source_dir and not os.path.isdir(source_dir):
     raise PrepareError(f"--source_dir {source_dir} is not a folder.")
   spec = registry.DATASETS[dataset]
-  if spec.builder is not None:
+  if spec.builder is not None and spec.builder.ON_FIRST_USE:
     if convert:
       raise PrepareError(f"--convert is for TFDS catalog datasets; {dataset!r} is offline.")
     return _offline(dataset, data_dir, source_dir)
 
-  existing = tfds.builder(spec.tfds_name, data_dir=data_dir)
+  existing = sources.dataset_builder(spec, data_dir)
   if existing.is_prepared():
     if sources.has_array_record(existing):
       logging.info("%s is already prepared as array_record in %s.", dataset, existing.data_dir)
@@ -303,7 +348,9 @@ def prepare(
       )
   try:
     builder.download_and_prepare(
-        download_dir=os.path.abspath(os.path.expanduser(download_dir)) if download_dir else None
+        download_dir=os.path.abspath(os.path.expanduser(download_dir)) if download_dir else None,
+        # Our own builders that read local files take them as TFDS's manual dir.
+        download_config=tfds.download.DownloadConfig(manual_dir=source_dir or None),
     )
   except PrepareError:
     raise
@@ -315,6 +362,8 @@ def prepare(
           f"train_{_DOWNSAMPLED[dataset]}.tar and valid_{_DOWNSAMPLED[dataset]}.tar and pass "
           f"--source_dir=FOLDER."
       )
+    if dataset in _RESIZED and downloads:
+      hint = f" Download {sources.SOURCE_HINTS[dataset]} yourself and pass --source_dir=FOLDER."
     raise PrepareError(
         f"Preparing {dataset!r} (TFDS {spec.tfds_name!r}) into {data_dir} failed: "
         f"{type(e).__name__}: {e}.{hint}"
@@ -325,8 +374,10 @@ def prepare(
 def summary(dataset: str, data_dir: str) -> str:
   """One line per split of the prepared dataset, read back the way training reads it."""
   spec = registry.DATASETS[dataset]
-  builder = tfds.builder(spec.tfds_name, data_dir=data_dir) if spec.builder is None else None
-  lines = [f"{dataset} ready in {data_dir} (config.dataset.data_dir={data_dir})"]
+  prepared_here = spec.builder is None or not spec.builder.ON_FIRST_USE
+  builder = sources.dataset_builder(spec, data_dir) if prepared_here else None
+  version = registry.DATA_VERSIONS[spec.data_version].title
+  lines = [f"{dataset} ready in {data_dir} (config.dataset.data_dir={data_dir}); data: {version}"]
   if builder is not None:
     formats = sorted(f.value for f in builder.info.available_file_formats())
     lines[0] += f", TFDS {spec.tfds_name} {builder.info.version}, formats {formats}"

@@ -6,7 +6,10 @@ batches of `config.batch_size` consecutive examples of that stream. Process `p` 
 block `p` (of `P` equal, contiguous blocks) of every global batch, so the per-process batches
 of step `k`, stacked in process order, are global batch `k` row for row, whatever `P` is.
 Because the stream is infinite, no example is ever dropped; a batch can straddle an epoch
-boundary.
+boundary. Datasets stored larger than the model's images (`DatasetSpec.random_crop`: RealNVP's
+LSUN) are cut to shape at a random position each time an example is drawn, seeded per stream
+position from `config.seed`; evaluation and `load_examples` take one fixed random window per
+example (seeded by its index), the same in every run.
 
 The returned iterator is a `grain.DatasetIterator`: `get_state()` returns a small
 JSON-serialisable dict and `set_state()` restores it, so a resumed run sees exactly the batches
@@ -39,6 +42,7 @@ import ml_collections
 import numpy as np
 from absl import flags
 
+from eiw_flow_jax.data import preprocess as preprocessing
 from eiw_flow_jax.data.registry import (
   DatasetInfo,
   Preprocess,
@@ -51,22 +55,34 @@ from eiw_flow_jax.data.sources import open_split
 # Threads reading records for one process. Batches are assembled in these threads, so a deep
 # buffer only costs memory; 16 batches is plenty to hide read latency.
 _READ_OPTIONS = grain.ReadOptions(num_threads=8, prefetch_buffer_size=16)
+# Seeds the fixed crop position of each example outside training (evaluation, ActNorm's
+# initialisation batch) for datasets with `random_crop`: the same windows in every run.
+_FIXED_CROP_SEED = 0
 
 
 @dataclasses.dataclass(frozen=True)
 class _ToImage:
-  """Example dict -> {"image": uint8 image of the configured shape}. Picklable for workers."""
+  """Example dict -> {"image": uint8 image of the configured shape}. Picklable for workers.
+
+  With `cropped`, images are stored larger than the configured shape and a window of it is cut
+  at a position drawn from `rng` (`_RandomCrop`, `_FixedCrop`) before the shape check.
+  """
 
   name: str
   image_key: str
   image_shape: tuple[int, int, int]
   preprocess: Preprocess | None
   drop_bits: int = 0  # pixel_bits - n_bits when the model uses fewer bits (Glow's CelebA, 5)
+  cropped: bool = False
 
-  def __call__(self, example: dict[str, Any]) -> dict[str, np.ndarray]:
+  def __call__(
+      self, example: dict[str, Any], rng: np.random.Generator | None = None
+  ) -> dict[str, np.ndarray]:
     image = np.asarray(example[self.image_key])
     if self.preprocess is not None:
       image = self.preprocess(image, self.image_shape)
+    if self.cropped:
+      image = preprocessing.crop(image, self.image_shape[:2], rng)
     if self.drop_bits:
       image = image >> np.uint8(self.drop_bits)
     if image.ndim == 2:
@@ -79,8 +95,30 @@ class _ToImage:
     return {"image": image}
 
 
-def _image_dataset(config: ml_collections.ConfigDict, split: str) -> grain.MapDataset:
-  """The split as a MapDataset of {"image": uint8}; checks the first image's shape eagerly."""
+@dataclasses.dataclass(frozen=True)
+class _RandomCrop:
+  """Training: a fresh window for every example drawn (grain seeds `rng` per stream position)."""
+
+  to_image: _ToImage
+
+  def __call__(self, example: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    return self.to_image(example, rng)
+
+
+@dataclasses.dataclass(frozen=True)
+class _FixedCrop:
+  """Elsewhere: the window of example `index` is drawn from a generator seeded by the index."""
+
+  to_image: _ToImage
+
+  def __call__(self, index: int, example: dict[str, Any]) -> dict[str, Any]:
+    return self.to_image(example, np.random.default_rng((_FIXED_CROP_SEED, index)))
+
+
+def _examples(
+    config: ml_collections.ConfigDict, split: str
+) -> tuple[grain.MapDataset, _ToImage]:
+  """The split's stored examples and their `_ToImage`; checks the first image eagerly."""
   source, spec = open_split(
       config.dataset.name, data_dir_for(config), config.dataset.source_dir, split)
   to_image = _ToImage(
@@ -89,11 +127,24 @@ def _image_dataset(config: ml_collections.ConfigDict, split: str) -> grain.MapDa
       tuple(config.model.image_shape),
       spec.preprocess,
       drop_bits=max(0, spec.pixel_bits - config.model.n_bits),
+      cropped=spec.random_crop,
   )
   if len(source) == 0:
     raise ValueError(f"Split {split!r} of dataset {config.dataset.name!r} is empty.")
-  to_image(source[0])  # fail at construction, not inside a reader thread
-  return grain.MapDataset.source(source).map(to_image)
+  _FixedCrop(to_image)(0, source[0])  # fail at construction, not inside a reader thread
+  return grain.MapDataset.source(source), to_image
+
+
+def _image_dataset(config: ml_collections.ConfigDict, split: str) -> grain.MapDataset:
+  """The split as a MapDataset of {"image": uint8}, crops at their fixed positions."""
+  examples, to_image = _examples(config, split)
+  return examples.map_with_index(_FixedCrop(to_image)) if to_image.cropped else examples.map(
+      to_image)
+
+
+def _crop_seed(seed: int) -> int:
+  # Not the shuffle's seed: the crops of a run must not repeat its shuffle's draws.
+  return int(np.random.SeedSequence((seed, 1)).generate_state(1)[0])
 
 
 def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
@@ -138,12 +189,14 @@ def get_dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
   """Split sizes, image shape and pixel bit depth of the configured dataset."""
   train = _image_dataset(config, resolve_split(config, "train"))
   evaluation = _image_dataset(config, resolve_split(config, "eval"))
+  spec = spec_for(config)
   return DatasetInfo(
       name=config.dataset.name,
       num_train=len(train),
       num_eval=len(evaluation),
       image_shape=tuple(config.model.image_shape),
-      pixel_bits=spec_for(config).pixel_bits,
+      pixel_bits=spec.pixel_bits,
+      data_version=spec.data_version,
   )
 
 
@@ -160,8 +213,12 @@ def create_train_iterator(
   """
   index, count = _process(process_index, process_count)
   batch = _per_process(config.batch_size, count, "batch_size")
-  ds = _image_dataset(config, resolve_split(config, "train"))
-  ds = ds.shuffle(seed=_shuffle_seed(config.seed)).repeat(None)
+  examples, to_image = _examples(config, resolve_split(config, "train"))
+  if to_image.cropped:  # a fresh window each time an example is drawn
+    ds = examples.shuffle(seed=_shuffle_seed(config.seed)).repeat(None)
+    ds = ds.random_map(_RandomCrop(to_image), seed=_crop_seed(config.seed))
+  else:
+    ds = examples.map(to_image).shuffle(seed=_shuffle_seed(config.seed)).repeat(None)
   ds = _ProcessBlock(ds, index, count, batch).batch(batch, drop_remainder=True)
   iter_ds = ds.to_iter_dataset(_READ_OPTIONS)
   workers = config.dataset.worker_count

@@ -29,10 +29,19 @@ SOURCE_HINTS = {
                   "ImageNet; image-net.org may no longer serve them to TFDS)",
     "imagenet64": "train_64x64.tar and valid_64x64.tar (van den Oord et al.'s downsampled "
                   "ImageNet; image-net.org may no longer serve them to TFDS)",
+    "imagenet32_resized": "Imagenet32_train.zip and Imagenet32_val.zip (Chrabaszcz et al.'s "
+                          "box-resized ImageNet, image-net.org/data/downsample; the _npz zips "
+                          "or the extracted files work too)",
+    "imagenet64_resized": "Imagenet64_train_part1.zip, Imagenet64_train_part2.zip and "
+                          "Imagenet64_val.zip (Chrabaszcz et al.'s box-resized ImageNet, "
+                          "image-net.org/data/downsample; the _npz zips or the extracted "
+                          "files work too)",
     "lsun_bedroom": "the unzipped LSUN lmdb export bedroom_train_lmdb/ and bedroom_val_lmdb/",
     "lsun_church": "the unzipped LSUN lmdb export church_outdoor_train_lmdb/ and "
                    "church_outdoor_val_lmdb/",
 }
+SOURCE_HINTS["lsun_bedroom_realnvp"] = SOURCE_HINTS["lsun_bedroom"]
+SOURCE_HINTS["lsun_church_realnvp"] = SOURCE_HINTS["lsun_church"]
 # The fix for a dataset that TFDS built in another file format (tfrecord, `tfds build`'s default).
 CONVERT_HELP = (
     "Convert it in place (adds array_record shards next to the existing ones; needs the "
@@ -61,9 +70,17 @@ def has_array_record(builder: tfds.core.DatasetBuilder) -> bool:
   return any(f.value == ARRAY_RECORD for f in info.available_file_formats())
 
 
+def dataset_builder(spec: DatasetSpec, data_dir: str, **kwargs: Any) -> tfds.core.DatasetBuilder:
+  """The builder of a catalog dataset or of one of our own builders (`spec.builder`)."""
+  if spec.builder is None:
+    return tfds.builder(spec.tfds_name, data_dir=data_dir, **kwargs)
+  _, _, config = spec.tfds_name.partition("/")
+  return spec.builder(data_dir=data_dir, **({"config": config} if config else {}), **kwargs)
+
+
 def _catalog_builder(name: str, spec: DatasetSpec, data_dir: str) -> tfds.core.DatasetBuilder:
-  """A prepared TFDS catalog builder, or an error saying how to prepare it."""
-  builder = tfds.builder(spec.tfds_name, data_dir=data_dir)
+  """A prepared dataset that the prepare command writes, or an error saying how to prepare it."""
+  builder = dataset_builder(spec, data_dir)
   if not builder.is_prepared():
     help_text = CATALOG_HELP.format(name=name, tfds_name=spec.tfds_name, data_dir=data_dir)
     if name in SOURCE_HINTS:
@@ -108,6 +125,6 @@ def open_split(name: str, data_dir: str, source_dir: str, split: str) -> tuple[A
         f"splits: {spec.train_split!r}/{spec.eval_split!r}; set config.dataset.train_split / "
         f"eval_split, or leave them empty for these)."
     )
-  if spec.builder is None:
+  if spec.builder is None or not spec.builder.ON_FIRST_USE:
     return builder.as_data_source(split, file_format=ARRAY_RECORD), spec
   return builder.as_data_source(split), spec

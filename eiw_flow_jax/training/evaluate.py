@@ -190,6 +190,7 @@ def evaluate_and_write(
   results = {
       "bpd": bpd,
       "dataset": config.dataset.name,
+      "data_version": info.data_version,  # registry.DATA_VERSIONS: which preparation of the data
       "eval_split": registry.resolve_split(config, "eval"),
       "num_train": info.num_train,
       "num_eval": info.num_eval,
