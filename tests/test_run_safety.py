@@ -176,7 +176,7 @@ def test_cli_refuses_a_busy_workdir(tmp_path, data_dir, env):
   assert "Traceback" not in result.stderr
   line = [x for x in result.stderr.splitlines() if x.startswith("error: ")][0]
   assert "WorkdirBusyError" in line and str(workdir / "LOCK") in line
-  assert f"pid {os.getpid()}" in line
+  assert f"pid {os.getpid()}" in line and "--take_over_lock" in line  # the way out, if gone
   assert not (workdir / "config.json").exists()
 
 
