@@ -17,8 +17,8 @@ what they mean.
 
 Digests (`digests`): every checkpoint carries the SHA-256 of each array's bytes and of each
 process's input position, verified by every read (training, eval, `load`, conversions);
-conversions write fresh ones. Background
-tracebacks of a failed save or restore go to a log file (`background_errors`).
+conversions write fresh ones. Background tracebacks of a failed save or restore go to a log
+file (`background_errors`).
 
 The workdir may be local or an `etils.epath` URL (`gs://bucket/run`): paths are never made
 local. A save that fails (disk full, no permission) raises `storage.StorageError`, one line
