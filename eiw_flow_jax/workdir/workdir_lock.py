@@ -100,6 +100,7 @@ def process_identity() -> dict[str, Any]:
   except OSError:
     namespace = None
   job = os.environ.get("SLURM_JOB_ID")
+  restart = os.environ.get("SLURM_RESTART_COUNT", "0")  # set by SLURM once a job is requeued
   return {
       "host": socket.gethostname(),
       "pid": os.getpid(),
@@ -107,7 +108,7 @@ def process_identity() -> dict[str, Any]:
       "pid_namespace": namespace,
       "process_start": process_start(os.getpid()),
       "slurm_job": f"{os.environ.get('SLURM_CLUSTER_NAME', '')}/{job}" if job else None,
-      "slurm_restart": int(os.environ.get("SLURM_RESTART_COUNT") or 0) if job else None,
+      "slurm_restart": (int(restart) if restart.isdigit() else None) if job else None,
   }
 
 
