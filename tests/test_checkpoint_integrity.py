@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
+import json
 import logging
 import os
 import shutil
 import subprocess
 import sys
 
+import disk_faults
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -109,8 +112,12 @@ def test_every_checkpoint_carries_digests_of_its_arrays(trained):
         **{checkpointing.DIGESTS: ocp.args.JsonRestore()}))[checkpointing.DIGESTS]
   finally:
     manager.close()
-  assert record["format"] == 1 and record["algorithm"] == "sha256"
+  assert record["format"] == 2 and record["algorithm"] == "sha256"
   assert sorted(record["arrays"]) == sorted(_leaf_names(state))
+  with open(os.path.join(workdir, checkpointing.CHECKPOINT_DIR, "20", checkpointing.DATA,
+                         "process_0-of-1.json")) as f:  # grain's file of the input position
+    position = json.dumps(json.load(f), sort_keys=True, separators=(",", ":")).encode()
+  assert record["positions"] == {"process_0-of-1": hashlib.sha256(position).hexdigest()}
   # A replicated state: one entry per array covering it whole, equal to a recomputation.
   assert record["arrays"] == digests.array_digests(state)
   assert record["arrays"]["step"] == {"": digests._sha256(np.asarray(20, np.int32))}
@@ -227,11 +234,16 @@ def test_cli_resume_after_silent_corruption(tmp_path, data_dir, env):
 
 
 def test_disk_full_during_a_save_is_the_last_line(tmp_path, data_dir, env):
-  """A 800 KB filesystem holds two tiny checkpoints (~330 KB each); the third save fails."""
-  with mounted_tmpfs(tmp_path / "small", "size=800k") as small:
+  """A 800 KB filesystem holds two tiny checkpoints (~330 KB each); the third save fails. Where
+  no tmpfs can be mounted, the saves from step 30 on fail with ENOSPC (tests/disk_faults.py)."""
+  small = str(tmp_path / "small")
+  mounted = disk_faults.mount_tmpfs(small, "size=800k")
+  try:
     workdir = os.path.join(small, "run")
     args = cli_args(workdir, data_dir, num_train_steps=60, checkpoint_every_steps=10,
                     keep_checkpoints=10)
+    if not mounted:
+      args = [sys.executable, os.path.join(REPO, "tests", "disk_faults.py"), "30", *args[3:]]
     result = subprocess.run(args, env=env, cwd=REPO, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 1, result.stderr[-3000:]
@@ -248,6 +260,9 @@ def test_disk_full_during_a_save_is_the_last_line(tmp_path, data_dir, env):
     assert saved, lines[-1]
     failed = int(lines[-1].split("of step ")[1].split(" ")[0])
     assert failed not in saved and failed > saved[-1]
+  finally:
+    if mounted:
+      disk_faults.unmount(small)
 
 
 def test_eval_on_a_read_only_workdir_fails_before_evaluating(tmp_path, data_dir, monkeypatch):

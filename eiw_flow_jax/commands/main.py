@@ -12,8 +12,9 @@ compute, and bad configs, missing data and diverged runs end with a one-line err
 --workdir and the config's data_dir may be local paths or URLs (gs://bucket/run).
 
 Exit status: 0 done; 1 a one-line error (config, data, busy workdir, failed save, config
-mismatch on resume, divergence); 143 stopped by SIGTERM and 130 by SIGINT after saving a
-checkpoint (rerun the same command to resume).
+mismatch on resume, divergence); 143 stopped by SIGTERM and 130 by SIGINT with the checkpoints
+saved (rerun the same command to resume, or to finish the final evaluation and sampling).
+--take_over_lock starts even when the workdir's LOCK names a run that may be alive.
 """
 
 from __future__ import annotations
@@ -85,6 +86,12 @@ _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     "Resume even though the config differs from the workdir's config.json in model, batch "
     "size, seed or dataset (a deliberate change; architecture changes still cannot restore).",
 )
+_TAKE_OVER_LOCK = flags.DEFINE_bool(
+    "take_over_lock", False,
+    "Take over the workdir's LOCK even if its holder may still be running (you know it is gone). "
+    "Without it, a lock whose holder is provably gone is taken over by itself and a live one "
+    "refuses the start.",
+)
 flags.mark_flag_as_required("workdir")
 
 # Errors that are the user's to fix; anything else keeps its traceback.
@@ -117,9 +124,14 @@ def resolve_paths(config, workdir: str) -> str:
 
 def run(
     config, workdir: str, mode: str, *, distributed: bool = False,
-    allow_config_change: bool = False,
+    allow_config_change: bool = False, take_over_lock: bool = False,
 ) -> dict | None:
-  """What the command does, callable from Python; returns the results of train/eval."""
+  """What the command does, callable from Python; returns the results of train/eval.
+
+  SIGTERM/SIGINT end it with stop_signals.StopRequested: in training after saving a checkpoint,
+  afterwards (the final evaluation and sampling, `eval`, `sample`) at once, naming what is not
+  written yet.
+  """
   storage.normalize_dir(workdir, "--workdir")  # "" must not mean the current directory
   run_config.validate_config(config)  # what can be checked before touching any device
   if distributed or config.distributed:
@@ -139,13 +151,21 @@ def run(
   )
   if mode == "train":
     results = train_loop.train_and_evaluate(
-        config, workdir, allow_config_change=allow_config_change
+        config, workdir, allow_config_change=allow_config_change, take_over_lock=take_over_lock
     )
     if jax.process_index() == 0:
       print(f"Final test bpd ({results['dataset']}, {results['num_evaluated']} examples, "
             f"step {results['step']}): {results['bpd']:.4f}", flush=True)
     return results
   sample_grids.check_writable(workdir, mode)  # before the evaluation, not after it
+  with stop_signals.StopSignals() as signals:
+    left = "results.json" if mode == "eval" else f"the sample grids ({sample_grids.SAMPLES_DIR}/)"
+    signals.stop_at_once(lambda signum: stop_signals.StopRequested(
+        signum, None, checkpointing.checkpoint_dir(workdir), left=left))
+    return _evaluate_or_sample(config, workdir, mode)
+
+
+def _evaluate_or_sample(config, workdir: str, mode: str) -> dict | None:
   restored = resume.restore_for_inference(config, workdir)
   keys = train_state.rng_keys(config)
   variables = restored.state.variables(ema=True)
@@ -305,7 +325,7 @@ def main(argv: list[str]) -> None:
     # the workdir: the one-line error stays the last line of the output.
     background_errors.quiet_background_errors(_WORKDIR.value)
     run(_CONFIG.value, _WORKDIR.value, _MODE.value, distributed=_DISTRIBUTED.value,
-        allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+        allow_config_change=_ALLOW_CONFIG_CHANGE.value, take_over_lock=_TAKE_OVER_LOCK.value)
   except stop_signals.StopRequested as e:
     _fail(f"stopped: {e}", e.exit_code)
   except _USER_ERRORS as e:

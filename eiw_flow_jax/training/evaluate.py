@@ -33,7 +33,7 @@ from eiw_flow_jax.data import pipeline, registry
 from eiw_flow_jax.model.flow import Flow
 from eiw_flow_jax.training import reporting
 from eiw_flow_jax.training.train_state import IWBO_BATCH_OFFSET
-from eiw_flow_jax.workdir import storage
+from eiw_flow_jax.workdir import config_history, storage
 
 RESULTS_FILE = "results.json"
 # Training wall time summed over every (resumed) training run of a workdir.
@@ -181,8 +181,9 @@ def evaluate_and_write(
   """Test bpd over the whole eval split, written to `<workdir>/results.json` (process 0).
 
   Besides bpd and the data, results.json names the run for `eiw_flow_jax.commands.table`: backbone,
-  split and EIW mode, step, devices, `num_parameters` and the training `wall_time_s` recorded in
-  the workdir by `train.train` (summed over resumed runs; null when the workdir has none).
+  split and EIW mode, step, devices, `num_parameters`, the training `wall_time_s` recorded in
+  the workdir by `train_loop.train` (summed over resumed runs; null when the workdir has none)
+  and the `config_changes` resumes made (`workdir.config_history`).
   """
   bpd, count = evaluate_bpd(config, flow, variables, mesh, rng)
   if count != info.num_eval:
@@ -204,6 +205,8 @@ def evaluate_and_write(
       "image_shape": list(config.model.image_shape),
       "num_parameters": num_parameters(variables),
       "wall_time_s": read_train_time(workdir),  # training time; None if not recorded
+      # What resumes changed on the way ({"step", "field", "old", "new", "time"}, oldest first).
+      "config_changes": config_history.read(workdir),
       "config_hash": config_hash(config),
       "git_commit": git_commit(),
       "device_kind": jax.devices()[0].device_kind,

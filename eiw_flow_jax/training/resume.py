@@ -5,7 +5,10 @@
   field the schema does not know is a ConfigError naming it (`config_from_saved`).
 * Config check: resuming with a config that differs from the saved one in the model, batch
   size, seed or dataset is refused (naming the fields) unless `allow_config_change`; a changed
-  `dataset.worker_count` is refused even then (the saved pipeline position needs it).
+  `dataset.worker_count` is refused even then (the saved pipeline position needs it). Nothing
+  in the workdir changes before the resume has succeeded: `save_config` runs after the restore,
+  logs each changed field in one line and keeps it in `config_history.jsonl` with the step it
+  took effect at (`workdir.config_history`), then writes config.json.
 * A restored state with NaN/inf parameters is refused (`check_restored`).
 * `restore_for_inference`: the newest checkpoint's state, read-only, for eval and sampling.
 * `convert_unrolled_checkpoints`: a workdir's checkpoints migrated offline into a new workdir.
@@ -31,7 +34,7 @@ from eiw_flow_jax.training import run_config
 from eiw_flow_jax.training.run import Run
 from eiw_flow_jax.training.sharding import make_mesh
 from eiw_flow_jax.training.train_state import TrainResult, TrainState
-from eiw_flow_jax.workdir import checkpointing, storage
+from eiw_flow_jax.workdir import checkpointing, config_history, storage
 
 CONFIG_FILE = "config.json"
 
@@ -44,6 +47,11 @@ RESUME_FIELDS = ("model", "batch_size", "seed", "dataset.name", "dataset.train_s
 # ... of which these cannot change even on purpose: the checkpoint cannot be restored otherwise
 # (grain saves the input pipeline's position in a layout that depends on its worker count).
 UNCHANGEABLE_FIELDS = ("dataset.worker_count",)
+
+
+# Where files are, not what the run computes: a restart on another machine may find its data
+# elsewhere. Not recorded as config changes (config.json keeps the latest).
+LOCATION_FIELDS = ("dataset.data_dir", "dataset.source_dir")
 
 
 # Saved values that an older version of the code wrote and that compute exactly what a current
@@ -135,21 +143,26 @@ def read_saved_config(workdir: str) -> ml_collections.ConfigDict:
   return config_from_saved(values, str(file))
 
 
-def config_differences(
+def config_changes(
     saved: Mapping[str, Any] | ml_collections.ConfigDict, config: ml_collections.ConfigDict
 ) -> list[tuple[str, Any, Any]]:
-  """(field, saved value, current value) for every RESUME_FIELDS field that differs."""
+  """(field, saved value, current value) for every field that differs, as JSON values; where
+  files are (LOCATION_FIELDS) is no change of the run."""
   if isinstance(saved, ml_collections.ConfigDict):
     saved = json.loads(saved.to_json())
   now = _flatten(json.loads(config.to_json()))
   before = _flatten(saved)
-  out = []
-  for name in sorted(now):
-    if not any(name == f or name.startswith(f + ".") for f in RESUME_FIELDS):
-      continue
-    if name in before and not _same(name, before[name], now[name]):
-      out.append((name, before[name], now[name]))
-  return out
+  return [(name, before[name], now[name]) for name in sorted(now)
+          if name in before and name not in LOCATION_FIELDS
+          and not _same(name, before[name], now[name])]
+
+
+def config_differences(
+    saved: Mapping[str, Any] | ml_collections.ConfigDict, config: ml_collections.ConfigDict
+) -> list[tuple[str, Any, Any]]:
+  """(field, saved value, current value) for every RESUME_FIELDS field that differs."""
+  return [(name, old, new) for name, old, new in config_changes(saved, config)
+          if any(name == f or name.startswith(f + ".") for f in RESUME_FIELDS)]
 
 
 def check_resume_config(
@@ -183,8 +196,7 @@ def check_resume_config(
         "--allow_config_change: the checkpoints hold the input pipeline's position in a layout "
         "that depends on it. Resume with the saved value, or start a new run in another --workdir."
     )
-  if allow_change:
-    logging.warning("Resuming %s with a changed config (allowed): %s", workdir, listed)
+  if allow_change:  # each change is logged and kept once the resume succeeded (save_config)
     return
   raise ConfigMismatchError(
       differ + "Use the same config to resume, another --workdir for a new run, or "
@@ -192,12 +204,32 @@ def check_resume_config(
   )
 
 
-def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+def save_config(
+    config: ml_collections.ConfigDict, workdir: str, *, step: int | None = None
+) -> list[tuple[str, Any, Any]]:
+  """Writes `config` as the workdir's config.json (process 0); returns the changes made.
+
+  With `step` (a run resumed at that step, after its restore succeeded), each field that
+  differs from the saved config.json is first logged in one line and appended to
+  `config_history.jsonl` with `step`, so the workdir keeps every value the run was trained with.
+  """
+  changes = []
+  if step is not None:
+    try:
+      changes = config_changes(read_saved_config(workdir), config)
+    except FileNotFoundError:
+      pass  # nothing to compare: written below
+    except checks.ConfigError as e:  # warned about when the configs were compared
+      logging.info("Not recording config changes: %s", e)
+  file = storage.path(workdir, CONFIG_FILE)
+  for name, old, new in changes:
+    logging.warning("Config changed on resume at step %d: %s %s -> %s (kept in %s).",
+                    step, name, json.dumps(old), json.dumps(new),
+                    storage.path(workdir, config_history.HISTORY_FILE))
   if jax.process_index() == 0:
-    storage.write_text(
-        storage.path(workdir, CONFIG_FILE), config.to_json(indent=2, sort_keys=True),
-        "the config",
-    )
+    config_history.append(workdir, step, changes)
+    storage.write_text(file, config.to_json(indent=2, sort_keys=True), "the config")
+  return changes
 
 
 @jax.jit

@@ -25,14 +25,17 @@ are not dominated by the initial parameters; eval and sampling use the EMA param
 
 Pixels arrive on the model's n_bits grid: the data layer drops extra low bits at the source.
 
-Run safety: the workdir is locked while training (workdir_lock); SIGTERM/SIGINT finish the
-step, save and raise stop_signals.StopRequested; resuming checks the config against the saved
-config.json and the restored parameters for NaN/inf (resume); failed saves raise
+Run safety: the workdir is locked while training (workdir_lock; a lock taken over by another
+run stops this one before its next checkpoint); SIGTERM/SIGINT finish the step, save and raise
+stop_signals.StopRequested (during the final evaluation and sampling: at once, naming what is
+left); resuming checks the config against the saved config.json and the restored parameters for
+NaN/inf, and records config changes only once the restore succeeded (resume); failed saves raise
 storage.StorageError; a diverged run raises divergence.DivergedError.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -74,21 +77,26 @@ def train(
     mesh: Mesh | None = None,
     nonfinite_steps: Callable[[int], bool] | None = None,
     allow_config_change: bool = False,
-    lock_stale_after: float = 600.0,
+    take_over_lock: bool = False,
+    signals: stop_signals.StopSignals | None = None,
 ) -> TrainResult:
   """Trains (resuming from the newest readable checkpoint in `workdir`) to num_train_steps.
 
   `workdir` is a local directory or an `etils.epath` URL (`gs://bucket/run`). It is locked
-  for the run (workdir_lock.WorkdirBusyError if another run holds it; a lock older than
-  `lock_stale_after` seconds without heartbeat, or of a dead process on this host, is taken
-  over). Resuming with a config that differs from the saved config.json in model, batch size,
-  seed or dataset raises resume.ConfigMismatchError unless `allow_config_change`.
+  for the run (workdir_lock.WorkdirBusyError if another run holds it; a lock whose holder is
+  gone is taken over, and `take_over_lock` takes over any lock). Resuming with a config that
+  differs from the saved config.json in model, batch size, seed or dataset raises
+  resume.ConfigMismatchError unless `allow_config_change`. Nothing in the workdir changes
+  before the restore has succeeded; then each changed field is logged and kept in its
+  config_history.jsonl (`resume.save_config`). A workdir already at or past num_train_steps
+  trains nothing (said in one line) and returns its newest state.
 
   SIGTERM/SIGINT: the current step finishes, a checkpoint is saved, stop_signals.StopRequested is
-  raised. `nonfinite_steps` (tests only): steps for which the loss is made NaN, to exercise the
-  non-finite guard. Raises NonFiniteError once config.max_consecutive_nonfinite skipped steps
-  in a row are seen, at the next logging interval (config.log_every_steps) or checkpoint,
-  whichever comes first; the checkpoints saved before are left as they are.
+  raised (`signals`: the caller's StopSignals, which then also saw a signal that came after the
+  last step). `nonfinite_steps` (tests only): steps for which the loss is made NaN, to exercise
+  the non-finite guard. Raises NonFiniteError once config.max_consecutive_nonfinite skipped
+  steps in a row are seen, at the next logging interval (config.log_every_steps) or
+  checkpoint, whichever comes first; the checkpoints saved before are left as they are.
   """
   started = time.time()
   run = Run.build(config, mesh)
@@ -96,32 +104,45 @@ def train(
   with storage.writing("the workdir", workdir):
     storage.path(workdir).mkdir(parents=True, exist_ok=True)
 
-  lock = workdir_lock.acquire_workdir_lock(workdir, stale_after=lock_stale_after)
+  lock = workdir_lock.acquire_workdir_lock(workdir, take_over=take_over_lock)
   manager = reporter = None
   try:
-    # Before config.json is overwritten: the saved one is what the checkpoints were made with.
-    resume.check_resume_config(
-        config, workdir, has_checkpoints=checkpointing.has_checkpoints(workdir),
-        allow_change=allow_config_change,
-    )
-    info = run_config.check_dataset(config)
-    with storage.writing("checkpoints", checkpointing.checkpoint_dir(workdir)):
-      manager = checkpointing.make_manager(workdir, keep=config.keep_checkpoints)
-    resume.save_config(config, workdir)
-    train_iter = pipeline.create_train_iterator(config)
-    restored = run.restore(manager, train_iter)
-    if restored is None:
-      n_init = min(config.init_batch_size, info.num_train)
-      init_images = pipeline.load_examples(config, registry.resolve_split(config, "train"), n_init)
-      state = run.create_state(init_images)
-      logging.info("Initialised a fresh model (data-dependent init on %d examples).", n_init)
-    else:
-      restored_step, state = restored
-      resume.check_restored(state, restored_step, workdir)
-      logging.info("Resumed from the checkpoint at step %d in %s.", restored_step, workdir)
-    start = int(jax.device_get(state.step))
-    reporter = reporting.Reporter(workdir, config.num_train_steps, start, config.batch_size)
-    with stop_signals.StopSignals() as signals:
+    with contextlib.ExitStack() as stack:
+      if signals is None:
+        signals = stack.enter_context(stop_signals.StopSignals())
+      # Before config.json is overwritten: the saved one is what the checkpoints were made with.
+      resume.check_resume_config(
+          config, workdir, has_checkpoints=checkpointing.has_checkpoints(workdir),
+          allow_change=allow_config_change,
+      )
+      info = run_config.check_dataset(config)
+      with storage.writing("checkpoints", checkpointing.checkpoint_dir(workdir)):
+        manager = checkpointing.make_manager(workdir, keep=config.keep_checkpoints)
+      train_iter = pipeline.create_train_iterator(config)
+      restored = run.restore(manager, train_iter)
+      if restored is None:
+        n_init = min(config.init_batch_size, info.num_train)
+        init_images = pipeline.load_examples(
+            config, registry.resolve_split(config, "train"), n_init)
+        state = run.create_state(init_images)
+        logging.info("Initialised a fresh model (data-dependent init on %d examples).", n_init)
+      else:
+        restored_step, state = restored
+        resume.check_restored(state, restored_step, workdir)
+        logging.info("Resumed from the checkpoint at step %d in %s.", restored_step, workdir)
+      start = int(jax.device_get(state.step))
+      if start < config.num_train_steps or restored is None:
+        # The resume succeeded and the run trains with this config: now the workdir says so.
+        resume.save_config(config, workdir, step=None if restored is None else start)
+      elif start > config.num_train_steps:
+        logging.warning(
+            "config.num_train_steps=%d is below the step of the workdir's newest checkpoint "
+            "(%d): training nothing, the run goes on with the step-%d state (config.json is "
+            "unchanged). Use another --workdir to train a shorter run.",
+            config.num_train_steps, start, start)
+      else:
+        logging.info("The workdir is already trained to num_train_steps=%d.", start)
+      reporter = reporting.Reporter(workdir, config.num_train_steps, start, config.batch_size)
 
       def after_step(done: int, metrics: dict[str, jax.Array]) -> bool:
         if done == 1:  # the reference for the divergence check (one device read, once)
@@ -129,11 +150,16 @@ def train(
         checkpointing.check_saves(manager)  # a failed background save stops the run now
         return signals.should_stop(done)
 
+      def before_save() -> None:  # two runs must never write into one workdir
+        workdir_lock.check_held(lock, workdir)
+
       state, position = _train_loop(
-          run, manager, reporter, state, train_iter, nonfinite_steps, after_step=after_step
+          run, manager, reporter, state, train_iter, nonfinite_steps, after_step=after_step,
+          before_save=before_save,
       )
       final = int(jax.device_get(state.step))
       if manager.latest_step() != final:
+        before_save()
         checkpointing.save(manager, final, state, position, force=True)
       checkpointing.wait(manager)
       evaluate.record_train_time(workdir, time.time() - started, final)
@@ -174,6 +200,7 @@ def _train_loop(
     train_iter: Any,
     nonfinite_steps: Callable[[int], bool] | None,
     after_step: Callable[[int, dict[str, jax.Array]], bool] | None = None,
+    before_save: Callable[[], None] | None = None,
 ) -> tuple[TrainState, Any]:
   """Steps from state.step to config.num_train_steps with logging, checkpoints and evals.
 
@@ -182,8 +209,9 @@ def _train_loop(
   checked at each logging interval and before each checkpoint.
 
   `after_step(done, metrics)` runs after every step; True stops the loop at that step (the
-  caller saves). Returns the state and the input position to checkpoint with it (prefetched
-  batches not yet consumed are not counted).
+  caller saves). `before_save()` runs before each checkpoint (and may raise to stop the run).
+  Returns the state and the input position to checkpoint with it (prefetched batches not yet
+  consumed are not counted).
   """
   config, flow, mesh = run.config, run.flow, run.mesh
   start, total = int(jax.device_get(state.step)), config.num_train_steps
@@ -253,6 +281,8 @@ def _train_loop(
     if every and done % every == 0 and done < total:  # the final save happens after the loop
       check_streak()
       if int(jax.device_get(state.nonfinite_consecutive)) == 0:
+        if before_save is not None:
+          before_save()
         checkpointing.save(manager, done, state, batches.position())
       else:
         logging.warning("Step %d: no checkpoint inside a run of non-finite steps.", done)
@@ -276,26 +306,42 @@ def train_and_evaluate(
 ) -> dict[str, Any]:
   """Trains, then evaluates test bpd (EMA params) into results.json and writes sample grids.
 
+  A SIGTERM/SIGINT after the last training step stops at once with StopRequested saying what
+  is left to write (rerunning the command restores the final checkpoint and writes it).
   Raises divergence.DivergedError (after writing them) if the final test bpd is not finite or far
   above the first training step's bpd.
   """
   workdir = storage.normalize_dir(workdir, "workdir")
-  result = train(config, workdir, **kwargs)
-  results = evaluate_and_sample(config, workdir, result)
+  with stop_signals.StopSignals() as signals:
+    result = train(config, workdir, signals=signals, **kwargs)
+    results = evaluate_and_sample(config, workdir, result, signals=signals)
   divergence.check_final_bpd(results["bpd"], divergence.read_initial_bpd(workdir), workdir)
   return results
 
 
 def evaluate_and_sample(
-    config: ml_collections.ConfigDict, workdir: str, result: TrainResult
+    config: ml_collections.ConfigDict, workdir: str, result: TrainResult, *,
+    signals: stop_signals.StopSignals | None = None,
 ) -> dict[str, Any]:
-  """results.json and sample grids from a trained/restored state; returns the results."""
+  """results.json and sample grids from a trained/restored state; returns the results.
+
+  With `signals`, a stop signal (also one received before) raises StopRequested at once, naming
+  what is not written yet.
+  """
   keys = rng_keys(config)
   variables = result.state.variables(ema=True)
+
+  def stop_before_writing(left: str) -> None:
+    if signals is not None:
+      signals.stop_at_once(lambda signum: stop_signals.StopRequested(
+          signum, result.step, checkpointing.checkpoint_dir(workdir), left=left))
+
+  stop_before_writing(f"results.json and the sample grids ({sample_grids.SAMPLES_DIR}/)")
   results = evaluate.evaluate_and_write(
       config, workdir, result.flow, variables, result.mesh, keys["eval"],
       info=result.info, step=result.step,
   )
+  stop_before_writing(f"the sample grids ({sample_grids.SAMPLES_DIR}/)")
   sample_grids.write_sample_grids(
       config, workdir, result.flow, variables, result.mesh, keys["sample"], step=result.step
   )

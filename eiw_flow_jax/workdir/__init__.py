@@ -1,4 +1,4 @@
 """The run's workdir: `checkpointing` (Orbax checkpoints and their restore), `digests` (their
-integrity), `background_errors` (Orbax's background tracebacks, off the console),
+integrity), `background_errors` (background threads' tracebacks, off the console),
 `workdir_lock`, `storage` (local or gs:// paths, one-line storage errors), `stop_signals`
-(SIGTERM / Ctrl-C) and `divergence`."""
+(SIGTERM / Ctrl-C), `config_history` (config changes made on resume) and `divergence`."""

@@ -1,8 +1,9 @@
-"""Keeping the tracebacks of Orbax's background threads off the console.
+"""Keeping the tracebacks of background threads (Orbax's, tensorboardX's) off the console.
 
 When a background save fails or a damaged checkpoint fails to restore, Orbax's threads log
 tracebacks and TensorStore's late callbacks raise "Event loop is closed" (hundreds of
-tracebacks); `quiet_background_errors` (installed by the command line) sends them to
+tracebacks); on a full disk tensorboardX's writer thread dies with a traceback.
+`quiet_background_errors` (installed by the command line) sends them to
 `<workdir>/checkpoint_errors.log` instead of the console, so the one-line error stays last.
 """
 
@@ -35,11 +36,12 @@ class BackgroundErrors(py_logging.Filter):
   failed save). The failure itself reaches the caller as one StorageError/CheckpointError line.
   A save aborted mid-write also leaves TensorStore's write coroutine unawaited, and Python warns
   about it while the interpreter shuts down, after our error line; on a full disk,
-  tensorboardX's exit handler retries its failed flush and raises OSError there too.
-  This filter (on the absl handler), the unraisable hook and the warning hook append those
-  tracebacks to `log_file` (None: nowhere; writing is best effort, the disk may be full) and
-  show them on the console only at debug verbosity (`--verbosity=1`). Everything else passes
-  unchanged.
+  tensorboardX's writer thread dies with an OSError traceback (threading's excepthook), and its
+  exit handler retries the failed flush and raises OSError there too.
+  This filter (on the absl handler), the unraisable hook, the thread exception hook and the
+  warning hook append those tracebacks to `log_file` (None: nowhere; writing is best effort,
+  the disk may be full) and show them on the console only at debug verbosity
+  (`--verbosity=1`). Everything else passes unchanged.
   """
 
   def __init__(self, log_file: str | None):
@@ -48,6 +50,7 @@ class BackgroundErrors(py_logging.Filter):
     self.count = 0
     self._lock = threading.Lock()
     self._previous_hook = None
+    self._previous_thread_hook = None
     self._previous_showwarning = None
     self._formatter = py_logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
 
@@ -81,18 +84,32 @@ class BackgroundErrors(py_logging.Filter):
     self._write(self._formatter.format(record))
     return self._debug()
 
-  def _unraisable(self, unraisable: Any) -> None:
-    frames = traceback.extract_tb(unraisable.exc_traceback) if unraisable.exc_traceback else []
-    from_machinery = (
-        isinstance(unraisable.exc_value, RuntimeError)
-        and "Event loop is closed" in str(unraisable.exc_value)
+  @staticmethod
+  def _from_machinery(error: BaseException | None, tb: Any) -> bool:
+    """Whether an exception is one of the background machinery's (see the class docstring)."""
+    frames = traceback.extract_tb(tb) if tb else []
+    return (
+        isinstance(error, RuntimeError) and "Event loop is closed" in str(error)
     ) or any(
         f"{os.sep}{name}{os.sep}" in frame.filename
         for frame in frames for name in ("orbax", "tensorstore", "asyncio")
-    ) or (  # tensorboardX's atexit flush retrying the write that already failed (a full disk)
-        isinstance(unraisable.exc_value, OSError)
+    ) or (  # tensorboardX's writes onto a full disk (its thread, its atexit flush)
+        isinstance(error, OSError)
         and any(f"{os.sep}tensorboardX{os.sep}" in frame.filename for frame in frames)
     )
+
+  def _thread_exception(self, args: Any) -> None:
+    if not self._from_machinery(args.exc_value, args.exc_traceback):
+      self._previous_thread_hook(args)
+      return
+    name = args.thread.name if args.thread is not None else "?"
+    self._write(f"Exception in thread {name}:\n" + "".join(traceback.format_exception(
+        args.exc_type, args.exc_value, args.exc_traceback)))
+    if self._debug():
+      self._previous_thread_hook(args)
+
+  def _unraisable(self, unraisable: Any) -> None:
+    from_machinery = self._from_machinery(unraisable.exc_value, unraisable.exc_traceback)
     if not from_machinery:
       self._previous_hook(unraisable)
       return
@@ -115,6 +132,8 @@ class BackgroundErrors(py_logging.Filter):
         handler.addFilter(self)
     self._previous_hook = sys.unraisablehook
     sys.unraisablehook = self._unraisable
+    self._previous_thread_hook = threading.excepthook
+    threading.excepthook = self._thread_exception
     self._previous_showwarning = warnings.showwarning
     warnings.showwarning = self._showwarning
     return self
@@ -124,6 +143,9 @@ class BackgroundErrors(py_logging.Filter):
       handler.removeFilter(self)
     if self._previous_hook is not None and sys.unraisablehook == self._unraisable:
       sys.unraisablehook = self._previous_hook
+    if (self._previous_thread_hook is not None
+        and threading.excepthook == self._thread_exception):
+      threading.excepthook = self._previous_thread_hook
     if self._previous_showwarning is not None and warnings.showwarning == self._showwarning:
       warnings.showwarning = self._previous_showwarning
 

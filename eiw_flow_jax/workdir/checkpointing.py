@@ -15,9 +15,10 @@ One of an older parameter layout is read as saved and migrated by the caller's `
 run assembly passes the flow's `migrate_layout`): this module reads names and shapes, never
 what they mean.
 
-Digests (`digests`): every checkpoint carries the SHA-256 of each array's bytes, verified by
-every read (training, eval, `load`, conversions); conversions write fresh ones. Background
-tracebacks of a failed save or restore go to a log file (`background_errors`).
+Digests (`digests`): every checkpoint carries the SHA-256 of each array's bytes and of each
+process's input position, verified by every read (training, eval, `load`, conversions);
+conversions write fresh ones. Background tracebacks of a failed save or restore go to a log
+file (`background_errors`).
 
 The workdir may be local or an `etils.epath` URL (`gs://bucket/run`): paths are never made
 local. A save that fails (disk full, no permission) raises `storage.StorageError`, one line
@@ -26,10 +27,12 @@ naming the directory; the checkpoints saved before stay intact.
 
 from __future__ import annotations
 
+import contextlib
+import logging as py_logging
 import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grain
@@ -40,7 +43,13 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from eiw_flow_jax.workdir import storage
-from eiw_flow_jax.workdir.digests import digest_mismatch, digest_record, key_name
+from eiw_flow_jax.workdir.digests import (
+    digest_mismatch,
+    digest_record,
+    key_name,
+    position_digests,
+    position_mismatch,
+)
 
 STATE = "state"
 DATA = "data"
@@ -66,7 +75,9 @@ def make_manager(
   training run is saving into the same directory.
   """
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep,
+      # A reader keeps and saves nothing (what Orbax would otherwise set, with a warning each).
+      max_to_keep=None if read_only else keep,
+      save_interval_steps=0 if read_only else 1,
       create=not read_only,
       # Leftovers of a save interrupted by a kill; never valid checkpoints. Only the training
       # run may remove them: for a reader they may be a save in progress.
@@ -74,11 +85,40 @@ def make_manager(
       enable_async_checkpointing=async_save,
       read_only=read_only,
   )
-  return ocp.CheckpointManager(
-      checkpoint_dir(workdir),
-      options=options,
-      item_names=(STATE, DATA, DIGESTS),
-  )
+  with _dropping(_READ_ONLY_NOTICE if read_only else None):
+    return ocp.CheckpointManager(
+        checkpoint_dir(workdir),
+        options=options,
+        item_names=(STATE, DATA, DIGESTS),
+    )
+
+
+# Orbax logs this at WARNING level for every read-only manager (eval, sampling, `load`), which
+# read-only is meant for; a reader that warns on every read teaches users to ignore warnings.
+_READ_ONLY_NOTICE = "Given directory is read only"
+
+
+class _Dropping(py_logging.Filter):
+  def __init__(self, prefix: str):
+    super().__init__()
+    self.prefix = prefix
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(self.prefix)
+
+
+@contextlib.contextmanager
+def _dropping(prefix: str | None) -> Iterator[None]:
+  """Drops the absl log records starting with `prefix` while inside (None: none)."""
+  if prefix is None:
+    yield
+    return
+  logger, dropping = logging.get_absl_logger(), _Dropping(prefix)
+  logger.addFilter(dropping)
+  try:
+    yield
+  finally:
+    logger.removeFilter(dropping)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -105,10 +145,11 @@ def save(
   """
   if not force and not manager.should_save(int(step)):
     return False
+  positions = position_digests(data_iterator) if data_iterator is not None else None
   items = {
       STATE: ocp.args.StandardSave(state),
       # Hashed now, from the values Orbax copies: the caller may donate them after this call.
-      DIGESTS: ocp.args.JsonSave(digest_record(state)),
+      DIGESTS: ocp.args.JsonSave(digest_record(state, positions)),
   }
   if data_iterator is not None:
     # The grain handler reads the position synchronously here, before training moves on.
@@ -240,10 +281,16 @@ def _differences(saved: dict[str, tuple[int, ...]], now: dict[str, tuple[int, ..
 
 
 def _saved_tree_metadata(manager: ocp.CheckpointManager, step: int) -> Any:
-  """The saved train state's tree of array metadata (shape, dtype), as saved."""
-  with ocp.PyTreeCheckpointer() as checkpointer:
-    metadata = checkpointer.metadata(_step_dir(manager, step) / STATE)
-  metadata = getattr(metadata, "item_metadata", metadata)
+  """The saved train state's tree of array metadata (shape, dtype), as saved.
+
+  Read by the item's handler: a Checkpointer would also look for the step's own metadata file
+  in the item's directory, where the manager never writes one, and warn on every read.
+  """
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    metadata = handler.metadata(_step_dir(manager, step) / STATE)
+  finally:
+    handler.close()
   return getattr(metadata, "tree", metadata)
 
 
@@ -389,12 +436,16 @@ def restore_latest(
     as_saved = bool(differences) and migrate is not None
     if differences and not as_saved:
       raise _mismatch_error(manager, step, differences)
-    error, mismatch = None, None
+    error, mismatch, record = None, None, None
     try:
       state, record = _read(manager, step, target, data_iterator, partial=partial,
                             as_saved=as_saved, digests=has_digests)
       if record is not None:
         mismatch = digest_mismatch(state, record, partial=partial and not as_saved)
+        mismatch = None if mismatch is None else f"array {mismatch}"
+        if mismatch is None and data_iterator is not None:
+          key = position_mismatch(data_iterator, record)
+          mismatch = None if key is None else f"the input position {DATA}/{key}.json"
     except Exception as e:  # noqa: BLE001 - corruption surfaces as many exception types
       error = e
     # Every process takes the same fallback, even if only one of them read damaged bytes.
@@ -408,15 +459,20 @@ def restore_latest(
         )
       else:
         logging.warning(
-            "Checkpoint at step %d in %s is corrupt: array %s does not match the digest saved "
-            "with it (its stored bytes changed after saving); falling back to the previous "
-            "checkpoint.", step, manager.directory, mismatch or "(on another process)",
+            "Checkpoint at step %d in %s is corrupt: %s does not match the digest saved with "
+            "it (its stored bytes changed after saving); falling back to the previous "
+            "checkpoint.", step, manager.directory, mismatch or "an item (on another process)",
         )
       continue
     if not has_digests:
       logging.warning(
           "Checkpoint at step %d in %s has no digests (saved by an older version): its values "
           "are not verified.", step, manager.directory,
+      )
+    elif data_iterator is not None and "positions" not in record:
+      logging.warning(
+          "Checkpoint at step %d in %s has no digest of its input position (saved by an older "
+          "version): the position is not verified.", step, manager.directory,
       )
     if as_saved:
       state = _migrated(manager, step, state, target, migrate)
@@ -469,8 +525,10 @@ def migrate_checkpoints(workdir: str, new_workdir: str, migrate: Migrate) -> lis
                       ignore=shutil.ignore_patterns(STATE, DIGESTS))
       with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(step_dir / STATE, tree)
+      positions = record.get("positions") if record is not None else None  # copied as is
       with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
-        checkpointer.save(step_dir / DIGESTS, args=ocp.args.JsonSave(digest_record(tree)))
+        checkpointer.save(step_dir / DIGESTS,
+                          args=ocp.args.JsonSave(digest_record(tree, positions)))
       converted.append(step)
   finally:
     source.close()

@@ -1,32 +1,38 @@
-"""SHA-256 digests of a checkpoint's arrays, saved with it and verified on restore.
+"""SHA-256 digests of everything a checkpoint holds, saved with it and verified on restore.
 
 Damage that still decodes (a flipped byte in an array's data) is not caught by the
 storage layer. In Orbax 0.12's default layout (OCDBT + zarr v2) TensorStore checks a CRC-32C
 of OCDBT's B-tree nodes (a flip there fails to restore), but the values (zarr chunks, zstd
 level 1 without zstd's optional frame checksum) carry none, so some flips in a data file restore
 with changed values. Orbax's zarr v3 layout (`use_zarr3`) adds crc32c only to the shard index,
-not to the chunks, and there is no Orbax option to add a chunk checksum. So every checkpoint
-carries a third item, `digests` (JSON): the SHA-256 of each array's bytes, per leaf
-and per shard index, computed on the host from the values handed to Orbax. It is part of the
+not to the chunks, and there is no Orbax option to add a chunk checksum. The input pipeline's
+position (grain's JSON, one file per process) has no check at all: a changed digit resumes with
+another data order. So every checkpoint carries a third item, `digests` (JSON): the SHA-256 of
+each array's bytes, per leaf and per shard index, computed on the host from the values handed
+to Orbax, and of each process's input position (its state as canonical JSON). It is part of the
 same atomic save (Orbax finalises the step directory only once every item is written), so a
-torn save never looks complete. On restore each process hashes the shards it restored and
-compares; a mismatch is treated like an unreadable checkpoint (one warning naming the
-checkpoint and the array, fallback, quarantine), and every process agrees on the verdict. A
-checkpoint without digests (saved by an older version) restores with a warning naming it.
+torn save never looks complete. On restore each process hashes the shards and the position it
+restored and compares; a mismatch is treated like an unreadable checkpoint (one warning naming
+the checkpoint and the array or position, fallback, quarantine), and every process agrees on
+the verdict. A checkpoint without digests, or without the position's (saved by an older
+version), restores with a warning naming it.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import hashlib
+import json
 import os
 from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 DIGEST_ALGORITHM = "sha256"
-DIGEST_FORMAT = 1
+# 1: arrays only; 2: also the input positions ("positions").
+DIGEST_FORMAT = 2
 
 
 def _index_key(index: tuple[slice, ...], shape: tuple[int, ...]) -> str:
@@ -75,11 +81,52 @@ def array_digests(tree: Any) -> dict[str, dict[str, str]]:
   return out
 
 
-def digest_record(state: Any) -> dict[str, Any]:
-  """The `digests` item of a checkpoint of `state` (Orbax writes it from process 0 only)."""
+def position_key(process_index: int, process_count: int) -> str:
+  """A process's input position as the checkpoint names it (grain's `data/<key>.json`)."""
+  return f"process_{process_index}-of-{process_count}"
+
+
+def position_digest(data_iterator: Any) -> str:
+  """SHA-256 of the iterator's position: its `get_state()` (a dict, or JSON bytes) as canonical
+  JSON, so the digest does not depend on how the file was indented."""
+  state = data_iterator.get_state()
+  if isinstance(state, (bytes, bytearray, str)):
+    state = json.loads(state)
+  return hashlib.sha256(json.dumps(state, sort_keys=True, separators=(",", ":")).encode()
+                        ).hexdigest()
+
+
+def position_digests(data_iterator: Any) -> dict[str, str]:
+  """{position_key: digest} of every process's position (gathered: process 0 writes them)."""
+  digest = position_digest(data_iterator)
+  count = jax.process_count()
+  if count == 1:
+    return {position_key(0, 1): digest}
+  gathered = multihost_utils.process_allgather(np.frombuffer(bytes.fromhex(digest), np.uint8))
+  return {position_key(index, count): bytes(np.asarray(row, np.uint8)).hex()
+          for index, row in enumerate(np.asarray(gathered).reshape(count, -1))}
+
+
+def digest_record(state: Any, positions: dict[str, str] | None = None) -> dict[str, Any]:
+  """The `digests` item of a checkpoint of `state` and the input `positions`
+  (`position_digests`); Orbax writes it from process 0 only."""
   if jax.process_index() != 0:
     return {}
-  return {"format": DIGEST_FORMAT, "algorithm": DIGEST_ALGORITHM, "arrays": array_digests(state)}
+  record = {"format": DIGEST_FORMAT, "algorithm": DIGEST_ALGORITHM,
+            "arrays": array_digests(state)}
+  if positions is not None:
+    record["positions"] = dict(positions)
+  return record
+
+
+def position_mismatch(data_iterator: Any, record: dict[str, Any]) -> str | None:
+  """This process's `position_key` if its restored position is not the one `record` holds the
+  digest of; None if it is, or if `record` holds no positions (saved by an older version)."""
+  positions = record.get("positions")
+  if positions is None:
+    return None
+  key = position_key(jax.process_index(), jax.process_count())
+  return key if positions.get(key) != position_digest(data_iterator) else None
 
 
 def digest_mismatch(state: Any, record: dict[str, Any], *, partial: bool = False) -> str | None:

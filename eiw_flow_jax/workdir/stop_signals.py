@@ -1,11 +1,13 @@
-"""Stop signals: preemption (SIGTERM) and Ctrl-C (SIGINT) end a run at a step boundary.
+"""Stop signals: preemption (SIGTERM) and Ctrl-C (SIGINT) end a run with one line, nothing lost.
 
 SIGTERM (how TPU VMs, SLURM and Kubernetes announce preemption) and SIGINT finish the current
 step; the run then saves a checkpoint and raises `StopRequested` (the command line prints one
 line and exits with 128 + the signal number: 143 for SIGTERM, 130 for SIGINT). With several
 processes all of them stop at the same step: SIGTERM reaches JAX's preemption service
 (`multihost_utils.reached_preemption_sync_point`), which agrees on the step; a Ctrl-C on one
-host is forwarded to it as SIGTERM.
+host is forwarded to it as SIGTERM. Work without step boundaries (the final evaluation, the
+sample grids, `--mode=eval`) stops at once instead (`StopSignals.stop_at_once`), with a line
+saying what is saved and what rerunning the command finishes.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -21,15 +24,29 @@ from absl import logging
 
 
 class StopRequested(Exception):  # noqa: N818 - not an error: the run stopped as asked
-  """Training stopped on SIGTERM/SIGINT after saving a checkpoint; rerun to resume."""
+  """The run stopped on SIGTERM/SIGINT with its checkpoints saved; rerun to resume or finish.
 
-  def __init__(self, signum: int, step: int, checkpoint_dir: str):
-    self.signum, self.step, self.checkpoint_dir = signum, step, checkpoint_dir
+  `left`: what the stop left unwritten after training (results.json, the sample grids), which
+  rerunning the command writes; `step` is then the checkpoint's step, or None where the
+  command did not train (`--mode=eval`).
+  """
+
+  def __init__(
+      self, signum: int, step: int | None, checkpoint_dir: str, *, left: str | None = None
+  ):
+    self.signum, self.step, self.checkpoint_dir, self.left = signum, step, checkpoint_dir, left
     name = signal.Signals(signum).name
-    super().__init__(
-        f"Stopped by {name} after step {step}; checkpoint saved in {checkpoint_dir}. "
-        "Run the same command again to resume."
-    )
+    if left is None:
+      message = (f"Stopped by {name} after step {step}; checkpoint saved in {checkpoint_dir}. "
+                 "Run the same command again to resume.")
+    elif step is None:
+      message = (f"Stopped by {name} before writing {left}; the checkpoints in "
+                 f"{checkpoint_dir} are unchanged. Run the same command again to write {left}.")
+    else:
+      message = (f"Stopped by {name} before writing {left}; training is complete and its "
+                 f"checkpoint (step {step}) is saved in {checkpoint_dir}. Run the same command "
+                 f"again to finish: it writes {left} from that checkpoint.")
+    super().__init__(message)
 
   @property
   def exit_code(self) -> int:
@@ -55,6 +72,7 @@ class StopSignals:
     self._previous: dict[int, Any] = {}
     self._multi = False
     self._use_service = False
+    self._at_once: Callable[[int], BaseException] | None = None
 
   def __enter__(self) -> StopSignals:
     self._multi = jax.process_count() > 1
@@ -73,10 +91,19 @@ class StopSignals:
       signal.signal(signum, handler)
     self._previous.clear()
 
+  def stop_at_once(self, error: Callable[[int], BaseException]) -> None:
+    """From now on a signal raises `error(signum)` at once in the main thread, for work with no
+    step boundary to stop at; a signal received before raises it now."""
+    self._at_once = error
+    if self.received is not None:
+      raise error(self.received)
+
   def _handle(self, signum: int, frame: Any) -> None:
     del frame
     first = self.received is None
     self.received = signum
+    if self._at_once is not None:
+      raise self._at_once(signum)
     if not first:
       return
     logging.warning(

@@ -2,7 +2,8 @@
 
 A workdir or data dir may be local or any `etils.epath` URL (`gs://`, `s3://`); every file the
 project writes goes through `path()`, so nothing turns `gs://b/x` into `./gs:/b/x`. A write
-that fails (disk full, no permission) raises `StorageError`, one line naming what, where and why.
+that fails (disk full, no permission) raises `StorageError`, one line naming what, where and why;
+`write_text` replaces a file whole or not at all.
 """
 
 from __future__ import annotations
@@ -90,6 +91,19 @@ def writing(what: str, where: str | os.PathLike[str]) -> Iterator[None]:
 
 
 def write_text(file: epath.Path, text: str, what: str) -> None:
+  """Writes `text` to `file` whole or not at all: locally into a temporary file renamed over
+  `file` (a kill or a full disk mid-write leaves the previous contents); object stores write
+  an object atomically anyway."""
   with writing(what, file):
     file.parent.mkdir(parents=True, exist_ok=True)
-    file.write_text(text)
+    if is_remote(file):
+      file.write_text(text)
+      return
+    temporary = f"{os.fspath(file)}.{os.getpid()}.tmp"
+    try:
+      with open(temporary, "w") as f:
+        f.write(text)
+      os.replace(temporary, os.fspath(file))
+    finally:
+      with contextlib.suppress(FileNotFoundError):
+        os.remove(temporary)
