@@ -77,7 +77,7 @@ FULL_COUNTS = {
 }
 
 
-def _import_authors(root: str):
+def import_authors(root: str):
   """Imports their DenseFlow with `root` (the dir holding `denseflow/`) first on sys.path."""
   if os.path.isdir(os.path.join(root, "DIW-Flow")):
     root = os.path.join(root, "DIW-Flow")
@@ -91,7 +91,7 @@ def _import_authors(root: str):
   return dense_flow, affine_coupling, dequantization
 
 
-def _patch_small(dense_flow, affine_coupling, dequantization) -> None:
+def patch_small(dense_flow, affine_coupling, dequantization) -> None:
   original_dnmh = affine_coupling.DenseNetMultihead
 
   def small_dnmh(**kwargs):
@@ -135,7 +135,7 @@ class _QueuedNormal:
 SMALLEST_NORMAL = np.float32(2.0**-126)
 
 
-def _weight_generators(model) -> list:
+def weight_generators(model) -> list:
   return [t.weightGenerator for t in model.transforms
           if t.__class__.__name__ == "InvertibleTransition"]
 
@@ -152,7 +152,7 @@ def _generator_outputs(wg) -> tuple[np.ndarray, np.ndarray]:
 def check_saturation(model, want: dict) -> list[str]:
   """What `want` asks of the weight generators' float32 softmax that they do not show."""
   problems, zeros_seen, kept_subnormals = [], False, False
-  for t, wg in enumerate(_weight_generators(model)):
+  for t, wg in enumerate(weight_generators(model)):
     weight, indices = _generator_outputs(wg)
     kept = len(weight) // 2
     ordered = weight[indices]
@@ -173,7 +173,7 @@ def check_saturation(model, want: dict) -> list[str]:
   return problems
 
 
-def _logit_sort(self):
+def logit_sort(self):
   """WeightGenerator.sort with torch's sort of the weights replaced by a stable descending sort
   of the logits (eiw_flow_jax's rule); the weights returned are the same."""
   import torch
@@ -205,17 +205,20 @@ def _log_prob_loop(torch, model, x, batch) -> tuple[dict, list]:
   return out, losses
 
 
-def make_case(name: str, spec, out_dir: str, seed: int) -> str:
+def build_model(dense_flow, name: str, spec, seed: int):
+  """Their `DenseFlow` (from the module `dense_flow`) for one CASES entry, every weight
+  randomised as the module doc says; (model in eval mode, the numpy RandomState that drew the
+  weights, to draw inputs next)."""
   import torch
 
-  kind, shape, blocks, layers, mids, growth = spec[:6]
+  shape, blocks, layers, mids, growth = spec[1:6]
   saturation = spec[6] if len(spec) > 6 else None
   if saturation is not None:
     seed = saturation["seed"]
   torch.manual_seed(seed)
   rng = np.random.RandomState(seed)
-  model = _DENSE_FLOW.DenseFlow(data_shape=shape, block_config=blocks, layers_config=layers,
-                                layer_mid_chnls=mids, growth_rate=growth, checkpointing=False)
+  model = dense_flow.DenseFlow(data_shape=shape, block_config=blocks, layers_config=layers,
+                               layer_mid_chnls=mids, growth_rate=growth, checkpointing=False)
   if saturation is not None:
     problems = check_saturation(model, saturation)
     if problems:
@@ -237,8 +240,12 @@ def make_case(name: str, spec, out_dir: str, seed: int) -> str:
         scale = 0.3 if p.ndim == 4 else 0.2
         p.copy_(torch.from_numpy((scale * rng.randn(*p.shape)).astype(np.float32)))
   model.eval()
+  return model, rng
 
-  batch = 2
+
+def draw_inputs(rng: np.random.RandomState, spec, batch: int):
+  """uint8 images (B, C, H, W), the dequantizer's eps and each unit's augmentation eta."""
+  shape, blocks, growth = spec[1], spec[2], spec[5]
   x = rng.randint(0, 256, size=(batch, *shape)).astype(np.uint8)
   c, h, w = shape
   eps = rng.randn(batch, 4 * c, h // 2, w // 2).astype(np.float32)
@@ -248,8 +255,25 @@ def make_case(name: str, spec, out_dir: str, seed: int) -> str:
     cur_c += growth * (units - 1)
     if b < len(blocks) - 1:
       cur_c, cur_h = 2 * cur_c, cur_h // 2
+  return x, eps, etas
 
-  _inject_noise(torch, model, eps, etas)
+
+def case_config(spec) -> dict:
+  """The config written with a fixture: the model's arguments and the patched widths."""
+  kind, shape, blocks, layers, mids, growth = spec[:6]
+  return {"kind": kind, "data_shape": list(shape), "block_conf": blocks,
+          "layers_conf": layers, "layer_mid_chnls": mids, "growth_rate": growth, **SMALL}
+
+
+def make_case(name: str, spec, out_dir: str, seed: int) -> str:
+  import torch
+
+  saturation = spec[6] if len(spec) > 6 else None
+  model, rng = build_model(_DENSE_FLOW, name, spec, seed)
+  batch = 2
+  x, eps, etas = draw_inputs(rng, spec, batch)
+
+  inject_noise(torch, model, eps, etas)
 
   with torch.no_grad():
     out, losses = _log_prob_loop(torch, model, x, batch)
@@ -260,14 +284,14 @@ def make_case(name: str, spec, out_dir: str, seed: int) -> str:
     bpd = -torch.from_numpy(out["expected/elbo"]).sum() / (np.log(2.0) * x.size)
     out["expected/bpd"] = np.float32(bpd)
     if saturation is not None:
-      for t, wg in enumerate(_weight_generators(model)):
+      for t, wg in enumerate(weight_generators(model)):
         out[f"expected/wg_weights_{t}"], out[f"expected/wg_indices_{t}"] = (
             _generator_outputs(wg))
       # The same model and noise with the logit order (the noise queues are refilled).
-      _inject_noise(torch, model, eps, etas)
-      generator_class = type(_weight_generators(model)[0])
+      inject_noise(torch, model, eps, etas)
+      generator_class = type(weight_generators(model)[0])
       torch_sort = generator_class.sort
-      generator_class.sort = _logit_sort
+      generator_class.sort = logit_sort
       try:
         logit_out, logit_losses = _log_prob_loop(torch, model, x, batch)
       finally:
@@ -287,16 +311,15 @@ def make_case(name: str, spec, out_dir: str, seed: int) -> str:
   out["inputs/eps"] = eps
   for i, e in enumerate(etas):
     out[f"inputs/eta_{i}"] = e
-  config = {"kind": kind, "data_shape": list(shape), "block_conf": blocks,
-            "layers_conf": layers, "layer_mid_chnls": mids, "growth_rate": growth, **SMALL}
-  out["config_json"] = np.asarray(json.dumps(config))
+  out["config_json"] = np.asarray(json.dumps(case_config(spec)))
   path = os.path.join(out_dir, f"{name}.npz")
   np.savez_compressed(path, **out)
   return path
 
 
-def _inject_noise(torch, model, eps: np.ndarray, etas: list[np.ndarray]) -> None:
-  """The dequantizer's base draw and each block's augmentation draws, in place of sampling."""
+def inject_noise(torch, model, eps: np.ndarray, etas: list[np.ndarray], passes: int = 1) -> None:
+  """The dequantizer's base draw and each block's augmentation draws, in place of sampling,
+  for `passes` forward passes that all see these same draws."""
   base = model.transforms[0].encoder.base_dist
   eps_t = torch.from_numpy(eps)
   base.sample = lambda num: base.loc + base.log_scale.exp() * eps_t
@@ -304,7 +327,7 @@ def _inject_noise(torch, model, eps: np.ndarray, etas: list[np.ndarray]) -> None
   for t in model.transforms:
     if t.__class__.__name__ == "InvertibleDenseBlock":
       n = len(t.blocks) - 1
-      t.noise_dist = _QueuedNormal(torch, queue[:n])
+      t.noise_dist = _QueuedNormal(torch, queue[:n] * passes)
       queue = queue[n:]
 
 
@@ -353,12 +376,12 @@ def main() -> None:
     raise SystemExit("Pass exactly one of --authors_repo or --denseflow_repo per run (both "
                      "repositories define the same package names).")
   _KIND = kinds[0]
-  modules = _import_authors(repo[_KIND])
+  modules = import_authors(repo[_KIND])
   _DENSE_FLOW = modules[0]
   os.makedirs(args.out_dir, exist_ok=True)
   if args.param_counts:
     print("wrote", param_counts(args.out_dir))
-  _patch_small(*modules)
+  patch_small(*modules)
   wanted = [c for c in args.cases.split(",") if c]
   unknown = sorted(set(wanted) - set(CASES))
   if unknown:

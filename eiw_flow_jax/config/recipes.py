@@ -19,11 +19,13 @@ def denseflow_df_74_10(dataset: str, image_shape: tuple[int, int, int], *, batch
 
   The model: block_conf 6 4 1, layers_conf 5 6 20, layer_mid_chnls 48 48 48, growth_rate 10
   (the defaults of base_config), EIW global transitions with the authors' literal regulariser
-  and sigma 1e-3. Training (DenseFlow's README): Adamax (b1 0.9, b2 0.99), lr 1e-3, 5000
-  warmup steps, lr *= decay_rate after every epoch of int(num_train / batch_size) + 1 steps,
-  no clipping, no EMA; ActNorm initialised on one training batch. Note: the optimiser file of
-  both repositories (`optim/expdecay.py`) actually builds a OneCycleLR (max_lr 3e-3) and
-  ignores --warmup/--gamma; the README's recipe is the one followed here.
+  and sigma 1e-3. Training (DenseFlow's README flags, read by the optimiser file both
+  repositories' train.py imports, `optim/expdecay_flow.py`): Adamax (b1 0.9, b2 0.999, its
+  --momentum and --momentum_sqr defaults), lr 1e-3, 5000 warmup steps, lr *= decay_rate after
+  every epoch of int(num_train / batch_size) + 1 steps, no clipping, no EMA; ActNorm
+  initialised on one training batch. (`optim/expdecay.py`, a OneCycleLR, is imported by neither
+  train.py nor train_more.py.) In their runs the warmup scheduler resets the learning rate at
+  every step, which undoes the per-epoch decay: docs/denseflow.md, "Training step".
   """
   config = base_config()
   config.dataset.name = dataset
@@ -43,7 +45,7 @@ def denseflow_df_74_10(dataset: str, image_shape: tuple[int, int, int], *, batch
   config.optimizer.learning_rate = 1e-3
   config.optimizer.warmup_steps = 5000
   config.optimizer.b1 = 0.9
-  config.optimizer.b2 = 0.99
+  config.optimizer.b2 = 0.999
   config.optimizer.grad_clip_norm = 0.0
   config.optimizer.decay_rate = decay_rate
   config.optimizer.steps_per_epoch = steps_per_epoch
