@@ -76,6 +76,7 @@ EXTERNAL = {
 OUTSIDE_PATH_ROOTS = {
     "research", "denseflow", "DIW-Flow", "flows_imagenet", "data_loaders", "processed",
     "make_imagenet_data.py", "real_nvp_multiscale_dataset.py", "lsun.py", "train.py",
+    "experiments", "optim", "train_more.py",
 }
 EXTERNAL |= {
     "Imagenet32_train.zip", "Imagenet32_val.zip", "Imagenet64_train_part1.zip",
@@ -85,6 +86,9 @@ EXTERNAL |= {
     "tf.image.resize_images(x_in, [64, 64], method=0, align_corners=False)",
     "skimage.transform.pyramid_reduce(image, downscale)", "tf.random_crop(image, [64, 64, 3])",
     "tf.compat.v1.image.resize_images(method=0, align_corners=False)",
+    "--gamma", "--sigma", "--use_grad_norm", "ExponentialLR(--gamma)", "FlowExperiment.train_fn",
+    "LinearWarmupScheduler", "loglik_bpd", "model.log_prob(x)", "model.train()",
+    "optimizer.step()", "xlogy",
 }
 # Errors the docs show on purpose: the misspelt field is the point of the example.
 SHOWN_ERRORS = {"config.model.memroy = 3", "--config.model.coupling=afine_tanh"}

@@ -25,7 +25,9 @@ def denseflow_df_74_10(dataset: str, image_shape: tuple[int, int, int], *, batch
   every epoch of int(num_train / batch_size) + 1 steps, no clipping, no EMA; ActNorm
   initialised on one training batch. (`optim/expdecay.py`, a OneCycleLR, is imported by neither
   train.py nor train_more.py.) In their runs the warmup scheduler resets the learning rate at
-  every step, which undoes the per-epoch decay: docs/denseflow.md, "Training step".
+  every step, which undoes the per-epoch decay, so the configs train as their runs did:
+  `decay_rate=1.0` (lr constant after warmup), not the README's --gamma (docs/denseflow.md,
+  "Training step"; `--config.optimizer.decay_rate=<gamma>` gives the README's intent).
   """
   config = base_config()
   config.dataset.name = dataset
