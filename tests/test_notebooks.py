@@ -189,6 +189,19 @@ def test_setup_cell_with_the_package_installed_and_no_checkout(tmp_path, env):
   assert result["package"] == os.path.join(REPO, "eiw_flow_jax")
 
 
+def test_setup_cell_in_a_checkout_whose_package_is_not_installed(tmp_path, source_tree, env):
+  """Jupyter started from another Python than the project's: the checkout, installed editable."""
+  root = tmp_path / "eiw_flow_jax"
+  shutil.copytree(source_tree, root)
+  (root / "notebooks").mkdir()
+  result = result_of(run_setup_cell(root / "notebooks", "colab", env=env))
+  constraints = root / "constraints.txt"
+  assert result["calls"] == [
+      [sys.executable, "-m", "pip", "install", "-q", "-e", str(root), "-c", str(constraints)]]
+  assert result["repo_root"] == str(root)
+  assert result["package"] == str(root / "eiw_flow_jax")
+
+
 def test_setup_cell_outside_a_checkout_without_source_says_what_to_set(tmp_path, env):
   process = run_setup_cell(tmp_path, "colab", env=env)
   assert process.returncode == 1
