@@ -44,9 +44,6 @@ def load_config(path: str) -> ml_collections.ConfigDict:
 # ----------------------------------------------------------------------------------------------
 # Command line.
 
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-_DEFAULT_CONFIG = os.path.join(_REPO_ROOT, "configs", "digits.py")
-
 def _define_flags() -> None:
   """The command's flags, defined when it runs (importing this module defines none, so it can
   share a process with `commands.main`, whose --config has the same name)."""
@@ -146,7 +143,7 @@ def main(argv: list[str]) -> None:
 
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's parsing; a bad flag, config path or --config.<field> is one line."""
-  return command_line.parse_flags(argv, _CONFIG, default_config=_DEFAULT_CONFIG)
+  return command_line.parse_flags(argv, _CONFIG, default_config=command_line.DEFAULT_CONFIG)
 
 
 def cli() -> None:

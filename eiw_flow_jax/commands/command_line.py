@@ -35,6 +35,10 @@ CONFIG_EXPECTED = (
 )
 # Where the fields a --config.<field> may name are defined.
 FIELDS_HOME = "eiw_flow_jax/config/schema.py:base_config and the config file"
+# The config of main and aot when the command line names none: a checkout's digits config.
+DEFAULT_CONFIG = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs",
+    "digits.py")
 
 
 def fail(message: str, code: int = 1) -> None:

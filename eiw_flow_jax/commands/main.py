@@ -24,7 +24,6 @@ if __name__ == "__main__":
   prepare_command_process()  # before JAX is imported: see eiw_flow_jax.host
 
 import logging as py_logging
-import os
 
 import jax
 from absl import app, flags, logging
@@ -49,9 +48,6 @@ from eiw_flow_jax.workdir import (
     workdir_lock,
 )
 
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-_DEFAULT_CONFIG = os.path.join(_REPO_ROOT, "configs", "digits.py")
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None,
     "Config file (configs/<name>.py); override fields with --config.<field>=<value>. "
@@ -169,7 +165,7 @@ def run(
 
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's parsing, but a bad --config path or an unknown --config.<field> is one line."""
-  return command_line.parse_flags(argv, _CONFIG, default_config=_DEFAULT_CONFIG)
+  return command_line.parse_flags(argv, _CONFIG, default_config=command_line.DEFAULT_CONFIG)
 
 
 def main(argv: list[str]) -> None:
