@@ -12,7 +12,8 @@ RUNS_DIR holds VARIANT/seedS/ workdirs. Figures:
                                 the fraction of non-identity permutations, and how often each
                                 channel stays (per_example: fraction of examples; global: 0/1).
 `--table` prints mean ± sd of the final test bpd, parameter counts and paired differences by
-seed. The events are read with tensorboardX's protobufs (no TensorFlow or tensorboard needed).
+seed. The events are read by `eiw_flow_jax.training.reporting.read_events` (no TensorFlow or
+tensorboard needed).
 """
 
 from __future__ import annotations
@@ -24,56 +25,18 @@ import json
 import math
 import os
 import re
-import struct
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
-Series = dict[str, list[tuple[int, float]]]  # tag -> [(step, value)]
+from eiw_flow_jax.training.reporting import read_events
 
 # Plot order and colours; variants not listed are appended in name order.
 VARIANT_ORDER = (
     "vanilla", "global", "global_frozen", "per_example", "per_example_weights_only",
     "per_example_permutation_only",
 )
-
-
-def _records(path: str) -> Iterator[bytes]:
-  """The payloads of a TFRecord file (length, masked CRC, data, masked CRC); CRCs unchecked."""
-  with open(path, "rb") as f:
-    while True:
-      header = f.read(12)
-      if len(header) < 12:
-        return
-      (length,) = struct.unpack("<Q", header[:8])
-      data = f.read(length)
-      if len(data) < length or len(f.read(4)) < 4:
-        return  # a file still being written ends with a partial record
-      yield data
-
-
-def read_events(workdir: str) -> tuple[Series, dict[str, list[tuple[int, str]]]]:
-  """Scalars and texts (tag -> [(step, value)], sorted by step) of every events file in workdir."""
-  from tensorboardX.proto import event_pb2
-
-  scalars: Series = collections.defaultdict(list)
-  texts: dict[str, list[tuple[int, str]]] = collections.defaultdict(list)
-  for path in sorted(glob.glob(os.path.join(workdir, "events.out.tfevents.*"))):
-    for record in _records(path):
-      event = event_pb2.Event()
-      event.ParseFromString(record)
-      for value in event.summary.value:
-        kind = value.WhichOneof("value")
-        if kind == "simple_value":
-          scalars[value.tag].append((event.step, value.simple_value))
-        elif kind == "tensor" and value.tensor.string_val:
-          tag = value.tag.removesuffix("/text_summary")
-          texts[tag].append((event.step, value.tensor.string_val[0].decode()))
-  return (
-      {k: sorted(v) for k, v in scalars.items()},
-      {k: sorted(v) for k, v in texts.items()},
-  )
 
 
 class Run:

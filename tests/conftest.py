@@ -223,6 +223,13 @@ def compilation_cache(tmp_path_factory):
   return cache
 
 
+# What importing JAX (above) with libtpu installed adds to this process's environment, and so
+# to every subprocess's: libtpu's TPU_LIBRARY_PATH and TPU_SKIP_MDS_QUERY, TF_CPP_MIN_LOG_LEVEL;
+# with JAX_PLATFORMS (set above) they keep libtpu quiet where a user's shell has none of them.
+JAX_IMPORT_VARIABLES = (
+    "JAX_PLATFORMS", "TPU_LIBRARY_PATH", "TPU_SKIP_MDS_QUERY", "TF_CPP_MIN_LOG_LEVEL")
+
+
 @pytest.fixture(scope="module")
 def env(compilation_cache):
   """Subprocess environment: CPU, one device, the session's XLA compilation cache."""
@@ -235,3 +242,10 @@ def env(compilation_cache):
       PYTHONPATH=REPO + os.pathsep + out.get("PYTHONPATH", ""),
   )
   return out
+
+
+@pytest.fixture(scope="module")
+def user_env(env):
+  """`env` as a user's shell has it: no JAX_PLATFORMS, nothing that importing JAX set (the
+  commands and notebooks must then keep JAX from probing for absent TPUs themselves)."""
+  return {k: v for k, v in env.items() if k not in JAX_IMPORT_VARIABLES}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -36,15 +37,41 @@ def main_args(workdir: str, config: str = "digits.py", *extra: str) -> list[str]
   ]
 
 
-def test_train_eval_sample_on_digits(tmp_path, data_dir, env):
+# What JAX and libtpu print when they look for TPU chips that are not there.
+TPU_NOISE = ("Unable to initialize backend 'tpu'", "No jellyfish device",
+             "unexpected worker hostname")
+# A tqdm bar's elapsed and remaining time, e.g. "[00:21<35:59, 21.82s/step]".
+BAR_TIMES = re.compile(r"\[(?:\d+:)?\d+:\d+<((?:\d+:)?\d+:\d+),")
+LOG_LINE = re.compile(r"[IWE]\d{4} \d\d:\d\d:\d\d")  # absl's prefix
+
+
+def seconds(clock: str) -> int:
+  return sum(int(part) * 60**power for power, part in enumerate(reversed(clock.split(":"))))
+
+
+def test_train_eval_sample_on_digits(tmp_path, data_dir, user_env):
+  """The quick start's command, as a user runs it (no JAX_PLATFORMS; libtpu installed by the
+  test command's `tpu` extra): quiet about TPUs, the dataset's preparation explained, a
+  progress bar whose ETA counts steps (not the compile) and that log lines do not break."""
   workdir = str(tmp_path / "run")
   args = main_args(
       workdir, "digits.py", *TINY, f"--config.dataset.data_dir={data_dir}",
       "--config.num_train_steps=300", "--config.checkpoint_every_steps=100",
   )
-  result = subprocess.run(args, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
-  assert result.returncode == 0, result.stderr[-4000:]
-  assert "Final test bpd" in result.stdout
+  result = subprocess.run(args, env=user_env, cwd=REPO, capture_output=True, timeout=300)
+  stdout, stderr = result.stdout.decode(), result.stderr.decode()
+  assert result.returncode == 0, stderr[-4000:]
+  assert "Final test bpd" in stdout
+  assert not [line for line in stderr.splitlines() if any(n in line for n in TPU_NOISE)], stderr
+  assert "Downloading and preparing" not in stdout + stderr
+  assert "Preparing dataset digits (scikit-learn's bundled 8x8 digits" in stderr, stderr
+  assert "Compiling the training step; the progress bar starts after step 1." in stderr
+  # The bar is redrawn as "\r<bar>" in place; a log line written into it would follow bar text
+  # on the same line.
+  bar_states = re.split(r"[\r\n]", stderr)
+  assert not [b for b in bar_states if "step/s" in b and LOG_LINE.search(b)], stderr[-4000:]
+  remaining = [seconds(m.group(1)) for m in BAR_TIMES.finditer(stderr)]
+  assert remaining and max(remaining) < 120, remaining  # 300 tiny steps: seconds, not hours
 
   with open(os.path.join(workdir, "results.json")) as f:
     results = json.load(f)
@@ -66,6 +93,7 @@ def test_train_eval_sample_on_digits(tmp_path, data_dir, env):
       tags.setdefault(tag, []).extend(steps)
   assert tags["eval/bpd"] == [300]
   assert tags["samples/temperature_0.50"] == tags["samples/temperature_1.00"] == [300]
+  assert tags["samples/nonfinite_values/temperature_0.50"] == [300]
   for tag in (
       "train/loss", "train/bpd", "train/regularizer", "train/grad_norm", "train/img_per_sec",
       "train/learning_rate", "train/skipped_steps_total", "shuffle/level0/g_entropy",
@@ -74,7 +102,7 @@ def test_train_eval_sample_on_digits(tmp_path, data_dir, env):
   ):
     assert tags.get(tag) == [50, 100, 150, 200, 250, 300], tag
   assert sorted(os.listdir(os.path.join(workdir, "samples"))) == [
-      "temperature_0.50.png", "temperature_1.00.png",
+      "bpd_curves.png", "temperature_0.50.png", "temperature_1.00.png",
   ]
 
   # Test bpd of the same model at initialisation (same seed, same init batch, same eval noise).
@@ -88,19 +116,20 @@ def test_train_eval_sample_on_digits(tmp_path, data_dir, env):
   assert count == 297
   assert results["bpd"] < init_bpd - 0.5, (results["bpd"], init_bpd)
 
-  # --mode=eval recomputes the same number from the checkpoint; --mode=sample rewrites the PNGs.
+  # --mode=eval recomputes the same number from the checkpoint; --mode=sample rewrites the PNGs
+  # (the grids, and the curves from the events).
   os.remove(os.path.join(workdir, "results.json"))
   for path in glob.glob(os.path.join(workdir, "samples", "*.png")):
     os.remove(path)
   for mode in ("eval", "sample"):
     result = subprocess.run(
-        [*args, f"--mode={mode}"], env=env, cwd=REPO, capture_output=True, text=True,
+        [*args, f"--mode={mode}"], env=user_env, cwd=REPO, capture_output=True, text=True,
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-4000:]
   with open(os.path.join(workdir, "results.json")) as f:
     assert json.load(f)["bpd"] == pytest.approx(results["bpd"], abs=1e-6)
-  assert len(glob.glob(os.path.join(workdir, "samples", "*.png"))) == 2
+  assert len(glob.glob(os.path.join(workdir, "samples", "*.png"))) == 3  # grids and the curves
 
 
 def event_tags(path: str) -> dict[str, list[int]]:

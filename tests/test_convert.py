@@ -3,9 +3,12 @@ becomes the Orbax TrainState checkpoint that the training loop writes and --mode
 
 from __future__ import annotations
 
+import argparse
 import os
+import pickle
 import subprocess
 import sys
+import zipfile
 
 import jax
 import numpy as np
@@ -37,6 +40,25 @@ def test_errors_name_the_problem(tmp_path):
     denseflow_torch.read_torch_file(str(tmp_path / "missing.pt"))
   with pytest.raises(denseflow_torch.ConversionError, match="Expected a state_dict"):
     denseflow_torch.state_dict_from([1, 2])
+
+
+def test_files_only_torch_reads_say_so_in_one_line(tmp_path, monkeypatch):
+  """An older torch's pickle, and a zip checkpoint holding other objects than tensors, need torch;
+  without it the error says so (and not for a file that is no checkpoint: test_command_line)."""
+  monkeypatch.setitem(sys.modules, "torch", None)  # any import of torch fails
+  legacy = tmp_path / "legacy.pt"
+  legacy.write_bytes(pickle.dumps({"a": 1}, protocol=2))
+  with pytest.raises(denseflow_torch.TorchRequiredError,
+                     match="can only be read with torch: it is in the pickle format of torch "
+                           "before 1.6. Install it for the conversion: pip install torch=="):
+    denseflow_torch.read_torch_file(str(legacy))
+  objects = tmp_path / "objects.pt"
+  with zipfile.ZipFile(objects, "w") as archive:
+    archive.writestr("archive/data.pkl", pickle.dumps(argparse.Namespace(lr=1.0), protocol=2))
+  with pytest.raises(denseflow_torch.TorchRequiredError, match="unsupported global argparse"):
+    denseflow_torch.read_torch_file(str(objects))
+  with pytest.raises(denseflow_torch.ConversionError, match="is not a file"):
+    denseflow_torch.read_torch_file(str(tmp_path))
 
 
 def test_convert_checkpoint_writes_a_restorable_train_state(tmp_path):

@@ -78,3 +78,23 @@ def test_command_line_leaves_the_host_alone_on_an_accelerator():
   imported = [line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()
               if line.startswith("import time:")]
   assert imported.count("site") == 1
+
+
+def test_jax_is_kept_from_probing_for_absent_accelerators():
+  """JAX_PLATFORMS=cpu where a plugin is installed without its device (libtpu for ahead-of-time
+  compiles: JAX would probe for chips and libtpu complain on stderr); nothing where the device
+  is present (a TPU VM uses its chips), nothing is installed, or the user chose a platform."""
+  def skipped(environ, plugins=(), devices=()):
+    changed = host_platform.skip_absent_accelerators(
+        environ, installed=lambda m: m in plugins, exists=lambda p: p in devices)
+    assert changed == (environ.get("JAX_PLATFORMS") == "cpu")
+    return environ
+
+  assert skipped({}, ["libtpu"]) == {"JAX_PLATFORMS": "cpu"}
+  assert skipped({"A": "1"}, ["jax_cuda12_plugin"]) == {"A": "1", "JAX_PLATFORMS": "cpu"}
+  assert skipped({}, ["libtpu"], ["/dev/vfio/0"]) == {}
+  assert skipped({}, ["libtpu"], ["/dev/accel0"]) == {}
+  assert skipped({}, ["jax_cuda12_plugin"], ["/dev/nvidiactl"]) == {}
+  assert skipped({}) == {}
+  assert skipped({"JAX_PLATFORMS": "tpu"}, ["libtpu"]) == {"JAX_PLATFORMS": "tpu"}
+  assert skipped({"JAX_PLATFORM_NAME": "tpu"}, ["libtpu"]) == {"JAX_PLATFORM_NAME": "tpu"}

@@ -363,7 +363,7 @@ def test_gs_workdir_end_to_end_with_a_local_stand_in(tmp_path, data_dir, monkeyp
     assert json.load(open(os.path.join(local_dir, "results.json")))["bpd"] == results["bpd"]
     assert json.load(open(os.path.join(local_dir, "config.json")))["batch_size"] == 16
     assert sorted(os.listdir(os.path.join(local_dir, "samples"))) == [
-        "temperature_0.70.png", "temperature_1.00.png"]
+        "bpd_curves.png", "temperature_0.70.png", "temperature_1.00.png"]
     assert any(n.startswith("events.out.tfevents") for n in os.listdir(local_dir))
     assert not os.path.exists(os.path.join(local_dir, "LOCK"))
     assert set(finalized_steps(local_dir)) >= {20}

@@ -25,6 +25,7 @@ from eiw_flow_jax.aot import AotError
 from eiw_flow_jax.aot.compiler import compile_for_topology
 from eiw_flow_jax.aot.report import AotReport, markdown_table, render, report_dict, table_row
 from eiw_flow_jax.aot.search import largest_batch
+from eiw_flow_jax.commands import command_line
 
 
 def load_config(path: str) -> ml_collections.ConfigDict:
@@ -43,16 +44,15 @@ def load_config(path: str) -> ml_collections.ConfigDict:
 # ----------------------------------------------------------------------------------------------
 # Command line.
 
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 def _define_flags() -> None:
   """The command's flags, defined when it runs (importing this module defines none, so it can
   share a process with `commands.main`, whose --config has the same name)."""
   global _CONFIG, _TOPOLOGY, _NUM_SLICES, _PER_DEVICE_BATCH, _EVAL, _EXACT_COST
   global _MAX_BATCH_SEARCH, _JSON, _TABLE
   _CONFIG = config_flags.DEFINE_config_file(
-      "config", os.path.join(_REPO_ROOT, "configs", "digits.py"),
-      "Config file (configs/<name>.py); override fields with --config.<field>=<value>.",
+      "config", None,
+      "Config file (configs/<name>.py); override fields with --config.<field>=<value>. "
+      "Default: configs/digits.py of this checkout.",
       lock_config=True,
   )
   _TOPOLOGY = flags.DEFINE_list(
@@ -143,21 +143,13 @@ def main(argv: list[str]) -> None:
 
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's parsing; a bad flag, config path or --config.<field> is one line."""
-  try:
-    rest = flags.FLAGS(argv)
-    _CONFIG.value.get("model")  # a missing or broken config file surfaces on first use
-  except flags.Error as e:
-    _fail(f"error: {e}\nPass --help for the flags.")
-  except (AttributeError, KeyError, OSError, ImportError, SyntaxError) as e:
-    detail = " ".join(str(e).split())[:300]
-    _fail(f"error: ConfigError: --config or a --config.<field> override: {detail}")
-  return rest
+  return command_line.parse_flags(argv, _CONFIG, default_config=command_line.DEFAULT_CONFIG)
 
 
 def cli() -> None:
   """Parses the command line and runs `main` (what `python -m eiw_flow_jax.aot` does)."""
   _define_flags()
-  app.run(main, flags_parser=parse_flags)
+  command_line.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

@@ -19,24 +19,18 @@ saved (rerun the same command to resume, or to finish the final evaluation and s
 
 from __future__ import annotations
 
-import sys
-
 if __name__ == "__main__":
   from eiw_flow_jax.host.process import prepare_command_process
 
   prepare_command_process()  # before JAX is imported: see eiw_flow_jax.host
 
-import importlib.machinery
-import importlib.util
 import logging as py_logging
-import os
-import re
 
 import jax
-import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from eiw_flow_jax.commands import command_line
 from eiw_flow_jax.config import checks
 from eiw_flow_jax.training import (
     evaluate,
@@ -55,12 +49,10 @@ from eiw_flow_jax.workdir import (
     workdir_lock,
 )
 
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 _CONFIG = config_flags.DEFINE_config_file(
-    "config",
-    os.path.join(_REPO_ROOT, "configs", "digits.py"),
-    "Config file (configs/<name>.py); override fields with --config.<field>=<value>.",
+    "config", None,
+    "Config file (configs/<name>.py); override fields with --config.<field>=<value>. "
+    "Default: configs/digits.py of this checkout.",
     lock_config=True,
 )
 _WORKDIR = flags.DEFINE_string(
@@ -183,137 +175,17 @@ def _evaluate_or_sample(config, workdir: str, mode: str) -> dict | None:
         print(f"Test ELBO {results['elbo_bpd']:.4f}{iwbo} bits/dim", flush=True)
     return results
   paths = sample_grids.write_sample_grids(
-      config, workdir, restored.flow, variables, restored.mesh, keys["sample"]
+      config, workdir, restored.flow, variables, restored.mesh, keys["sample"],
+      step=restored.step,
   )
   if jax.process_index() == 0:
     print("Wrote " + ", ".join(paths), flush=True)
   return None
 
 
-def _fail(message: str, code: int = 1) -> None:
-  print(message, file=sys.stderr, flush=True)
-  sys.exit(code)
-
-
-def _unknown_field(error: Exception) -> tuple[str, str]:
-  """(field name, ', did you mean ...' or '') from ml_collections' error for an unknown field."""
-  message = error.args[0] if error.args else error
-  if isinstance(message, BaseException):  # AttributeError wrapping the KeyError
-    message = message.args[0] if message.args else str(message)
-  message = str(message)
-  first = message.splitlines()[0] if message else ""
-  quoted = re.search(r'Key "([^"]+)"', first) or re.search(r"'([^']+)'", first)
-  name = quoted.group(1) if quoted else first.strip("\"'")
-  suggestion = re.search(r'Did you mean "([^"]+)"', message)
-  return name, f"; did you mean {suggestion.group(1)!r}?" if suggestion else ""
-
-
-_CONFIG_EXPECTED = (
-    "expected a Python file that defines get_config() (e.g. configs/digits.py), optionally "
-    "followed by ':<argument>' for get_config(argument)"
-)
-
-
-def _config_value(argv: list[str]) -> str | None:
-  """The last --config value in `argv` (`--config=x` or `--config x`), None if not given."""
-  value = None
-  for index, arg in enumerate(argv):
-    if arg.startswith("--config="):
-      value = arg[len("--config="):]
-    elif arg == "--config" and index + 1 < len(argv):
-      value = argv[index + 1]
-  return value
-
-
-def _load_failure(shown: str, error: BaseException) -> str:
-  """One line for a config file that exists but does not load (not Python, no get_config)."""
-  message = str(error)
-  if "Error whilst parsing config file" in message:  # ml_collections embeds a traceback
-    lines = [line.strip() for line in message.splitlines() if line.strip()]
-    message = lines[-1] if lines else message
-  elif not isinstance(error, (OSError, ImportError)):
-    message = f"{type(error).__name__}: {message}"
-  detail = " ".join(line.strip() for line in message.splitlines() if line.strip())
-  return f"cannot load {shown}: {_CONFIG_EXPECTED}; loading it failed with {detail[:300]}"
-
-
-def check_config_file(value: str) -> None:
-  """ConfigError (one line) unless `value` (`path` or `path:argument`) names a Python file
-  that defines get_config().
-
-  ml_collections loads whatever the path names as Python and reports a missing file only when
-  the config is first used ("Failed loading config file config_config", without the path); a
-  non-Python file fails with its first NameError or SyntaxError and a traceback; and a Python
-  file without get_config() silently reuses the get_config() of the module loaded before it
-  (the default config), since every config module gets the same name. So the file is executed
-  once here, in a fresh module, and checked.
-  """
-  path, _, _ = value.partition(":")
-  shown = f"--config={value}"
-  if not path:
-    raise checks.ConfigError(f"cannot load {shown}: no file given; {_CONFIG_EXPECTED}.")
-  full = os.path.abspath(os.path.expanduser(path))
-  if not os.path.exists(full):
-    raise checks.ConfigError(
-        f"cannot load {shown}: {full} does not exist; {_CONFIG_EXPECTED}."
-    )
-  if not os.path.isfile(full):
-    raise checks.ConfigError(f"cannot load {shown}: {full} is not a file; {_CONFIG_EXPECTED}.")
-  loader = importlib.machinery.SourceFileLoader("eiw_flow_config_check", full)  # any suffix
-  module = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
-  try:
-    loader.exec_module(module)
-  except Exception as e:  # noqa: BLE001 - whatever executing a non-config raises
-    raise checks.ConfigError(_load_failure(shown, e)) from e
-  if not callable(getattr(module, "get_config", None)):
-    raise checks.ConfigError(
-        f"cannot load {shown}: {_CONFIG_EXPECTED}; {full} defines no get_config()."
-    )
-
-
-def _config_load_error(value: str | None, error: BaseException) -> str:
-  shown = f"--config={value}" if value is not None else "--config"
-  return f"error: ConfigError: {_load_failure(shown, error)}"
-
-
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's parsing, but a bad --config path or an unknown --config.<field> is one line."""
-  config_value = _config_value(argv)
-  if config_value is not None:
-    try:
-      check_config_file(config_value)
-    except checks.ConfigError as e:
-      _fail(f"error: ConfigError: {e}")
-  try:
-    rest = flags.FLAGS(argv)
-  except flags.IllegalFlagValueError as e:
-    if "Error whilst parsing config file" in str(e):  # get_config raised TypeError/ValueError
-      _fail(_config_load_error(config_value, e))
-    _fail(f"error: {e}\nPass --help for the flags.")
-  except flags.Error as e:
-    _fail(f"error: {e}\nPass --help for the flags.")
-  except (AttributeError, KeyError) as e:  # --config.<field> names no field
-    if isinstance(e, AttributeError) and "get_config" in str(e):  # a file without get_config
-      _fail(_config_load_error(config_value, e))
-    name, hint = _unknown_field(e)
-    bad = [a.split("=", 1)[0] for a in argv if a.startswith("--config.") and name in a]
-    shown = bad[0] if bad else f"--config.*{name}"
-    _fail(
-        f"error: ConfigError: {shown} names no config field ({name!r} is unknown{hint}). The "
-        "fields are those of eiw_flow_jax/config.py:base_config and the config file."
-    )
-  except OSError as e:  # the config file itself
-    _fail(_config_load_error(config_value, e))
-  except Exception as e:  # noqa: BLE001 - executing a non-Python file: NameError, SyntaxError...
-    _fail(_config_load_error(config_value, e))
-  try:
-    config = _CONFIG.value
-    if not isinstance(config, ml_collections.ConfigDict):
-      raise TypeError(f"get_config() returned {type(config).__name__}, not a ConfigDict")
-    config.get("model")  # a missing or broken config file surfaces on first use
-  except (OSError, ImportError, SyntaxError, AttributeError, TypeError) as e:
-    _fail(_config_load_error(config_value, e))
-  return rest
+  return command_line.parse_flags(argv, _CONFIG, default_config=command_line.DEFAULT_CONFIG)
 
 
 def main(argv: list[str]) -> None:
@@ -321,23 +193,24 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   py_logging.getLogger("absl").addFilter(_QuietOrbax())
   try:
+    command_line.check_workdir(_WORKDIR.value)
     # Orbax's background tracebacks (a failed save, a damaged checkpoint) go to a log file in
     # the workdir: the one-line error stays the last line of the output.
     background_errors.quiet_background_errors(_WORKDIR.value)
     run(_CONFIG.value, _WORKDIR.value, _MODE.value, distributed=_DISTRIBUTED.value,
         allow_config_change=_ALLOW_CONFIG_CHANGE.value, take_over_lock=_TAKE_OVER_LOCK.value)
   except stop_signals.StopRequested as e:
-    _fail(f"stopped: {e}", e.exit_code)
+    command_line.fail(f"stopped: {e}", e.exit_code)
   except _USER_ERRORS as e:
-    _fail(f"error: {type(e).__name__}: {e}")
+    command_line.fail(f"error: {type(e).__name__}: {e}")
   except KeyboardInterrupt:  # outside the training loop (start-up, eval) or a second Ctrl-C
-    _fail("interrupted (Ctrl-C): nothing was saved since the last checkpoint; rerun the same "
-          "command to resume.", 130)
+    command_line.fail("interrupted (Ctrl-C): nothing was saved since the last checkpoint; "
+                      "rerun the same command to resume.", 130)
 
 
 def cli() -> None:
   """Parses the command line and runs `main` (what `python -m eiw_flow_jax.main` does)."""
-  app.run(main, flags_parser=parse_flags)
+  command_line.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

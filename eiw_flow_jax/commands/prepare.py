@@ -9,6 +9,7 @@ import sys
 
 from absl import app, flags
 
+from eiw_flow_jax.commands import command_line
 from eiw_flow_jax.data import registry
 from eiw_flow_jax.data.catalog import PrepareError, prepare, summary
 
@@ -53,7 +54,7 @@ def main(argv: list[str]) -> None:
 
 def cli() -> None:
   """Parses the command line and runs `main` (what `python -m eiw_flow_jax.prepare` does)."""
-  app.run(main)
+  command_line.run(main)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ from typing import Any
 
 from absl import app, flags, logging
 
+from eiw_flow_jax.commands import command_line
 from eiw_flow_jax.data import registry
 from eiw_flow_jax.training import evaluate
 
@@ -393,12 +394,13 @@ def main(argv: list[str]) -> None:
     sys.exit(1)
   with open(md_path) as f:
     print(f.read(), end="")
-  print(f"Wrote {md_path} and {json_path} ({len(rows)} runs).", flush=True)
+  runs = f"{len(rows)} run" + ("" if len(rows) == 1 else "s")
+  print(f"Wrote {md_path} and {json_path} ({runs}).", flush=True)
 
 
 def cli() -> None:
   """Parses the command line and runs `main` (what `python -m eiw_flow_jax.table` does)."""
-  app.run(main)
+  command_line.run(main)
 
 
 if __name__ == "__main__":

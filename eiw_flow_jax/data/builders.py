@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import logging
 
 from eiw_flow_jax.data.idx import MNIST_FILES, MNIST_T10K_TRAIN, find_idx, mnist_present, read_mnist
 from eiw_flow_jax.data.preprocess import realnvp_lsun_downscale
@@ -57,6 +58,18 @@ class _OfflineBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _generate_examples(self, images: np.ndarray, labels: np.ndarray) -> Iterator[Any]:
     for i, (image, label) in enumerate(zip(images, labels, strict=True)):
       yield i, {"image": image, "label": label}
+
+  # TFDS's announcement of a download ("Downloading and preparing dataset Unknown size ... to
+  # ~/tensorflow_datasets/..."), printed on stdout, would be wrong for builders that download
+  # nothing: one log line instead says what happens, where, and how to choose the folder.
+  def _log_download_bytes(self) -> None:
+    logging.info(
+        "Preparing dataset %s (%s; offline, once) in %s; later runs read it from there. "
+        "config.dataset.data_dir chooses the folder (empty: TFDS's default, $TFDS_DATA_DIR or "
+        "~/tensorflow_datasets).", self.name, self.DESCRIPTION.rstrip("."), self.data_dir)
+
+  def _log_download_done(self) -> None:
+    logging.info("Prepared dataset %s in %s.", self.name, self.data_dir)
 
 
 class DigitsBuilder(_OfflineBuilder, skip_registration=True):

@@ -254,7 +254,12 @@ class Flow:
   def sample(
       self, variables: Variables, rng: Array, num: int, temperature: float = 1.0
   ) -> Array:
-    """uint8 images sampled at `temperature`."""
+    """uint8 images sampled at `temperature`.
+
+    Decoded values that are not finite (a diverged model) have no pixel value (XLA casts NaN
+    to 0, black): `sample_continuous` returns the decoded `y` to check them (the command
+    line's sample grids count, report and mark them).
+    """
     y, _ = self.sample_continuous(variables, rng, num, temperature)
     return self.quantize(y)
 

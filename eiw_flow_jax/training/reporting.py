@@ -1,14 +1,22 @@
-"""What a run reports: TensorBoard events (local or on an object store) and a tqdm bar.
+"""What a run reports: TensorBoard events (local or on an object store), a tqdm bar, and a PNG
+of its bits/dim curves.
 
-`Reporter` writes the training loop's scalars and Shuffle diagnostics (process 0 only);
-`summarise` turns a logging interval's step metrics into them. Event files go to the workdir,
-also when it is a URL: `register_tensorboard_schemes` routes tensorboardX through etils.epath.
+`Reporter` writes the training loop's scalars and Shuffle diagnostics (process 0 only) and
+shows the progress bar; `summarise` turns a logging interval's step metrics into them. Event
+files go to the workdir, also when it is a URL: `register_tensorboard_schemes` routes
+tensorboardX through etils.epath. `read_events` reads them back (no TensorFlow or tensorboard
+needed) and `write_bpd_curves` draws the train and test bits/dim from them.
 """
 
 from __future__ import annotations
 
+import collections
+import io
+import logging as py_logging
 import math
 import os
+import struct
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -82,6 +90,96 @@ def register_tensorboard_schemes(*schemes: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# Reading the events back, and the bits/dim curves drawn from them.
+
+EVENT_FILES = "events.out.tfevents.*"
+BPD_CURVES_FILE = "bpd_curves.png"
+
+Series = dict[str, list[tuple[int, Any]]]  # tag -> [(step, value)], sorted by step
+
+
+def _records(data: bytes) -> Iterator[bytes]:
+  """The payloads of TFRecord framing (length, masked CRC, data, masked CRC); CRCs unchecked.
+  A file still being written may end in a partial record, which is left out."""
+  offset = 0
+  while offset + 12 <= len(data):
+    (length,) = struct.unpack("<Q", data[offset : offset + 8])
+    end = offset + 12 + length
+    if end + 4 > len(data):
+      return
+    yield data[offset + 12 : end]
+    offset = end + 4
+
+
+def read_events(workdir: str) -> tuple[Series, Series]:
+  """(scalars, texts) of every TensorBoard event file in `workdir` (local or a URL).
+
+  Each maps a tag to its [(step, value)], sorted by step. A step logged more than once (a run
+  resumed from a checkpoint before its last logged step logs the steps after it again) keeps
+  the value written last. Read with tensorboardX's protobufs.
+  """
+  from tensorboardX.proto import event_pb2  # noqa: PLC0415
+
+  latest: dict[str, dict[str, dict[int, tuple[float, Any]]]] = {
+      "scalars": collections.defaultdict(dict), "texts": collections.defaultdict(dict)}
+  for file in sorted(storage.path(workdir).glob(EVENT_FILES)):
+    for record in _records(file.read_bytes()):
+      event = event_pb2.Event.FromString(record)
+      for value in event.summary.value:
+        kind = value.WhichOneof("value")
+        if kind == "simple_value":
+          kept, tag, item = latest["scalars"], value.tag, value.simple_value
+        elif kind == "tensor" and value.tensor.string_val:
+          kept, tag = latest["texts"], value.tag.removesuffix("/text_summary")
+          item = value.tensor.string_val[0].decode()
+        else:
+          continue
+        previous = kept[tag].get(event.step)
+        if previous is None or previous[0] <= event.wall_time:
+          kept[tag][event.step] = (event.wall_time, item)
+  scalars, texts = (
+      {tag: sorted((step, item) for step, (_, item) in by_step.items())
+       for tag, by_step in latest[kind].items()}
+      for kind in ("scalars", "texts"))
+  return scalars, texts
+
+
+def write_bpd_curves(workdir: str, path: str) -> bool:
+  """A PNG at `path` (local or a URL) of the run's train and test bits/dim against the step,
+  from the workdir's events (`train/bpd`: the mean over each logging interval; `eval/bpd`: the
+  EMA parameters on the test split). Returns False, writing nothing, where neither was logged
+  (a converted checkpoint that was never trained or evaluated)."""
+  scalars, _ = read_events(workdir)
+  train, test = scalars.get("train/bpd", []), scalars.get("eval/bpd", [])
+  if not train and not test:
+    return False
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
+  from matplotlib.figure import Figure  # noqa: PLC0415
+
+  figure = Figure(figsize=(6, 4), dpi=100, layout="constrained")
+  FigureCanvasAgg(figure)
+  axes = figure.add_subplot()
+  if train:
+    steps, values = zip(*train)
+    axes.plot(steps, values, label="train (mean over each logging interval)")
+  if test:
+    steps, values = zip(*test)
+    axes.plot(steps, values, "o-", label="test (EMA parameters)")
+  axes.set_title(os.path.basename(workdir.rstrip("/")) or workdir)
+  axes.set_xlabel("step")
+  axes.set_ylabel("bits/dim")
+  axes.grid(alpha=0.3)
+  axes.legend()
+  png = io.BytesIO()
+  figure.savefig(png, format="png")
+  file = storage.path(path)
+  with storage.writing("the bits/dim curves", file):
+    file.parent.mkdir(parents=True, exist_ok=True)
+    file.write_bytes(png.getvalue())
+  return True
+
+
+# ----------------------------------------------------------------------------------------------
 # The training loop's reporter (process 0 only).
 
 def log_to_tensorboard(
@@ -100,24 +198,53 @@ def log_to_tensorboard(
     writer.close()
 
 
+class _AboveTheBar(py_logging.Handler):
+  """Hands each record to `handler` with the progress bars cleared, then redraws them, so that
+  log lines are not written into a bar."""
+
+  def __init__(self, handler: py_logging.Handler):
+    super().__init__(handler.level)
+    self.handler = handler
+
+  def emit(self, record: py_logging.LogRecord) -> None:
+    from tqdm import tqdm  # noqa: PLC0415
+
+    with tqdm.external_write_mode():
+      self.handler.handle(record)
+
+
 class Reporter:
-  """TensorBoard events in the workdir plus a tqdm bar; silent on processes other than 0."""
+  """TensorBoard events in the workdir plus a tqdm bar; silent on processes other than 0.
+
+  The bar starts after the first step, whose time is mostly compiling, so that its rate and
+  ETA count steps only. While it shows, the root logger's handlers (absl's) write above it.
+  """
 
   def __init__(self, workdir: str, total: int, initial: int, batch_size: int):
     self.active = jax.process_index() == 0
     self.batch_size = batch_size
+    self.total, self.initial = total, initial
     self.writer = self.bar = None
+    self._handlers: list[py_logging.Handler] | None = None
     if self.active:
-      from tqdm import tqdm
-
       self.writer = summary_writer(workdir)
-      self.bar = tqdm(
-          total=total, initial=initial, unit="step", dynamic_ncols=True, mininterval=1.0
-      )
+      if initial < total:
+        logging.info("Compiling the training step; the progress bar starts after step %d.",
+                     initial + 1)
 
   def advance(self) -> None:
-    if self.bar is not None:
-      self.bar.update(1)
+    if not self.active:
+      return
+    if self.bar is None:
+      from tqdm import tqdm  # noqa: PLC0415
+
+      self.bar = tqdm(total=self.total, initial=self.initial + 1, unit="step",
+                      dynamic_ncols=True, mininterval=1.0)
+      root = py_logging.getLogger()
+      self._handlers = list(root.handlers)
+      root.handlers = [_AboveTheBar(handler) for handler in self._handlers]
+      return
+    self.bar.update(1)
 
   def scalars(self, step: int, values: dict[str, float]) -> None:
     if self.writer is not None:
@@ -147,6 +274,9 @@ class Reporter:
       self.bar.set_postfix(**values, refresh=False)
 
   def close(self) -> None:
+    if self._handlers is not None:
+      py_logging.getLogger().handlers = self._handlers
+      self._handlers = None
     if self.bar is not None:
       self.bar.close()
     if self.writer is not None:

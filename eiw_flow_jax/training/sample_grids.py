@@ -1,6 +1,13 @@
 """PNG grids of samples drawn at each temperature (`samples/temperature_<t>.png`), also in
-TensorBoard as images `samples/temperature_<t>`; written through `etils.epath`, so the workdir
-may be a bucket (`gs://...`)."""
+TensorBoard as images `samples/temperature_<t>`, and next to them the run's bits/dim curves
+(`samples/bpd_curves.png`); written through `etils.epath`, so the workdir may be a bucket
+(`gs://...`).
+
+A sample whose decoded values are not finite (a diverged or badly trained model) cannot be
+quantized: such values are counted, reported (a warning, and TensorBoard's
+`samples/nonfinite_values/temperature_<t>`) and drawn in `NONFINITE_COLOUR`, not as the black
+pixels quantizing NaN would give.
+"""
 
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -22,14 +30,24 @@ from eiw_flow_jax.training import reporting
 from eiw_flow_jax.workdir import storage
 
 SAMPLES_DIR = "samples"
+NONFINITE_COLOUR = (255, 0, 255)  # magenta: a pixel with a decoded value that is not finite
 
 
-def image_grid(images: np.ndarray, *, max_value: int, pad: int = 1) -> np.ndarray:
-  """(N, H, W, C) integer images in [0, max_value] -> one 8-bit grid image (rows, cols, C)."""
+def image_grid(
+    images: np.ndarray, *, max_value: int, pad: int = 1, marked: np.ndarray | None = None
+) -> np.ndarray:
+  """(N, H, W, C) integer images in [0, max_value] -> one 8-bit grid image (rows, cols, C).
+
+  `marked` (N, H, W) bool: pixels drawn in NONFINITE_COLOUR (the grid is then RGB).
+  """
   n, h, w, c = images.shape
   cols = math.ceil(math.sqrt(n))
   rows = math.ceil(n / cols)
   scaled = np.clip(images.astype(np.float32) * (255.0 / max_value), 0, 255).astype(np.uint8)
+  if marked is not None and marked.any():
+    scaled = np.broadcast_to(scaled, (n, h, w, 3)).copy() if c == 1 else scaled.copy()
+    scaled[marked] = NONFINITE_COLOUR
+    c = 3
   grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, np.uint8)
   for index in range(n):
     r, q = divmod(index, cols)
@@ -57,9 +75,14 @@ def save_png(grid: np.ndarray, path: str, *, min_size: int = 256) -> None:
 
 @functools.lru_cache(maxsize=8)
 def _sample_fn(flow: Flow, mesh: Mesh, num: int):
-  return jax.jit(
-      lambda v, rng, t: flow.sample(v, rng, num, t), out_shardings=NamedSharding(mesh, P())
-  )
+  """Jitted (variables, rng, temperature) -> (uint8 images, mask of their decoded values that
+  are not finite)."""
+
+  def sample(variables, rng, temperature):
+    y, _ = flow.sample_continuous(variables, rng, num, temperature)
+    return flow.quantize(y), ~jnp.isfinite(y)
+
+  return jax.jit(sample, out_shardings=NamedSharding(mesh, P()))
 
 
 def write_sample_grids(
@@ -72,27 +95,43 @@ def write_sample_grids(
     *,
     step: int | None = None,
 ) -> list[str]:
-  """One PNG grid per temperature in config.sample.temperatures, in `<workdir>/samples/`.
+  """One PNG grid per temperature in config.sample.temperatures, in `<workdir>/samples/`, and
+  the bits/dim curves of the workdir's events (`reporting.write_bpd_curves`) next to them.
 
-  With `step`, the grids also go to TensorBoard as images `samples/temperature_<t>`.
+  With `step`, the grids also go to TensorBoard as images `samples/temperature_<t>`, with the
+  count of decoded values that are not finite as `samples/nonfinite_values/temperature_<t>`.
+  Returns the grids' paths.
   """
   out_dir = storage.path(workdir, SAMPLES_DIR)
   fn = _sample_fn(flow, mesh, config.sample.num_samples)
   # Pixel value shown as white; by default the top of the model's n_bits range.
   max_value = config.sample.display_max or 2**config.model.n_bits - 1
-  paths, grids = [], {}
+  paths, grids, counts = [], {}, {}
   for index, temperature in enumerate(config.sample.temperatures):
-    images = np.asarray(jax.device_get(fn(variables, jax.random.fold_in(rng, index), temperature)))
-    path = os.fspath(out_dir / f"temperature_{float(temperature):.2f}.png")
+    images, nonfinite = (np.asarray(a) for a in jax.device_get(
+        fn(variables, jax.random.fold_in(rng, index), temperature)))
+    name = f"temperature_{float(temperature):.2f}"
+    path = os.fspath(out_dir / f"{name}.png")
+    counts[f"samples/nonfinite_values/{name}"] = int(nonfinite.sum())
+    marked = nonfinite.any(axis=-1)  # the pixels holding them
     if jax.process_index() == 0:
       with storage.writing("sample grids", out_dir):
         out_dir.mkdir(parents=True, exist_ok=True)
-      grid = image_grid(images, max_value=max_value)
+      grid = image_grid(images, max_value=max_value, marked=marked)
       save_png(grid, path)
-      grids[f"samples/temperature_{float(temperature):.2f}"] = enlarge(grid, min_size=128)
+      grids[f"samples/{name}"] = enlarge(grid, min_size=128)
+      if marked.any():
+        logging.warning(
+            "Samples at temperature %s: %d of %d decoded values are not finite (NaN or inf; "
+            "the model may have diverged); their %d pixels are drawn in magenta in %s.",
+            temperature, int(nonfinite.sum()), nonfinite.size, int(marked.sum()), path)
     paths.append(path)
   if step is not None:
-    reporting.log_to_tensorboard(workdir, int(step), {}, grids, ".samples")
+    reporting.log_to_tensorboard(workdir, int(step), counts, grids, ".samples")
+  if jax.process_index() == 0:
+    curves = os.fspath(out_dir / reporting.BPD_CURVES_FILE)
+    if reporting.write_bpd_curves(workdir, curves):
+      logging.info("Wrote the bits/dim curves to %s", curves)
   logging.info("Wrote %d sample grids to %s", len(paths), out_dir)
   return paths
 

@@ -1,8 +1,9 @@
 """The authors' PyTorch DenseFlow / EIW-Flow checkpoints: reading a .pt file (without torch where
 it can) and mapping its state_dict onto the DenseFlow backbone's parameters.
 Reading the .pt file: torch's zip format is parsed here without torch (a restricted unpickler
-that only rebuilds tensors); if that fails (an old non-zip file, say), torch is imported, and
-only then needed (`pip install torch==2.13.0`, for conversion only).
+that only rebuilds tensors); an older torch's pickle, or a zip holding other objects, needs
+torch, imported only then (`pip install torch==2.13.0`, for conversion only); a file that is
+neither is refused as no checkpoint.
 
 The mapping is by name and shape, and it must be complete both ways: every parameter of the
 JAX model gets a value and every weight of the file is used (its constant buffers aside), or
@@ -33,7 +34,7 @@ IGNORED_SUFFIXES = (
 
 
 class ConversionError(ValueError):
-  """The state_dict does not fit the configured model."""
+  """A file or state_dict that cannot become the configured model's variables (one line)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -92,37 +93,73 @@ class _Unpickler(pickle.Unpickler):
     return self.cache[key], np.dtype(dtype).itemsize
 
 
+class TorchRequiredError(ConversionError):
+  """A PyTorch checkpoint that only torch can read (and torch is not installed)."""
+
+
 def _read_zip_pt(path: str) -> Any:
   with zipfile.ZipFile(path) as zf:
     pkl = [n for n in zf.namelist() if n.endswith("/data.pkl")]
     if not pkl:
-      raise pickle.UnpicklingError("no data.pkl in the archive")
+      raise ConversionError(
+          f"{path} is a zip archive but not a PyTorch checkpoint (it holds no data.pkl)."
+      )
     prefix = pkl[0][: -len("/data.pkl")]
     return _Unpickler(io.BytesIO(zf.read(pkl[0])), zf, prefix).load()
+
+
+def _starts_like_a_pickle(path: str) -> bool:
+  """Whether the file starts as a pickle of protocol 2 or later (torch < 1.6's .pt format)."""
+  with open(path, "rb") as f:
+    head = f.read(2)
+  return len(head) == 2 and head[0] == pickle.PROTO[0] and 2 <= head[1] <= pickle.HIGHEST_PROTOCOL
 
 
 def read_torch_file(path: str) -> Any:
   """The object saved in a .pt file, tensors as numpy arrays (torch only as a fallback).
 
-  A .npz file of key -> array is accepted as a state_dict too.
+  A .npz file of key -> array is accepted as a state_dict too. Raises FileNotFoundError for a
+  missing file and ConversionError (one line) for one that is no checkpoint: torch.save writes
+  a zip archive holding `data.pkl` (torch >= 1.6) or, before, a pickle. Zip checkpoints of
+  tensors are read here; others (older pickles, other objects than tensors) need torch, and
+  without it raise TorchRequiredError saying so.
   """
   if not os.path.exists(path):
     raise FileNotFoundError(f"No such checkpoint: {path}")
+  if not os.path.isfile(path):
+    raise ConversionError(f"{path} is not a file; expected a PyTorch checkpoint (.pt).")
   if path.endswith(".npz"):  # a state_dict saved with numpy.savez (key -> array)
-    with np.load(path) as f:
-      return {k: f[k] for k in f.files}
-  try:
-    return _read_zip_pt(path)
-  except (zipfile.BadZipFile, pickle.UnpicklingError, KeyError, ValueError):
-    pass
+    try:
+      with np.load(path) as f:
+        return {k: f[k] for k in f.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+      raise ConversionError(f"{path} is not a readable .npz of arrays: {e}") from e
+  if zipfile.is_zipfile(path):
+    try:
+      return _read_zip_pt(path)
+    except (pickle.UnpicklingError, KeyError, ValueError, EOFError) as e:
+      if isinstance(e, ConversionError):
+        raise
+      needs = f"it holds what the reader without torch does not rebuild ({e})"
+  elif _starts_like_a_pickle(path):
+    needs = "it is in the pickle format of torch before 1.6"
+  else:
+    raise ConversionError(
+        f"{path} is not a PyTorch checkpoint: torch.save writes a zip archive (torch >= 1.6) "
+        "or a pickle (older torch), and this file is neither."
+    )
   try:
     import torch
   except ImportError as e:
-    raise ImportError(
-        f"{path} could not be read without torch; converting it needs torch: "
-        "pip install torch==2.13.0 (for conversion only)."
+    raise TorchRequiredError(
+        f"{path} can only be read with torch: {needs}. Install it for the conversion: "
+        "pip install torch==2.13.0."
     ) from e
-  obj = torch.load(path, map_location="cpu", weights_only=False)
+  try:
+    obj = torch.load(path, map_location="cpu", weights_only=False)
+  except Exception as e:  # noqa: BLE001 - whatever torch raises for a damaged file
+    detail = " ".join(str(e).split())[:300]
+    raise ConversionError(f"torch could not read {path}: {type(e).__name__}: {detail}") from e
   return _to_numpy(obj)
 
 
@@ -259,8 +296,12 @@ def convert_state_dict(
   """
   import jax
 
-  if getattr(flow, "backbone", "glow") != "denseflow":
-    raise ConversionError("convert_state_dict needs a flow with model.backbone='denseflow'.")
+  backbone = getattr(flow, "backbone", "glow")
+  if backbone != "denseflow":
+    raise ConversionError(
+        f"The authors' checkpoints are DenseFlow models, but the config's model.backbone is "
+        f"{backbone!r}: use a DenseFlow config (configs/*_denseflow.py)."
+    )
   num_blocks = len(flow.model_config.denseflow.block_conf)
   shapes = jax.eval_shape(
       lambda: flow.init(jax.random.PRNGKey(0), np.zeros((1, *flow.image_shape), np.uint8)))
@@ -287,9 +328,9 @@ def convert_state_dict(
   if missing or extra or bad:
     raise ConversionError(
         "The state_dict does not fit the configured model (check block_conf, layers_conf, "
-        "layer_mid_chnls, growth_rate, image_shape, split):\n"
-        f"  missing ({len(missing)}): {missing[:8]}\n  unused ({len(extra)}): {extra[:8]}\n"
-        f"  shape mismatches ({len(bad)}): {bad[:8]}"
+        f"layer_mid_chnls, growth_rate, image_shape, split): missing ({len(missing)}): "
+        f"{missing[:8]}; unused ({len(extra)}): {extra[:8]}; shape mismatches ({len(bad)}): "
+        f"{bad[:8]}"
     )
   return out
 
