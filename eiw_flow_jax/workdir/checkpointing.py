@@ -35,7 +35,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
-from eiw_flow_jax.model.backbones.layouts import stack_unrolled_steps, unrolled_layout
+from eiw_flow_jax.model.backbones import stack_unrolled_steps, unrolled_layout
 from eiw_flow_jax.workdir import storage
 from eiw_flow_jax.workdir.digests import digest_mismatch, digest_record, key_name
 
