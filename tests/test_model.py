@@ -436,6 +436,16 @@ def test_levels_say_each_levels_latent_and_split():
     assert flow.levels == (Level((8, 8, 2), 4, kind), Level((4, 4, 4), 8, kind),
                            Level((2, 2, 16), None, None))
     assert flow.latent_shapes == [(8, 8, 2), (4, 4, 4), (2, 2, 16)]
+  config = make_config()
+  config.model.backbone = "denseflow"
+  df = config.model.denseflow
+  df.block_conf, df.layers_conf, df.layer_mid_chnls = (2, 2), (5, 5), (8, 8)
+  for split, kind in (("eiw", "global"), ("vanilla", "vanilla")):
+    config.model.split = split
+    # 4x4x4 after the first squeeze, + 10 noise channels in block 0's second unit, squeezed to
+    # 2x2x56 and halved; + 10 again in block 1.
+    assert eiw_flow_jax.build_flow(config).levels == (
+        Level((2, 2, 28), 56, kind), Level((2, 2, 38), None, None))
 
 
 def test_split_permutations_are_the_global_splits_orders():
