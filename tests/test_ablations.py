@@ -45,9 +45,7 @@ def _level0(flow, variables, y, what):
   """Applies `what(split, h)` to the level-0 split's input h."""
 
   def fn(module, y):
-    h, _ = module.centre(y)
-    h, _ = module._level_forward(0, h)
-    return what(module.splits[0], h)
+    return what(module.splits[0], module.split_inputs(y)[0])
 
   return flow.module.apply(variables, y, method=fn)
 

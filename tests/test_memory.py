@@ -120,13 +120,12 @@ def test_invert_falls_back_and_warns_when_the_inverse_drifts(scan):
 @pytest.mark.parametrize("coupling,dtype", [("affine", "float32"), ("additive", "float32"),
                                              ("affine", "bfloat16")])
 def test_fused_step_inverse_vjp_matches_vjp_at_the_true_input(coupling, dtype):
-  """flow_step_inverse_vjp (the coupling network once per step) == inverse, then jax.vjp.
+  """FlowStep.inverse_vjp (the coupling network once per step) == inverse, then jax.vjp.
 
   In bfloat16 XLA:CPU may round the coupling network's intermediates differently in the two
   compiled graphs, so the rebuilt input is exact only to bfloat16 precision there.
   """
   from eiw_flow_jax.model.bijectors import FlowStep
-  from eiw_flow_jax.model.memory import flow_step_inverse_vjp
 
   step = FlowStep(8, coupling, jnp.dtype(dtype), parent=None)
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 4, 6))
@@ -134,7 +133,7 @@ def test_fused_step_inverse_vjp_matches_vjp_at_the_true_input(coupling, dtype):
   y, log_det = step.apply(variables, x)
   g_y = jax.random.normal(jax.random.PRNGKey(3), y.shape)
   g_log_det = jax.random.normal(jax.random.PRNGKey(4), log_det.shape)
-  rebuilt, g_params, g_x = jax.jit(functools.partial(flow_step_inverse_vjp, step))(
+  rebuilt, g_params, g_x = jax.jit(step.inverse_vjp)(
       variables, y, g_y, g_log_det
   )
   tol = 1e-4 if dtype == "float32" else 3e-2

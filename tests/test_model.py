@@ -7,12 +7,14 @@ import math
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from conftest import VARIANTS, log_abs_det_jacobian, make_config, perturb, random_uint8
 
 import eiw_flow_jax
 from eiw_flow_jax.config import schema
+from eiw_flow_jax.model.backbones.base import Level
 from eiw_flow_jax.model.flow import Flow
 
 
@@ -57,8 +59,7 @@ def test_model_log_det_matches_jacfwd(variant):
 
 def _level0_permutations(flow, variables, y):
   def fn(module, y):
-    h, _ = module.centre(y)
-    h, _ = module._level_forward(0, h)
+    h = module.split_inputs(y)[0]
     split = module.splits[0]
     return split.weights_and_permutation(h[..., : split.anchor_width])[1]
 
@@ -399,9 +400,73 @@ def test_scan_steps_must_be_a_bool():
 def test_nonfinite_leaves_name_the_stacked_steps():
   from eiw_flow_jax.training import resume
 
+  flow = eiw_flow_jax.build_flow(make_config())
   tree = {"params": {"level1_steps": {"layers_0": {"bias": np.zeros((4, 3), np.float32)}},
                      "top_prior": {"mean": np.array([0.0, np.inf], np.float32)}}}
   tree["params"]["level1_steps"]["layers_0"]["bias"][2, 1] = np.nan
-  assert resume.nonfinite_leaves(tree) == [
+  assert resume.nonfinite_leaves(tree, flow.stacked_axis) == [
       "['params']['level1_steps']['layers_0']['bias'] (steps 2)",
       "['params']['top_prior']['mean']"]
+  assert resume.nonfinite_leaves(tree) == [
+      "['params']['level1_steps']['layers_0']['bias']", "['params']['top_prior']['mean']"]
+
+
+def test_nonfinite_leaves_name_the_stacked_layers_of_denseflow_units():
+  from eiw_flow_jax.training import resume
+
+  config = make_config()
+  config.model.backbone = "denseflow"
+  df = config.model.denseflow
+  df.block_conf, df.layers_conf, df.layer_mid_chnls = (2, 2), (5, 5), (8, 8)
+  flow = eiw_flow_jax.build_flow(config)
+  shift = np.zeros((5, 3), np.float32)
+  shift[1, 0] = shift[3, 2] = np.inf
+  tree = {"ema_params": {"block0": {"unit1": {"layers": {"actnorm": {"shift": shift}}}},
+                         "transition0": {"wg_fc2": np.full((2, 4), np.nan, np.float32)}}}
+  assert resume.nonfinite_leaves(tree, flow.stacked_axis) == [
+      "['ema_params']['block0']['unit1']['layers']['actnorm']['shift'] (layers 1, 3)",
+      "['ema_params']['transition0']['wg_fc2']"]
+  assert flow.stacked_axis(["block0", "layers", "actnorm"]) is None  # not a unit's layers
+
+
+def test_levels_say_each_levels_latent_and_split():
+  for split, mode in VARIANTS:
+    flow = eiw_flow_jax.build_flow(make_config((16, 16, 1), 3, split=split, mode=mode))
+    kind = "vanilla" if split == "vanilla" else mode
+    assert flow.levels == (Level((8, 8, 2), 4, kind), Level((4, 4, 4), 8, kind),
+                           Level((2, 2, 16), None, None))
+    assert flow.latent_shapes == [(8, 8, 2), (4, 4, 4), (2, 2, 16)]
+  config = make_config()
+  config.model.backbone = "denseflow"
+  df = config.model.denseflow
+  df.block_conf, df.layers_conf, df.layer_mid_chnls = (2, 2), (5, 5), (8, 8)
+  for split, kind in (("eiw", "global"), ("vanilla", "vanilla")):
+    config.model.split = split
+    # 4x4x4 after the first squeeze, + 10 noise channels in block 0's second unit, squeezed to
+    # 2x2x56 and halved; + 10 again in block 1.
+    assert eiw_flow_jax.build_flow(config).levels == (
+        Level((2, 2, 28), 56, kind), Level((2, 2, 38), None, None))
+
+
+def test_split_permutations_are_the_global_splits_orders():
+  for split, mode in VARIANTS:
+    flow, variables, y = _flow_and_vars((8, 8, 1), 2, split, mode)
+    permutations = flow.split_permutations(variables)
+    if (split, mode) != ("eiw", "global"):
+      assert permutations == {}
+      continue
+    assert list(permutations) == [0]
+    np.testing.assert_array_equal(permutations[0], flow.shuffle_stats(variables, y)[0][
+        "permutation"])
+    theta = np.asarray(variables["params"]["level0_split"]["theta"])
+    np.testing.assert_array_equal(permutations[0], np.argsort(-theta, kind="stable"))
+
+
+def test_a_config_not_built_on_base_config_names_the_missing_field():
+  config = make_config()
+  model = ml_collections.ConfigDict(config.model.to_dict())
+  del model["kernels"]
+  del model.eiw["beta"]
+  with pytest.raises(ValueError, match=r"^model.eiw.beta, model.kernels: missing from the model "
+                     r"config; build configs on eiw_flow_jax.base_config\(\)"):
+    eiw_flow_jax.build_flow(model)

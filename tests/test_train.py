@@ -27,7 +27,15 @@ from eiw_flow_jax.config.schema import base_config
 from eiw_flow_jax.data import pipeline
 from eiw_flow_jax.model.backbones import layouts
 from eiw_flow_jax.model.flow import build_flow
-from eiw_flow_jax.training import optimizer, resume, sharding, train_loop, train_state, train_step
+from eiw_flow_jax.training import (
+    optimizer,
+    reporting,
+    resume,
+    sharding,
+    train_loop,
+    train_state,
+    train_step,
+)
 from eiw_flow_jax.workdir import checkpointing, digests
 
 DIGITS = os.path.join(REPO, "configs", "digits.py")
@@ -259,7 +267,7 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, data_dir):
 
 
 def _unstack_steps(tree):
-  """The inverse of layouts.stack_unrolled_steps: the layout saved before stacking."""
+  """The inverse of Glow's `Flow.migrate_layout`: the layout saved before stacking."""
   if isinstance(tree, dict):
     out = {}
     for key, value in tree.items():
@@ -359,26 +367,86 @@ def test_converted_unrolled_checkpoints_carry_fresh_digests(tmp_path, data_dir, 
   assert finalized_steps(converted) == [2, 4]
 
 
-def test_stack_unrolled_steps_converts_glow_and_denseflow_trees():
+def _small_denseflow_config():
+  """A DenseFlow of two scales, every width and depth at its smallest (compiles quickly)."""
+  config = base_config()
+  config.model.backbone = "denseflow"
+  df = config.model.denseflow
+  df.block_conf, df.layers_conf, df.layer_mid_chnls = (2, 1), (1, 1), (4, 4)
+  df.growth_rate = df.coupling_depth = df.dequant_steps = df.dequant_depth = 1
+  df.dequant_context_depth = 1
+  df.coupling_growth = df.dequant_context_channels = df.dequant_mid_channels = 4
+  df.dequant_growth = df.dequant_context_growth = 4
+  return config
+
+
+def test_migrate_layout_converts_older_glow_and_denseflow_trees():
   import collections
 
   moments = collections.namedtuple("Moments", "mu nu")
+  glow = build_flow(base_config())
   step = {"layers_0": {"bias": np.ones(3)}}
   tree = {"params": {"level0_step1": {"layers_0": {"bias": 2 * np.ones(3)}},
                      "level0_step0": step, "level0_split": {"theta": np.zeros(3)}},
-          "opt": [moments(mu={"level1_step0": step}, nu=np.zeros(1))],
-          "dense": {"unit0": {"layer1_actnorm": {"shift": np.ones(2)},
-                              "layer0_actnorm": {"shift": np.zeros(2)},
-                              "layer0_coupling": {"w": np.zeros(1)},
-                              "layer1_coupling": {"w": np.ones(1)}}}}
-  out = layouts.stack_unrolled_steps(tree)
+          "opt": [moments(mu={"level1_step0": step}, nu=np.zeros(1))]}
+  out = glow.migrate_layout(tree)
   np.testing.assert_array_equal(out["params"]["level0_steps"]["layers_0"]["bias"],
                                 [[1, 1, 1], [2, 2, 2]])
   assert set(out["params"]) == {"level0_steps", "level0_split"}
   assert isinstance(out["opt"][0], moments)
   assert out["opt"][0].mu["level1_steps"]["layers_0"]["bias"].shape == (1, 3)
+  assert glow.migrate_layout(out) is out  # already current: the same tree
+  with pytest.raises(layouts.LayoutError, match=r"level0_steps: expected steps 0..0, got \[1\]"):
+    glow.migrate_layout({"level0_step1": step})
+
+  denseflow = build_flow(_small_denseflow_config())
+  tree = {"dense": {"unit0": {"layer1_actnorm": {"shift": np.ones(2)},
+                              "layer0_actnorm": {"shift": np.zeros(2)},
+                              "layer0_coupling": {"w": np.zeros(1)},
+                              "layer1_coupling": {"w": np.ones(1)}}}}
+  out = denseflow.migrate_layout(tree)
   np.testing.assert_array_equal(out["dense"]["unit0"]["layers"]["actnorm"]["shift"],
                                 [[0, 0], [1, 1]])
   assert set(out["dense"]["unit0"]) == {"layers"}
-  with pytest.raises(ValueError, match=r"level0: expected steps 0..0, got \[1\]"):
-    layouts.stack_unrolled_steps({"level0_step1": step})
+  assert denseflow.migrate_layout(out) is out
+  with pytest.raises(layouts.LayoutError, match="layers/coupling/w: the layers have different "
+                     r"shapes: \[\(1,\), \(2,\)\]"):
+    denseflow.migrate_layout({"layer0_coupling": {"w": np.zeros(1)},
+                              "layer1_coupling": {"w": np.zeros(2)}})
+
+
+@pytest.mark.parametrize("backbone", ["glow", "denseflow"])
+def test_permutation_changes_are_reported_for_every_shared_split_order(backbone):
+  """`perm_changed/level{i}`: whether split i's channel order (Glow's `global` splits,
+  DenseFlow's EIW transitions) changed in the step. The first split starts with all logits
+  equal (the identity order), so its first update changes it."""
+  config = _small_denseflow_config() if backbone == "denseflow" else tiny_config("unused")
+  config.model.image_shape = (8, 8, 1)
+  config.model.eiw.reduction = 2
+  config.optimizer.warmup_steps = 0
+  flow, tx, mesh = build_flow(config), optimizer.make_optimizer(config), sharding.make_mesh()
+  images = np.random.RandomState(0).randint(0, 2**config.model.n_bits, (16, 8, 8, 1))
+  images = images.astype(np.uint8)
+  variables = flow.init(jax.random.PRNGKey(0), images)
+  params = jax.tree.map(np.asarray, variables["params"])
+  if backbone == "glow":
+    assert not params["level0_split"]["theta"].any()  # zero-initialised
+  else:
+    params["transition0"]["wg_fc2"] = np.zeros_like(params["transition0"]["wg_fc2"])
+  variables = {**variables, "params": params}
+  shardings = sharding.state_shardings(mesh, train_state.abstract_state(flow, tx, mesh))
+  state = jax.jit(lambda v: train_state.state_from_variables(tx, v), out_shardings=shardings)(
+      variables)  # jitted: the EMA gets buffers of its own (the step donates both)
+  before = jax.device_get(flow.split_permutations(variables))
+  step = train_step.make_train_step(config, flow, tx, mesh)
+  state, metrics = step(state, sharding.global_batch(images, sharding.batch_sharding(mesh)))
+  after = jax.device_get(flow.split_permutations(
+      {"params": state.params, "constants": state.constants}))
+  splits = len(flow.latent_shapes) - 1
+  assert sorted(before) == sorted(after) == list(range(splits))
+  changed = {name: int(value) for name, value in metrics.items() if name.startswith("perm_")}
+  assert changed == {f"perm_changed/level{i}": int(np.any(before[i] != after[i]))
+                     for i in range(splits)}
+  assert changed["perm_changed/level0"] == 1
+  _, changes = reporting.summarise([jax.device_get(metrics)])
+  assert changes == {i: changed[f"perm_changed/level{i}"] for i in range(splits)}

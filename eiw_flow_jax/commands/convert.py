@@ -41,7 +41,6 @@ from eiw_flow_jax.model.backbones.denseflow_torch import (
   read_torch_file,
   state_dict_from,
 )
-from eiw_flow_jax.model.backbones.layouts import stack_unit_layers  # noqa: F401 - also the converter's name
 from eiw_flow_jax.training import resume
 from eiw_flow_jax.training.run import Run
 from eiw_flow_jax.workdir import checkpointing, storage

@@ -445,3 +445,54 @@ class FlowStep(Bijector):
       x, log_det = layer(x, reverse=reverse)
       total = total + log_det
     return x, total
+
+  # The variables' names of `layers` (ActNorm, 1x1 convolution, coupling), as setup names them.
+  LAYER_NAMES = ("layers_0", "layers_1", "layers_2")
+
+  @nn.nowrap
+  def inverse_vjp(
+      self, variables: Any, y: Array, g_y: Array, g_log_det: Array
+  ) -> tuple[Array, Any, Array]:
+    """This step's input rebuilt from its output `y`, and the step's VJP there: (x, d params,
+    d x), for `variables` of one step and the cotangents of its output and log-det.
+
+    The `inverse_vjp` of memory="invert" (`eiw_flow_jax.model.memory`): the coupling network
+    runs once, on the half the coupling leaves unchanged (y_a = x_a exactly), and serves both
+    the inverse (shift and scale for x_b) and the backward pass (its VJP), instead of once for
+    the inverse and again in a recomputed forward. ActNorm and the 1x1 convolution (no hidden
+    activations) are inverted, then differentiated generically. Same function and gradients as
+    `jax.vjp` of `self.apply` at the rebuilt input. Called on a parentless step.
+    """
+    actnorm, conv, coupling = self.LAYER_NAMES
+    params, constants = variables["params"], variables.get("constants", {})
+    y_a, y_b = split_halves(y, "FlowStep")
+    g_a, g_b = split_halves(g_y, "FlowStep")
+    out_channels = y_b.shape[-1] * (2 if self.coupling == "affine" else 1)
+    couple = affine_couple if self.coupling == "affine" else additive_couple
+    net = CouplingNet(self.hidden, out_channels, self.dtype, self.kernels, parent=None)
+    net_out, net_vjp = jax.vjp(
+        lambda p, x_a: net.apply({"params": p}, x_a), params[coupling]["net"], y_a
+    )
+    z_b = couple(net_out, y_b, True)[0]
+    _, couple_vjp = jax.vjp(lambda n, x_b: couple(n, x_b, False), net_out, z_b)
+    g_net_out, g_zb = couple_vjp((g_b, g_log_det))
+    g_net, g_za = net_vjp(g_net_out)
+    grads = {coupling: {"net": g_net}}
+    x = jnp.concatenate([y_a, z_b], axis=-1)
+    g_x = jnp.concatenate([g_a + g_za, g_zb], axis=-1)
+    layers = (
+        (conv, InvertibleConv1x1(inverse_method="blocks", parent=None)),
+        (actnorm, ActNorm(parent=None)),
+    )
+    for name, layer in layers:
+      layer_vars = {"params": params[name]}
+      if name in constants:
+        layer_vars["constants"] = constants[name]
+      x = layer.apply(layer_vars, x, reverse=True)[0]
+
+      def forward(p, h, layer=layer, layer_vars=layer_vars):
+        return layer.apply({**layer_vars, "params": p}, h)
+
+      _, vjp = jax.vjp(forward, params[name], x)
+      grads[name], g_x = vjp((g_x, g_log_det))
+    return x, grads, g_x

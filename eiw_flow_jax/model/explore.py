@@ -5,7 +5,8 @@
   flow.bits_per_dim_map(variables, x)            # (B, H, W) bits per pixel position
   flow.shuffle_assignment(variables, x)          # per split level: kept mask (B, C), order, ...
 
-`Flow` exposes the last three as methods; the logic lives here. uint8 images are mapped to the
+`Flow` exposes the last three as methods; the logic lives here, on the backbone's captures
+(`position_log_likelihoods`, `shuffle_assignment`). uint8 images are mapped to the
 middle of their quantization bin, y = (x + 0.5) / 2^n_bits, instead of a random point in it, so
 every result is a deterministic function of the images (and quantizing y gives x back exactly).
 Float inputs are taken as dequantized images y as they are.
@@ -22,8 +23,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from eiw_flow_jax.model import bijectors, memory, splits
 
 Array = jax.Array
 Variables = dict[str, Any]
@@ -88,17 +87,6 @@ def _interpolate(flow: Flow, num: int, variables: Variables, y_a: Array, y_b: Ar
 # Bits per pixel.
 
 
-def _per_position(values: Array, log_density: Any) -> Array:
-  """A per-example sum over (H, W, C) taken per position instead: (B, H, W, ...) -> (B, H, W).
-
-  Every position becomes an example of shape (1, 1, ...), so the project's own per-example
-  functions (gaussian_log_prob, the coupling's log-det) give the per-position terms.
-  """
-  b, h, w = values[0].shape[:3]
-  flat = [v.reshape(b * h * w, 1, 1, v.shape[-1]) for v in values]
-  return log_density(*flat).reshape(b, h, w)
-
-
 def _spread(position_map: Array, image_hw: tuple[int, int]) -> Array:
   """(B, h, w) -> (B, H, W): each value spread evenly over the (H/h) x (W/w) pixels it covers."""
   fh, fw = image_hw[0] // position_map.shape[1], image_hw[1] // position_map.shape[2]
@@ -128,57 +116,17 @@ def bits_per_dim_map(
   Glow backbone only: DenseFlow's bound adds -log q(u|x) of its learned dequantizer and the
   augmentation noise's terms, which live on noise, not on pixel positions (ValueError).
   """
-  if flow.backbone != "glow":
-    raise ValueError(
-        f"bits_per_dim_map: the {flow.backbone!r} backbone is not supported (its variational "
-        "bound's dequantizer and augmentation terms are not per-pixel quantities); glow only.")
   if rng is None:
     y = as_continuous(flow, x, "x")
   else:
-    y = flow.dequantize(x, rng)
+    y = flow.dequantize(x, rng, variables)
   flow.check_unit_cube(y)
   return _bits_map(flow, variables, y)
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _bits_map(flow: Flow, variables: Variables, y: Array) -> Array:
-  def is_coupling_net(module: Any, method: str) -> bool:
-    return isinstance(module, bijectors.CouplingNet) and method == "__call__"
-
-  def walk(m, y):
-    """(total log-det, per-position log prior maps, coupling networks' outputs) of the forward
-    pass, level by level; each level's stacked steps are applied one at a time, so that their
-    coupling networks' outputs can be captured."""
-    h, log_det = m.centre(y)
-    maps, net_outs = [], []
-    twin = m._twin()
-    for level in range(m.model.num_levels):
-      h, squeeze_log_det = m.squeeze(h)
-      log_det = log_det + squeeze_log_det
-      stacked = m._stacked_variables(level)
-      for step_variables in memory.unstack(stacked, memory.stack_count(stacked)):
-        (h, step_log_det), state = twin.apply(
-            step_variables, h, capture_intermediates=is_coupling_net, mutable=["intermediates"])
-        log_det = log_det + step_log_det
-        net_outs.extend(jax.tree.leaves(state["intermediates"]))
-      if level < len(m.splits):
-        out = m.splits[level].split(h)
-        mean, log_std = m.splits[level].prior(out.kept)
-        maps.append(_per_position([out.factored, mean, log_std], splits.gaussian_log_prob))
-        log_det, h = log_det + out.log_det, out.kept
-    maps.append(_per_position([h, *m.top_prior.params_for(h.shape[0])],
-                              splits.gaussian_log_prob))
-    return log_det, maps, net_outs
-
-  log_det, maps, net_outs = flow.module.apply(variables, y, method=walk)
-  if flow.model_config.coupling == "affine":
-    for net_out in net_outs:
-      net_out = net_out.astype(jnp.float32)
-      half = jnp.zeros((*net_out.shape[:-1], net_out.shape[-1] // 2), jnp.float32)
-      coupling = _per_position(
-          [net_out, half], lambda n, x_b: bijectors.affine_couple(n, x_b, False)[1])
-      maps.append(coupling)
-      log_det = log_det - coupling.sum(axis=(1, 2))  # attributed per position instead
+  maps, log_det = flow.module.apply(variables, y, method="position_log_likelihoods")
   hw = flow.image_shape[:2]
   log_likelihood = sum(_spread(m, hw) for m in maps) + (log_det / math.prod(hw))[:, None, None]
   constant = flow.image_shape[2] * flow.n_bits
@@ -207,43 +155,6 @@ def shuffle_assignment(flow: Flow, variables: Variables, x: Array) -> list[dict[
   return _shuffle_assignment(flow, variables, y)
 
 
-def _assignment(order: Array, num_kept: int, log_weights: Array) -> dict[str, Array]:
-  kept = jnp.zeros(order.shape, bool).at[
-      jnp.arange(order.shape[0])[:, None], order[:, :num_kept]].set(True)
-  return {"kept": kept, "order": order, "log_weights": log_weights}
-
-
 @functools.partial(jax.jit, static_argnums=0)
 def _shuffle_assignment(flow: Flow, variables: Variables, y: Array) -> list[dict[str, Array]]:
-  b = y.shape[0]
-
-  def glow(m, y):
-    h, _ = m.centre(y)
-    out = []
-    for level, split in enumerate(m.splits):
-      h, _ = m._level_forward(level, h)
-      c = h.shape[-1]
-      log_w = jnp.zeros((b, c), jnp.float32)
-      if isinstance(split, splits.EIWPerExampleSplit):
-        a = split.anchor_width
-        candidate_log_w, perm = split.weights_and_permutation(h[..., :a])
-        order = jnp.concatenate([jnp.broadcast_to(jnp.arange(a), (b, a)), a + perm], axis=-1)
-        log_w = log_w.at[:, a:].set(candidate_log_w)
-      elif isinstance(split, splits.EIWGlobalSplit):
-        order = jnp.broadcast_to(split.permutation(), (b, c))
-      else:
-        order = jnp.broadcast_to(jnp.arange(c), (b, c))
-      out.append(_assignment(order, split.num_kept, log_w))
-      h = split.split(h).kept
-    return out
-
-  def denseflow(m, y):
-    out = []
-    for transition in m.transitions:
-      c = transition.channels
-      order = jnp.broadcast_to(transition.permutation(), (b, c))
-      out.append(_assignment(order, c // 2, jnp.zeros((b, c), jnp.float32)))
-    return out
-
-  walk = denseflow if flow.backbone == "denseflow" else glow
-  return flow.module.apply(variables, y, method=walk)
+  return flow.module.apply(variables, *flow.backbone_inputs(y), method="shuffle_assignment")

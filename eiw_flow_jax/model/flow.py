@@ -1,8 +1,10 @@
 """The functional API over a backbone: `Flow` and `build_flow`.
 
-The backbones (`eiw_flow_jax.model.backbones`: Glow's `MultiScaleFlow`, ...) are linen modules.
-`Flow` wraps one in pure functions of a variables pytree, checking inputs at the edge;
-`build_flow(config)` builds it from a validated ConfigDict.
+The backbones (`eiw_flow_jax.model.backbones`: Glow's `MultiScaleFlow`, ...) are linen modules
+with one interface (`eiw_flow_jax.model.backbones.base.Backbone`). `Flow` wraps one in pure
+functions of a variables pytree, checking inputs at the edge, and is how the rest of the
+package reaches the backbone: its levels, split permutations, parameter layout and migrations
+included. `build_flow(config)` builds it from a validated ConfigDict.
 
 The variables pytree returned by `Flow.init` has two collections: "params" (trained) and
 "constants" (the 1x1 convolutions' fixed permutations and signs; never trained).
@@ -15,7 +17,6 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -23,11 +24,10 @@ import numpy as np
 
 from eiw_flow_jax.model import explore
 from eiw_flow_jax.model import validation as model_validation
-from eiw_flow_jax.model.backbones import layouts
+from eiw_flow_jax.model.backbones.base import Backbone, Level
 from eiw_flow_jax.model.backbones.denseflow import DenseFlowBackbone, denseflow_shapes
 from eiw_flow_jax.model.backbones.glow import MultiScaleFlow
 from eiw_flow_jax.model.bijectors import UniformDequantize
-from eiw_flow_jax.model.shapes import level_channels
 
 Array = jax.Array
 Variables = dict[str, Any]
@@ -41,7 +41,7 @@ class Flow:
   """
 
   model_config: ml_collections.ConfigDict
-  module: nn.Module  # MultiScaleFlow (glow) or DenseFlowBackbone (denseflow)
+  module: Backbone  # MultiScaleFlow (glow) or DenseFlowBackbone (denseflow)
 
   # Configs are mutable, so identity hashing keeps `jax.jit(flow.loss)` valid.
   __hash__ = object.__hash__
@@ -49,7 +49,7 @@ class Flow:
 
   @property
   def backbone(self) -> str:
-    return self.model_config.get("backbone", "glow")
+    return self.model_config.backbone
 
   @property
   def image_shape(self) -> tuple[int, int, int]:
@@ -64,15 +64,38 @@ class Flow:
     return self.model_config.n_bits
 
   @property
+  def levels(self) -> tuple[Level, ...]:
+    """The backbone's levels in `encode`'s order: per level the latent's per-example shape, the
+    channels entering its split and the split's kind ("vanilla", "global", "per_example"; None
+    at the last level)."""
+    return self.module.levels()
+
+  @property
   def latent_shapes(self) -> list[tuple[int, int, int]]:
     """Per-example shape of each level's latent, in `encode`'s order."""
-    h, w, _ = self.image_shape
-    channels = level_channels(self.image_shape, self.model_config.num_levels)
-    shapes = []
-    for level, c in enumerate(channels):
-      size = (h >> (level + 1), w >> (level + 1))
-      shapes.append((*size, c if level == len(channels) - 1 else c - c // 2))
-    return shapes
+    return [level.latent_shape for level in self.levels]
+
+  # ---- the parameter layout ------------------------------------------------------------------
+  def migrate_layout(self, tree: Any) -> Any:
+    """`tree` in the current parameter layout: any pytree holding params-like mappings (the
+    params, or a raw-restored train state {params, ema_params, opt_state, constants, ...}) of
+    an older layout of this backbone is converted (e.g. Glow's unrolled `level{l}_step{k}` into
+    the stacked `level{l}_steps`); a tree already current comes back as the same object.
+    Raises `eiw_flow_jax.model.backbones.layouts.LayoutError` where it cannot convert."""
+    return self.module.migrate_layout(tree)
+
+  def stacked_axis(self, path: Any) -> str | None:
+    """What the leading axis of the leaf at `path` stacks ("steps" of a Glow level, "layers"
+    of a DenseFlow unit), or None where the leaf is not part of a stacked module. `path`: a
+    jax key path (`jax.tree_util.tree_flatten_with_path`) or a sequence of keys, from any root
+    holding params-like mappings."""
+    return self.module.stacked_axis(path)
+
+  def backbone_inputs(self, y: Array, rng: Array | None = None,
+                      noise: dict[str, Any] | None = None) -> tuple[Any, ...]:
+    """What the backbone's data-side maps take after the variables: (y,) (`rng` and `noise`
+    unused by Glow)."""
+    return (y,)
 
   # ---- input checks ---------------------------------------------------------------------
   COLLECTIONS = ("params", "constants")  # what `init` returns and every method needs
@@ -188,22 +211,16 @@ class Flow:
   def _init(self, rng: Array, x: Array) -> Variables:
     noise_rng, params_rng = jax.random.split(rng)
     y = self.dequantize(x, noise_rng)
-    # One compiled graph: op by op, every distinct op shape is compiled separately (a tiny
-    # digits model: 23 s eager against 10.5 s jitted on 2 cores; the CIFAR model: about even).
+    # One compiled graph: op by op, every distinct op shape would be compiled separately
+    # (docs/performance.md).
     return self.module.init({"params": params_rng}, y, method="forward")
 
-  def migrate_layout(self, tree: Any) -> Any:
-    """A raw-restored pytree (a train state as saved, or params) of an older parameter layout,
-    in the current one; unchanged if already current. Raises `layouts.LayoutError` (a
-    ValueError) if it cannot. The run assembly passes it to every checkpoint read."""
-    # Temporary: the unrolled -> stacked layout only, until the backbones migrate their own.
-    return layouts.stack_unrolled_steps(tree)
 
   def forward(self, variables: Variables, y: Array):
-    """(latents, log_det, log_prior, aux) of dequantized y in [0,1]; see MultiScaleFlow."""
+    """(latents, log_det, log_prior, aux) of dequantized y in [0,1]; see `Backbone.forward`."""
     self.check_variables(variables)
     self.check_continuous(y)
-    return self.module.apply(variables, y, method="forward")
+    return self.module.apply(variables, *self.backbone_inputs(y), method="forward")
 
   def log_prob(self, variables: Variables, y: Array) -> Array:
     """Per-example log density of dequantized y, a density on [0,1]^D."""
@@ -212,7 +229,7 @@ class Flow:
     return log_prior + log_det
 
   def bpd_from_log_prob(self, log_prob: Array) -> Array:
-    """bits/dim = -(log p(y) - D n ln 2) / (D ln 2) (the design note's formula)."""
+    """bits/dim = -(log p(y) - D n ln 2) / (D ln 2) (docs/formulation.md)."""
     d = self.num_dims
     return -(log_prob - d * self.n_bits * math.log(2.0)) / (d * math.log(2.0))
 
@@ -274,10 +291,17 @@ class Flow:
     return self.module.apply(variables, list(latents), method="prior_means")
 
   def shuffle_stats(self, variables: Variables, y: Array) -> list[dict[str, Array]]:
-    """Per split level, the diagnostics of the design note for this split variant."""
+    """Per split level, the diagnostics of docs/formulation.md for this split variant."""
     self.check_variables(variables)
     self.check_continuous(y)
-    return self.module.apply(variables, y, method="diagnostics")
+    return self.module.apply(variables, *self.backbone_inputs(y), method="diagnostics")
+
+  def split_permutations(self, variables: Variables) -> dict[int, Array]:
+    """Split index (as in `shuffle_stats`) -> the channel order of each EIW split whose order
+    is the same for every example (Glow's `global` splits, DenseFlow's EIW transitions), a
+    function of the parameters alone; vanilla and `per_example` splits are absent."""
+    self.check_variables(variables)
+    return self.module.apply(variables, method="split_permutations")
 
   # ---- exploring a trained flow: the logic and the full docs are in eiw_flow_jax.model.explore
   def interpolate(self, variables: Variables, x_a: Array, x_b: Array, num: int = 8) -> Array:
@@ -314,10 +338,6 @@ class DenseFlow(Flow):
 
   __hash__ = object.__hash__
 
-  @property
-  def latent_shapes(self) -> list[tuple[int, int, int]]:
-    return denseflow_shapes(self.model_config)["latents"]
-
   def noise_shapes(self, batch: int) -> dict[str, Any]:
     shapes = denseflow_shapes(self.model_config)
     return {
@@ -344,6 +364,11 @@ class DenseFlow(Flow):
       return noise
     return self.draw_noise(jax.random.PRNGKey(0) if rng is None else rng, batch)
 
+  def backbone_inputs(self, y: Array, rng: Array | None = None,
+                      noise: dict[str, Any] | None = None) -> tuple[Any, ...]:
+    """(y, augmentation noise): from `noise`, or drawn from `rng`, or from the fixed key."""
+    return (y, self._noise(rng, noise, y.shape[0])["augment"])
+
   def init(self, rng: Array, x: Array) -> Variables:
     """Variables with data-dependent ActNorm initialisation on the uint8 batch `x`."""
     self.check_uint8(x)
@@ -368,7 +393,7 @@ class DenseFlow(Flow):
       raise ValueError("DenseFlow.dequantize needs `variables`: its dequantization is learned.")
     self.check_variables(variables)
     eps = self.draw_noise(rng, x.shape[0])["dequant"]
-    u, _ = self.module.apply(variables, x, eps, method=lambda m, x, e: m.dequantizer(x, e))
+    u, _ = self.module.apply(variables, x, eps, method="dequantization")
     return (x.astype(u.dtype) + u) / 2.0**self.n_bits
 
   def elbo_terms(
@@ -397,8 +422,7 @@ class DenseFlow(Flow):
     """(latents, log_det, log_prior, aux) of dequantized y, augmentation drawn from rng."""
     self.check_variables(variables)
     self.check_continuous(y)
-    augment = self._noise(rng, noise, y.shape[0])["augment"]
-    return self.module.apply(variables, y, augment, method="forward")
+    return self.module.apply(variables, *self.backbone_inputs(y, rng, noise), method="forward")
 
   def log_prob(self, variables: Variables, y: Array, rng: Array | None = None) -> Array:
     """A one-draw lower bound on log p(y) (the augmentation makes it a bound)."""
@@ -455,8 +479,7 @@ class DenseFlow(Flow):
     `authors_ties_cross_split`: their torch model's order is undefined there)."""
     self.check_variables(variables)
     self.check_continuous(y)
-    augment = self._noise(rng, None, y.shape[0])["augment"]
-    return self.module.apply(variables, y, augment, method="diagnostics")
+    return self.module.apply(variables, *self.backbone_inputs(y, rng), method="diagnostics")
 
 
 def build_flow(config: ml_collections.ConfigDict) -> Flow:
@@ -468,7 +491,7 @@ def build_flow(config: ml_collections.ConfigDict) -> Flow:
   model = config.model if "model" in config else config
   model_validation.validate_model_config(model)
   model = ml_collections.FrozenConfigDict(model)
-  if model.get("backbone", "glow") == "denseflow":
+  if model.backbone == "denseflow":
     return DenseFlow(model, DenseFlowBackbone(model))
   return Flow(model, MultiScaleFlow(model))
 

@@ -14,11 +14,11 @@ of three memory strategies for the backward pass:
   each step's input from its output through the exact inverse, then back-propagating through
   that one step. Memory is independent of K.
 
-Both are one `jax.custom_vjp` over the chain whose backward pass is an unrolled Python loop
-(XLA:CPU runs `lax.scan` bodies 5-10x slower than the same ops unrolled). In an unrolled loop
-XLA's scheduler is free to run every step's recomputation early, which keeps every step's
-internals alive at once (measured: as much memory as "store"), and `lax.optimization_barrier`
-does not prevent it on XLA:CPU. So step k's recomputation is made to depend numerically on the
+Both are one `jax.custom_vjp` over the chain; `run_chain`'s backward pass is an unrolled Python
+loop (`run_stacked_chain` also has a scanned form, below). In an unrolled loop XLA's scheduler
+is free to run every step's recomputation early, which keeps every step's internals alive at
+once (as much memory as "store"), and `lax.optimization_barrier` does not prevent it on
+XLA:CPU. So step k's recomputation is made to depend numerically on the
 cotangent and the parameter gradients of step k+1 (`_after`): one step's internals at a time.
 
 Reconstruction drift ("invert"): floating-point inverses are not bit-exact, so the rebuilt
@@ -30,12 +30,12 @@ then a reverse scan of per-step VJPs) and a warning is logged from the host (`dr
 counts them).
 The fallback sits in a `lax.cond`, so it costs time only when it triggers.
 
-`run_stacked_chain` takes the steps' variables stacked along a leading axis (Glow's
-`level{l}_steps`) and runs the chain either as one `lax.scan` (the step compiled once, whatever
+`run_stacked_chain` takes the steps' variables stacked along a leading axis (one Glow level's
+steps) and runs the chain either as one `lax.scan` (the step compiled once, whatever
 K; "remat" is `jax.checkpoint` of the scanned step, "invert" a custom VJP whose backward pass is
 a reverse scan, with the same drift guard) or unrolled over slices of the stack through
-`run_chain`. Inside a scan the loop itself orders the steps' recomputations. (The Glow train
-step scanned was not slower than unrolled on XLA:CPU: docs/benchmarks.md, issue 23.)
+`run_chain`. Inside a scan the loop itself orders the steps' recomputations. (docs/benchmarks.md
+compares the scanned and unrolled train steps.)
 
 `remat_call` is the same ordered recomputation for one call of a module whose calls do not
 form a chain of identical steps (DenseFlow's units, whose channel counts grow and whose
@@ -53,23 +53,13 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from eiw_flow_jax.model.bijectors import (
-    ActNorm,
-    CouplingNet,
-    FlowStep,
-    InvertibleConv1x1,
-    additive_couple,
-    affine_couple,
-    split_halves,
-)
+from eiw_flow_jax.config.schema import MEMORY_MODES
 
 Array = jax.Array
 StepFn = Callable[[Any, Array], tuple[Array, Array]]
 InverseFn = Callable[[Any, Array], Array]
 # (variables, step output y, cotangent of y, cotangent of the log-det) -> (x, d params, d x)
 InverseVjpFn = Callable[[Any, Array, Array, Array], tuple[Array, Any, Array]]
-
-MEMORY_MODES = ("store", "remat", "invert")
 
 _lock = threading.Lock()
 drift_warnings: list[tuple[str, float]] = []  # (chain name, relative drift), appended on host
@@ -81,8 +71,8 @@ def _scan_backward(
   """Exact gradients from the true chain input, as `lax.scan`s over stacked step variables.
 
   The "invert" fallback: a forward scan that keeps the K step inputs, then a reverse scan of
-  per-step VJPs. Rolled loops compile once per step body (an unrolled copy took 186 instead of
-  70-76 s to compile the CIFAR model at K=32) and run slowly on XLA:CPU, but only when the
+  per-step VJPs. Rolled loops compile the step body once (an unrolled fallback would add K
+  more copies of the step to the program) and run slowly on XLA:CPU, but only when the
   fallback triggers; the stacked copy of the parameters is the price in memory.
   """
   stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[
@@ -483,48 +473,3 @@ def run_chain(
       [v["params"] for v in step_variables], [v["constants"] for v in step_variables], x
   )
 
-
-def flow_step_inverse_vjp(
-    step: FlowStep, variables: Any, y: Array, g_y: Array, g_log_det: Array
-) -> tuple[Array, Any, Array]:
-  """One step's input rebuilt from its output, and the step's VJP there: (x, d params, d x).
-
-  Glow's `inverse_vjp` for memory="invert" (`run_chain`): the coupling network runs once, on
-  the half the coupling leaves unchanged (y_a = x_a exactly), and serves both the inverse
-  (shift and scale for x_b) and the backward pass (its VJP), instead of once for the inverse
-  and again in a recomputed forward. ActNorm and the 1x1 convolution (no hidden activations)
-  are inverted, then differentiated generically. Same function and gradients as `jax.vjp` of
-  `step.apply` at the rebuilt input.
-  """
-  params, constants = variables["params"], variables.get("constants", {})
-  y_a, y_b = split_halves(y, "FlowStep")
-  g_a, g_b = split_halves(g_y, "FlowStep")
-  out_channels = y_b.shape[-1] * (2 if step.coupling == "affine" else 1)
-  couple = affine_couple if step.coupling == "affine" else additive_couple
-  net = CouplingNet(step.hidden, out_channels, step.dtype, step.kernels, parent=None)
-  net_out, net_vjp = jax.vjp(
-      lambda p, x_a: net.apply({"params": p}, x_a), params["layers_2"]["net"], y_a
-  )
-  z_b = couple(net_out, y_b, True)[0]
-  _, couple_vjp = jax.vjp(lambda n, x_b: couple(n, x_b, False), net_out, z_b)
-  g_net_out, g_zb = couple_vjp((g_b, g_log_det))
-  g_net, g_za = net_vjp(g_net_out)
-  grads = {"layers_2": {"net": g_net}}
-  x = jnp.concatenate([y_a, z_b], axis=-1)
-  g_x = jnp.concatenate([g_a + g_za, g_zb], axis=-1)
-  layers = (
-      ("layers_1", InvertibleConv1x1(inverse_method="blocks", parent=None)),
-      ("layers_0", ActNorm(parent=None)),
-  )
-  for name, layer in layers:
-    layer_vars = {"params": params[name]}
-    if name in constants:
-      layer_vars["constants"] = constants[name]
-    x = layer.apply(layer_vars, x, reverse=True)[0]
-
-    def forward(p, h, layer=layer, layer_vars=layer_vars):
-      return layer.apply({**layer_vars, "params": p}, h)
-
-    _, vjp = jax.vjp(forward, params[name], x)
-    grads[name], g_x = vjp((g_x, g_log_det))
-  return x, grads, g_x

@@ -31,6 +31,6 @@ def compute_dtype(model: ml_collections.ConfigDict) -> Any:
   (the inputs' dtype, Flax's `dtype=None`)."""
   import jax.numpy as jnp
 
-  name = model.get("dtype", "auto")
+  name = model.dtype
   choice("model.dtype", name, DTYPES)
   return None if name == "auto" else jnp.dtype(name)

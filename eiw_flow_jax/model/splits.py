@@ -5,7 +5,13 @@ A split takes z (B, H, W, C) at the end of a level and returns `SplitOutput`: th
 applied on the way (only `per_example` has one), the factored latent's log-density under its
 conditional Gaussian prior N(mu(kept), sigma(kept)), and per-example auxiliary terms (the EIW
 regulariser). `merge` is the exact inverse of the bijective part; `prior` gives (mu, log sigma)
-for sampling. The formulation is fixed in shared/design/EIW_FLOW.md.
+for sampling; `assignment` says which channels stay, in which order, with which weights;
+`shared_permutation` is the channel order where it is the same for every example.
+
+The global Shuffle (one order for all examples from learned logits, a Solver, the regulariser
+between their weights) is shared with DenseFlow's EIW transition
+(`eiw_flow_jax.model.backbones.denseflow.Transition`): `order_from_logits`, `shuffle`,
+`unshuffle`, `global_shuffle_regularizer`, `global_shuffle_diagnostics`.
 """
 
 from __future__ import annotations
@@ -38,6 +44,68 @@ def gaussian_entropy_per_dim(log_std: Array) -> Array:
 def categorical_entropy(logits: Array) -> Array:
   log_p = jax.nn.log_softmax(logits, axis=-1)
   return -jnp.sum(jnp.exp(log_p) * log_p, axis=-1)
+
+
+def assignment_from_order(order: Array, num_kept: int, log_weights: Array) -> dict[str, Array]:
+  """A split's channel assignment from its order (B, C): position i of the shuffled channels
+  holds channel order[i], the first `num_kept` positions stay (see `explore.shuffle_assignment`).
+  """
+  kept = jnp.zeros(order.shape, bool).at[
+      jnp.arange(order.shape[0])[:, None], order[:, :num_kept]].set(True)
+  return {"kept": kept, "order": order, "log_weights": log_weights}
+
+
+def identity_assignment(z: Array, num_kept: int) -> dict[str, Array]:
+  """The assignment of a split that keeps the first `num_kept` channels of z, unscaled."""
+  b, c = z.shape[0], z.shape[-1]
+  order = jnp.broadcast_to(jnp.arange(c), (b, c))
+  return assignment_from_order(order, num_kept, jnp.zeros((b, c), jnp.float32))
+
+
+# ----------------------------------------------------------------------------------------------
+# The global Shuffle: one channel order for all examples, from learned logits.
+
+
+def order_from_logits(logits: Array) -> Array:
+  """The channels by descending logit, ties by index (stable): softmax's order, without its
+  underflow to equal zeros."""
+  return jnp.argsort(-logits, stable=True)
+
+
+def shuffle(z: Array, order: Array) -> Array:
+  """z's channels in `order` (position i holds channel order[i])."""
+  return jnp.take(z, order, axis=-1)
+
+
+def unshuffle(z: Array, order: Array) -> Array:
+  """The inverse of `shuffle(., order)`."""
+  return jnp.take(z, jnp.argsort(order), axis=-1)
+
+
+def global_shuffle_regularizer(logits: Array, log_s: Array, form: str) -> Array:
+  """Per example, between the global weights g = softmax(logits) and the Solver's s (B, C),
+  both over channels in the same order: KL(g || s) = sum_c g_c (log g_c - log s_c) ("kl"), or
+  the authors' literal form sum_c g_c (log g_c - s_c) (torch's KLDivLoss fed probabilities
+  instead of log-probabilities). log g comes from log_softmax, so channels whose weight
+  underflows to 0 add 0 with finite gradients."""
+  log_g = jax.nn.log_softmax(logits)
+  target = log_s if form == "kl" else jnp.exp(log_s)
+  return jnp.sum(jnp.exp(log_g) * (log_g - target), axis=-1)
+
+
+def global_shuffle_diagnostics(
+    logits: Array, order: Array, log_s: Array, form: str
+) -> dict[str, Array]:
+  """The global Shuffle's diagnostics: entropies of g and of the batch-mean s, the mean
+  regulariser, the order applied (`permutation`) and the channels it keeps (first half)."""
+  mean_s = jnp.mean(jnp.exp(log_s), axis=0)
+  return {
+      "g_entropy": categorical_entropy(logits),
+      "mean_s_entropy": -jnp.sum(mean_s * jnp.log(mean_s)),
+      "regularizer": jnp.mean(global_shuffle_regularizer(logits, log_s, form)),
+      "permutation": order,
+      "kept_channels": order[: order.shape[0] // 2],
+  }
 
 
 class SplitOutput(NamedTuple):
@@ -79,6 +147,11 @@ class _SplitBase(nn.Module):
     """Mean differential entropy per dimension of the factored latents' conditional prior."""
     return jnp.mean(gaussian_entropy_per_dim(self.prior(kept)[1]))
 
+  def shared_permutation(self) -> Array | None:
+    """The channel order applied before the split where it is the same for every example (a
+    function of the parameters alone), else None."""
+    return None
+
 
 class VanillaSplit(_SplitBase):
   """Static split: the first C/2 channels stay, the rest leave."""
@@ -97,6 +170,9 @@ class VanillaSplit(_SplitBase):
 
   def diagnostics(self, z: Array) -> dict[str, Array]:
     return {"factored_entropy": self.factored_entropy(z[..., : self.num_kept])}
+
+  def assignment(self, z: Array) -> dict[str, Array]:
+    return identity_assignment(z, self.num_kept)
 
 
 class EIWGlobalSplit(_SplitBase):
@@ -131,7 +207,10 @@ class EIWGlobalSplit(_SplitBase):
     """The channel order pi applied before the split (the identity when frozen)."""
     if self.freeze_permutation:
       return jnp.arange(self.channels)
-    return jnp.argsort(-self.theta, stable=True)
+    return order_from_logits(self.theta)
+
+  def shared_permutation(self) -> Array:
+    return self.permutation()
 
   def solver_log_weights(self, z: Array) -> Array:
     """log s(z), (B, C): a per-example distribution over channels, in the original order."""
@@ -139,16 +218,11 @@ class EIWGlobalSplit(_SplitBase):
     return jax.nn.log_softmax(self.solver_out(nn.relu(self.solver_hidden(pooled))), axis=-1)
 
   def regularizer_per_example(self, z: Array) -> Array:
-    log_g = jax.nn.log_softmax(self.theta)
-    log_s = self.solver_log_weights(z)
-    if self.regularizer == "kl":
-      return jnp.sum(jnp.exp(log_g) * (log_g - log_s), axis=-1)
-    # The authors' literal form: torch's KLDivLoss fed probabilities instead of log-probabilities.
-    return jnp.sum(jnp.exp(log_g) * (log_g - jnp.exp(log_s)), axis=-1)
+    return global_shuffle_regularizer(self.theta, self.solver_log_weights(z), self.regularizer)
 
   def split(self, z: Array) -> SplitOutput:
     check_image_batch(z, "EIWGlobalSplit", self.channels)
-    shuffled = jnp.take(z, self.permutation(), axis=-1)
+    shuffled = shuffle(z, self.permutation())
     zero = jnp.zeros((z.shape[0],), z.dtype)
     aux = {"regularizer": self.regularizer_per_example(z)}
     return self._finish(
@@ -157,21 +231,21 @@ class EIWGlobalSplit(_SplitBase):
 
   def merge(self, kept: Array, factored: Array) -> tuple[Array, Array]:
     shuffled = jnp.concatenate([kept, factored], axis=-1)
-    inverse_perm = jnp.argsort(self.permutation())
-    return jnp.take(shuffled, inverse_perm, axis=-1), jnp.zeros((kept.shape[0],), kept.dtype)
+    return unshuffle(shuffled, self.permutation()), jnp.zeros((kept.shape[0],), kept.dtype)
 
   def diagnostics(self, z: Array) -> dict[str, Array]:
     perm = self.permutation()
-    mean_s = jnp.mean(jnp.exp(self.solver_log_weights(z)), axis=0)
-    kept = jnp.take(z, perm, axis=-1)[..., : self.num_kept]
+    kept = shuffle(z, perm)[..., : self.num_kept]
     return {
-        "g_entropy": categorical_entropy(self.theta),
-        "mean_s_entropy": -jnp.sum(mean_s * jnp.log(mean_s)),
-        "regularizer": jnp.mean(self.regularizer_per_example(z)),
-        "permutation": perm,
-        "kept_channels": perm[: self.num_kept],
+        **global_shuffle_diagnostics(
+            self.theta, perm, self.solver_log_weights(z), self.regularizer),
         "factored_entropy": self.factored_entropy(kept),
     }
+
+  def assignment(self, z: Array) -> dict[str, Array]:
+    b = z.shape[0]
+    order = jnp.broadcast_to(self.permutation(), (b, self.channels))
+    return assignment_from_order(order, self.num_kept, jnp.zeros((b, self.channels), jnp.float32))
 
 
 class EIWPerExampleSplit(_SplitBase):
@@ -274,6 +348,15 @@ class EIWPerExampleSplit(_SplitBase):
     ]
     log_det = -kept.shape[1] * kept.shape[2] * jnp.sum(log_w, axis=-1)
     return jnp.concatenate([anchor, candidates], axis=-1), log_det
+
+  def assignment(self, z: Array) -> dict[str, Array]:
+    """The anchor channels stay in place (log-weight 0); the candidates follow in the order
+    the anchor decides, with their log-weights."""
+    b, a = z.shape[0], self.anchor_width
+    candidate_log_w, perm = self.weights_and_permutation(z[..., :a])
+    order = jnp.concatenate([jnp.broadcast_to(jnp.arange(a), (b, a)), a + perm], axis=-1)
+    log_w = jnp.zeros((b, self.channels), jnp.float32).at[:, a:].set(candidate_log_w)
+    return assignment_from_order(order, self.num_kept, log_w)
 
   def diagnostics(self, z: Array) -> dict[str, Array]:
     scores, _, perm, kept, _ = self._shuffle(z)

@@ -1,6 +1,14 @@
-"""Validation of `config.model` (both backbones), before any model is built."""
+"""Validation of `config.model` (both backbones), before any model is built.
+
+The model reads its config directly (`model.scan_steps`, never with a default of its own): every
+config is built on `eiw_flow_jax.base_config()`, which holds each field and its default, and
+`check_fields_present` says so clearly where a config was not.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
 
 import ml_collections
 
@@ -15,14 +23,37 @@ from eiw_flow_jax.config.schema import (
   MEMORY_MODES,
   REGULARIZERS,
   SPLITS,
+  base_config,
 )
 from eiw_flow_jax.model.shapes import level_channels, resolve_anchor_width
 
 
+def missing_fields(expected: Any, got: Any, prefix: str) -> list[str]:
+  """Dotted names of the fields of `expected` (a config) absent from `got`, recursively."""
+  nested = (Mapping, ml_collections.ConfigDict)
+  out = []
+  for name, value in expected.items():
+    field = f"{prefix}.{name}"
+    if name not in got:
+      out.append(field)
+    elif isinstance(value, nested) and isinstance(got[name], nested):
+      out += missing_fields(value, got[name], field)
+  return out
+
+
+def check_fields_present(model: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the fields of the schema's `config.model` that `model` lacks."""
+  missing = missing_fields(base_config().model, model, "model")
+  require(
+      not missing,
+      f"{', '.join(missing[:5])}{' and more' if len(missing) > 5 else ''}: missing from the "
+      "model config; build configs on eiw_flow_jax.base_config(), which holds every field with "
+      "its default, and override only what differs.",
+  )
+
+
 def validate_denseflow_config(model: ml_collections.ConfigDict) -> None:
   """Checks `model.denseflow` (and what the DenseFlow backbone reads elsewhere)."""
-  require("denseflow" in model,
-           "model.backbone='denseflow' needs a model.denseflow sub-config (see base_config).")
   df = model.denseflow
   blocks = int_tuple("model.denseflow.block_conf", df.block_conf)
   int_tuple("model.denseflow.layers_conf", df.layers_conf, len(blocks))
@@ -44,7 +75,7 @@ def validate_denseflow_config(model: ml_collections.ConfigDict) -> None:
       f"2**len(block_conf) = {factor} (an initial squeeze and one per transition), "
       f"got H={height}, W={width}.",
   )
-  landmarks = df.get("attention_landmarks", 4)
+  landmarks = df.attention_landmarks
   for b in range(len(blocks)):
     h_b, w_b = height // 2 ** (b + 1), width // 2 ** (b + 1)
     require((h_b * w_b) % landmarks == 0,
@@ -56,15 +87,15 @@ def validate_denseflow_config(model: ml_collections.ConfigDict) -> None:
   require(model.split == "vanilla" or model.eiw.mode == "global",
            "model.eiw.mode must be 'global' with the denseflow backbone (the authors' "
            f"transition), got {model.eiw.mode!r}.")
-  memory = model.get("memory", "store")
+  memory = model.memory
   require(memory in DENSEFLOW_MEMORY,
            f"model.memory={memory!r} is not supported by the denseflow backbone: expected one "
            f"of {DENSEFLOW_MEMORY} ('invert' is supported for the glow backbone only).")
-  require(model.get("kernels", "auto") == "auto",
-           f"model.kernels={model.get('kernels')!r} is not supported by the denseflow backbone: "
+  require(model.kernels == "auto",
+           f"model.kernels={model.kernels!r} is not supported by the denseflow backbone: "
            "expected 'auto' ('portable' is implemented for the glow backbone's coupling "
            "networks; DenseFlow's only XLA:CPU form is its 1x1 convolutions' derivative rule).")
-  dtype = model.get("dtype", "auto")
+  dtype = model.dtype
   require(dtype in ("auto", "float32"),
            f"model.dtype={dtype!r} is not supported by the denseflow backbone: expected 'auto' "
            "or 'float32' (mixed precision is implemented for the glow backbone's coupling "
@@ -73,14 +104,15 @@ def validate_denseflow_config(model: ml_collections.ConfigDict) -> None:
 
 def validate_model_config(model: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the field, what was expected and what came."""
+  check_fields_present(model)
   shape = tuple(model.image_shape)
   require(
       len(shape) == 3 and all(isinstance(s, int) and s > 0 for s in shape),
       f"model.image_shape must be three positive ints (H, W, C), got {model.image_shape!r}.",
   )
-  backbone = model.get("backbone", "glow")
+  backbone = model.backbone
   choice("model.backbone", backbone, BACKBONES)
-  scan_steps = model.get("scan_steps", True)
+  scan_steps = model.scan_steps
   require(isinstance(scan_steps, bool),
            f"model.scan_steps must be True or False, got {scan_steps!r}.")
   if backbone == "denseflow":
@@ -119,10 +151,10 @@ def validate_model_config(model: ml_collections.ConfigDict) -> None:
   )
   choice("model.coupling", model.coupling, COUPLINGS)
   choice("model.split", model.split, SPLITS)
-  choice("model.memory", model.get("memory", "store"), MEMORY_MODES)
-  choice("model.dtype", model.get("dtype", "auto"), DTYPES)
-  choice("model.kernels", model.get("kernels", "auto"), KERNELS)
-  tolerance = model.get("invert_tolerance", 1e-3)
+  choice("model.memory", model.memory, MEMORY_MODES)
+  choice("model.dtype", model.dtype, DTYPES)
+  choice("model.kernels", model.kernels, KERNELS)
+  tolerance = model.invert_tolerance
   require(
       isinstance(tolerance, (int, float)) and not isinstance(tolerance, bool) and tolerance > 0,
       f"model.invert_tolerance must be a number > 0, got {tolerance!r}.",

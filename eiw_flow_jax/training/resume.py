@@ -17,8 +17,7 @@
 from __future__ import annotations
 
 import json
-import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -237,26 +236,34 @@ def _finite_leaves(tree: Any) -> list[jax.Array]:
   return [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]
 
 
-def nonfinite_leaves(tree: Any) -> list[str]:
+def nonfinite_leaves(
+    tree: Any, stacked_axis: Callable[[Any], str | None] | None = None
+) -> list[str]:
   """Names ("['params']['level0_steps']['layers_2']... (steps 3, 7)") of the leaves that hold
-  a NaN or an infinity; for stacked flow steps, which steps."""
+  a NaN or an infinity; for leaves of a stacked module, which slices. `stacked_axis` (a
+  `Flow.stacked_axis`) names a leaf's stacked leading axis from its key path."""
   flags = jax.device_get(_finite_leaves(tree))
   out = []
   for (path, leaf), ok in zip(jax.tree_util.tree_flatten_with_path(tree)[0], flags):
     if bool(ok):
       continue
     name = jax.tree_util.keystr(path)
-    if re.search(r"\['level\d+_steps'\]", name) and np.ndim(leaf) >= 1:
+    axis = stacked_axis(path) if stacked_axis is not None and np.ndim(leaf) >= 1 else None
+    if axis is not None:
       values = np.asarray(jax.device_get(leaf)).reshape(np.shape(leaf)[0], -1)
-      steps = np.flatnonzero(~np.all(np.isfinite(values), axis=1))
-      name += f" (steps {', '.join(map(str, steps))})"
+      slices = np.flatnonzero(~np.all(np.isfinite(values), axis=1))
+      name += f" ({axis} {', '.join(map(str, slices))})"
     out.append(name)
   return out
 
 
-def check_restored(state: TrainState, step: int, workdir: str) -> None:
-  """A restored state with NaN/inf parameters would train on garbage: refuse it."""
-  bad = nonfinite_leaves({"params": state.params, "ema_params": state.ema_params})
+def check_restored(
+    state: TrainState, step: int, workdir: str,
+    stacked_axis: Callable[[Any], str | None] | None = None,
+) -> None:
+  """A restored state with NaN/inf parameters would train on garbage: refuse it.
+  `stacked_axis` (a `Flow.stacked_axis`) lets the message say which stacked slices."""
+  bad = nonfinite_leaves({"params": state.params, "ema_params": state.ema_params}, stacked_axis)
   if bad:
     shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
     raise checkpointing.CheckpointError(

@@ -128,7 +128,7 @@ def train(
         logging.info("Initialised a fresh model (data-dependent init on %d examples).", n_init)
       else:
         restored_step, state = restored
-        resume.check_restored(state, restored_step, workdir)
+        resume.check_restored(state, restored_step, workdir, run.flow.stacked_axis)
         logging.info("Resumed from the checkpoint at step %d in %s.", restored_step, workdir)
       start = int(jax.device_get(state.step))
       if start < config.num_train_steps or restored is None:

@@ -19,7 +19,6 @@ are not dominated by the initial parameters; eval and sampling use the EMA param
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -38,15 +37,6 @@ from eiw_flow_jax.training.train_state import (
 
 # ----------------------------------------------------------------------------------------------
 # The train step.
-
-
-def _split_thetas(params: Any) -> dict[int, jax.Array]:
-  """Level -> theta of each EIW `global` split (the parameter that fixes its permutation)."""
-  out = {}
-  for name, sub in params.items():
-    if name.startswith("level") and name.endswith("_split") and "theta" in sub:
-      out[int(name[len("level") : -len("_split")])] = sub["theta"]
-  return out
 
 
 def _ema_decay(config: ml_collections.ConfigDict, applied: jax.Array) -> jax.Array:
@@ -133,11 +123,12 @@ def make_train_step(
         "nonfinite_total": new_state.nonfinite_total,
         "nonfinite_consecutive": new_state.nonfinite_consecutive,
     }
-    old_thetas, new_thetas = _split_thetas(state.params), _split_thetas(new_state.params)
-    for level, theta in new_thetas.items():
-      before = jnp.argsort(-old_thetas[level], stable=True)
-      after = jnp.argsort(-theta, stable=True)
-      metrics[f"perm_changed/level{level}"] = jnp.any(before != after).astype(jnp.int32)
+    # Whether each split's shared channel order (Glow's `global` splits, DenseFlow's EIW
+    # transitions) changed in this step.
+    before = flow.split_permutations({"params": state.params, "constants": state.constants})
+    after = flow.split_permutations({"params": params, "constants": constants})
+    for index, order in after.items():
+      metrics[f"perm_changed/level{index}"] = jnp.any(before[index] != order).astype(jnp.int32)
     return new_state, metrics
 
   shardings = state_shardings(mesh, abstract_state(flow, tx, mesh))

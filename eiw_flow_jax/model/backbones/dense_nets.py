@@ -34,8 +34,7 @@ def conv(
   """A convolution padded like the authors' (3x3: padding 1; 1x1 and the 2x2 stride-2: none).
 
   1x1 ones are `bijectors.Conv1x1`: the same parameters as `nn.Conv`, computed as a matmul,
-  which XLA:CPU runs faster (the DenseFlow CIFAR-10 train step, one coupling layer per unit,
-  batch 16, took 0.84-0.86x the time on 2 CPU cores; docs/benchmarks.md)."""
+  which XLA:CPU runs faster (docs/benchmarks.md)."""
   zeros = nn.initializers.zeros
   kernel_init = zeros if zero_init else nn.initializers.lecun_normal()
   if kernel == 1 and stride == 1:

@@ -22,6 +22,8 @@ weights g = softmax(W2 relu(W1 [C])) (a bias-free MLP of the constant C), channe
 (heaviest first), the SE Solver s on the *sorted* features, the regulariser
 sum_c g_c (log g_c - s_c) per example ('literal', their KLDivLoss on probabilities; 'kl' uses
 log s_c), the first half kept. With `model.split = "vanilla"`: DenseFlow's transition (no sort).
+The order, the shuffle, the regulariser and the diagnostics are the global Shuffle's of
+`eiw_flow_jax.model.splits`, which Glow's `EIWGlobalSplit` uses too.
 
 The order is computed from the logits W2 relu(W1 [C]) (stable descending argsort), not from g:
 the softmax saturates (logits tens to hundreds apart at default scale), torch's float32 g on
@@ -38,15 +40,17 @@ so the map is a pure function; `Flow` draws it from an rng when none is given.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 
-from eiw_flow_jax.model import memory
+from eiw_flow_jax.model import memory, splits
+from eiw_flow_jax.model.backbones import layouts
+from eiw_flow_jax.model.backbones.base import Backbone, ForwardPass, Level
 from eiw_flow_jax.model.backbones.dense_bijectors import (
     ActNorm,
     AffineCoupling,
@@ -61,7 +65,41 @@ from eiw_flow_jax.model.backbones.dense_dequantizer import VariationalDequantize
 from eiw_flow_jax.model.backbones.dense_nets import conv
 
 Array = jax.Array
-MEMORY_MODES = ("store", "remat")
+
+
+def block_name(b: int) -> str:
+  """The module (and variables) name of dense block b."""
+  return f"block{b}"
+
+
+def unit_name(i: int) -> str:
+  """The module name of unit i of a dense block."""
+  return f"unit{i}"
+
+
+def transition_name(b: int) -> str:
+  """The module name of the transition after dense block b."""
+  return f"transition{b}"
+
+
+# The submodule of a unit whose variables stack its coupling layers (`DenseUnit.layers`).
+UNIT_LAYERS = "layers"
+
+# Layer j of a unit before its layers were stacked, as the authors' torch model numbers them
+# (`layer2_coupling`): now slice j of `layers/coupling`.
+_UNIT_LAYER = re.compile(r"^layer(\d+)_(actnorm|conv1x1|coupling)$")
+
+
+def unit_layer(key: str) -> layouts.Slice | None:
+  """Where a key of the per-layer layout (`layer{j}_{part}`) goes in the stacked one."""
+  match = _UNIT_LAYER.match(key)
+  return None if match is None else layouts.Slice((UNIT_LAYERS, match[2]), int(match[1]))
+
+
+def migrate_unit_layers(tree: Any) -> Any:
+  """`tree` with each unit's per-layer names (`layer{j}_actnorm`, `layer{j}_conv1x1`,
+  `layer{j}_coupling`) stacked into `layers/actnorm`, ... (`DenseUnit`)."""
+  return layouts.stack_numbered(tree, unit_layer, "layers")
 
 
 def denseflow_shapes(model: Any) -> dict[str, Any]:
@@ -166,8 +204,8 @@ class DenseUnit(nn.Module):
     # layer over the stacked variables.
     twin = DenseLayer(self.mid_channels, self.depth, self.growth, self.train,
                       self.num_landmarks, parent=None)
-    variables = {"params": self.variables["params"]["layers"]}
-    constants = self.variables.get("constants", {}).get("layers")
+    variables = {"params": self.variables["params"][UNIT_LAYERS]}
+    constants = self.variables.get("constants", {}).get(UNIT_LAYERS)
     if constants is not None:
       variables["constants"] = constants
 
@@ -208,7 +246,7 @@ class InvertibleDenseBlock(nn.Module):
   def setup(self) -> None:
     self.units = [
         DenseUnit(self.num_layers, self.mid_channels, self.depth, self.coupling_growth,
-                  self.train, self.num_landmarks, self.scan, name=f"unit{i}")
+                  self.train, self.num_landmarks, self.scan, name=unit_name(i))
         for i in range(self.num_units)
     ]
     self.noise_nets = [NoiseParams(self.growth_rate, name=f"noise{i}")
@@ -242,7 +280,7 @@ class InvertibleDenseBlock(nn.Module):
     """Unit i on x; under memory="remat" its internals are recomputed in the backward pass."""
     if self.memory == "store" or self.is_initializing():
       return self.units[i](x), token
-    name = f"unit{i}"
+    name = unit_name(i)
     # A parentless twin applied to unit i's variables: memory.remat_call needs a pure function.
     twin = DenseUnit(self.num_layers, self.mid_channels, self.depth, self.coupling_growth,
                      self.train, self.num_landmarks, self.scan, parent=None)
@@ -346,15 +384,14 @@ def authors_weight_ties(logits: Array) -> dict[str, Array]:
   }
 
 
-def _xlogy_safe(p: Array) -> Array:
-  """p log p with 0 log 0 = 0 and finite gradients there (torch's KLDivLoss uses xlogy): the
-  weight generator's softmax over a constant input of size C underflows to exact zeros."""
-  positive = p > 0
-  return jnp.where(positive, p * jnp.log(jnp.where(positive, p, 1.0)), 0.0)
-
-
 class Transition(nn.Module):
-  """Squeeze, then the EIW Shuffle (`eiw=True`) or none, split in halves (see module doc)."""
+  """Squeeze, then the EIW Shuffle (`eiw=True`) or none, split in halves (see module doc).
+
+  The Shuffle is the global one of `eiw_flow_jax.model.splits` (order from logits, shuffle and
+  its inverse, regulariser, diagnostics) with DenseFlow's parts: the logits come from the
+  weight generator (float32), the Solver sees the *sorted* features, the regulariser is the
+  authors' literal form by default, and the factored half is scored by N(0, I).
+  """
 
   channels: int  # after the squeeze
   eiw: bool = True
@@ -385,27 +422,33 @@ class Transition(nn.Module):
     """Channels by descending logit (ties by index): g's order without its underflow."""
     if not self.eiw:
       return jnp.arange(self.channels)
-    return jnp.argsort(-self.logits(), stable=True)
+    return splits.order_from_logits(self.logits())
 
-  def solver(self, z_sorted: Array) -> Array:
-    """s: the SE Solver's per-example softmax over the (sorted) channels."""
+  def shared_permutation(self) -> Array | None:
+    """The order of the EIW Shuffle (the same for every example); None without one."""
+    return self.permutation() if self.eiw else None
+
+  def solver_log_weights(self, z_sorted: Array) -> Array:
+    """log s: the SE Solver's per-example log-softmax over the (sorted) channels."""
     pooled = jnp.mean(z_sorted, axis=(1, 2))
-    return jax.nn.softmax(nn.relu(pooled @ self.se_fc0) @ self.se_fc2, axis=-1)
+    return jax.nn.log_softmax(nn.relu(pooled @ self.se_fc0) @ self.se_fc2, axis=-1)
 
   def regularizer_per_example(self, z_sorted: Array) -> Array:
-    g = self.weights()
-    s = self.solver(z_sorted)
-    target = jnp.log(s) if self.regularizer == "kl" else s
-    return jnp.sum(_xlogy_safe(g) - g * target, axis=-1)
+    return splits.global_shuffle_regularizer(
+        self.logits(), self.solver_log_weights(z_sorted), self.regularizer)
 
-  def __call__(self, x: Array) -> tuple[Array, Array, Array, Array]:
-    """x -> (kept, factored, log N(factored), regularizer per example)."""
+  def _squeezed(self, x: Array) -> Array:
     z = squeeze2d(x)
     if z.shape[-1] != self.channels:
       raise ValueError(f"transition: expected {self.channels} channels after the squeeze, "
                        f"got shape {z.shape}.")
+    return z
+
+  def __call__(self, x: Array) -> tuple[Array, Array, Array, Array]:
+    """x -> (kept, factored, log N(factored), regularizer per example)."""
+    z = self._squeezed(x)
     if self.eiw:
-      z = jnp.take(z, self.permutation(), axis=-1)
+      z = splits.shuffle(z, self.permutation())
       reg = self.regularizer_per_example(z)
     else:
       reg = jnp.zeros((x.shape[0],), x.dtype)
@@ -415,46 +458,43 @@ class Transition(nn.Module):
   def inverse(self, kept: Array, factored: Array) -> Array:
     z = jnp.concatenate([kept, factored], axis=-1)
     if self.eiw:
-      z = jnp.take(z, jnp.argsort(self.permutation()), axis=-1)
+      z = splits.unshuffle(z, self.permutation())
     return unsqueeze2d(z)
 
   def diagnostics(self, x: Array) -> dict[str, Array]:
-    z = squeeze2d(x)
-    perm = self.permutation()
-    z = jnp.take(z, perm, axis=-1)
-    factored = z[..., self.channels // 2:]
     # Differential entropy of N(0, I) per dimension, the prior of the factored half.
     stats = {"factored_entropy": jnp.asarray(0.5 * math.log(2 * math.pi * math.e))}
-    del factored
     if self.eiw:
-      g = self.weights()
-      mean_s = jnp.mean(self.solver(z), axis=0)
+      perm = self.permutation()
+      z = splits.shuffle(self._squeezed(x), perm)
       stats.update({
-          "g_entropy": -jnp.sum(_xlogy_safe(g)),
-          "mean_s_entropy": -jnp.sum(mean_s * jnp.log(mean_s)),
-          "regularizer": jnp.mean(self.regularizer_per_example(z)),
-          "permutation": perm,
-          "kept_channels": perm[: self.channels // 2],
+          **splits.global_shuffle_diagnostics(
+              self.logits(), perm, self.solver_log_weights(z), self.regularizer),
           **authors_weight_ties(self.logits()),
       })
     return stats
 
+  def assignment(self, x: Array) -> dict[str, Array]:
+    """The channels (after the squeeze) that stay: one order for every example, unscaled."""
+    b, c = x.shape[0], self.channels
+    order = jnp.broadcast_to(self.permutation(), (b, c))
+    return splits.assignment_from_order(order, c // 2, jnp.zeros((b, c), jnp.float32))
 
-class DenseFlowBackbone(nn.Module):
-  """The whole DenseFlow (+ EIW) model; methods mirror `MultiScaleFlow`'s plus `forward_x`."""
 
-  model: ml_collections.FrozenConfigDict  # the validated `config.model`
+class DenseFlowBackbone(Backbone):
+  """The whole DenseFlow (+ EIW) model: the backbone interface (`base.Backbone`) plus
+  `forward_x`; its data-side maps take the augmentation noise after y.
+
+  Every map is built on two traversals: `_forward_pass` (squeeze, then per scale the dense
+  block and, but at the last scale, the transition; the base) and `inverse` (from the base's
+  latent down); the factored halves' prior does not depend on the levels above, so sampling
+  draws every latent first and decodes them.
+  """
+
   train: bool = False  # BatchNorm: batch statistics (True) or running ones (False)
 
   def setup(self) -> None:
     m, df = self.model, self.model.denseflow
-    memory = m.get("memory", "store")
-    if memory not in MEMORY_MODES:
-      raise ValueError(
-          f"model.memory={memory!r}: the denseflow backbone supports {MEMORY_MODES}; "
-          "'invert' (recompute activations by inverting the flow) is supported for the glow "
-          "backbone only."
-      )
     shapes = denseflow_shapes(m)
     self.shapes = shapes
     self.dequantizer = VariationalDequantizer(
@@ -464,19 +504,43 @@ class DenseFlowBackbone(nn.Module):
     n = len(df.block_conf)
     self.blocks = [
         InvertibleDenseBlock(df.block_conf[b], df.layers_conf[b], df.layer_mid_chnls[b],
-                             df.growth_rate, df.coupling_depth, df.coupling_growth, memory,
-                             self.train, df.get("attention_landmarks", 4),
-                             m.get("scan_steps", True), name=f"block{b}")
+                             df.growth_rate, df.coupling_depth, df.coupling_growth, m.memory,
+                             self.train, df.attention_landmarks, m.scan_steps,
+                             name=block_name(b))
         for b in range(n)
     ]
     self.transitions = [
         Transition(4 * (shapes["block_in"][b][2] + df.growth_rate * (df.block_conf[b] - 1)),
-                   m.split == "eiw", m.eiw.reduction, m.eiw.regularizer, name=f"transition{b}")
+                   m.split == "eiw", m.eiw.reduction, m.eiw.regularizer,
+                   name=transition_name(b))
         for b in range(n - 1)
     ]
     top_c = shapes["latents"][-1][2]
     self.base_loc = self.param("base_loc", nn.initializers.zeros, (top_c,))
     self.base_log_scale = self.param("base_log_scale", nn.initializers.zeros, (top_c,))
+
+  # ---- facts of the architecture --------------------------------------------------------------
+  @nn.nowrap
+  def levels(self) -> tuple[Level, ...]:
+    m = self.model
+    shapes = denseflow_shapes(m)
+    split = "global" if m.split == "eiw" else "vanilla"
+    *factored, top = shapes["latents"]
+    out = [Level(tuple(shape), 2 * shape[-1], split) for shape in factored]
+    return (*out, Level(tuple(top), None, None))
+
+  @nn.nowrap
+  def migrate_layout(self, tree: Any) -> Any:
+    return migrate_unit_layers(tree)
+
+  @nn.nowrap
+  def stacked_axis(self, path: Any) -> str | None:
+    """"layers" under `block{b}/unit{i}/layers` (each unit's stacked coupling layers)."""
+    df = self.model.denseflow
+    stacked = {(block_name(b), unit_name(i), UNIT_LAYERS)
+               for b, units in enumerate(df.block_conf) for i in range(units)}
+    keys = layouts.path_keys(path)
+    return "layers" if any(tuple(keys[j : j + 3]) in stacked for j in range(len(keys))) else None
 
   # ---- helpers ----------------------------------------------------------------------------
   def _split_etas(self, augment: Sequence[Array]) -> list[list[Array]]:
@@ -494,6 +558,44 @@ class DenseFlowBackbone(nn.Module):
     return sum_except_batch(
         -0.5 * math.log(2 * math.pi) - ls - 0.5 * jnp.exp(-2 * ls) * jnp.square(z - loc))
 
+  # ---- the two traversals -------------------------------------------------------------------
+  def _forward_pass(
+      self, y: Array, augment: Sequence[Array],
+      at_split: Callable[[int, Array], Any] | None = None,
+  ) -> ForwardPass:
+    """y -> latents, scale by scale: squeeze, then each dense block and (but at the last
+    scale) its transition. `at_split(b, h)` is called with each transition's input h (before
+    its squeeze), and its values are returned in order."""
+    etas = self._split_etas(augment)
+    h = squeeze2d(y - 0.5)
+    log_det = jnp.zeros((y.shape[0],), y.dtype)
+    log_prior = jnp.zeros_like(log_det)
+    augmentation = jnp.zeros_like(log_det)
+    latents, regs, visited = [], [], []
+    token = jnp.zeros((), jnp.float32)  # orders the units' recomputation across blocks
+    for b, block in enumerate(self.blocks):
+      h, ld, aug, token = block(h, etas[b], token)
+      log_det, augmentation = log_det + ld + aug, augmentation + aug
+      if b < len(self.transitions):
+        if at_split is not None:
+          visited.append(at_split(b, h))
+        h, factored, lp, reg = self.transitions[b](h)
+        latents.append(factored)
+        log_prior, regs = log_prior + lp, regs + [reg]
+    latents.append(h)
+    log_prior = log_prior + self.base_log_prob(h)
+    aux = {"regularizer": regs, "augmentation": augmentation}
+    return ForwardPass(latents, log_det, log_prior, aux, visited)
+
+  def inverse(self, latents: Sequence[Array]) -> Array:
+    """latents -> y (the augmented channels are dropped, as the authors' inverse does)."""
+    h = latents[-1]
+    for b in reversed(range(len(self.blocks))):
+      if b < len(self.transitions):
+        h = self.transitions[b].inverse(h, latents[b])
+      h = self.blocks[b].inverse(h)
+    return unsqueeze2d(h) + 0.5
+
   # ---- the maps ---------------------------------------------------------------------------
   def forward(
       self, y: Array, augment: Sequence[Array]
@@ -503,23 +605,13 @@ class DenseFlowBackbone(nn.Module):
     aux: "regularizer" (per transition, per example) and "augmentation" (the cross-unit
     terms alone, per example; already inside log-det, as the authors count them).
     """
-    etas = self._split_etas(augment)
-    h = squeeze2d(y - 0.5)
-    log_det = jnp.zeros((y.shape[0],), y.dtype)
-    log_prior = jnp.zeros_like(log_det)
-    augmentation = jnp.zeros_like(log_det)
-    latents, regs = [], []
-    token = jnp.zeros((), jnp.float32)  # orders the units' recomputation across blocks
-    for b, block in enumerate(self.blocks):
-      h, ld, aug, token = block(h, etas[b], token)
-      log_det, augmentation = log_det + ld + aug, augmentation + aug
-      if b < len(self.transitions):
-        h, factored, lp, reg = self.transitions[b](h)
-        latents.append(factored)
-        log_prior, regs = log_prior + lp, regs + [reg]
-    latents.append(h)
-    log_prior = log_prior + self.base_log_prob(h)
-    return latents, log_det, log_prior, {"regularizer": regs, "augmentation": augmentation}
+    latents, log_det, log_prior, aux, _ = self._forward_pass(y, augment)
+    return latents, log_det, log_prior, aux
+
+  def dequantization(self, x: Array, eps: Array) -> tuple[Array, Array]:
+    """(u, log q(u | x)): the variational dequantizer's noise for uint8 x and its standard
+    normal draw eps."""
+    return self.dequantizer(x, eps)
 
   def forward_x(
       self, x: Array, noise: dict[str, Any]
@@ -547,15 +639,6 @@ class DenseFlowBackbone(nn.Module):
     }
     return latents, terms
 
-  def inverse(self, latents: Sequence[Array]) -> Array:
-    """latents -> y (the augmented channels are dropped, as the authors' inverse does)."""
-    h = latents[-1]
-    for b in reversed(range(len(self.blocks))):
-      if b < len(self.transitions):
-        h = self.transitions[b].inverse(h, latents[b])
-      h = self.blocks[b].inverse(h)
-    return unsqueeze2d(h) + 0.5
-
   def generate(self, rng: Array, num: int, temperature: float) -> tuple[Array, list[Array]]:
     """Base and factored halves drawn with std scaled by `temperature`, then decoded."""
     shapes = self.shapes["latents"]
@@ -571,12 +654,21 @@ class DenseFlowBackbone(nn.Module):
     return means + [jnp.broadcast_to(self.base_loc, latents[-1].shape)]
 
   def diagnostics(self, y: Array, augment: Sequence[Array]) -> list[dict[str, Array]]:
-    etas = self._split_etas(augment)
-    h = squeeze2d(y - 0.5)
-    stats = []
-    for b, block in enumerate(self.blocks[:-1]):
-      h = block(h, etas[b])[0]
-      stats.append(self.transitions[b].diagnostics(h))
-      h = self.transitions[b](h)[0]
-    return stats
+    return self._forward_pass(
+        y, augment, lambda b, h: self.transitions[b].diagnostics(h)).at_splits
 
+  def split_permutations(self) -> dict[int, Array]:
+    orders = {b: t.shared_permutation() for b, t in enumerate(self.transitions)}
+    return {b: order for b, order in orders.items() if order is not None}
+
+  def shuffle_assignment(self, y: Array, augment: Sequence[Array]) -> list[dict[str, Array]]:
+    return self._forward_pass(
+        y, augment, lambda b, h: self.transitions[b].assignment(h)).at_splits
+
+  def split_inputs(self, y: Array, augment: Sequence[Array]) -> list[Array]:
+    return self._forward_pass(y, augment, lambda b, h: squeeze2d(h)).at_splits
+
+  def position_log_likelihoods(self, y: Array) -> tuple[list[Array], Array]:
+    raise ValueError(
+        "bits_per_dim_map: the 'denseflow' backbone is not supported (its variational bound's "
+        "dequantizer and augmentation terms are not per-pixel quantities); glow only.")

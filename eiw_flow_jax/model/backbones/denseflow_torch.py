@@ -23,9 +23,6 @@ from typing import Any
 
 import numpy as np
 
-from eiw_flow_jax.model.backbones import layouts
-from eiw_flow_jax.model.backbones.layouts import stack_unit_layers  # noqa: F401 - also the converter's name
-
 # Buffers of the torch model that are constants of the architecture, not weights.
 IGNORED_SUFFIXES = (
     ".initialized", ".num_batches_tracked", ".dist.buffer", "._shift", "._scale",
@@ -318,7 +315,7 @@ def convert_state_dict(
     for name in path[:-1]:
       node = node.setdefault(name, {})
     node[path[-1]] = value
-  out = layouts.stack_unit_layers(out)
+  out = flow.migrate_layout(out)  # the torch model's per-layer names -> the stacked layout
   expected = _flatten(shapes)
   got = _flatten(out)
   missing = sorted(set(expected) - set(got))

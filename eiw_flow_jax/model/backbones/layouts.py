@@ -1,113 +1,109 @@
-"""Parameter layouts: pure pytree transforms between the per-layer names of the authors'
-PyTorch DenseFlow units (and of this project's unrolled checkpoints) and the stacked layout that
-the scanned units and flow steps use. Shared by `convert` (the authors' checkpoints) and
-`checkpointing` (this project's checkpoints saved before the steps were stacked), which import
-it, not each other.
+"""Parameter layouts: pure pytree transforms from older layouts to the current one.
+
+Each backbone owns its migrations (`MultiScaleFlow.migrate_layout`,
+`DenseFlowBackbone.migrate_layout`, reached through `Flow.migrate_layout`): it says which keys
+of an older layout name the slices of one of its stacked modules. This module holds what they
+share: `stack_numbered`, which gathers such numbered keys into stacked leaves, and `LayoutError`.
+No I/O: callers read and write the trees.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
-import jax
 import numpy as np
 
 
 class LayoutError(ValueError):
-  """A tree that cannot be put in the stacked layout (missing layers, ragged shapes)."""
+  """A tree that cannot be put in the current layout (missing slices, ragged shapes)."""
 
 
-UNIT_LAYER = re.compile(r"^layer(\d+)_(actnorm|conv1x1|coupling)$")
+class Slice(NamedTuple):
+  """Where an older layout's key goes: slice `index` of the stacked subtree at `path`."""
+
+  path: tuple[str, ...]  # relative to the mapping that held the key
+  index: int
 
 
-def stack_unit_layers(tree: Any) -> Any:
-  """The per-layer names of a unit (`layer{j}_actnorm`, `layer{j}_conv1x1`,
-  `layer{j}_coupling`, as the torch model numbers them) -> the stacked layout of
-  `DenseUnit` (`layers/actnorm`, ..., each leaf with a leading axis over j)."""
-  if not isinstance(tree, Mapping):
-    return tree
-  layers: dict[str, dict[int, Any]] = {}
-  out = {}
-  for key, value in tree.items():
-    match = UNIT_LAYER.match(key)
-    if match:
-      layers.setdefault(match.group(2), {})[int(match.group(1))] = value
-    else:
-      out[key] = stack_unit_layers(value)
-  if layers:
-    stacked = {}
-    for part, by_index in layers.items():
-      if sorted(by_index) != list(range(len(by_index))):
-        raise LayoutError(f"{part}: expected layers 0..{len(by_index) - 1}, got "
-                              f"{sorted(by_index)}.")
-      stacked[part] = _stack([by_index[j] for j in range(len(by_index))])
-    out["layers"] = stacked
-  return out
+# Key of an older layout -> its Slice in the current layout, or None for a key to keep.
+Locate = Callable[[str], "Slice | None"]
 
 
-def _stack(trees: list[Any]) -> Any:
-  """Leaves of equal-structured nested dicts stacked along a new leading axis (ragged
-  structures or shapes raise LayoutError with the first differing path)."""
-  if isinstance(trees[0], Mapping):
-    keys = set(trees[0])
-    if any(set(t) != keys for t in trees):
-      raise LayoutError(f"layers of a unit hold different weights: {sorted(keys)} vs "
-                            f"{[sorted(t) for t in trees if set(t) != keys][0]}.")
-    return {k: _stack([t[k] for t in trees]) for k in trees[0]}
-  shapes = {np.shape(t) for t in trees}
-  if len(shapes) != 1:
-    raise LayoutError(f"layers of a unit with different shapes: {sorted(shapes)}.")
-  return np.stack(trees)
+def stack_numbered(tree: Any, locate: Locate, axis: str) -> Any:
+  """`tree` with every numbered key of an older layout gathered into stacked leaves.
 
-
-# An unrolled Glow flow step's name before the steps of a level were stacked (`level0_step3`),
-# and the stacked module's (`level0_steps`).
-_UNROLLED_STEP = re.compile(r"^level(\d+)_step(\d+)$")
-# DenseFlow's unit layers before they were stacked (`unit0/layer2_coupling`).
-_UNROLLED_IN_PATH = re.compile(
-    r"(^|/)(level\d+_step\d+|layer\d+_(actnorm|conv1x1|coupling))(/|$)")
-
-
-def stack_unrolled_steps(tree: Any) -> Any:
-  """A pytree of the unrolled Glow layout (`level{l}_step{k}`, k = 0..K-1) in the stacked one.
-
-  Every mapping with keys `level{l}_step{k}` gets, instead, one key `level{l}_steps` whose
-  leaves are the K steps' leaves stacked along a new leading axis (what `MultiScaleFlow`
-  creates since the steps of a level run under one scan); likewise a DenseFlow unit's
-  `layer{j}_actnorm` / `_conv1x1` / `_coupling` become `layers/actnorm`, ... (`DenseUnit`).
-  Anything else is kept, recursively through mappings, lists and tuples, so it converts params,
-  the EMA params, the optimizer's moments and the constants alike, or a whole raw-restored
-  train state.
+  In every mapping, the keys that `locate` places (say `level0_step0`, `level0_step1`) are
+  replaced by one subtree at their `Slice.path` (`level0_steps`) whose leaves are theirs
+  stacked along a new leading axis, in index order; other keys are kept. Recurses through
+  mappings, lists, tuples and named tuples, so it converts params, EMA params, optimizer moments
+  and constants alike, or a whole raw-restored train state. Returns `tree` itself (the same
+  object) where nothing needs converting. `axis` names the stacked axis in errors ("steps").
+  Raises LayoutError where the slices are not 0..n-1 or differ in structure or shape.
   """
   if isinstance(tree, Mapping):
-    tree = stack_unit_layers(tree) if any(
-        UNIT_LAYER.match(str(key)) for key in tree) else tree
-    steps: dict[int, dict[int, Any]] = {}
-    out = {}
+    slices: dict[tuple[str, ...], dict[int, Any]] = {}
+    out, changed = {}, False
     for key, value in tree.items():
-      match = _UNROLLED_STEP.match(str(key))
-      if match:
-        steps.setdefault(int(match.group(1)), {})[int(match.group(2))] = value
+      where = locate(str(key))
+      converted = stack_numbered(value, locate, axis)
+      changed = changed or converted is not value
+      if where is None:
+        out[key] = converted
       else:
-        out[key] = stack_unrolled_steps(value)
-    for level, by_index in sorted(steps.items()):
+        slices.setdefault(where.path, {})[where.index] = converted
+    if not slices:
+      return out if changed else tree
+    for path, by_index in slices.items():
+      name = "/".join(path)
       if sorted(by_index) != list(range(len(by_index))):
-        raise ValueError(f"level{level}: expected steps 0..{len(by_index) - 1}, got "
-                         f"{sorted(by_index)}.")
-      parts = [stack_unrolled_steps(by_index[k]) for k in range(len(by_index))]
-      out[f"level{level}_steps"] = jax.tree.map(lambda *leaves: np.stack(leaves), *parts)
+        raise LayoutError(f"{name}: expected {axis} 0..{len(by_index) - 1}, got "
+                          f"{sorted(by_index)}.")
+      node = out
+      for part in path[:-1]:
+        node = node.setdefault(part, {})
+      node[path[-1]] = _stack([by_index[k] for k in range(len(by_index))], name, axis)
     return out
   if isinstance(tree, tuple) and hasattr(tree, "_fields"):
-    return type(tree)(*(stack_unrolled_steps(item) for item in tree))
+    items = [stack_numbered(item, locate, axis) for item in tree]
+    return tree if all(a is b for a, b in zip(items, tree)) else type(tree)(*items)
   if isinstance(tree, (list, tuple)):
-    return type(tree)(stack_unrolled_steps(item) for item in tree)
+    items = [stack_numbered(item, locate, axis) for item in tree]
+    return tree if all(a is b for a, b in zip(items, tree)) else type(tree)(items)
   return tree
 
 
-def unrolled_layout(differences: list[str]) -> bool:
-  """Whether architecture differences (`checkpointing.architecture_differences`) are those of a
-  checkpoint saved before the steps were stacked."""
-  return any(_UNROLLED_IN_PATH.search(d.split(" ")[0]) and "only in the checkpoint" in d
-             for d in differences)
+def _stack(trees: list[Any], name: str, axis: str) -> Any:
+  """Leaves of equal-structured nested mappings stacked along a new leading axis."""
+  if isinstance(trees[0], Mapping):
+    keys = set(trees[0])
+    other = next((t for t in trees if not isinstance(t, Mapping) or set(t) != keys), None)
+    if other is not None:
+      got = sorted(other) if isinstance(other, Mapping) else type(other).__name__
+      raise LayoutError(f"{name}: the {axis} hold different weights: {sorted(keys)} vs {got}.")
+    return {k: _stack([t[k] for t in trees], f"{name}/{k}", axis) for k in trees[0]}
+  if all(t is None for t in trees):
+    return None
+  if isinstance(trees[0], (list, tuple)) and all(
+      type(t) is type(trees[0]) and len(t) == len(trees[0]) for t in trees):
+    items = [_stack([t[i] for t in trees], f"{name}/{i}", axis) for i in range(len(trees[0]))]
+    return type(trees[0])(*items) if hasattr(trees[0], "_fields") else type(trees[0])(items)
+  shapes = {np.shape(t) for t in trees}
+  if len(shapes) != 1:
+    raise LayoutError(f"{name}: the {axis} have different shapes: {sorted(shapes)}.")
+  return np.stack(trees)
+
+
+def path_keys(path: Any) -> tuple[str, ...]:
+  """The keys of a pytree path as strings: a `jax.tree_util` key path (DictKey, GetAttrKey,
+  SequenceKey, ...), a "/"-separated string, or a sequence of keys."""
+  if isinstance(path, str):
+    return tuple(part for part in path.split("/") if part)
+  keys = []
+  for entry in path:
+    for attribute in ("key", "name", "idx"):
+      if hasattr(entry, attribute):
+        entry = getattr(entry, attribute)
+        break
+    keys.append(str(entry))
+  return tuple(keys)

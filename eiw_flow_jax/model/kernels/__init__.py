@@ -19,13 +19,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from eiw_flow_jax.config.schema import KERNELS
 from eiw_flow_jax.model.kernels import xla_cpu
 from eiw_flow_jax.model.kernels.xla_cpu import CouplingNetLayers
 
 Array = jax.Array
 T = TypeVar("T")
-
-KERNELS = ("auto", "portable")
 
 
 def check_kernels(kernels: str) -> None:
