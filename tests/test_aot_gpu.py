@@ -109,8 +109,11 @@ def test_without_the_cuda_plugin_the_error_names_the_extra(monkeypatch):
 def test_the_gpu_memory_fraction_is_jaxs_variable_or_its_default():
   assert topology.gpu_memory_fraction({}) == 0.75 == chips.DEFAULT_GPU_MEMORY_FRACTION
   assert topology.gpu_memory_fraction({"XLA_PYTHON_CLIENT_MEM_FRACTION": ".9"}) == 0.9
-  assert topology.gpu_memory_fraction({"XLA_CLIENT_MEM_FRACTION": "0.5",
-                                       "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.9"}) == 0.5
+  assert topology.gpu_memory_fraction({"XLA_CLIENT_MEM_FRACTION": "0.5"}) == 0.5
+  with pytest.raises(aot.AotError, match="set one of XLA_CLIENT_MEM_FRACTION and "
+                                         "XLA_PYTHON_CLIENT_MEM_FRACTION: JAX refuses both"):
+    topology.gpu_memory_fraction({"XLA_CLIENT_MEM_FRACTION": "0.5",
+                                  "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.9"})
   for bad in ("0", "1.5", "most"):
     with pytest.raises(aot.AotError, match=f"XLA_CLIENT_MEM_FRACTION must be a fraction in "
                                            f"\\(0, 1\\], got '{bad}'"):

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from eiw_flow_jax.aot import AotError
+from eiw_flow_jax.aot.chips import GiB
 from eiw_flow_jax.aot.report import AotReport, ProgramMemory
 from eiw_flow_jax.aot.topology import resolve
 from eiw_flow_jax.config import checks
@@ -22,7 +23,7 @@ _OOM = re.compile(
     r"\(([\d.]+)([KMGT]?)\) exceeds available HBM \(([\d.]+)([KMGT]?)\)"
     r"|Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm"
 )
-_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": GiB, "T": 1024**4}
 # An array type in HLO text, `f32[64,32,32,512]`: its element type and dimensions.
 _HLO_ARRAY = re.compile(r"\b[a-z]+(\d*)[a-z0-9]*\[([\d,]*)\]")
 # The cuDNN and cuBLAS calls of a compiled GPU program, whose cost XLA's analysis leaves out.
@@ -246,12 +247,12 @@ def compile_for_topology(
   report.train = ProgramMemory.of(compiled)
   if target.platform == "gpu":
     report.library_calls = library_calls(compiled.as_text())
-  if with_cost:
-    report.flops, report.bytes_accessed = _step_cost(config, mesh, compiled)
-    report.compiler_seconds = _cost(compiled).get("optimal_seconds")
+  report.compiler_seconds = _cost(compiled).get("optimal_seconds")
   if with_cost and exact_cost and _scanned_steps(config) > 1:
     report.flops, report.bytes_accessed = _unrolled_cost(config, mesh)
     report.cost_source = "unrolled K=1,2"
+  elif with_cost:
+    report.flops, report.bytes_accessed = _step_cost(config, mesh, compiled)
   if with_eval:
     started = time.perf_counter()
     try:

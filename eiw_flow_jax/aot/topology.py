@@ -18,13 +18,21 @@ from collections.abc import Mapping
 import jax
 
 from eiw_flow_jax.aot import AotError
-from eiw_flow_jax.aot.chips import CHIPS, DEFAULT_GPU_MEMORY_FRACTION, GPUS, ChipSpec, GpuSpec
+from eiw_flow_jax.aot.chips import (
+    CHIPS,
+    DEFAULT_GPU_MEMORY_FRACTION,
+    GPUS,
+    ChipSpec,
+    GiB,
+    GpuSpec,
+    chip_for,
+)
 
 GPU_EXTRA = 'pip install -e ".[gpu-aot]"'
 _TOPOLOGY = re.compile(r"([a-z0-9][a-z0-9-]*):(\d+(?:x\d+)*)")
 _TPU_NAME = re.compile(r"v\d+[a-z]*")
 # Environment variables JAX's CUDA plugin reads for its allocator's share of each GPU's memory:
-# the current name first (jaxlib 0.10.2 refuses both set at once).
+# the current name and the older one (jaxlib 0.10.2 refuses both set at once).
 MEMORY_FRACTION_VARIABLES = ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION")
 
 
@@ -47,7 +55,7 @@ class Target:
     if self.chip is None:
       return None
     cores = int(getattr(self.devices[0], "num_cores", 1) or 1)
-    return int(self.chip.usable_gib_per_core * cores * 1024**3)
+    return int(self.chip.usable_gib_per_core * cores * GiB)
 
 
 def libtpu_available() -> bool:
@@ -94,6 +102,9 @@ def _quiet_cuda_env() -> None:
 def gpu_memory_fraction(environ: Mapping[str, str]) -> float:
   """The share of each GPU's memory JAX's allocator takes in a process with `environ`:
   XLA_CLIENT_MEM_FRACTION (or its older name), else JAX's default."""
+  given = [name for name in MEMORY_FRACTION_VARIABLES if environ.get(name, "").strip()]
+  if len(given) > 1:
+    raise AotError(f"set one of {' and '.join(given)}: JAX refuses both.")
   for name in MEMORY_FRACTION_VARIABLES:
     text = environ.get(name, "").strip()
     if text:
@@ -190,8 +201,8 @@ def _tpu_target(topology: str, num_slices: int) -> Target:
     detail = " ".join(str(e).split())[:300]
     raise AotError(f"TPU topology {topology!r} (num_slices={num_slices}): {detail}") from e
   devices = list(desc.devices)
-  chip = next((c for c in CHIPS.values() if c.device_kind == devices[0].device_kind), None)
-  return Target(devices, "tpu", chip, hosts=len({d.process_index for d in devices}))
+  return Target(devices, "tpu", chip_for(devices[0].device_kind),
+                hosts=len({d.process_index for d in devices}))
 
 
 def resolve(topology: str, num_slices: int = 1,
