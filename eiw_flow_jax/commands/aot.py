@@ -11,11 +11,13 @@ if __name__ == "__main__":
   # that it neither probes nor takes the TPU chips or GPUs of the machine it runs on (a TPU VM
   # or GPU node may be training on them), before JAX is imported.
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  # XLA's own warnings off (errors stay), also where a library set a lower level: a program too
-  # large for a GPU makes its rematerialisation pass warn on stderr, where the command prints
-  # its one-line refusal.
-  if os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0") in ("0", "1"):
-    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+  # XLA's C++ log off: the command prints its report, or one line where a config does not fit,
+  # and the compiler's failures reach it as exceptions. Its log would add a warning where a
+  # program is too large for a GPU (rematerialisation) and an alarm where a compile takes
+  # minutes. Unset or JAX's own default ("1", inherited from a parent JAX process) only: an
+  # explicit TF_CPP_MIN_LOG_LEVEL=0 keeps the log.
+  if os.environ.get("TF_CPP_MIN_LOG_LEVEL", "1") == "1":
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
 
 import importlib.util
 import json
