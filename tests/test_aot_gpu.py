@@ -2,9 +2,8 @@
 compiler in JAX's CUDA plugin (`pip install -e ".[gpu-aot]"`: jax[cuda12], ~5.5 GB). CI does not
 install it (README, "Before renting"): the tests that compile skip without it, with a reason
 naming the extra; the topology names, the GPU figures, the refusal's wording and the table run
-everywhere. With the plugin the compiles take most of this module's time (on 2 cores: the
-digits command ~1 min, the reduced CIFAR model ~1 min), so each program is compiled once and
-checked several ways."""
+everywhere. With the plugin the compiles take most of this module's time (docs/gpu.md), so
+each program is compiled once and checked several ways."""
 
 from __future__ import annotations
 

@@ -221,7 +221,8 @@ def _devices_line(r: AotReport) -> str:
   if r.platform == "gpu":
     per_host = r.num_devices // max(1, r.hosts)
     hosts = f"{r.hosts} hosts of {per_host}" if r.hosts > 1 else "1 host"
-    return f"{r.topology}{_slices(r.num_slices)} ({r.num_devices} GPUs, {hosts}, {r.device_kind})"
+    gpus = f"{r.num_devices} GPU" + ("s" if r.num_devices > 1 else "")
+    return f"{r.topology}{_slices(r.num_slices)} ({gpus}, {hosts}, {r.device_kind})"
   per_chip = f", {r.devices_per_chip} per chip" if r.devices_per_chip > 1 else ""
   return f"{r.topology}{_slices(r.num_slices)} ({r.num_devices} devices, {r.device_kind}{per_chip})"
 
