@@ -24,6 +24,11 @@ float32), roofline >= 142 ms a step. Command: `python -m eiw_flow_jax.aot
 (docs/tpu.md).
 `configs/imagenet64.py:v5e_16`: 16 chips of 16 GiB, 16 images each: as is (as stored, 8.75 GiB
 of 15.75 per chip: arguments 1.68, temporaries 7.02; same command with --per_device_batch=16).
+GPU memory per device, from XLA's GPU compiler, one node of 8 H100s at 32 images each, float32:
+13.53 GiB of the 59.33 JAX's allocator takes of an H100 (arguments 1.67, temporaries 11.87);
+4649 GFLOP per GPU per step; roofline >= 33.5 ms a step (memory traffic), >= 3.7 h for 400k
+steps. Command: `python -m eiw_flow_jax.aot --config=configs/imagenet64.py --topology=h100:8
+--noeval` (docs/gpu.md).
 """
 
 from eiw_flow_jax.config import recipes

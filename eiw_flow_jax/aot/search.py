@@ -81,7 +81,7 @@ def largest_batch(
     t0 = time.perf_counter()
     try:
       r = compile_for_topology(config, topology, batch, num_slices=num_slices, with_eval=False,
-                               config_name=report.config_name, exact_cost=False)
+                               config_name=report.config_name, with_cost=False)
     except AotError:  # e.g. a global batch the config cannot split: stop searching
       break
     last = time.perf_counter() - t0

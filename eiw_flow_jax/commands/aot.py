@@ -8,9 +8,16 @@ import sys
 
 if __name__ == "__main__":
   # The command compiles for a topology and never runs on local devices: JAX's CPU backend, so
-  # that it neither probes nor takes the TPU chips of the machine it runs on (a TPU VM may be
-  # training on them), before JAX is imported.
+  # that it neither probes nor takes the TPU chips or GPUs of the machine it runs on (a TPU VM
+  # or GPU node may be training on them), before JAX is imported.
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  # XLA's C++ log off: the command prints its report, or one line where a config does not fit,
+  # and the compiler's failures reach it as exceptions. Its log would add a warning where a
+  # program is too large for a GPU (rematerialisation) and an alarm where a compile takes
+  # minutes. Unset or JAX's own default ("1", inherited from a parent JAX process) only: an
+  # explicit TF_CPP_MIN_LOG_LEVEL=0 keeps the log.
+  if os.environ.get("TF_CPP_MIN_LOG_LEVEL", "1") == "1":
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
 
 import importlib.util
 import json
@@ -22,6 +29,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from eiw_flow_jax.aot import AotError
+from eiw_flow_jax.aot.chips import GPUS
 from eiw_flow_jax.aot.compiler import compile_for_topology
 from eiw_flow_jax.aot.report import AotReport, markdown_table, render, report_dict, table_row
 from eiw_flow_jax.aot.search import largest_batch
@@ -57,10 +65,14 @@ def _define_flags() -> None:
   )
   _TOPOLOGY = flags.DEFINE_list(
       "topology", ["v5e:2x2"],
-      "TPU topology as JAX names it: v5e:2x2, v5e:4x4, v4:2x2x1, v5p:2x2x1, v6e:2x4, ... "
-      "(several, comma-separated, with --table).")
+      "TPU topology as JAX names it: v5e:2x2, v5e:4x4, v4:2x2x1, v5p:2x2x1, v6e:2x4, ...; or "
+      f"GPUs ({', '.join(GPUS)}) as GPUs per host, hosts x GPUs per host, or XLA's partitions "
+      "x hosts x GPUs per host: h100:8, h100:2x8, h100:1x2x8 (several, comma-separated, with "
+      "--table).")
   _NUM_SLICES = flags.DEFINE_integer(
-      "num_slices", 1, "Slices of that topology joined by the data-center network (multi-slice).")
+      "num_slices", 1,
+      "Slices of that topology joined by the data-center network (TPU multi-slice; for GPUs, "
+      "XLA's partitions).")
   _PER_DEVICE_BATCH = flags.DEFINE_integer(
       "per_device_batch", None,
       "Images per device per step (global batch = this x devices); default: the config's "
