@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from eiw_flow_jax.aot import AotError
+from eiw_flow_jax.aot import AotError, traffic
 from eiw_flow_jax.aot.chips import GiB, chip_for
 from eiw_flow_jax.aot.report import AotReport, ProgramMemory
 from eiw_flow_jax.aot.topology import topology_devices
@@ -88,14 +88,22 @@ def _scanned_steps(config: ml_collections.ConfigDict) -> int:
   return int(m.steps_per_level)
 
 
-def _unrolled_cost(config: ml_collections.ConfigDict, mesh: Any) -> tuple[float, float]:
-  """(FLOPs, bytes accessed) per step at config's K, from unrolled programs at K=1 and K=2."""
-  costs = []
+def _unrolled_programs(config: ml_collections.ConfigDict, mesh: Any) -> list[Any]:
+  """The train step compiled with its flow steps unrolled, at K=1 and K=2."""
+  programs = []
   for k in (1, 2):
     unrolled = ml_collections.ConfigDict(config.to_dict())
     unrolled.model.steps_per_level = k
     unrolled.model.scan_steps = False
-    cost = _cost(lower_train_step(unrolled, mesh).compile())
+    programs.append(lower_train_step(unrolled, mesh).compile())
+  return programs
+
+
+def _unrolled_cost(config: ml_collections.ConfigDict, programs: list[Any]) -> tuple[float, float]:
+  """(FLOPs, bytes accessed) per step at config's K, from the unrolled programs at K=1 and K=2."""
+  costs = []
+  for program in programs:
+    cost = _cost(program)
     costs.append((float(cost.get("flops", math.nan)), float(cost.get("bytes accessed", math.nan))))
   (f1, b1), (f2, b2) = costs
   k = _scanned_steps(config)
@@ -134,6 +142,7 @@ def compile_for_topology(
     with_eval: bool = True,
     config_name: str = "config",
     exact_cost: bool = True,
+    with_traffic: bool = False,
 ) -> AotReport:
   """Compiles the train step (and the eval step) as `main` builds them, for `topology`.
 
@@ -144,6 +153,8 @@ def compile_for_topology(
   With `model.scan_steps` the compiler's cost analysis counts the scanned loop body once, not K
   times; `exact_cost` then finds FLOPs and bytes per step from two small unrolled compiles
   (K=1 and K=2: the cost is linear in K, each step costing the same), `_unrolled_cost`.
+  `with_traffic`: also where the bytes go (`report.traffic`, `eiw_flow_jax.aot.traffic`), from
+  the same programs as the cost.
   """
   devices = topology_devices(topology, num_slices)
   config, per_device = _configure(config, len(devices), per_device_batch)
@@ -178,8 +189,14 @@ def compile_for_topology(
   report.bytes_accessed = float(cost.get("bytes accessed", math.nan))
   report.compiler_seconds = cost.get("optimal_seconds")
   if exact_cost and _scanned_steps(config) > 1:
-    report.flops, report.bytes_accessed = _unrolled_cost(config, mesh)
+    programs = _unrolled_programs(config, mesh)
+    report.flops, report.bytes_accessed = _unrolled_cost(config, programs)
     report.cost_source = "unrolled K=1,2"
+    if with_traffic:
+      one, two = (traffic.breakdown(p.as_text()) for p in programs)
+      report.traffic = traffic.extrapolate(one, two, _scanned_steps(config))
+  elif with_traffic:
+    report.traffic = traffic.breakdown(compiled.as_text())
   if with_eval:
     started = time.perf_counter()
     try:

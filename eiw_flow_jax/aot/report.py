@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from eiw_flow_jax.aot.chips import ChipSpec, GiB
+from eiw_flow_jax.aot.traffic import Traffic, render_traffic
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +81,7 @@ class AotReport:
   required_bytes: int | None = None  # what that message says the program needs
   batch_search: BatchSearch | None = None
   cores_per_device: int = 1  # TensorCores per JAX device (2 on megacore chips)
+  traffic: Traffic | None = None  # where the bytes go (`compile_for_topology(with_traffic=)`)
 
   @property
   def train_total(self) -> int | None:
@@ -173,8 +175,9 @@ def _duration(seconds: float | None) -> str:
   return f"{hours:.1f} h" if hours >= 1 else f"{seconds / 60:.0f} min"
 
 
-def render(report: AotReport) -> str:
-  """The report as printed by the command: one `name: value` per line."""
+def render(report: AotReport, traffic_top: int = 15) -> str:
+  """The report as printed by the command: one `name: value` per line (then the byte
+  breakdown's tables, with its `traffic_top` largest instructions, if it was made)."""
   r = report
   chip = r.chip
   lines = [
@@ -241,6 +244,10 @@ def render(report: AotReport) -> str:
     lines.append(f"largest per-device batch that fits: {found}; {search.compiles} more compiles "
                  f"in {search.seconds:.0f} s")
   lines.append(f"fits: {'yes' if r.fits else 'no'}")
+  if r.traffic is not None:
+    source = ("the unrolled K=1,2 programs, extrapolated" if r.cost_source != "compiler"
+              else "the compiled program")
+    lines.append(render_traffic(r.traffic, r.bytes_accessed, top=traffic_top, source=source))
   return "\n".join(lines)
 
 
