@@ -53,6 +53,7 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
+from eiw_flow_jax.model import kernels
 from eiw_flow_jax.model.bijectors import (
     ActNorm,
     CouplingNet,
@@ -69,7 +70,11 @@ InverseFn = Callable[[Any, Array], Array]
 # (variables, step output y, cotangent of y, cotangent of the log-det) -> (x, d params, d x)
 InverseVjpFn = Callable[[Any, Array, Array, Array], tuple[Array, Any, Array]]
 
-MEMORY_MODES = ("store", "remat", "invert")
+MEMORY_MODES = ("store", "remat", "invert", "remat_wide")
+# memory="remat_wide": a step is recomputed in the backward pass except the values its coupling
+# network names (`kernels.COUPLING_WIDE`, `kernels.COUPLING_OUT`), which the forward keeps.
+KEEP_WIDE = jax.checkpoint_policies.save_only_these_names(kernels.COUPLING_WIDE,
+                                                          kernels.COUPLING_OUT)
 
 _lock = threading.Lock()
 drift_warnings: list[tuple[str, float]] = []  # (chain name, relative drift), appended on host
@@ -380,9 +385,11 @@ def run_stacked_chain(
   count = stack_count(stacked)
   if not scan:
     steps = unstack(stacked, count)
-    if mode != "store":
+    if mode not in ("store", "remat_wide"):
       return run_chain(mode, apply, inverse, steps, x, name=name, tolerance=tolerance,
                        inverse_vjp=inverse_vjp)
+    if mode == "remat_wide":
+      apply = jax.checkpoint(apply, policy=KEEP_WIDE)  # prevent_cse: no loop orders the steps
     log_det = jnp.zeros((x.shape[0],), jnp.float32)
     for k, variables in enumerate(steps):
       with jax.named_scope(step_names(k) if step_names else f"step{k}"):
@@ -391,11 +398,10 @@ def run_stacked_chain(
     return x, log_det
   if mode == "store":
     return _scan_forward(apply, stacked, x)
-  if mode == "remat":
-    # Saves nothing inside a step: the scan keeps its carries (the K step inputs) only.
-    step = jax.checkpoint(apply, prevent_cse=False,
-                          policy=jax.checkpoint_policies.nothing_saveable)
-    return _scan_forward(step, stacked, x)
+  if mode in ("remat", "remat_wide"):
+    # "remat" saves nothing inside a step: the scan keeps its carries (the K step inputs) only.
+    policy = jax.checkpoint_policies.nothing_saveable if mode == "remat" else KEEP_WIDE
+    return _scan_forward(jax.checkpoint(apply, prevent_cse=False, policy=policy), stacked, x)
   chain = _scanned_invert_chain(apply, inverse, name, tolerance, inverse_vjp)
   return chain(stacked["params"], stacked["constants"], x)
 
@@ -478,6 +484,8 @@ def run_chain(
     raise ValueError(f"memory mode must be one of {MEMORY_MODES}, got {mode!r}.")
   if mode == "store":
     return _forward_loop(apply, step_variables, x)
+  if mode == "remat_wide":
+    return _forward_loop(jax.checkpoint(apply, policy=KEEP_WIDE), step_variables, x)
   chain = _chain(mode, apply, inverse, name, tolerance, inverse_vjp)
   return chain(
       [v["params"] for v in step_variables], [v["constants"] for v in step_variables], x
