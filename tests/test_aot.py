@@ -108,8 +108,8 @@ def test_the_traffic_breakdown_counts_what_the_compiler_counts(digits_run):
   kinds = {k["kind"]: k for k in r["traffic"]["kinds"]}
   total = sum(k["forward"] + k["backward"] for k in kinds.values())
   assert total == pytest.approx(r["bytes_accessed"], rel=0.05)
-  for kind in ("coupling net", "coupling (halves, affine)", "1x1 conv", "EMA update",
-               "split and its prior", "gradient all-reduce"):
+  for kind in ("coupling net", "coupling (halves, affine)", "1x1 conv",
+               "optimizer and EMA update", "split and its prior", "gradient all-reduce"):
     assert kinds[kind]["forward"] + kinds[kind]["backward"] > 0, kind
   assert kinds["coupling net"]["backward"] > kinds["coupling net"]["forward"] > 0
   assert kinds["other"]["forward"] + kinds["other"]["backward"] < 0.5 * total

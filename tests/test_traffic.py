@@ -63,7 +63,7 @@ HLO = "\n".join([
     f'metadata={{op_name="{STEP}/layers_0/actnorm/mul"}}',
     "  %h.copy = f32[64,16,16,6]{0,2,3,1:T(8,128)} copy(%h)",
     "  %s = f32[64]{0:T(128)} fusion(%h.copy), kind=kInput, calls=%fused_sum, "
-    'metadata={op_name="jit(step)/cond/branch_1_fun/optimizer_update/add"}',
+    'metadata={op_name="jit(step)/optimizer_and_ema_update/cond/branch_1_fun/add"}',
     "  %zero.1 = s32[]{:T(128)} constant(0)",
     f"  %init = {LOOP} tuple(%zero.1, %w.1)",
     f"  %loop = {LOOP} while(%init), condition=%condition, body=%body",
@@ -111,7 +111,7 @@ def test_layer_kinds_come_from_the_scopes_and_from_a_copys_source():
   assert found["h"].kind == "ActNorm" and not found["h"].backward
   assert found["h.copy"].kind == "ActNorm"  # unnamed: its source's op_name
   assert found["h.copy"].moves and not found["h"].moves
-  assert found["s"].kind == "optimizer update"
+  assert found["s"].kind == "optimizer and EMA update"
   assert found["w2"].kind == "coupling net" and found["w2"].backward
   assert found["prefetch"].kind == "other"  # the images are no layer
   assert traffic.layer_kind("state.opt_state[1][0].mu['level0_steps']") == "train state (copies)"

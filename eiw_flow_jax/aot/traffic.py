@@ -16,7 +16,7 @@ each copy once, a figure closer to what the chip's HBM moves.
 Each instruction's `op_name` metadata carries the JAX name scopes it came from: the Flax module
 path (`level0_steps/level0_step1/FlowStep/layers_2/...`), the layers' own scopes
 (`bijectors.layer_scope`: actnorm, conv1x1, coupling, coupling_net) and the train step's
-(`optimizer_update`, `ema_update`); an instruction without one (a copy the compiler inserted)
+update (`train_step.UPDATE_SCOPE`); an instruction without one (a copy the compiler inserted)
 takes its source's, and the train state's arguments are named `state.params[...]` and so on.
 `layer_kind` maps these to the parts of the model in `LAYER_KINDS`.
 
@@ -32,7 +32,7 @@ import re
 from collections.abc import Sequence
 
 from eiw_flow_jax.model import bijectors
-from eiw_flow_jax.training.train_step import EMA_SCOPE, OPTIMIZER_SCOPE
+from eiw_flow_jax.training.train_step import UPDATE_SCOPE
 
 # Bytes per element of each HLO element type (pred is stored as one byte).
 _ELEMENT_BYTES = {
@@ -74,8 +74,7 @@ _PARTIAL_READS = frozenset({"slice", "dynamic-slice"})
 # (scope in op_name, layer kind), first match wins. The scopes are the layers' own
 # (`bijectors.layer_scope`), the train step's and the Flax module names.
 LAYER_KINDS: tuple[tuple[str, str], ...] = (
-    (OPTIMIZER_SCOPE, "optimizer update"),
-    (EMA_SCOPE, "EMA update"),
+    (UPDATE_SCOPE, "optimizer and EMA update"),
     ("state.", "train state (copies)"),  # the train state's arguments, as named by jit
     (bijectors.COUPLING_NET_SCOPE, "coupling net"),
     (bijectors.COUPLING_SCOPE, "coupling (halves, affine)"),
