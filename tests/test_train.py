@@ -124,7 +124,9 @@ EIGHT_DEVICES = textwrap.dedent(
     import jax, numpy as np
     sys.path.insert(0, {tests!r})
     from test_train import tiny_config
-    from eiw_flow_jax.training import optimizer, sharding, train_state
+    from eiw_flow_jax.data import pipeline
+    from eiw_flow_jax.model.flow import build_flow
+    from eiw_flow_jax.training import optimizer, sharding, train_state, train_step
 
     assert jax.device_count() == 8, jax.devices()
     config = tiny_config({data_dir!r})
