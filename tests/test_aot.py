@@ -138,7 +138,7 @@ def test_compare_tables_memory_modes_and_dtypes(env, tmp_path):
   bad = _aot(env, "--config=configs/digits.py", "--compare", "--compare_memory=fast")
   assert bad.returncode == 1 and bad.stdout == ""
   assert bad.stderr.strip() == ("error: --compare_memory takes names from store, remat, invert, "
-                                "got ['fast'].")
+                                "remat_wide, got ['fast'].")
 
 
 def _conditionals(config, devices) -> int:

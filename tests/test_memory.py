@@ -142,8 +142,8 @@ def test_invert_init_matches_store_init():
 @pytest.mark.parametrize(
     "field,value,match",
     [
-        ("memory", "checkpoint", r"model.memory must be one of \('store', 'remat', 'invert'\), "
-         r"got 'checkpoint'"),
+        ("memory", "checkpoint", r"model.memory must be one of \('store', 'remat', 'invert', "
+         r"'remat_wide'\), got 'checkpoint'"),
         ("dtype", "float64",
          r"model.dtype must be one of \('auto', 'float32', 'bfloat16', 'float16'\)"),
         ("invert_tolerance", 0.0, "model.invert_tolerance must be a number > 0, got 0.0"),
