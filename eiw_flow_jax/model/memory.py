@@ -1,9 +1,9 @@
-"""Activation memory of a chain of invertible steps: "store", "remat" or "invert".
+"""Activation memory of a chain of invertible steps: "store", "remat", "invert" or "remat_wide".
 
 A flow level is a chain x_0 -> x_1 -> ... -> x_K of K steps with identical parameter shapes,
 each step `apply(vars_k, x_k) -> (x_{k+1}, log_det_k)` with an exact `inverse(vars_k, x_{k+1})`.
 The log-determinant of the chain is the sum of the steps'. `run_chain` evaluates it under one
-of three memory strategies for the backward pass:
+of four memory strategies for the backward pass:
 
 - "store": plain autodiff; every intermediate of every step (the coupling networks' hidden
   activations dominate) stays alive until the backward pass: memory linear in K.
@@ -13,8 +13,15 @@ of three memory strategies for the backward pass:
   chain's input and output are kept; the backward pass walks the steps in reverse, rebuilding
   each step's input from its output through the exact inverse, then back-propagating through
   that one step. Memory is independent of K.
+- "remat_wide": `jax.checkpoint` of each step with the policy `KEEP_WIDE`: the forward keeps
+  the step inputs and what the coupling network names (its wide activation and its output,
+  `kernels.COUPLING_WIDE`, `kernels.COUPLING_OUT`); the backward recomputes the rest (ActNorm,
+  the 1x1 convolution, the network's first layer), the TPU's fewest bytes in bfloat16
+  (docs/tpu.md). A scan orders the steps; unrolled, it is a loop of `jax.checkpoint`s, which
+  XLA:CPU does not order (below).
 
-Both are one `jax.custom_vjp` over the chain whose backward pass is an unrolled Python loop
+"remat" and "invert" are each one `jax.custom_vjp` over the chain whose backward pass is an
+unrolled Python loop
 (XLA:CPU runs `lax.scan` bodies 5-10x slower than the same ops unrolled). In an unrolled loop
 XLA's scheduler is free to run every step's recomputation early, which keeps every step's
 internals alive at once (measured: as much memory as "store"), and `lax.optimization_barrier`
