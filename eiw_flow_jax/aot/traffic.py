@@ -440,7 +440,8 @@ def render_traffic(traffic: Traffic, compiler_bytes: float | None = None, top: i
   if compiler_bytes:
     head += f"; the TPU compiler's cost analysis: {fmt(compiler_bytes)}"
   lines = [
-      head + f"; arrays in HBM, each copy once: {fmt(traffic.hbm)}):",
+      head + f"; of it in arrays the compiler placed in HBM, each copy once: "
+      f"{fmt(traffic.hbm)}):",
       "| layer kind | forward | backward | total | share | of which copies | in HBM |",
       "| --- | --- | --- | --- | --- | --- | --- |",
   ]
