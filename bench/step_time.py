@@ -104,8 +104,8 @@ def main(argv: list[str]) -> None:
                                   figures["per_device_batch"], with_eval=False)
     figures["roofline_seconds"] = report.step_seconds
     print(f"roofline ({_ROOFLINE_TOPOLOGY.value}, TPU compiler): "
-          f"{report.step_seconds * 1e3:.2f} ms; measured / roofline = "
-          f"{fastest / report.step_seconds:.2f}")
+          f"{report.step_seconds * 1e3:.3g} ms; measured / roofline = "
+          f"{fastest / report.step_seconds:.3g}")
   if _JSON.value:
     with open(_JSON.value, "w") as f:
       json.dump(figures, f, indent=2)

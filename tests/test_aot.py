@@ -156,6 +156,23 @@ def test_the_update_is_a_select_on_tpu_and_a_branch_on_cpu():
   assert _conditionals(config, topology.topology_devices(TOPOLOGY)) == on_cpu - 1
 
 
+def test_the_step_time_bench_prints_the_roofline_next_to_the_measured_step(env, tmp_path):
+  """bench/step_time.py --roofline_topology: the measured step (here CPU, a toy model) and the
+  TPU compiler's roofline of the same config and batch per device."""
+  path = tmp_path / "step.json"
+  result = subprocess.run(
+      [sys.executable, "bench/step_time.py", "--config=configs/digits.py",
+       "--config.model.steps_per_level=1", "--config.model.hidden_channels=8",
+       "--config.init_batch_size=8", "--per_device_batch=4", "--warmup=1", "--steps=2",
+       "--rounds=1", f"--roofline_topology={TOPOLOGY}", f"--json={path}"],
+      env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
+  assert result.returncode == 0, result.stderr[-3000:]
+  figures = json.loads(path.read_text())
+  assert 0 < figures["roofline_seconds"] < figures["step_seconds"][0]
+  assert re.fullmatch(r"roofline \(v5e:2x2, TPU compiler\): [\d.e-]+ ms; measured / roofline = "
+                      r"[\d.e+]+", result.stdout.splitlines()[-1])
+
+
 def test_the_command_prints_the_report(digits_run):
   result, report = digits_run
   fields = _fields(result.stdout)
