@@ -22,11 +22,11 @@ of four memory strategies for the backward pass:
 
 "remat" and "invert" are each one `jax.custom_vjp` over the chain whose backward pass is an
 unrolled Python loop (XLA:CPU runs `lax.scan` bodies 5-10x slower than the same ops unrolled).
-In an unrolled loop
-XLA's scheduler is free to run every step's recomputation early, which keeps every step's
-internals alive at once (measured: as much memory as "store"), and `lax.optimization_barrier`
-does not prevent it on XLA:CPU. So step k's recomputation is made to depend numerically on the
-cotangent and the parameter gradients of step k+1 (`_after`): one step's internals at a time.
+In an unrolled loop XLA's scheduler is free to run every step's recomputation early, which keeps
+every step's internals alive at once (measured: as much memory as "store"), and
+`lax.optimization_barrier` does not prevent it on XLA:CPU. So step k's recomputation is made to
+depend numerically on the cotangent and the parameter gradients of step k+1 (`_after`): one
+step's internals at a time.
 
 Reconstruction drift ("invert"): floating-point inverses are not bit-exact, so the rebuilt
 inputs drift from the true ones, step after step. The chain's input x_0 (one activation, small
