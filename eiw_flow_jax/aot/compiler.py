@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from eiw_flow_jax.aot import AotError
+from eiw_flow_jax.aot import AotError, traffic
 from eiw_flow_jax.aot.chips import GiB
 from eiw_flow_jax.aot.report import AotReport, ProgramMemory
 from eiw_flow_jax.aot.topology import resolve
@@ -157,14 +157,23 @@ def _scanned_steps(config: ml_collections.ConfigDict) -> int:
   return int(m.steps_per_level)
 
 
-def _unrolled_cost(config: ml_collections.ConfigDict, mesh: Any) -> tuple[float, float]:
-  """(FLOPs, bytes accessed) per step at config's K, from unrolled programs at K=1 and K=2."""
-  costs = []
+def _unrolled_programs(
+    config: ml_collections.ConfigDict, mesh: Any
+) -> list[tuple[ml_collections.ConfigDict, Any]]:
+  """The train step compiled with its flow steps unrolled, at K=1 and K=2, with their configs."""
+  programs = []
   for k in (1, 2):
     unrolled = ml_collections.ConfigDict(config.to_dict())
     unrolled.model.steps_per_level = k
     unrolled.model.scan_steps = False
-    costs.append(_step_cost(unrolled, mesh, lower_train_step(unrolled, mesh).compile()))
+    programs.append((unrolled, lower_train_step(unrolled, mesh).compile()))
+  return programs
+
+
+def _unrolled_cost(config: ml_collections.ConfigDict, mesh: Any,
+                   programs: list[tuple[ml_collections.ConfigDict, Any]]) -> tuple[float, float]:
+  """(FLOPs, bytes accessed) per step at config's K, from the unrolled programs at K=1 and K=2."""
+  costs = [_step_cost(unrolled, mesh, program) for unrolled, program in programs]
   (f1, b1), (f2, b2) = costs
   k = _scanned_steps(config)
   return f1 + (k - 1) * (f2 - f1), b1 + (k - 1) * (b2 - b1)
@@ -209,6 +218,7 @@ def compile_for_topology(
     config_name: str = "config",
     exact_cost: bool = True,
     with_cost: bool = True,
+    with_traffic: bool = False,
 ) -> AotReport:
   """Compiles the train step (and the eval step) as `main` builds them, for `topology`.
 
@@ -221,10 +231,14 @@ def compile_for_topology(
   With `model.scan_steps` the compiler's cost analysis counts the scanned loop body once, not K
   times; `exact_cost` then finds FLOPs and bytes per step from two small unrolled compiles
   (K=1 and K=2: the cost is linear in K, each step costing the same), `_unrolled_cost`.
-  `with_cost` False leaves FLOPs and bytes out (NaN).
+  `with_cost` False leaves FLOPs and bytes out (NaN). `with_traffic` (TPU only): also where the
+  bytes go (`report.traffic`, `eiw_flow_jax.aot.traffic`), from the same programs as the cost.
   """
   target = resolve(topology, num_slices)
   devices = target.devices
+  if with_traffic and target.platform != "tpu":
+    raise AotError(f"--traffic reads TPU programs (their memory spaces and layouts); "
+                   f"{topology} is a {target.platform.upper()} topology.")
   config, per_device = _configure(config, len(devices), per_device_batch)
   report = AotReport(
       config_name=config_name, topology=topology, num_slices=num_slices,
@@ -255,11 +269,17 @@ def compile_for_topology(
   if target.platform == "gpu":
     report.library_calls = library_calls(compiled.as_text())
   report.compiler_seconds = _cost(compiled).get("optimal_seconds")
-  if with_cost and exact_cost and _scanned_steps(config) > 1:
-    report.flops, report.bytes_accessed = _unrolled_cost(config, mesh)
+  if (with_cost or with_traffic) and exact_cost and _scanned_steps(config) > 1:
+    programs = _unrolled_programs(config, mesh)
+    report.flops, report.bytes_accessed = _unrolled_cost(config, mesh, programs)
     report.cost_source = "unrolled K=1,2"
-  elif with_cost:
+    if with_traffic:
+      one, two = (traffic.breakdown(program.as_text()) for _, program in programs)
+      report.traffic = traffic.extrapolate(one, two, _scanned_steps(config))
+  elif with_cost or with_traffic:
     report.flops, report.bytes_accessed = _step_cost(config, mesh, compiled)
+    if with_traffic:
+      report.traffic = traffic.breakdown(compiled.as_text())
   if with_eval:
     started = time.perf_counter()
     try:

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from eiw_flow_jax.aot.chips import DEFAULT_GPU_MEMORY_FRACTION, ChipSpec, GiB, GpuSpec
+from eiw_flow_jax.aot.traffic import Traffic, render_traffic
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +87,7 @@ class AotReport:
   memory_fraction: float | None = None  # GPU: the share of its memory JAX's allocator takes
   # GPU: the compiled train step's cuDNN and cuBLAS calls by target (`compiler.library_calls`).
   library_calls: dict[str, int] | None = None
+  traffic: Traffic | None = None  # where the bytes go (`compile_for_topology(with_traffic=)`)
 
   @property
   def train_total(self) -> int | None:
@@ -263,8 +265,9 @@ def _library_calls_line(calls: dict[str, int]) -> str:
           f"{count('__cudnn') - convolutions} other cuDNN calls, {count('__cublas')} cuBLAS calls")
 
 
-def render(report: AotReport) -> str:
-  """The report as printed by the command: one `name: value` per line."""
+def render(report: AotReport, traffic_top: int = 15) -> str:
+  """The report as printed by the command: one `name: value` per line (then the byte
+  breakdown's tables, with its `traffic_top` largest instructions, if it was made)."""
   r = report
   chip = r.chip
   compiler = "XLA's GPU compiler" if r.platform == "gpu" else "TPU compiler"
@@ -327,6 +330,10 @@ def render(report: AotReport) -> str:
     lines.append(f"largest per-device batch that fits: {found}; {search.compiles} more compiles "
                  f"in {search.seconds:.0f} s")
   lines.append(f"fits: {'yes' if r.fits else 'no'}")
+  if r.traffic is not None:
+    source = ("the unrolled K=1,2 programs, extrapolated" if r.cost_source != "compiler"
+              else "the compiled program")
+    lines.append(render_traffic(r.traffic, r.bytes_accessed, top=traffic_top, source=source))
   return "\n".join(lines)
 
 

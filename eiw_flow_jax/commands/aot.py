@@ -28,7 +28,7 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from eiw_flow_jax.aot import AotError
+from eiw_flow_jax.aot import AotError, compare
 from eiw_flow_jax.aot.chips import GPUS
 from eiw_flow_jax.aot.compiler import compile_for_topology
 from eiw_flow_jax.aot.report import AotReport, markdown_table, render, report_dict, table_row
@@ -56,7 +56,8 @@ def _define_flags() -> None:
   """The command's flags, defined when it runs (importing this module defines none, so it can
   share a process with `commands.main`, whose --config has the same name)."""
   global _CONFIG, _TOPOLOGY, _NUM_SLICES, _PER_DEVICE_BATCH, _EVAL, _EXACT_COST
-  global _MAX_BATCH_SEARCH, _JSON, _TABLE
+  global _MAX_BATCH_SEARCH, _JSON, _TABLE, _TRAFFIC, _TRAFFIC_TOP, _COMPARE, _COMPARE_MEMORY
+  global _COMPARE_DTYPE
   _CONFIG = config_flags.DEFINE_config_file(
       "config", None,
       "Config file (configs/<name>.py); override fields with --config.<field>=<value>. "
@@ -91,6 +92,22 @@ def _define_flags() -> None:
       "table", False,
       "A 'before you rent' table over the config files given as arguments and every "
       "--topology: fits, GiB per device, roofline step time and wall time to num_train_steps.")
+  _TRAFFIC = flags.DEFINE_bool(
+      "traffic", False,
+      "Also print where the train step's bytes go: per layer kind (forward, backward, copies) "
+      "and the largest instructions, counted from the compiled programs (the cost's).")
+  _TRAFFIC_TOP = flags.DEFINE_integer(
+      "traffic_top", 15, "With --traffic: how many of the largest instructions to list.")
+  _COMPARE = flags.DEFINE_bool(
+      "compare", False,
+      "Table the config's memory modes and coupling-network dtypes side by side (train step "
+      "only): memory per device, GFLOP and GB per step, roofline; with --traffic, GB per layer "
+      "kind of each.")
+  _COMPARE_MEMORY = flags.DEFINE_list(
+      "compare_memory", None,
+      "With --compare: the model.memory values (default: every mode the backbone supports).")
+  _COMPARE_DTYPE = flags.DEFINE_list(
+      "compare_dtype", ["auto", "bfloat16"], "With --compare: the model.dtype values.")
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -104,12 +121,35 @@ def _write_json(value: Any) -> None:
       json.dump(value, f, indent=2, default=str)
 
 
-def _run_one(config, name: str, topology: str) -> AotReport:
+def _run_one(config, name: str, topology: str, with_eval: bool | None = None) -> AotReport:
   report = compile_for_topology(
       config, topology, _PER_DEVICE_BATCH.value, num_slices=_NUM_SLICES.value,
-      with_eval=_EVAL.value, config_name=name, exact_cost=_EXACT_COST.value,
+      with_eval=_EVAL.value if with_eval is None else with_eval, config_name=name,
+      exact_cost=_EXACT_COST.value, with_traffic=_TRAFFIC.value,
   )
   return report
+
+
+def _compare(config, name: str, topology: str) -> None:
+  """--compare: the variants' table (and with --traffic their bytes per layer kind)."""
+  chosen = compare.variants(_COMPARE_MEMORY.value or compare.memory_modes(config),
+                            _COMPARE_DTYPE.value)
+
+  def compile_variant(variant_config):
+    report = _run_one(variant_config, name, topology, with_eval=False)
+    print(f"{name} on {topology}, memory={variant_config.model.memory}, "
+          f"dtype={variant_config.model.dtype}: compiled in {report.compile_seconds:.0f} s",
+          file=sys.stderr, flush=True)
+    return report
+
+  results = compare.compare(config, chosen, compile_variant)
+  print(f"{name} on {topology}, {results[0][1].per_device_batch} images per device "
+        "(TPU compiler; per device, train step):", flush=True)
+  print(compare.table(results), flush=True)
+  if _TRAFFIC.value:
+    print("GB per step per device by layer kind (counted from the compiled programs):")
+    print(compare.traffic_table(results), flush=True)
+  _write_json([{"variant": v.label, **report_dict(r)} for v, r in results])
 
 
 def main(argv: list[str]) -> None:
@@ -138,6 +178,9 @@ def main(argv: list[str]) -> None:
       raise AotError(f"give one --topology without --table, got {_TOPOLOGY.value}.")
     name = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")),
                 "configs/digits.py")
+    if _COMPARE.value:
+      _compare(_CONFIG.value, name, _TOPOLOGY.value[0])
+      return
     report = _run_one(_CONFIG.value, name, _TOPOLOGY.value[0])
     if not report.fits:
       _write_json(report_dict(report))
@@ -147,7 +190,7 @@ def main(argv: list[str]) -> None:
           _CONFIG.value, report.topology, report, budget_s=_MAX_BATCH_SEARCH.value,
           num_slices=_NUM_SLICES.value,
       )
-    print(render(report), flush=True)
+    print(render(report, traffic_top=_TRAFFIC_TOP.value), flush=True)
     _write_json(report_dict(report))
   except AotError as e:
     _fail(f"error: {e}")

@@ -11,9 +11,10 @@ Images are NHWC; shapes are checked at the edge with errors that say what was ex
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import flax.linen as nn
 import jax
@@ -24,6 +25,7 @@ from eiw_flow_jax.model import kernels
 from eiw_flow_jax.model.kernels import apply_conv
 
 Array = jax.Array
+T = TypeVar("T")
 
 
 def check_image_batch(x: Array, name: str, channels: int | None = None) -> None:
@@ -34,6 +36,29 @@ def check_image_batch(x: Array, name: str, channels: int | None = None) -> None:
     raise ValueError(f"{name}: expected a floating-point array, got dtype {x.dtype}.")
   if channels is not None and x.shape[-1] != channels:
     raise ValueError(f"{name}: expected {channels} channels, got shape {x.shape}.")
+
+
+# The name scope of each kind of layer (`layer_scope`), in the op names of compiled programs.
+ACTNORM_SCOPE = "actnorm"
+CONV1X1_SCOPE = "conv1x1"
+COUPLING_SCOPE = "coupling"  # the coupling of the halves, around its network
+COUPLING_NET_SCOPE = "coupling_net"
+LAYER_SCOPES = (ACTNORM_SCOPE, CONV1X1_SCOPE, COUPLING_SCOPE, COUPLING_NET_SCOPE)
+
+
+def layer_scope(scope: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
+  """Runs a layer's `__call__` under `jax.named_scope(scope)`: the compiled program's op names
+  then say which kind of layer each instruction belongs to (`eiw_flow_jax.aot.traffic`)."""
+
+  def decorate(call: Callable[..., T]) -> Callable[..., T]:
+    @functools.wraps(call)
+    def scoped(*args: Any, **kwargs: Any) -> T:
+      with jax.named_scope(scope):
+        return call(*args, **kwargs)
+
+    return scoped
+
+  return decorate
 
 
 def sum_except_batch(x: Array) -> Array:
@@ -119,6 +144,7 @@ class ActNorm(Bijector):
   eps: float = 1e-6
 
   @nn.compact
+  @layer_scope(ACTNORM_SCOPE)
   def __call__(self, x: Array, reverse: bool = False) -> tuple[Array, Array]:
     check_image_batch(x, "ActNorm")
     channels = x.shape[-1]
@@ -198,6 +224,7 @@ class InvertibleConv1x1(Bijector):
   inverse_method: str = "solve"
 
   @nn.compact
+  @layer_scope(CONV1X1_SCOPE)
   def __call__(self, x: Array, reverse: bool = False) -> tuple[Array, Array]:
     check_image_batch(x, "InvertibleConv1x1")
     c = x.shape[-1]
@@ -336,6 +363,7 @@ class CouplingNet(nn.Module):
   kernels: str = "auto"  # see eiw_flow_jax.model.kernels
 
   @nn.compact
+  @layer_scope(COUPLING_NET_SCOPE)
   def __call__(self, x: Array) -> Array:
     if self.dtype is not None:
       x = x.astype(self.dtype)
@@ -395,6 +423,7 @@ class AffineCoupling(Bijector):
   kernels: str = "auto"  # see eiw_flow_jax.model.kernels
 
   @nn.compact
+  @layer_scope(COUPLING_SCOPE)
   def __call__(self, x: Array, reverse: bool = False) -> tuple[Array, Array]:
     check_image_batch(x, "AffineCoupling")
     x_a, x_b = split_halves(x, "AffineCoupling")
@@ -411,6 +440,7 @@ class AdditiveCoupling(Bijector):
   kernels: str = "auto"  # see eiw_flow_jax.model.kernels
 
   @nn.compact
+  @layer_scope(COUPLING_SCOPE)
   def __call__(self, x: Array, reverse: bool = False) -> tuple[Array, Array]:
     check_image_batch(x, "AdditiveCoupling")
     x_a, x_b = split_halves(x, "AdditiveCoupling")
