@@ -25,7 +25,8 @@ with bfloat16 coupling networks `store` takes 41.7 ms). Command: `python -m eiw_
 `configs/imagenet32.py:v5e_16`: 16 chips of 16 GiB, 32 images each: as is.
 GPU memory per device, from XLA's GPU compiler, one node of 8 H100s at 64 images each, float32,
 `store`: 6.96 GiB of the 59.33 JAX's allocator takes of an H100 (arguments 0.99, temporaries
-5.97); 2225 GFLOP per GPU per step; roofline >= 17.3 ms a step (memory traffic), >= 1.9 h for 400k steps.
+5.97); 2225 GFLOP per GPU per step; roofline >= 17.3 ms a step (memory traffic), >= 1.9 h
+for 400k steps.
 Command: `python -m eiw_flow_jax.aot --config=configs/imagenet32.py --topology=h100:8 --noeval
 --config.model.memory=store` (docs/gpu.md).
 """
