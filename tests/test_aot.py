@@ -5,6 +5,7 @@ CIFAR model ~40 s), so each program is compiled once and checked several ways.""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -187,7 +188,15 @@ def test_the_command_prints_the_report(digits_run):
   assert fields["config"] == "configs/digits.py"
   assert fields["topology"].startswith(f"{TOPOLOGY} (4 devices, TPU v5 lite")
   assert fields["batch"].startswith("16 per device, 64 global; coupling networks float32")
-  assert re.fullmatch(r"train step [\d.]+ s, eval step [\d.]+ s", fields["compile time"])
+  # Every compile counted: the two unrolled cost compiles and the whole call's time.
+  times = re.fullmatch(r"train step ([\d.]+) s, eval step ([\d.]+) s, FLOPs and bytes ([\d.]+) s "
+                       r"\(2 more compiles: unrolled K=1,2\); ([\d.]+) s in all",
+                       fields["compile time"])
+  assert times, fields["compile time"]
+  train_s, eval_s, cost_s, total_s = map(float, times.groups())
+  assert cost_s > 0 and total_s >= train_s + eval_s + cost_s - 0.3
+  assert report["cost_seconds"] == pytest.approx(cost_s, abs=0.06)
+  assert report["step_seconds_is"] == "roofline lower bound"
   assert re.match(r"[\d.]+ \(params [\d.]+, EMA [\d.]+, optimizer state [\d.]+",
                   fields["arguments"])
   total, hbm = float(fields["train step total"]), float(fields["HBM"].split()[0])
@@ -196,7 +205,7 @@ def test_the_command_prints_the_report(digits_run):
   assert re.match(r"[\d.]+ GFLOP, [\d.]+ GB accessed \(TPU compiler; scanned steps: unrolled "
                   r"K=1,2, extrapolated\)", fields["cost per step per device"])
   assert re.match(r"step >= [\d.]+ (us|ms|s) .*, <= \d+ images/s; 1250 steps >= ",
-                  fields["roofline"])
+                  fields["roofline lower bound"])
   assert fields["fits"] == "yes"
   assert "Failed to find host bounds" not in result.stderr  # libtpu kept quiet off a TPU VM
 
@@ -219,7 +228,7 @@ def test_reduced_cifar_compiles_at_64_per_chip(cifar_report):
   assert 0.01 * chips.GiB < r.train.temporaries < 1 * chips.GiB
   assert 80e9 < r.flops < 110e9
   text = report.render(r)
-  assert "fits: yes" in text and "roofline: step >=" in text
+  assert "fits: yes" in text and "roofline lower bound: step >=" in text
 
 
 def _three_by_three_convolutions(text: str) -> int:
@@ -348,14 +357,101 @@ def test_the_batch_search_finds_the_largest_batch_that_fits(monkeypatch, start):
   assert stopped.compiles == 0 and not stopped.exact
 
 
+def test_the_batch_search_stays_within_its_budget(monkeypatch):
+  """Compiles that take 30 s, then longer as the batch grows: a search given 100 s starts a
+  compile only while the time spent plus the longest compile (and a margin) fits, and says so."""
+  clock = [0.0]
+  monkeypatch.setattr(search.time, "perf_counter", lambda: clock[0])
+
+  def slow_compile(config, topology, batch, **kwargs):
+    clock[0] += 30.0 * (1 + batch / 10_000)
+    return _fake_report(batch)
+
+  monkeypatch.setattr(search, "compile_for_topology", slow_compile)
+  start = _fake_report(64)
+  start.compile_seconds = 30.0
+  found = search.largest_batch(None, TOPOLOGY, start, budget_s=100)
+  assert found.compiles == 2 and found.seconds <= 100 and found.budget_s == 100
+  once = search.largest_batch(None, TOPOLOGY, start, budget_s=60)
+  assert once.compiles == 1 and once.seconds <= 60 and not once.exact
+  assert report.render(dataclasses.replace(start, batch_search=once)).splitlines()[-2] == (
+      "largest per-device batch that fits: at least 1433 (every batch tried fits; the budget "
+      "ran out before one that does not); 1 more compiles in 34 s of the 60 s budget")
+  none = search.largest_batch(None, TOPOLOGY, start, budget_s=20)
+  assert none.compiles == 0
+  assert report.render(dataclasses.replace(start, batch_search=none)).splitlines()[-2] == (
+      "largest per-device batch that fits: at least 64; no other batch tried: one compile takes "
+      "about 30 s, more than the budget of --max_batch_search=20 s; 0 more compiles in 0 s of "
+      "the 20 s budget")
+
+
+@pytest.mark.parametrize("cost_source", ["compiler", "unrolled K=1,2"])
+def test_the_compilers_estimate_is_weighed_against_the_roofline(cost_source):
+  fake = dataclasses.replace(_fake_report(64), cost_source=cost_source)
+  roofline = fake.step_seconds  # 5.1 ms: compute-bound
+  below = report.render(dataclasses.replace(fake, compiler_seconds=roofline / 10))
+  line = next(x for x in below.splitlines() if x.startswith("compiler's estimate:"))
+  assert line.startswith("compiler's estimate: 508 us per step, below the roofline lower bound, "
+                         "which no step can beat: ")
+  assert ("counts once" in line) == (cost_source != "compiler")
+  assert "Plan with the roofline" in line
+  above = report.render(dataclasses.replace(fake, compiler_seconds=roofline * 2))
+  line = next(x for x in above.splitlines() if x.startswith("compiler's estimate:"))
+  assert line.startswith("compiler's estimate: 10.2 ms per step (its model of its own schedule, "
+                         "above the roofline lower bound")
+
+
+def test_load_config_takes_hardware_variants_and_overrides(tmp_path):
+  config_file = tmp_path / "small_chips.py"
+  config_file.write_text(
+      "from configs import cifar10\n"
+      "from eiw_flow_jax.config import recipes\n\n"
+      "def get_config(hardware=''):\n"
+      "  return recipes.hardware_variant(cifar10.get_config(), hardware,\n"
+      "                                  {'half': {'batch_size': 256}})\n")
+  plain = aot_command.load_config(str(config_file))
+  half = aot_command.load_config(f"{config_file}:half",
+                                 {"model.memory": "invert", "num_train_steps": 7})
+  assert (plain.batch_size, half.batch_size) == (512, 256)
+  assert (half.model.memory, half.num_train_steps) == ("invert", 7)
+  assert aot_command.load_config(f"{REPO}/configs/cifar10.py:v5e_16").batch_size == 512
+  with pytest.raises(aot.AotError, match=r"configs/digits.py has no hardware variants; got "
+                                         r"':v5e_16'"):
+    aot_command.load_config(f"{REPO}/configs/digits.py:v5e_16")
+  with pytest.raises(aot.AotError, match="Unknown hardware variant 'tpu9'"):
+    aot_command.load_config(f"{REPO}/configs/cifar10.py:tpu9")
+  with pytest.raises(aot.AotError, match=r"--config.model.colour: .* has no field model.colour"):
+    aot_command.load_config(f"{REPO}/configs/cifar10.py", {"model.colour": 1})
+
+
+def test_the_table_takes_overrides_and_hardware_variants(env, tmp_path):
+  path = tmp_path / "table.json"
+  result = _aot(env, "--table", "configs/digits.py", "configs/digits.py", "--noeval",
+                "--noexact_cost", f"--topology={TOPOLOGY}", "--config.num_train_steps=123",
+                "--config.model.steps_per_level=1", f"--json={path}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = result.stdout.strip().splitlines()
+  assert lines[0] == ("| config | topology | batch/device | fits | GiB/device | usable GiB | "
+                      "step (roofline lower bound) | steps | wall time (roofline lower bound) | "
+                      "compiles, s |")
+  assert len(lines) == 4 and all("| 123 |" in line for line in lines[2:]), lines
+  assert all(r["num_train_steps"] == 123 for r in json.loads(path.read_text()))
+  bad = _aot(env, "--table", "configs/digits.py:v5e_16", "--noeval")
+  assert bad.returncode == 1 and bad.stdout == ""
+  assert bad.stderr.strip() == ("error: configs/digits.py has no hardware variants; got "
+                                "':v5e_16'.")
+
+
 def test_the_before_you_rent_table():
   fits, refused = _fake_report(64), _fake_report(4096)
   assert fits.fits and not refused.fits
+  fits.total_seconds = 12.4
   table = report.markdown_table([report.table_row(fits), report.table_row(refused)]).splitlines()
   assert table[0].startswith("| config | topology | batch/device | fits | GiB/device |")
+  assert "wall time (roofline lower bound)" in table[0]
   # 1e12 FLOPs at 197 TFLOP/s: 5.1 ms a step (HBM: 1e9 B at 819 GB/s, 1.2 ms); 1000 steps.
-  assert table[2] == "| fake | v5e:2x2 | 64 | y | 1.62 | 15.00 | 5.1 ms | 1000 | 5.1 s |"
-  assert table[3] == "| fake | v5e:2x2 | 4096 | n | 41.00 | 15.00 | n/a | 1000 | n/a |"
+  assert table[2] == "| fake | v5e:2x2 | 64 | y | 1.62 | 15.00 | 5.1 ms | 1000 | 5.1 s | 12 |"
+  assert table[3] == "| fake | v5e:2x2 | 4096 | n | 41.00 | 15.00 | n/a | 1000 | n/a | n/a |"
   assert "The train state alone" not in refused.one_line()
   assert refused.one_line().startswith(
       "error: does not fit: fake at 4096 images per device on v5e:2x2 needs 41.00 GiB per "

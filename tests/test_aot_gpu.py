@@ -274,7 +274,7 @@ def test_the_command_prints_the_gpu_report(digits_run):
       r"extrapolated\)", fields["cost per step per device"])
   assert re.match(r"step >= [\d.]+ (us|ms|s) \(compute [\d.]+ (us|ms|s) at 494.5 TFLOP/s TF32 "
                   r"dense, memory traffic [\d.]+ (us|ms|s) at 3350 GB/s\), <= \d+ images/s; "
-                  r"1250 steps >= ", fields["roofline"])
+                  r"1250 steps >= ", fields["roofline lower bound"])
   assert fields["fits"] == "yes"
   # No GPU here: the CUDA plugin is loaded only to compile, and says nothing.
   assert result.stderr == ""
@@ -302,7 +302,7 @@ def test_reduced_cifar_compiles_at_64_per_h100(cifar_report):
   assert 80e9 < r.flops < 110e9 and r.cost_source == "compiler"
   assert 0.5e9 < r.bytes_accessed < 20e9
   text = report.render(r)
-  assert "fits: yes" in text and "roofline: step >=" in text
+  assert "fits: yes" in text and "roofline lower bound: step >=" in text
 
 
 @pytest.mark.compiler_output

@@ -11,13 +11,13 @@ The first thing to run before renting a slice or GPU nodes. With `libtpu` instal
 -e ".[tpu]"`), JAX compiles for a TPU topology without a TPU (`jax.experimental.topologies`);
 with JAX's CUDA plugin (`pip install -e ".[gpu-aot]"`), for NVIDIA GPUs without one, from a
 description of the GPU for XLA (`chips.GpuSpec.target_config`). The train step and the eval step
-are built exactly as `python -m eiw_flow_jax.main` builds them (`train.make_train_step`,
-`train_state.abstract_state`, the same mesh and shardings) over a mesh of the topology's
+are built exactly as `python -m eiw_flow_jax.main` builds them (`training.run.Run`: the same
+train step, abstract state, mesh and shardings) over a mesh of the topology's
 devices, lowered on `jax.ShapeDtypeStruct`s (no array is allocated) and compiled by the real
 compiler, whose memory and cost analyses are printed: per device the arguments (parameters,
 EMA, optimizer state), temporaries, outputs and total against what one device may use (the TPU
 compiler's limit; on a GPU, the share of its memory JAX's allocator takes), FLOPs and bytes per
-step, a roofline bound on the step time and images/s from `CHIPS` / `GPUS`, and
+step, a roofline lower bound on the step time and images/s from `CHIPS` / `GPUS`, and
 (`--max_batch_search`) the largest per-device batch that fits. A config that does not fit exits
 1 with one line. `--table` prints a "before you rent" table over configs and topologies: fits,
 GiB per device, step time and wall time to the config's step count.

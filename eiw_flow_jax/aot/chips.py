@@ -40,8 +40,8 @@ class ChipSpec:
     return self.bf16_flops, "bf16"
 
 
-# Sources: the Cloud TPU documentation's page of each version, table of key specifications
-# (read 2026-12-03): https://cloud.google.com/tpu/docs/v4 ("Peak compute per chip 275
+# Sources: the Cloud TPU documentation's page of each version, table of key specifications:
+# https://cloud.google.com/tpu/docs/v4 ("Peak compute per chip 275
 # teraflops (bf16 or int8)", "HBM2 capacity and bandwidth 32 GiB, 1200 GBps", two TensorCores
 # per chip), https://cloud.google.com/tpu/docs/v5e ("Peak compute per chip (bf16) 197
 # TFLOPs", "HBM2 capacity and bandwidth 16 GB, 819 GBps", one TensorCore),
@@ -169,7 +169,7 @@ class GpuSpec:
     return "\n".join(lines) + "\n"
 
 
-# Sources, per GPU (read 2026-12-06). Peaks: NVIDIA's datasheets give the tensor-core figures
+# Sources, per GPU. Peaks: NVIDIA's datasheets give the tensor-core figures
 # "with sparsity"; the dense peak used here is half of that. Clock: the FP32 (non-tensor) peak
 # of the datasheet over 2 x the FP32 lanes (e.g. 67 TFLOPS / (2 x 16896) = 1.98 GHz for the
 # H100 SXM). Device memory: what the CUDA driver reports on the GPU (`cuDeviceTotalMem`, the

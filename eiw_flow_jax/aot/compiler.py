@@ -234,6 +234,7 @@ def compile_for_topology(
   `with_cost` False leaves FLOPs and bytes out (NaN). `with_traffic` (TPU only): also where the
   bytes go (`report.traffic`, `eiw_flow_jax.aot.traffic`), from the same programs as the cost.
   """
+  call_started = time.perf_counter()
   target = resolve(topology, num_slices)
   devices = target.devices
   if with_traffic and target.platform != "tpu":
@@ -263,12 +264,14 @@ def compile_for_topology(
   except Exception as e:  # noqa: BLE001 - only the compiler's out-of-memory is an answer
     report.compile_seconds = time.perf_counter() - started
     _refused(report, e, "train step")
+    report.total_seconds = time.perf_counter() - call_started
     return report
   report.compile_seconds = time.perf_counter() - started
   report.train = ProgramMemory.of(compiled)
   if target.platform == "gpu":
     report.library_calls = library_calls(compiled.as_text())
   report.compiler_seconds = _cost(compiled).get("optimal_seconds")
+  started = time.perf_counter()
   if (with_cost or with_traffic) and exact_cost and _scanned_steps(config) > 1:
     programs = _unrolled_programs(config, mesh)
     report.flops, report.bytes_accessed = _unrolled_cost(config, mesh, programs)
@@ -280,6 +283,7 @@ def compile_for_topology(
     report.flops, report.bytes_accessed = _step_cost(config, mesh, compiled)
     if with_traffic:
       report.traffic = traffic.breakdown(compiled.as_text())
+  report.cost_seconds = time.perf_counter() - started
   if with_eval:
     started = time.perf_counter()
     try:
@@ -287,11 +291,13 @@ def compile_for_topology(
     except Exception as e:  # noqa: BLE001
       report.eval_compile_seconds = time.perf_counter() - started
       _refused(report, e, "eval step")
+      report.total_seconds = time.perf_counter() - call_started
       return report
     report.eval_compile_seconds = time.perf_counter() - started
     report.eval = ProgramMemory.of(compiled)
     # Eval runs inside training: params and optimizer state stay allocated next to it.
     report.eval_resident_bytes = report.state_bytes["params"] + report.state_bytes["optimizer"]
+  report.total_seconds = time.perf_counter() - call_started
   return report
 
 

@@ -43,6 +43,9 @@ class BatchSearch:
   fails: int | None
   compiles: int
   seconds: float
+  budget_s: float = math.nan
+  # The longest compile seen (the report's own included): what one more compile would take.
+  compile_seconds: float = math.nan
 
   @property
   def exact(self) -> bool:
@@ -75,6 +78,9 @@ class AotReport:
   flops: float = math.nan
   bytes_accessed: float = math.nan
   compiler_seconds: float | None = None  # the TPU compiler's own step-time estimate
+  # Seconds spent finding FLOPs and bytes (with scanned steps: two more compiles, K=1 and 2).
+  cost_seconds: float = 0.0
+  total_seconds: float = math.nan  # the whole `compile_for_topology` call, every compile in it
   # How flops / bytes_accessed were found: "compiler" (the program's own cost analysis) or
   # "unrolled K=1,2" (extrapolated: the compiler counts a scanned loop body once).
   cost_source: str = "compiler"
@@ -198,6 +204,8 @@ def report_dict(report: AotReport) -> dict[str, Any]:
       train_total=report.train_total, eval_total=report.eval_total,
       peak_bytes=report.peak_bytes, fits=report.fits, step_seconds=report.step_seconds,
       images_per_second=report.images_per_second, devices_per_chip=report.devices_per_chip,
+      # step_seconds and images_per_second are the roofline's: a lower and an upper bound.
+      step_seconds_is="roofline lower bound",
   )
   return out
 
@@ -265,6 +273,54 @@ def _library_calls_line(calls: dict[str, int]) -> str:
           f"{count('__cudnn') - convolutions} other cuDNN calls, {count('__cublas')} cuBLAS calls")
 
 
+def _compile_time_line(r: AotReport) -> str:
+  line = f"compile time: train step {r.compile_seconds:.1f} s"
+  if r.eval_compile_seconds:
+    line += f", eval step {r.eval_compile_seconds:.1f} s"
+  if r.cost_source != "compiler":
+    line += f", FLOPs and bytes {r.cost_seconds:.1f} s (2 more compiles: {r.cost_source})"
+  if math.isfinite(r.total_seconds):
+    line += f"; {r.total_seconds:.1f} s in all"
+  return line
+
+
+def _compiler_estimate_line(r: AotReport, estimate: float, bound: float) -> str:
+  """The compiler's own step-time estimate, and which figure to plan with when they differ."""
+  line = f"compiler's estimate: {_duration(estimate)} per step"
+  if estimate >= bound:
+    return (line + " (its model of its own schedule, above the roofline lower bound; a chip "
+            "measures the real step: bench/step_time.py)")
+  if r.cost_source != "compiler":
+    why = ("it models the scanned program, whose loop body it counts once, not the K flow "
+           "steps a step runs")
+  else:
+    why = ("it is the compiler's model of its schedule, not a bound, and it assumes more "
+           "overlap and bandwidth than the published peaks allow")
+  return (line + f", below the roofline lower bound, which no step can beat: {why}. Plan "
+          "with the roofline (a lower bound too); a chip measures the real step: "
+          "bench/step_time.py")
+
+
+def _batch_search_line(search: BatchSearch) -> str:
+  if search.fits is None:
+    found = f"none: the smallest batch tried, {search.fails}, does not fit"
+  elif search.exact:
+    found = f"{search.fits} ({search.fails} does not fit)"
+  elif search.fails is None and search.compiles == 0:
+    found = (f"at least {search.fits}; no other batch tried: one compile takes about "
+             f"{search.compile_seconds:.0f} s, more than the budget of "
+             f"--max_batch_search={search.budget_s:g} s")
+  elif search.fails is None:
+    found = (f"at least {search.fits} (every batch tried fits; the budget ran out before one "
+             "that does not)")
+  else:
+    found = (f"at least {search.fits}, less than {search.fails} (the budget ran out before the "
+             "bisection ended)")
+  budget = f" of the {search.budget_s:g} s budget" if math.isfinite(search.budget_s) else ""
+  return (f"largest per-device batch that fits: {found}; {search.compiles} more compiles in "
+          f"{search.seconds:.0f} s{budget}")
+
+
 def render(report: AotReport, traffic_top: int = 15) -> str:
   """The report as printed by the command: one `name: value` per line (then the byte
   breakdown's tables, with its `traffic_top` largest instructions, if it was made)."""
@@ -276,8 +332,7 @@ def render(report: AotReport, traffic_top: int = 15) -> str:
       f"topology: {_devices_line(r)}",
       f"batch: {r.per_device_batch} per device, {r.global_batch} global; coupling networks "
       f"{r.dtype}",
-      f"compile time: train step {r.compile_seconds:.1f} s"
-      + (f", eval step {r.eval_compile_seconds:.1f} s" if r.eval_compile_seconds else ""),
+      _compile_time_line(r),
   ]
   if r.train is not None:
     s, m = r.state_bytes, r.train
@@ -308,27 +363,16 @@ def render(report: AotReport, traffic_top: int = 15) -> str:
     traffic = "memory traffic" if r.platform == "gpu" else "HBM traffic"
     step = r.step_seconds
     lines.append(
-        f"roofline: step >= {_duration(step)} (compute {_duration(compute)} at "
+        f"roofline lower bound: step >= {_duration(step)} (compute {_duration(compute)} at "
         f"{peak / share / 1e12:g} TFLOP/s {precision}, {traffic} {_duration(memory)} at "
         f"{chip.memory_bytes_per_s / share / 1e9:g} GB/s), <= {r.images_per_second:.0f} "
         f"images/s; {r.num_train_steps} steps >= {_duration(step * r.num_train_steps)} "
         f"(figures: {chip.source})"
     )
     if r.compiler_seconds and r.compiler_seconds > 0:  # libtpu sometimes gives a negative one
-      lines.append(f"compiler's estimate: {_duration(float(r.compiler_seconds))} per step")
-  search = r.batch_search
-  if search is not None:
-    if search.fits is None:
-      found = f"none found (the smallest tried, {search.fails}, does not fit)"
-    elif search.exact:
-      found = f"{search.fits} ({search.fails} does not)"
-    elif search.fails is None:
-      found = f"at least {search.fits} (no larger batch tried within --max_batch_search)"
-    else:
-      found = (f"at least {search.fits}, less than {search.fails} (--max_batch_search ran out "
-               "before the bisection ended)")
-    lines.append(f"largest per-device batch that fits: {found}; {search.compiles} more compiles "
-                 f"in {search.seconds:.0f} s")
+      lines.append(_compiler_estimate_line(r, float(r.compiler_seconds), step))
+  if r.batch_search is not None:
+    lines.append(_batch_search_line(r.batch_search))
   lines.append(f"fits: {'yes' if r.fits else 'no'}")
   if r.traffic is not None:
     source = ("the unrolled K=1,2 programs, extrapolated" if r.cost_source != "compiler"
@@ -338,7 +382,8 @@ def render(report: AotReport, traffic_top: int = 15) -> str:
 
 
 TABLE_HEADER = ("config", "topology", "batch/device", "fits", "GiB/device", "usable GiB",
-                "step (roofline)", "steps", "wall time (roofline)")
+                "step (roofline lower bound)", "steps", "wall time (roofline lower bound)",
+                "compiles, s")
 
 
 def table_row(report: AotReport) -> tuple[str, ...]:
@@ -350,6 +395,7 @@ def table_row(report: AotReport) -> tuple[str, ...]:
       f"{report.hbm_bytes / GiB:.2f}",
       _duration(step) if report.fits else "n/a", str(report.num_train_steps),
       _duration(step * report.num_train_steps) if report.fits and step else "n/a",
+      f"{report.total_seconds:.0f}" if math.isfinite(report.total_seconds) else "n/a",
   )
 
 

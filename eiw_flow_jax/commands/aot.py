@@ -36,17 +36,36 @@ from eiw_flow_jax.aot.search import largest_batch
 from eiw_flow_jax.commands import command_line
 
 
-def load_config(path: str) -> ml_collections.ConfigDict:
-  """`get_config()` of a config file (configs/<name>.py)."""
-  if not os.path.isfile(path):
-    raise AotError(f"config file {path!r} not found.")
-  spec = importlib.util.spec_from_file_location("_aot_config", path)
+def load_config(path: str, overrides: dict[str, Any] | None = None) -> ml_collections.ConfigDict:
+  """`get_config()` of a config file, as `--config=` reads it: `configs/<name>.py`, or
+  `configs/<name>.py:<hardware>` for `get_config(<hardware>)`; then `overrides` (dotted field
+  -> value, the command line's `--config.<field>=<value>`)."""
+  file, _, hardware = path.partition(":")
+  if not os.path.isfile(file):
+    raise AotError(f"config file {file!r} not found.")
+  spec = importlib.util.spec_from_file_location("_aot_config", file)
   module = importlib.util.module_from_spec(spec)
   try:
     spec.loader.exec_module(module)
-    return module.get_config()
+    config = module.get_config(hardware) if hardware else module.get_config()
+  except TypeError as e:
+    if hardware and "positional argument" in str(e):
+      raise AotError(f"{file} has no hardware variants; got ':{hardware}'.") from e
+    raise AotError(f"cannot load {path}: TypeError: {e}") from e
   except Exception as e:  # noqa: BLE001 - a broken config file is the user's to fix
     raise AotError(f"cannot load {path}: {type(e).__name__}: {e}") from e
+  for dotted, value in (overrides or {}).items():
+    *parents, leaf = dotted.split(".")
+    node = config
+    try:
+      for parent in parents:
+        node = node[parent]
+      if leaf not in node:
+        raise KeyError(leaf)
+      node[leaf] = value
+    except (KeyError, TypeError, AttributeError) as e:
+      raise AotError(f"--config.{dotted}: {path} has no field {dotted}.") from e
+  return config
 
 
 # ----------------------------------------------------------------------------------------------
@@ -90,8 +109,10 @@ def _define_flags() -> None:
   _JSON = flags.DEFINE_string("json", None, "Also write the report (or the table's) as JSON here.")
   _TABLE = flags.DEFINE_bool(
       "table", False,
-      "A 'before you rent' table over the config files given as arguments and every "
-      "--topology: fits, GiB per device, roofline step time and wall time to num_train_steps.")
+      "A 'before you rent' table over the config files given as arguments (configs/x.py or "
+      "configs/x.py:<hardware>; --config.<field>=<value> overrides apply to each) and every "
+      "--topology: fits, GiB per device, the roofline's lower bounds on the step time and the "
+      "wall time to num_train_steps.")
   _TRAFFIC = flags.DEFINE_bool(
       "traffic", False,
       "Also print where the train step's bytes go: per layer kind (forward, backward, copies) "
@@ -161,8 +182,10 @@ def main(argv: list[str]) -> None:
       if len(argv) < 2:
         raise app.UsageError("--table needs config files: --table configs/a.py configs/b.py")
       rows, reports = [], []
-      for path in argv[1:]:
-        config = load_config(path)
+      # The --config.<field>=<value> overrides apply to every config of the table.
+      overrides = config_flags.get_override_values(flags.FLAGS["config"])
+      configs = [(path, load_config(path, overrides)) for path in argv[1:]]  # all errors first
+      for path, config in configs:
         for topology in _TOPOLOGY.value:
           report = _run_one(config, path, topology)
           rows.append(table_row(report))

@@ -216,8 +216,8 @@ class InvertibleConv1x1(Bijector):
   O(C). The 1x1 convolution is an einsum over channels (faster than lax.conv on XLA:CPU).
 
   `inverse_method`: "solve" (triangular solves) or "blocks" (`lower_triangular_inverse`:
-  recursive 2x2 blocks, only dots, which XLA:CPU runs in microseconds where its LAPACK
-  triangular-solve call took milliseconds: ~40% of memory="invert"'s step time). "blocks" is
+  recursive 2x2 blocks, only dots, which XLA:CPU runs far faster than its LAPACK
+  triangular-solve call: docs/performance.md). "blocks" is
   used by memory="invert"'s backward pass, whose drift guard checks the rebuilt inputs anyway.
   """
 
@@ -296,8 +296,8 @@ class Conv1x1(nn.Module):
 
   Same parameters as `nn.Conv(features, (1, 1), use_bias=...)` (kernel (1, 1, in, out), bias
   (out,) zero-initialised, the same initialisers), so checkpoints and converted state_dicts are
-  interchangeable; on XLA:CPU the dot is about 3x faster than the convolution for the coupling
-  network's 1x1 layer (forward + backward, see docs/benchmarks.md). Glow's coupling networks
+  interchangeable; on XLA:CPU the dot is faster than the convolution for the coupling
+  network's 1x1 layer (forward + backward, docs/benchmarks.md). Glow's coupling networks
   and DenseFlow's nets (`dense_nets.conv`) use it.
   """
 
@@ -330,9 +330,8 @@ def scale_output_channels(kernel: Array, scale: Array) -> Array:
 
   The same product; what changes is the scale's gradient, a sum over the other axes. Written on
   the 4-D kernel, a 1x1 kernel's sum became a reduce over axis 2 of (1, 1, C, D), which XLA:CPU
-  ran at 300-380 us for C = D = 256 (its unit axes simplified away, the reduction went to a slow
-  path) against 20-30 us over axis 0 of (C, D): about 10% of the op time of the CIFAR benchmark
-  step went to those 24 sums (docs/performance.md).
+  sends to a slow path (its unit axes simplified away), an order of magnitude slower than the
+  same sum over axis 0 of (C, D) (docs/performance.md).
   """
   return (kernel.reshape(-1, kernel.shape[-1]) * scale).reshape(kernel.shape)
 

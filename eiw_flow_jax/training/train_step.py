@@ -53,9 +53,8 @@ def guarded_update(finite: jax.Array, update: Callable[[T], T], state: T, *, bra
 
   The train step takes the branch on XLA:CPU, so that a non-finite step runs no update and the
   donated params, EMA and optimizer state are updated in place (a select there forced a copy
-  of every leaf, ~1000 small copies per step), and the select on TPU, where it fuses into each
-  leaf's update and the branch's results cost copies of the state (the TPU compiler counts
-  3% fewer bytes per CIFAR-10 step with the select: docs/tpu.md).
+  of every leaf), and the select on TPU, where it fuses into each leaf's update and the
+  branch's results cost copies of the state (fewer bytes by the TPU compiler: docs/tpu.md).
   """
   if branch:
     return jax.lax.cond(finite, update, lambda unchanged: unchanged, state)
