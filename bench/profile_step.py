@@ -33,6 +33,8 @@ import time
 
 from absl import app, flags
 
+from eiw_flow_jax.model.bijectors import LAYER_SCOPES
+
 flags.DEFINE_integer("traced_steps", 3, "Steps traced (after the warm-up).")
 flags.DEFINE_integer("warmup_steps", 3, "Untraced steps first.")
 flags.DEFINE_integer("top_rows", 20, "Rows printed per table.")
@@ -78,7 +80,8 @@ def model_part(op_name: str) -> tuple[str, str]:
   else:
     phase = "update"
   path = [p for p in op_name.split("/")[:-1]  # the last element is the primitive
-          if not p.startswith(("jit(", "jvp(", "transpose(", "MultiScaleFlow."))]
+          if not p.startswith(("jit(", "jvp(", "transpose(", "MultiScaleFlow."))
+          and p not in LAYER_SCOPES]  # the layers' own scopes repeat what the path says
   if phase == "update":
     return phase, "Adam + EMA (under the finite cond)" if "cond" in path else "gradient norm, guard"
   # The last flow-step name: a custom rule's ops (channel_matmul's kernel gradient) carry the

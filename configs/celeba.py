@@ -24,6 +24,11 @@ temporaries 7.80); 3122 GFLOP per chip per step; roofline >= 103 ms a step, >= 8
 steps. Command: `python -m eiw_flow_jax.aot --config=configs/celeba.py --topology=v5e:2x2
 --per_device_batch=32 --noeval` (docs/tpu.md).
 `configs/celeba.py:v5e_16`: 16 chips of 16 GiB, 16 images each: as is (it fits at 32).
+GPU memory per device, from XLA's GPU compiler, one node of 8 H100s at 32 images each, float32:
+9.03 GiB of the 59.33 JAX's allocator takes of an H100 (arguments 1.11, temporaries 7.92); 3099
+GFLOP per GPU per step; roofline >= 22.4 ms a step (memory traffic), >= 1.9 h for 300k steps.
+Command: `python -m eiw_flow_jax.aot --config=configs/celeba.py --topology=h100:8 --noeval`
+(docs/gpu.md).
 """
 
 from eiw_flow_jax.config import recipes

@@ -15,13 +15,20 @@ differences from openai/glow: `recipes.glow_recipe`.
 Data: `python -m eiw_flow_jax.prepare --dataset=imagenet32 --data_dir=DIR --source_dir=SRC` with
 train_32x32.tar and valid_32x32.tar in SRC (no TensorFlow needed for this one).
 Hardware: 8 accelerators with >= 16 GB each, 64 images per device.
-Memory per device, from the TPU compiler (scanned steps, `store`), TPU v5e at 64 images per
-chip, float32 coupling networks: 6.14 GiB (arguments 1.00, temporaries 5.12); 2243 GFLOP
-per chip per step; roofline >= 57 ms a step, >= 6.3 h for 400k steps; with bfloat16 coupling
-networks the same memory, roofline >= 42 ms a step, >= 4.6 h. Command:
-`python -m eiw_flow_jax.aot --config=configs/imagenet32.py --topology=v5e:2x2
---per_device_batch=64 --noeval` (docs/tpu.md).
+Memory mode `remat` (recompute each flow step in the backward pass): the TPU compiler's fastest
+for float32 coupling networks. TPU v5e at 64 images per chip (scanned steps): 1.55 GiB per chip
+(arguments 1.00, temporaries 0.53); 2987 GFLOP and 36.6 GB per chip per step; roofline
+>= 44.6 ms a step, >= 5.0 h for 400k steps (`store`: 6.14 GiB, 2243 GFLOP, 46.3 GB, 56.6 ms;
+with bfloat16 coupling networks `store` takes 41.7 ms). Command: `python -m eiw_flow_jax.aot
+--config=configs/imagenet32.py --topology=v5e:2x2 --per_device_batch=64 --noeval
+[--config.model.memory=M] [--config.model.dtype=bfloat16]` (docs/tpu.md).
 `configs/imagenet32.py:v5e_16`: 16 chips of 16 GiB, 32 images each: as is.
+GPU memory per device, from XLA's GPU compiler, one node of 8 H100s at 64 images each, float32,
+`store`: 6.96 GiB of the 59.33 JAX's allocator takes of an H100 (arguments 0.99, temporaries
+5.97); 2225 GFLOP per GPU per step; roofline >= 17.3 ms a step (memory traffic), >= 1.9 h
+for 400k steps.
+Command: `python -m eiw_flow_jax.aot --config=configs/imagenet32.py --topology=h100:8 --noeval
+--config.model.memory=store` (docs/gpu.md).
 """
 
 from eiw_flow_jax.config import recipes
@@ -36,4 +43,5 @@ def get_config(hardware: str = ""):
   )
   config.dataset.eval_split = ""  # the dataset's usual eval split: "validation"
   config.init_batch_size = 512
+  config.model.memory = "remat"  # the TPU compiler's fastest in float32 (docstring)
   return recipes.hardware_variant(config, hardware, HARDWARE)

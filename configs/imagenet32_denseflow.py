@@ -5,6 +5,13 @@ The authors' command: --epochs 20 --batch_size 64 --optimizer adamax --lr 1e-3 -
 Target: DenseFlow reports 3.63 bits/dim (IWBO, k = 200, --kbs 50); EIW-Flow reports its own
 number in its paper's table.
 
+GPU memory per device, from XLA's GPU compiler, one node of 8 H100s at 8 images each (the
+batch over 8 GPUs), float32: 4.54 GiB of the 59.33 JAX's allocator takes of an H100 (arguments
+1.95: params, EMA and Adamax's two moments; temporaries 2.59); >= 191 GFLOP per GPU per step,
+roofline >= 6.7 ms a step (lower bounds: each unit's scanned layers are counted once).
+Command: `python -m eiw_flow_jax.aot
+--config=configs/imagenet32_denseflow.py --topology=h100:8 --noeval` (docs/gpu.md).
+
 Data: Chrabaszcz et al.'s box-resized ImageNet (`imagenet32_resized`), the version both
 authors' loaders read (Imagenet32_train.zip; docs/datasets.md), not van den Oord's of the Glow
 configs: `python -m eiw_flow_jax.prepare --dataset=imagenet32_resized --data_dir=DIR

@@ -15,15 +15,22 @@ differences from openai/glow: `recipes.glow_recipe`.
 Data: `python -m eiw_flow_jax.prepare --dataset=imagenet64 --data_dir=DIR --source_dir=SRC` with
 train_64x64.tar and valid_64x64.tar in SRC.
 Hardware: 8 accelerators with >= 16 GB each, 32 images per device.
-Memory per device, from the TPU compiler (scanned steps, `store`), TPU v5e at 32 images per
-chip, float32 coupling networks: 13.48 GiB of the 15.75 the compiler allows (arguments 1.68,
-temporaries 11.76); 4683 GFLOP per chip per step; roofline >= 155 ms a step, >= 17 h for 400k
-steps. bfloat16 coupling networks: the same memory (the activations kept between steps stay
-float32), roofline >= 142 ms a step. Command: `python -m eiw_flow_jax.aot
---config=configs/imagenet64.py --topology=v5e:2x2 --per_device_batch=32 --noeval`
+Memory mode `remat` (recompute each flow step in the backward pass): the TPU compiler's fastest
+for float32 coupling networks. TPU v5e at 32 images per chip (scanned steps): 3.20 GiB per chip
+(arguments 1.68, temporaries 1.47); 6237 GFLOP and 109.7 GB per chip per step; roofline
+>= 134 ms a step, >= 14.9 h for 400k steps (`store`: 13.48 GiB of the 15.75 the compiler allows,
+4683 GFLOP, 126.5 GB, 155 ms; with bfloat16 coupling networks `store` takes 142 ms). Command:
+`python -m eiw_flow_jax.aot --config=configs/imagenet64.py --topology=v5e:2x2
+--per_device_batch=32 --noeval [--config.model.memory=M] [--config.model.dtype=bfloat16]`
 (docs/tpu.md).
-`configs/imagenet64.py:v5e_16`: 16 chips of 16 GiB, 16 images each: as is (as stored, 8.75 GiB
-of 15.75 per chip: arguments 1.68, temporaries 7.02; same command with --per_device_batch=16).
+`configs/imagenet64.py:v5e_16`: 16 chips of 16 GiB, 16 images each: as is (with `store`, 8.75
+GiB of 15.75 per chip: arguments 1.68, temporaries 7.02; same command with
+--per_device_batch=16).
+GPU memory per device, from XLA's GPU compiler, one node of 8 H100s at 32 images each, float32,
+`store`: 13.53 GiB of the 59.33 JAX's allocator takes of an H100 (arguments 1.67, temporaries
+11.87); 4649 GFLOP per GPU per step; roofline >= 33.5 ms a step (memory traffic), >= 3.7 h for
+400k steps. Command: `python -m eiw_flow_jax.aot --config=configs/imagenet64.py
+--topology=h100:8 --noeval --config.model.memory=store` (docs/gpu.md).
 """
 
 from eiw_flow_jax.config import recipes
@@ -37,4 +44,5 @@ def get_config(hardware: str = ""):
       num_train_steps=400_000,
   )
   config.dataset.eval_split = ""  # the dataset's usual eval split: "validation"
+  config.model.memory = "remat"  # the TPU compiler's fastest in float32 (docstring)
   return recipes.hardware_variant(config, hardware, HARDWARE)

@@ -5,6 +5,13 @@ The authors' command: --epochs 10 --batch_size 32 --optimizer adamax --lr 1e-3 -
 Target: DenseFlow reports 3.35 bits/dim (IWBO, k = 200, --kbs 25); EIW-Flow reports its own
 number in its paper's table.
 
+GPU memory per device, from XLA's GPU compiler, one node of 8 H100s at 4 images each (the
+batch over 8 GPUs), float32: 6.19 GiB of the 59.33 JAX's allocator takes of an H100 (arguments
+1.95: params, EMA and Adamax's two moments; temporaries 4.24); >= 394 GFLOP per GPU per step,
+roofline >= 8.7 ms a step (lower bounds: each unit's scanned layers are counted once).
+Command: `python -m eiw_flow_jax.aot
+--config=configs/imagenet64_denseflow.py --topology=h100:8 --noeval` (docs/gpu.md).
+
 Data: Chrabaszcz et al.'s box-resized ImageNet (`imagenet64_resized`), the version both
 authors' loaders read (Imagenet64_train_part1.zip, ...; docs/datasets.md), not van den Oord's of
 the Glow configs: `python -m eiw_flow_jax.prepare --dataset=imagenet64_resized --data_dir=DIR

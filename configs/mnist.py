@@ -12,6 +12,9 @@ per image (XLA:CPU's memory analysis). The TPU compiler (scanned steps, `store`)
 images per chip (the batch on 4 chips): 0.42 GiB (arguments 0.04, temporaries 0.36); 124 GFLOP
 per chip per step, roofline >= 3.6 ms a step. Command: `python -m eiw_flow_jax.aot
 --config=configs/mnist.py --topology=v5e:2x2 --per_device_batch=64 --noeval`.
+GPU memory per device, from XLA's GPU compiler, 8 H100s at 32 images each: 0.39 GiB (arguments
+0.04, temporaries 0.35); 61 GFLOP per GPU per step, roofline >= 1.0 ms a step. Command: `python
+-m eiw_flow_jax.aot --config=configs/mnist.py --topology=h100:8 --noeval` (docs/gpu.md).
 Wall time: not measured. Estimate: about 20 min on one device at an assumed sustained
 20 TFLOP/s (XLA: 2 GFLOP per image per step x 256 x 50k steps); 40-80 min at 5-10 TFLOP/s.
 """

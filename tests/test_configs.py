@@ -123,12 +123,13 @@ def test_hardware_variant_from_the_command_line(path, variant, monkeypatch):
 
 def test_every_recipe_fits_16_gib_v5e_chips_as_it_is():
   # The TPU compiler's figures (configs' docstrings, docs/tpu.md) fit every Glow recipe on
-  # 16 GiB v5e chips at its v5e_16 batch as stored: no variant trades speed for memory.
+  # 16 GiB v5e chips at its v5e_16 batch as stored: no variant trades speed for memory
+  # ("remat" is the compiler's fastest in float32 where measured; "invert" would trade).
   for path, variant in HARDWARE_VARIANTS:
     module = _load_module(path)
     name = os.path.basename(path)
     assert module.get_config(variant).to_dict() == module.get_config().to_dict(), name
-    assert module.get_config(variant).model.memory == "store", name
+    assert module.get_config(variant).model.memory in ("store", "remat"), name
 
 
 def test_unknown_hardware_variant_names_the_known_ones():

@@ -89,6 +89,10 @@ EXTERNAL |= {
     "--gamma", "--sigma", "--use_grad_norm", "ExponentialLR(--gamma)", "FlowExperiment.train_fn",
     "LinearWarmupScheduler", "loglik_bpd", "model.log_prob(x)", "model.train()",
     "optimizer.step()", "xlogy",
+    # XLA's and CUDA's own names, which docs/gpu.md explains.
+    "GpuTargetConfig", "HloCostAnalysis", "Compiled.cost_analysis()", "cuInit",
+    "XLA_PYTHON_CLIENT_ALLOCATOR=platform", "XLA_PYTHON_CLIENT_PREALLOCATE=false",
+    'jax_default_matmul_precision="highest"',
 }
 # Errors the docs show on purpose: the misspelt field is the point of the example.
 SHOWN_ERRORS = {"config.model.memroy = 3", "--config.model.coupling=afine_tanh"}

@@ -156,3 +156,20 @@ def test_config_validates_kernels():
   with pytest.raises(checks.ConfigError,
                      match=r"model.kernels must be one of \('auto', 'portable'\), got 'fast'"):
     run_config.validate_config(config)
+
+
+@pytest.mark.parametrize("name", [None, kernels.COUPLING_WIDE])
+def test_relu_is_nn_relu_in_value_and_derivatives(name):
+  """kernels.relu writes its derivative on its output (for memory="remat_wide"): the same
+  function and the same derivative as nn.relu everywhere, 0 at 0 included, in both modes."""
+  x = jnp.array([-2.0, -1e-30, 0.0, 1e-30, 3.0, jnp.nan])
+  tangent = jnp.arange(1.0, 7.0)
+
+  def relu(v):
+    return kernels.relu(v, name)
+
+  np.testing.assert_array_equal(relu(x), jax.nn.relu(x))
+  np.testing.assert_array_equal(jax.jvp(relu, (x,), (tangent,))[1],
+                                jax.jvp(jax.nn.relu, (x,), (tangent,))[1])
+  np.testing.assert_array_equal(jax.grad(lambda v: jnp.sum(relu(v) * tangent))(x),
+                                jax.grad(lambda v: jnp.sum(jax.nn.relu(v) * tangent))(x))

@@ -101,17 +101,23 @@ def test_slurm_dry_run_installs_jax_cuda12_and_starts_one_process_per_gpu():
   env = {"DRY_RUN": "1", "INSTALL": "1", "PER_GPU": "1", "SLURM_JOB_NODELIST": "gpu07,gpu08",
          "SLURM_JOB_NUM_NODES": "2", "SLURM_GPUS_ON_NODE": "4", "VENV": "/shared/venv",
          "CONFIG": "configs/imagenet64.py", "WORKDIR": "/shared/runs/in64",
-         "DATA_DIR": "/shared/tfds", "PORT": "4321", "REPO_ROOT": REPO,
+         "DATA_DIR": "/shared/tfds", "PORT": "4321", "REPO_ROOT": REPO, "GPU": "a100-80g",
          "PATH": "/usr/bin:/bin"}  # no scontrol: the node list's first entry is used
-  result = _run(["bash", os.path.join(LAUNCH, "slurm_gpu.sbatch"), "--config.batch_size=64"],
-                env=env)
+  result = _run(["bash", os.path.join(LAUNCH, "slurm_gpu.sbatch"), "--config.batch_size=64",
+                 "--mode=train"], env=env)
   assert result.returncode == 0, result.stderr
   commands = _commands(result.stdout)
   assert commands[:3] == [
       "python3 -m venv /shared/venv",
       "/shared/venv/bin/pip install -q -U pip",
-      f"/shared/venv/bin/pip install -q jax[cuda12] -e {REPO}",
+      # The gpu-aot extra at the pinned versions: those the ahead-of-time check compiled with.
+      f"/shared/venv/bin/pip install -q -c {REPO}/constraints.txt -e {REPO}[gpu-aot]",
   ]
+  # The check to run before renting: the job's config, GPUs, nodes x GPUs per node and its
+  # --config overrides (not main's other flags).
+  assert ("# check first, on any machine without a GPU (pip install -e \".[gpu-aot]\"): "
+          "/shared/venv/bin/python -m eiw_flow_jax.aot --config=configs/imagenet64.py "
+          "--topology=a100-80g:2x4 --config.batch_size=64\n") in result.stdout
   srun = commands[3]
   assert srun.startswith(
       "srun --nodes=2 --ntasks=8 --ntasks-per-node=4 --gpus-per-task=1 --kill-on-bad-exit=1 "
@@ -119,7 +125,7 @@ def test_slurm_dry_run_installs_jax_cuda12_and_starts_one_process_per_gpu():
   ), srun
   assert srun.endswith(
       f"{REPO} /shared/venv/bin/python configs/imagenet64.py /shared/runs/in64 /shared/tfds "
-      "gpu07:4321 --config.batch_size=64"
+      "gpu07:4321 --config.batch_size=64 --mode=train"
   ), srun
   for text in ('--num_processes="$SLURM_NTASKS"', '--process_id="$SLURM_PROCID"',
                "--distributed", '--coordinator_address="$5"'):

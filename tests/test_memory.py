@@ -1,4 +1,5 @@
-"""config.model.memory ("store" / "remat" / "invert") and config.model.dtype (mixed precision)."""
+"""config.model.memory ("store" / "remat" / "invert" / "remat_wide") and config.model.dtype (mixed
+precision)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import ON_PINNED_COMPILER, VARIANTS, make_config, perturb, random_uint8
+from jax.extend.core import jaxprs_in_params
 
 import eiw_flow_jax
-from eiw_flow_jax.model import memory
+from eiw_flow_jax.model import kernels, memory
 
 
 def _loss_and_grads(config, mode, variables=None, x=None, dtype="float32", scan=True):
@@ -58,8 +60,8 @@ def test_every_memory_mode_scanned_or_unrolled_gives_the_unrolled_gradients(
   # (the coupling and the split are independent code; all six pairs run with -m slow).
   config = _config(split, mode, coupling)
   loss, grads, variables, x = _store(split, mode, coupling)
-  others = [("store", True), ("remat", True), ("invert", True), ("remat", False),
-            ("invert", False)]
+  others = [("store", True), ("remat", True), ("invert", True), ("remat_wide", True),
+            ("remat", False), ("invert", False), ("remat_wide", False)]
   for other, scan in others:
     other_loss, other_grads, _, _ = _loss_and_grads(config, other, variables, x, scan=scan)
     np.testing.assert_allclose(other_loss, loss, rtol=1e-6)
@@ -72,6 +74,59 @@ def test_every_memory_mode_scanned_or_unrolled_gives_the_unrolled_gradients(
           h, g, atol=2e-5 * scale, rtol=1e-4,
           err_msg=f"{other}, scan={scan}: {jax.tree_util.keystr(path)}"
       )
+
+
+@pytest.mark.parametrize("kernels", ["portable", "auto"])
+def test_remat_wide_keeps_the_coupling_nets_wide_activation_and_output(kernels, capsys):
+  """memory="remat_wide" (memory.KEEP_WIDE): of a step's internals the backward pass gets the
+  coupling network's 1x1-layer output (hidden width) and its output from the forward; all else
+  (ActNorm, the 1x1 flow convolution, the first layer, the coupling) it recomputes."""
+  step = eiw_flow_jax.model.bijectors.FlowStep(16, "affine", None, kernels)
+  x = jnp.ones((2, 8, 8, 4))
+  variables = step.init(jax.random.PRNGKey(0), x)
+  constants = variables["constants"]
+
+  def loss(params, x):
+    return step.apply({"params": params, "constants": constants}, x)[0].sum()
+
+  capsys.readouterr()
+  jax.ad_checkpoint.print_saved_residuals(
+      jax.checkpoint(loss, policy=memory.KEEP_WIDE), variables["params"], x)
+  kept = capsys.readouterr().out.splitlines()
+  activations = sorted(line.split()[0] for line in kept if line.startswith("f32[2,"))
+  # The step's input; the output (2 x 2 channels); the wide activation (16 channels).
+  assert activations == ["f32[2,8,8,16]", "f32[2,8,8,4]", "f32[2,8,8,4]"], kept
+  if kernels == "portable":  # (under "auto", the outputs of the platform dispatch)
+    assert any("named 'coupling_net_wide'" in line for line in kept), kept
+
+
+def _products(jaxpr) -> int:
+  """Matmuls and convolutions in a jaxpr, its sub-jaxprs included."""
+  count = 0
+  for eqn in jaxpr.eqns:
+    count += eqn.primitive.name in ("dot_general", "conv_general_dilated")
+    for sub in jaxprs_in_params(eqn.params):
+      count += _products(sub)
+  return count
+
+
+def test_remat_wide_recomputes_no_wide_layer(monkeypatch):
+  """kernels.relu's derivative reads its output, which remat_wide keeps: the backward pass
+  recomputes the first layer only, where `nn.relu`'s rule, on its input, would have it
+  recompute the 1x1 layer too."""
+  step = eiw_flow_jax.model.bijectors.FlowStep(16, "affine", None, "portable")
+  x = jnp.ones((2, 8, 8, 4))
+  variables = step.init(jax.random.PRNGKey(0), x)
+
+  def products() -> int:
+    def loss(params, x):
+      return step.apply({"params": params, "constants": variables["constants"]}, x)[0].sum()
+    grad = jax.grad(jax.checkpoint(loss, policy=memory.KEEP_WIDE))
+    return _products(jax.make_jaxpr(grad)(variables["params"], x).jaxpr)
+
+  kept = products()
+  monkeypatch.setattr(kernels, "relu", lambda x, name=None: jax.nn.relu(x))
+  assert kept == products() - 1
 
 
 def test_invert_init_matches_store_init():
@@ -87,8 +142,8 @@ def test_invert_init_matches_store_init():
 @pytest.mark.parametrize(
     "field,value,match",
     [
-        ("memory", "checkpoint", r"model.memory must be one of \('store', 'remat', 'invert'\), "
-         r"got 'checkpoint'"),
+        ("memory", "checkpoint", r"model.memory must be one of \('store', 'remat', 'invert', "
+         r"'remat_wide'\), got 'checkpoint'"),
         ("dtype", "float64",
          r"model.dtype must be one of \('auto', 'float32', 'bfloat16', 'float16'\)"),
         ("invert_tolerance", 0.0, "model.invert_tolerance must be a number > 0, got 0.0"),

@@ -60,6 +60,10 @@ def test_op_names_and_kinds_come_from_the_compiled_hlo():
      "layers_2/net/ZeroConv_0/conv_general_dilated", ("forward", "coupling/net/ZeroConv_0")),
     (f"{PREFIX}/MultiScaleFlow._run_steps/level0_steps/level0_step1/FlowStep/layers_0/add",
      ("forward", "ActNorm")),
+    # The layers' own name scopes (bijectors.layer_scope) add nothing to the part's name.
+    (f"{PREFIX}/level0_step3/layers_2/coupling/net/coupling_net/bhwc,cd->bhwd/dot_general",
+     ("forward", "coupling/net/bhwc,cd->bhwd")),
+    (f"{PREFIX}/level1_step0/layers_0/actnorm/add", ("forward", "ActNorm")),
 ])
 def test_model_part_folds_levels_and_steps(op_name, expected):
   assert profile_step.model_part(op_name) == expected

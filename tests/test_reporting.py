@@ -71,6 +71,38 @@ def test_progress_bar_starts_after_the_first_step_and_log_lines_go_above_it(tmp_
   assert root.handlers == before
 
 
+
+def test_a_writer_that_died_on_a_full_disk_does_not_block_the_run(tmp_path, monkeypatch, caplog):
+  """tensorboardX writes from a thread; when a write fails (a full disk) the thread dies and,
+  ten queued events later, every further event would block forever. The reporter drops the dead
+  writer with a warning and opens a new event file, so logging resumes when the disk has room."""
+  from tensorboardX import event_file_writer
+
+  reporter = reporting.Reporter(str(tmp_path), total=10**6, initial=0, batch_size=4)
+  disk_full = {"on": True}
+  write_event = event_file_writer.EventsWriter.write_event
+
+  def failing(self, event):
+    if disk_full["on"]:
+      raise OSError(28, "No space left on device")
+    return write_event(self, event)
+
+  monkeypatch.setattr(event_file_writer.EventsWriter, "write_event", failing)
+  try:
+    reporter.scalars(1, {"train/bpd": 1.0})
+    reporter.writer.file_writer.event_writer._worker.join(timeout=30)  # it dies on that write
+    with caplog.at_level(logging.WARNING):
+      for step in range(2, 40):  # more than the writer's queue holds
+        reporter.scalars(step, {"train/bpd": float(step)})
+    assert "event writer stopped" in caplog.text
+    disk_full["on"] = False
+    reporter.scalars(40, {"train/bpd": 40.0})
+  finally:
+    reporter.close()
+  scalars, _ = reporting.read_events(str(tmp_path))
+  assert scalars["train/bpd"][-1] == (40, 40.0)
+
+
 @pytest.fixture(scope="module")
 def tiny_flow():
   config = make_config(steps=1, split="vanilla", n_bits=5)

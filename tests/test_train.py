@@ -18,6 +18,7 @@ import textwrap
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import REPO, with_test_xla_flags
@@ -451,6 +452,22 @@ def test_permutation_changes_are_reported_for_every_shared_split_order(backbone)
   assert changed["perm_changed/level0"] == 1
   _, changes = reporting.summarise([jax.device_get(metrics)])
   assert changes == {i: changed[f"perm_changed/level{i}"] for i in range(splits)}
+
+
+@pytest.mark.parametrize("finite", [True, False])
+def test_the_guarded_update_is_the_same_as_a_branch_or_a_select(finite):
+  """train_step.guarded_update: the update if the step is finite, the state unchanged if not,
+  whether it is taken in a branch (XLA:CPU) or as a select per leaf (TPU)."""
+  state = {"a": jnp.arange(3.0), "b": (jnp.ones((2, 2)), jnp.zeros((), jnp.int32))}
+
+  def update(s):
+    return jax.tree.map(lambda x: x * 2 + 1, s)
+
+  expected = update(state) if finite else state
+  for branch in (True, False):
+    out = jax.jit(lambda s, f, b=branch: train_step.guarded_update(f, update, s, branch=b))(
+        state, jnp.asarray(finite))
+    jax.tree.map(lambda o, e: np.testing.assert_array_equal(o, e), out, expected)
 
 
 def write_copy_with_ema(workdir: str, old: str) -> None:

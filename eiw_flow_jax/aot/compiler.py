@@ -11,10 +11,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from eiw_flow_jax.aot import AotError
-from eiw_flow_jax.aot.chips import GiB, chip_for
+from eiw_flow_jax.aot import AotError, traffic
+from eiw_flow_jax.aot.chips import GiB
 from eiw_flow_jax.aot.report import AotReport, ProgramMemory
-from eiw_flow_jax.aot.topology import topology_devices
+from eiw_flow_jax.aot.topology import resolve
 from eiw_flow_jax.config import checks
 from eiw_flow_jax.training import run_config, sharding, train_state
 from eiw_flow_jax.training.run import Run
@@ -24,6 +24,10 @@ _OOM = re.compile(
     r"|Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm"
 )
 _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": GiB, "T": 1024**4}
+# An array type in HLO text, `f32[64,32,32,512]`: its element type and dimensions.
+_HLO_ARRAY = re.compile(r"\b[a-z]+(\d*)[a-z0-9]*\[([\d,]*)\]")
+# The cuDNN and cuBLAS calls of a compiled GPU program, whose cost XLA's analysis leaves out.
+_LIBRARY_CALL = re.compile(r'custom_call_target="(__cudnn\$[^"]*|__cublas[^"]*)"')
 
 
 def parse_oom(message: str) -> tuple[int, int] | None:
@@ -59,6 +63,71 @@ def _cost(compiled: Any) -> dict[str, float]:
   return dict(cost or {})
 
 
+def _platform(mesh: Any) -> str:
+  return mesh.devices.flat[0].platform
+
+
+def _hlo_cost(module: Any) -> dict[str, float]:
+  """XLA's cost analysis (`HloCostAnalysis`) of an HLO module, run by the CPU client: what
+  `Lowered.cost_analysis` does, for modules whose own (compile-only GPU) client has none."""
+  from jax._src.lib import _jax  # noqa: PLC0415 - jax exposes this analysis only privately
+
+  return dict(_jax.hlo_module_cost_analysis(jax.local_devices(backend="cpu")[0].client, module))
+
+
+def _array_bytes(hlo_text: str) -> int:
+  """Bytes of every array type written in `hlo_text`: f32[2,3] is 24 (pred, one per element)."""
+  return sum(max(1, int(bits or 8) // 8) * math.prod(int(d) for d in dims.split(",") if d)
+             for bits, dims in _HLO_ARRAY.findall(hlo_text))
+
+
+def library_calls(hlo_text: str) -> dict[str, int]:
+  """The cuDNN and cuBLAS calls of a compiled GPU program's text, by call target, with `3x3`
+  appended to a convolution's target when its window is 3x3."""
+  calls: dict[str, int] = {}
+  for line in hlo_text.splitlines():
+    match = _LIBRARY_CALL.search(line)
+    if match:
+      name = match.group(1) + (" 3x3" if "window={size=3x3" in line else "")
+      calls[name] = calls.get(name, 0) + 1
+  return calls
+
+
+def _gpu_flops(config: ml_collections.ConfigDict, mesh: Any) -> float:
+  """FLOPs of one device's train step, from the program lowered for one GPU of the mesh at the
+  per-device batch (before XLA's GPU passes turn convolutions into cuDNN calls, which its cost
+  analysis does not count)."""
+  per_device = ml_collections.ConfigDict(config.to_dict())
+  per_device.batch_size = config.batch_size // mesh.devices.size
+  lowered = lower_train_step(per_device, sharding.make_mesh(list(mesh.devices.flat)[:1]))
+  return float(_hlo_cost(lowered.compiler_ir("hlo").as_hlo_module()).get("flops", math.nan))
+
+
+def _gpu_bytes(compiled: Any) -> float:
+  """Bytes accessed per step by one GPU's compiled program: XLA's cost analysis (its fusions,
+  copies and collectives) plus the operands and results of its cuDNN and cuBLAS calls."""
+  from jax._src.lib import xla_client  # noqa: PLC0415
+
+  options = xla_client.hlo.HloPrintOptions.short_parsable()
+  options.print_operand_shape = True
+  total = 0.0
+  for module in compiled.runtime_executable().hlo_modules():
+    total += max(0.0, _hlo_cost(module).get("bytes accessed", 0.0))
+    text = module.to_string(options)
+    total += sum(_array_bytes(line.split("custom_call_target=")[0])
+                 for line in text.splitlines() if _LIBRARY_CALL.search(line))
+  return total
+
+
+def _step_cost(config: ml_collections.ConfigDict, mesh: Any, compiled: Any) -> tuple[float, float]:
+  """(FLOPs, bytes accessed) per device of the compiled train step: the compiler's own cost
+  analysis on a TPU; on a GPU, whose compiled program has none, `_gpu_flops` and `_gpu_bytes`."""
+  if _platform(mesh) == "gpu":
+    return _gpu_flops(config, mesh), _gpu_bytes(compiled)
+  cost = _cost(compiled)
+  return float(cost.get("flops", math.nan)), float(cost.get("bytes accessed", math.nan))
+
+
 def _compute_dtype_name(config: ml_collections.ConfigDict) -> str:
   # "auto" computes in the inputs' dtype: the train step feeds float32 (dequantized images).
   dtype = str(config.model.dtype)
@@ -88,15 +157,23 @@ def _scanned_steps(config: ml_collections.ConfigDict) -> int:
   return int(m.steps_per_level)
 
 
-def _unrolled_cost(config: ml_collections.ConfigDict, mesh: Any) -> tuple[float, float]:
-  """(FLOPs, bytes accessed) per step at config's K, from unrolled programs at K=1 and K=2."""
-  costs = []
+def _unrolled_programs(
+    config: ml_collections.ConfigDict, mesh: Any
+) -> list[tuple[ml_collections.ConfigDict, Any]]:
+  """The train step compiled with its flow steps unrolled, at K=1 and K=2, with their configs."""
+  programs = []
   for k in (1, 2):
     unrolled = ml_collections.ConfigDict(config.to_dict())
     unrolled.model.steps_per_level = k
     unrolled.model.scan_steps = False
-    cost = _cost(lower_train_step(unrolled, mesh).compile())
-    costs.append((float(cost.get("flops", math.nan)), float(cost.get("bytes accessed", math.nan))))
+    programs.append((unrolled, lower_train_step(unrolled, mesh).compile()))
+  return programs
+
+
+def _unrolled_cost(config: ml_collections.ConfigDict, mesh: Any,
+                   programs: list[tuple[ml_collections.ConfigDict, Any]]) -> tuple[float, float]:
+  """(FLOPs, bytes accessed) per step at config's K, from the unrolled programs at K=1 and K=2."""
+  costs = [_step_cost(unrolled, mesh, program) for unrolled, program in programs]
   (f1, b1), (f2, b2) = costs
   k = _scanned_steps(config)
   return f1 + (k - 1) * (f2 - f1), b1 + (k - 1) * (b2 - b1)
@@ -140,29 +217,39 @@ def compile_for_topology(
     with_eval: bool = True,
     config_name: str = "config",
     exact_cost: bool = True,
+    with_cost: bool = True,
+    with_traffic: bool = False,
 ) -> AotReport:
   """Compiles the train step (and the eval step) as `main` builds them, for `topology`.
 
   `per_device_batch` None keeps `config.batch_size` (split over the devices). Returns an
   `AotReport` also when the program does not fit (`fits` False, `error` the compiler's
-  message). Raises AotError for a bad topology or config, or without libtpu.
+  message, or on a GPU, whose compiler does not refuse, more memory than JAX's allocator may
+  use). Raises AotError for a bad topology or config, or without the compiler (libtpu, or
+  the CUDA plugin for a GPU topology: `topology.resolve`).
 
   With `model.scan_steps` the compiler's cost analysis counts the scanned loop body once, not K
   times; `exact_cost` then finds FLOPs and bytes per step from two small unrolled compiles
   (K=1 and K=2: the cost is linear in K, each step costing the same), `_unrolled_cost`.
+  `with_cost` False leaves FLOPs and bytes out (NaN). `with_traffic` (TPU only): also where the
+  bytes go (`report.traffic`, `eiw_flow_jax.aot.traffic`), from the same programs as the cost.
   """
-  devices = topology_devices(topology, num_slices)
+  call_started = time.perf_counter()
+  target = resolve(topology, num_slices)
+  devices = target.devices
+  if with_traffic and target.platform != "tpu":
+    raise AotError(f"--traffic reads TPU programs (their memory spaces and layouts); "
+                   f"{topology} is a {target.platform.upper()} topology.")
   config, per_device = _configure(config, len(devices), per_device_batch)
-  chip = chip_for(devices[0].device_kind)
-  cores = int(getattr(devices[0], "num_cores", 1) or 1)
-  usable = (chip.usable_gib_per_core * cores * GiB) if chip else math.nan
   report = AotReport(
       config_name=config_name, topology=topology, num_slices=num_slices,
-      num_devices=len(devices), device_kind=devices[0].device_kind, chip=chip,
-      hbm_bytes=int(usable) if chip else 0, per_device_batch=per_device,
+      num_devices=len(devices), device_kind=devices[0].device_kind, chip=target.chip,
+      hbm_bytes=target.usable_bytes or 0, per_device_batch=per_device,
       global_batch=config.batch_size, num_train_steps=int(config.num_train_steps),
       eval_batch=int(config.eval_batch_size),
-      dtype=_compute_dtype_name(config), cores_per_device=cores,
+      dtype=_compute_dtype_name(config),
+      cores_per_device=int(getattr(devices[0], "num_cores", 1) or 1),
+      platform=target.platform, hosts=target.hosts, memory_fraction=target.memory_fraction,
   )
   mesh = sharding.make_mesh(devices)
   run = Run.build(config, mesh)
@@ -177,16 +264,26 @@ def compile_for_topology(
   except Exception as e:  # noqa: BLE001 - only the compiler's out-of-memory is an answer
     report.compile_seconds = time.perf_counter() - started
     _refused(report, e, "train step")
+    report.total_seconds = time.perf_counter() - call_started
     return report
   report.compile_seconds = time.perf_counter() - started
   report.train = ProgramMemory.of(compiled)
-  cost = _cost(compiled)
-  report.flops = float(cost.get("flops", math.nan))
-  report.bytes_accessed = float(cost.get("bytes accessed", math.nan))
-  report.compiler_seconds = cost.get("optimal_seconds")
-  if exact_cost and _scanned_steps(config) > 1:
-    report.flops, report.bytes_accessed = _unrolled_cost(config, mesh)
+  if target.platform == "gpu":
+    report.library_calls = library_calls(compiled.as_text())
+  report.compiler_seconds = _cost(compiled).get("optimal_seconds")
+  started = time.perf_counter()
+  if (with_cost or with_traffic) and exact_cost and _scanned_steps(config) > 1:
+    programs = _unrolled_programs(config, mesh)
+    report.flops, report.bytes_accessed = _unrolled_cost(config, mesh, programs)
     report.cost_source = "unrolled K=1,2"
+    if with_traffic:
+      one, two = (traffic.breakdown(program.as_text()) for _, program in programs)
+      report.traffic = traffic.extrapolate(one, two, _scanned_steps(config))
+  elif with_cost or with_traffic:
+    report.flops, report.bytes_accessed = _step_cost(config, mesh, compiled)
+    if with_traffic:
+      report.traffic = traffic.breakdown(compiled.as_text())
+  report.cost_seconds = time.perf_counter() - started
   if with_eval:
     started = time.perf_counter()
     try:
@@ -194,11 +291,13 @@ def compile_for_topology(
     except Exception as e:  # noqa: BLE001
       report.eval_compile_seconds = time.perf_counter() - started
       _refused(report, e, "eval step")
+      report.total_seconds = time.perf_counter() - call_started
       return report
     report.eval_compile_seconds = time.perf_counter() - started
     report.eval = ProgramMemory.of(compiled)
     # Eval runs inside training: params and optimizer state stay allocated next to it.
     report.eval_resident_bytes = report.state_bytes["params"] + report.state_bytes["optimizer"]
+  report.total_seconds = time.perf_counter() - call_started
   return report
 
 

@@ -7,12 +7,13 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from eiw_flow_jax.aot.chips import ChipSpec, GiB
+from eiw_flow_jax.aot.chips import DEFAULT_GPU_MEMORY_FRACTION, ChipSpec, GiB, GpuSpec
+from eiw_flow_jax.aot.traffic import Traffic, render_traffic
 
 
 @dataclasses.dataclass(frozen=True)
 class ProgramMemory:
-  """The TPU compiler's buffer assignment for one compiled program, bytes per device."""
+  """The compiler's buffer assignment for one compiled program, bytes per device."""
 
   arguments: int
   outputs: int
@@ -42,6 +43,9 @@ class BatchSearch:
   fails: int | None
   compiles: int
   seconds: float
+  budget_s: float = math.nan
+  # The longest compile seen (the report's own included): what one more compile would take.
+  compile_seconds: float = math.nan
 
   @property
   def exact(self) -> bool:
@@ -57,8 +61,9 @@ class AotReport:
   num_slices: int
   num_devices: int
   device_kind: str
-  chip: ChipSpec | None
-  hbm_bytes: int  # what one device may use (the compiler's figure)
+  chip: ChipSpec | GpuSpec | None
+  # What one device may use: the TPU compiler's limit; on a GPU, JAX's allocator's share.
+  hbm_bytes: int
   per_device_batch: int
   global_batch: int
   num_train_steps: int
@@ -73,6 +78,9 @@ class AotReport:
   flops: float = math.nan
   bytes_accessed: float = math.nan
   compiler_seconds: float | None = None  # the TPU compiler's own step-time estimate
+  # Seconds spent finding FLOPs and bytes (with scanned steps: two more compiles, K=1 and 2).
+  cost_seconds: float = 0.0
+  total_seconds: float = math.nan  # the whole `compile_for_topology` call, every compile in it
   # How flops / bytes_accessed were found: "compiler" (the program's own cost analysis) or
   # "unrolled K=1,2" (extrapolated: the compiler counts a scanned loop body once).
   cost_source: str = "compiler"
@@ -80,6 +88,12 @@ class AotReport:
   required_bytes: int | None = None  # what that message says the program needs
   batch_search: BatchSearch | None = None
   cores_per_device: int = 1  # TensorCores per JAX device (2 on megacore chips)
+  platform: str = "tpu"  # or "gpu"
+  hosts: int = 1  # processes of the topology, one per host
+  memory_fraction: float | None = None  # GPU: the share of its memory JAX's allocator takes
+  # GPU: the compiled train step's cuDNN and cuBLAS calls by target (`compiler.library_calls`).
+  library_calls: dict[str, int] | None = None
+  traffic: Traffic | None = None  # where the bytes go (`compile_for_topology(with_traffic=)`)
 
   @property
   def train_total(self) -> int | None:
@@ -100,17 +114,26 @@ class AotReport:
 
   @property
   def devices_per_chip(self) -> int:
-    return 1 if self.chip is None else max(1, self.chip.tensorcores // self.cores_per_device)
+    if not isinstance(self.chip, ChipSpec):
+      return 1
+    return max(1, self.chip.tensorcores // self.cores_per_device)
 
   @property
-  def step_seconds(self) -> float | None:
-    """Roofline lower bound: max(FLOPs / peak, bytes / HBM bandwidth), per device."""
+  def roofline(self) -> tuple[float, float] | None:
+    """(compute seconds, memory-traffic seconds) of one step on one device: FLOPs at the
+    device's share of the chip's peak for `dtype`, bytes at its share of the bandwidth."""
     if self.chip is None or not math.isfinite(self.flops):
       return None
     share = self.devices_per_chip
-    compute = self.flops / (self.chip.bf16_flops / share)
-    memory = self.bytes_accessed / (self.chip.hbm_bytes_per_s / share)
-    return max(compute, memory)
+    peak, _ = self.chip.peak_flops(self.dtype)
+    return (self.flops / (peak / share),
+            self.bytes_accessed / (self.chip.memory_bytes_per_s / share))
+
+  @property
+  def step_seconds(self) -> float | None:
+    """Roofline lower bound: max(FLOPs / peak, bytes / memory bandwidth), per device."""
+    roofline = self.roofline
+    return max(roofline) if roofline else None
 
   @property
   def images_per_second(self) -> float | None:
@@ -127,16 +150,45 @@ class AotReport:
       what += f", eval step {self.eval_total / GiB:.2f} GiB with the train state resident"
     state = sum(self.state_bytes.values())
     if state > self.hbm_bytes:
+      more = "GPUs with more memory" if self.platform == "gpu" else "chips with more HBM"
       hint = (f"The train state alone (parameters, EMA, optimizer state) takes "
-              f"{state / GiB:.2f} GiB per device: a smaller model, or chips with more HBM.")
+              f"{state / GiB:.2f} GiB per device: a smaller model, or {more}.")
     else:
       hint = ("Lower --per_device_batch, or use config.model.memory='remat' or 'invert', or "
-              "config.model.dtype='bfloat16'.")
+              "config.model.dtype='bfloat16'")
+      fraction = self.fraction_that_fits
+      if fraction is not None:
+        hint += (f", or let JAX's allocator take more of each GPU: XLA_CLIENT_MEM_FRACTION="
+                 f"{fraction:.2f} for the training job and this check")
+      hint += "."
     return (
         f"error: does not fit: {self.config_name} at {self.per_device_batch} images per device "
-        f"on {self.topology}{_slices(self.num_slices)} {needed}, the TPU compiler allows "
-        f"{self.hbm_bytes / GiB:.2f} GiB ({what.rstrip('.')}). {hint}"
+        f"on {self.topology}{_slices(self.num_slices)} {needed}, {self.limit_words} "
+        f"({what.rstrip('.')}). {hint}"
     )
+
+  @property
+  def limit_words(self) -> str:
+    """Who sets the memory limit, and the limit: "the TPU compiler allows 15.75 GiB"."""
+    if isinstance(self.chip, GpuSpec):
+      return (f"JAX's allocator may use {self.hbm_bytes / GiB:.2f} GiB of an {self.chip.name} "
+              f"({self.memory_fraction:g} of {self.chip.memory_bytes / GiB:.2f} GiB)")
+    return f"the TPU compiler allows {self.hbm_bytes / GiB:.2f} GiB"
+
+  @property
+  def fraction_that_fits(self) -> float | None:
+    """On a GPU, a larger allocator share that would hold the program, where one up to
+    `MAX_SUGGESTED_FRACTION` would (CUDA's context, cuDNN's and NCCL's own buffers take the
+    rest)."""
+    need = self.peak_bytes
+    if not isinstance(self.chip, GpuSpec) or not need or self.memory_fraction is None:
+      return None
+    fraction = math.ceil(100 * need / self.chip.memory_bytes) / 100
+    return fraction if self.memory_fraction < fraction <= MAX_SUGGESTED_FRACTION else None
+
+
+# The largest share of a GPU's memory the refusal suggests giving JAX's allocator.
+MAX_SUGGESTED_FRACTION = 0.9
 
 
 def _slices(num_slices: int) -> str:
@@ -152,6 +204,8 @@ def report_dict(report: AotReport) -> dict[str, Any]:
       train_total=report.train_total, eval_total=report.eval_total,
       peak_bytes=report.peak_bytes, fits=report.fits, step_seconds=report.step_seconds,
       images_per_second=report.images_per_second, devices_per_chip=report.devices_per_chip,
+      # step_seconds and images_per_second are the roofline's: a lower and an upper bound.
+      step_seconds_is="roofline lower bound",
   )
   return out
 
@@ -173,23 +227,117 @@ def _duration(seconds: float | None) -> str:
   return f"{hours:.1f} h" if hours >= 1 else f"{seconds / 60:.0f} min"
 
 
-def render(report: AotReport) -> str:
-  """The report as printed by the command: one `name: value` per line."""
+def _devices_line(r: AotReport) -> str:
+  if r.platform == "gpu":
+    per_host = r.num_devices // max(1, r.hosts)
+    hosts = f"{r.hosts} hosts of {per_host}" if r.hosts > 1 else "1 host"
+    gpus = f"{r.num_devices} GPU" + ("s" if r.num_devices > 1 else "")
+    return f"{r.topology}{_slices(r.num_slices)} ({gpus}, {hosts}, {r.device_kind})"
+  per_chip = f", {r.devices_per_chip} per chip" if r.devices_per_chip > 1 else ""
+  return f"{r.topology}{_slices(r.num_slices)} ({r.num_devices} devices, {r.device_kind}{per_chip})"
+
+
+def _memory_limit_line(r: AotReport) -> str:
+  chip, peak = r.chip, r.peak_bytes or 0
+  headroom = (f"headroom {_gib(r.hbm_bytes - peak)} "
+              f"({100 * (r.hbm_bytes - peak) / r.hbm_bytes:.0f}%)")
+  if isinstance(chip, GpuSpec):
+    default = " (JAX's default)" if r.memory_fraction == DEFAULT_GPU_MEMORY_FRACTION else ""
+    return (f"  GPU memory: {_gib(r.hbm_bytes)} per GPU for JAX's allocator "
+            f"(XLA_CLIENT_MEM_FRACTION={r.memory_fraction:g}{default} of the "
+            f"{_gib(chip.memory_bytes)} GiB the CUDA driver reports; {chip.name}: {chip.memory} "
+            f"published), {headroom}")
+  return (f"  HBM: {_gib(r.hbm_bytes)} per device (the TPU compiler's limit; {chip.name}: "
+          f"{chip.hbm} per chip published), {headroom}")
+
+
+def _cost_line(r: AotReport) -> str:
+  extrapolated = ("" if r.cost_source == "compiler" else
+                  f"; scanned steps: {r.cost_source}, extrapolated")
+  figures = f"{r.flops / 1e9:.2f} GFLOP, {r.bytes_accessed / 1e9:.3f} GB accessed"
+  if r.platform == "gpu":
+    return (f"cost per step per device: {figures} (FLOPs: the program lowered for one GPU, "
+            "since XLA's compiled GPU program has no cost analysis; bytes: the compiled "
+            f"program's fusions and its cuDNN/cuBLAS calls' operands and results{extrapolated})")
+  return f"cost per step per device: {figures} (TPU compiler{extrapolated})"
+
+
+def _library_calls_line(calls: dict[str, int]) -> str:
+  def count(prefix: str, suffix: str = "") -> int:
+    return sum(n for name, n in calls.items()
+               if name.startswith(prefix) and name.endswith(suffix))
+
+  convolutions = count("__cudnn$conv")
+  return (f"GPU library calls (train step): {convolutions} cuDNN convolutions "
+          f"({count('__cudnn$conv', ' 3x3')} with 3x3 windows), "
+          f"{count('__cudnn') - convolutions} other cuDNN calls, {count('__cublas')} cuBLAS calls")
+
+
+def _compile_time_line(r: AotReport) -> str:
+  line = f"compile time: train step {r.compile_seconds:.1f} s"
+  if r.eval_compile_seconds:
+    line += f", eval step {r.eval_compile_seconds:.1f} s"
+  if r.cost_source != "compiler":
+    line += f", FLOPs and bytes {r.cost_seconds:.1f} s (2 more compiles: {r.cost_source})"
+  if math.isfinite(r.total_seconds):
+    line += f"; {r.total_seconds:.1f} s in all"
+  return line
+
+
+def _compiler_estimate_line(r: AotReport, estimate: float, bound: float) -> str:
+  """The compiler's own step-time estimate, and which figure to plan with when they differ."""
+  line = f"compiler's estimate: {_duration(estimate)} per step"
+  if estimate >= bound:
+    return (line + " (its model of its own schedule, above the roofline lower bound; a chip "
+            "measures the real step: bench/step_time.py)")
+  if r.cost_source != "compiler":
+    why = ("it models the scanned program, whose loop body it counts once, not the K flow "
+           "steps a step runs")
+  else:
+    why = ("it is the compiler's model of its schedule, not a bound, and it assumes more "
+           "overlap and bandwidth than the published peaks allow")
+  return (line + f", below the roofline lower bound, which no step can beat: {why}. Plan "
+          "with the roofline (a lower bound too); a chip measures the real step: "
+          "bench/step_time.py")
+
+
+def _batch_search_line(search: BatchSearch) -> str:
+  if search.fits is None:
+    found = f"none: the smallest batch tried, {search.fails}, does not fit"
+  elif search.exact:
+    found = f"{search.fits} ({search.fails} does not fit)"
+  elif search.fails is None and search.compiles == 0:
+    found = (f"at least {search.fits}; no other batch tried: one compile takes about "
+             f"{search.compile_seconds:.0f} s, more than the budget of "
+             f"--max_batch_search={search.budget_s:g} s")
+  elif search.fails is None:
+    found = (f"at least {search.fits} (every batch tried fits; the budget ran out before one "
+             "that does not)")
+  else:
+    found = (f"at least {search.fits}, less than {search.fails} (the budget ran out before the "
+             "bisection ended)")
+  budget = f" of the {search.budget_s:g} s budget" if math.isfinite(search.budget_s) else ""
+  return (f"largest per-device batch that fits: {found}; {search.compiles} more compiles in "
+          f"{search.seconds:.0f} s{budget}")
+
+
+def render(report: AotReport, traffic_top: int = 15) -> str:
+  """The report as printed by the command: one `name: value` per line (then the byte
+  breakdown's tables, with its `traffic_top` largest instructions, if it was made)."""
   r = report
   chip = r.chip
+  compiler = "XLA's GPU compiler" if r.platform == "gpu" else "TPU compiler"
   lines = [
       f"config: {r.config_name}",
-      f"topology: {r.topology}{_slices(r.num_slices)} ({r.num_devices} devices, "
-      f"{r.device_kind}{f', {r.devices_per_chip} per chip' if r.devices_per_chip > 1 else ''})",
+      f"topology: {_devices_line(r)}",
       f"batch: {r.per_device_batch} per device, {r.global_batch} global; coupling networks "
       f"{r.dtype}",
-      f"compile time: train step {r.compile_seconds:.1f} s"
-      + (f", eval step {r.eval_compile_seconds:.1f} s" if r.eval_compile_seconds else ""),
+      _compile_time_line(r),
   ]
   if r.train is not None:
     s, m = r.state_bytes, r.train
     lines += [
-        "memory per device (GiB, TPU compiler):",
+        f"memory per device (GiB, {compiler}):",
         f"  arguments: {_gib(m.arguments)} (params {_gib(s['params'])}, EMA {_gib(s['ema'])}, "
         f"optimizer state {_gib(s['optimizer'])}, constants {_gib(s['constants'])})",
         f"  temporaries: {_gib(m.temporaries)}",
@@ -202,50 +350,40 @@ def render(report: AotReport) -> str:
       lines.append(f"  eval step total: {_gib(r.eval_total)} ({r.eval_batch // r.num_devices} "
                    "images per device; params and optimizer state stay resident)")
   if chip is not None:
-    peak = r.peak_bytes or 0
-    lines.append(
-        f"  HBM: {_gib(r.hbm_bytes)} per device (the TPU compiler's limit; {chip.name}: "
-        f"{chip.hbm} per chip published), headroom {_gib(r.hbm_bytes - peak)} "
-        f"({100 * (r.hbm_bytes - peak) / r.hbm_bytes:.0f}%)"
-    )
-  if r.train is not None:
-    lines.append(f"cost per step per device: {r.flops / 1e9:.2f} GFLOP, "
-                 f"{r.bytes_accessed / 1e9:.3f} GB accessed (TPU compiler"
-                 + ("" if r.cost_source == "compiler" else
-                    f"; scanned steps: {r.cost_source}, extrapolated") + ")")
-  step = r.step_seconds
-  if step is not None and chip is not None:
+    lines.append(_memory_limit_line(r))
+  if r.library_calls is not None:
+    lines.append(_library_calls_line(r.library_calls))
+  if r.train is not None and math.isfinite(r.flops):
+    lines.append(_cost_line(r))
+  roofline = r.roofline
+  if roofline is not None:
     share = r.devices_per_chip
-    compute = r.flops / (chip.bf16_flops / share)
-    memory = r.bytes_accessed / (chip.hbm_bytes_per_s / share)
+    compute, memory = roofline
+    peak, precision = chip.peak_flops(r.dtype)
+    traffic = "memory traffic" if r.platform == "gpu" else "HBM traffic"
+    step = r.step_seconds
     lines.append(
-        f"roofline: step >= {_duration(step)} (compute {_duration(compute)} at "
-        f"{chip.bf16_flops / share / 1e12:g} TFLOP/s bf16, HBM traffic {_duration(memory)} at "
-        f"{chip.hbm_bytes_per_s / share / 1e9:g} GB/s), <= {r.images_per_second:.0f} images/s; "
-        f"{r.num_train_steps} steps >= {_duration(step * r.num_train_steps)} "
+        f"roofline lower bound: step >= {_duration(step)} (compute {_duration(compute)} at "
+        f"{peak / share / 1e12:g} TFLOP/s {precision}, {traffic} {_duration(memory)} at "
+        f"{chip.memory_bytes_per_s / share / 1e9:g} GB/s), <= {r.images_per_second:.0f} "
+        f"images/s; {r.num_train_steps} steps >= {_duration(step * r.num_train_steps)} "
         f"(figures: {chip.source})"
     )
     if r.compiler_seconds and r.compiler_seconds > 0:  # libtpu sometimes gives a negative one
-      lines.append(f"compiler's estimate: {_duration(float(r.compiler_seconds))} per step")
-  search = r.batch_search
-  if search is not None:
-    if search.fits is None:
-      found = f"none found (the smallest tried, {search.fails}, does not fit)"
-    elif search.exact:
-      found = f"{search.fits} ({search.fails} does not)"
-    elif search.fails is None:
-      found = f"at least {search.fits} (no larger batch tried within --max_batch_search)"
-    else:
-      found = (f"at least {search.fits}, less than {search.fails} (--max_batch_search ran out "
-               "before the bisection ended)")
-    lines.append(f"largest per-device batch that fits: {found}; {search.compiles} more compiles "
-                 f"in {search.seconds:.0f} s")
+      lines.append(_compiler_estimate_line(r, float(r.compiler_seconds), step))
+  if r.batch_search is not None:
+    lines.append(_batch_search_line(r.batch_search))
   lines.append(f"fits: {'yes' if r.fits else 'no'}")
+  if r.traffic is not None:
+    source = ("the unrolled K=1,2 programs, extrapolated" if r.cost_source != "compiler"
+              else "the compiled program")
+    lines.append(render_traffic(r.traffic, r.bytes_accessed, top=traffic_top, source=source))
   return "\n".join(lines)
 
 
-TABLE_HEADER = ("config", "topology", "batch/device", "fits", "GiB/device", "HBM GiB",
-                "step (roofline)", "steps", "wall time (roofline)")
+TABLE_HEADER = ("config", "topology", "batch/device", "fits", "GiB/device", "usable GiB",
+                "step (roofline lower bound)", "steps", "wall time (roofline lower bound)",
+                "compiles, s")
 
 
 def table_row(report: AotReport) -> tuple[str, ...]:
@@ -257,6 +395,7 @@ def table_row(report: AotReport) -> tuple[str, ...]:
       f"{report.hbm_bytes / GiB:.2f}",
       _duration(step) if report.fits else "n/a", str(report.num_train_steps),
       _duration(step * report.num_train_steps) if report.fits and step else "n/a",
+      f"{report.total_seconds:.0f}" if math.isfinite(report.total_seconds) else "n/a",
   )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 import ml_collections
@@ -9,6 +10,9 @@ import ml_collections
 from eiw_flow_jax.aot import AotError
 from eiw_flow_jax.aot.compiler import compile_for_topology
 from eiw_flow_jax.aot.report import AotReport, BatchSearch
+
+# One more compile is predicted to take this much longer than the longest so far.
+_MARGIN = 1.25
 
 
 def largest_batch(
@@ -23,8 +27,9 @@ def largest_batch(
 
   Starts from `report` (one compile at its batch), guesses from memory being affine in the
   batch (the state is fixed, activations grow with it), then bisects between a batch that fits
-  and one that does not. A compile is started only while the time spent plus the last
-  compile's time stays within the budget; the result says whether it is exact.
+  and one that does not. A compile is started only while the time spent plus the longest
+  compile so far, with a margin (a larger batch compiles longer), stays within the budget; the
+  result says whether it is exact.
   """
   started = time.perf_counter()
   # batch -> total bytes (a refusal's from the compiler's message; None: refused, size unknown)
@@ -35,7 +40,7 @@ def largest_batch(
 
   record(report)
   limit = report.hbm_bytes
-  last = report.compile_seconds
+  longest = report.compile_seconds if math.isfinite(report.compile_seconds) else 0.0
   compiles, guessed = 0, 0
 
   def bracket() -> tuple[int | None, int | None]:
@@ -59,7 +64,7 @@ def largest_batch(
       return None
     return int(b0 + (limit - t0) / slope) if slope > 0 else None
 
-  while time.perf_counter() - started + last <= budget_s:
+  while time.perf_counter() - started + _MARGIN * longest <= budget_s:
     lo, hi = bracket()
     if (lo is not None and hi is not None and hi <= lo + 1) or (lo is None and hi == 1):
       break
@@ -81,11 +86,12 @@ def largest_batch(
     t0 = time.perf_counter()
     try:
       r = compile_for_topology(config, topology, batch, num_slices=num_slices, with_eval=False,
-                               config_name=report.config_name, exact_cost=False)
+                               config_name=report.config_name, with_cost=False)
     except AotError:  # e.g. a global batch the config cannot split: stop searching
       break
-    last = time.perf_counter() - t0
+    longest = max(longest, time.perf_counter() - t0)
     compiles += 1
     record(r)
   lo, hi = bracket()
-  return BatchSearch(fits=lo, fails=hi, compiles=compiles, seconds=time.perf_counter() - started)
+  return BatchSearch(fits=lo, fails=hi, compiles=compiles, seconds=time.perf_counter() - started,
+                     budget_s=budget_s, compile_seconds=longest)

@@ -81,8 +81,8 @@ def glow_recipe(dataset: str, *, image_shape: tuple[int, int, int], num_levels: 
   Memory figures in the configs' docstrings are the TPU compiler's (`python -m eiw_flow_jax.aot`,
   TPU v5e, docs/tpu.md) where a config names that command; GPU buffer assignment differs, so
   leave headroom there. Roofline step times are lower bounds (no all-reduce, kernels at peak);
-  wall times stated as "at an assumed 20 TFLOP/s" are estimates from XLA's FLOP count; flows in
-  fp32 often sustain only 5-10 TFLOP/s (2-4x longer).
+  wall times stated at an assumed TFLOP/s rate are estimates from XLA's FLOP count, and flows in
+  float32 often sustain well below it.
   """
   config = base_config()
   config.dataset.name = dataset

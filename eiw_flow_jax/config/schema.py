@@ -14,7 +14,7 @@ SPLITS = ("vanilla", "eiw")
 EIW_MODES = ("global", "per_example")
 COUPLINGS = ("affine", "additive")
 REGULARIZERS = ("kl", "literal")
-MEMORY_MODES = ("store", "remat", "invert")
+MEMORY_MODES = ("store", "remat", "invert", "remat_wide")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 KERNELS = ("auto", "portable")  # how convolutions are computed: eiw_flow_jax.model.kernels
 BACKBONES = ("glow", "denseflow")
@@ -46,8 +46,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.coupling = "affine"
   config.model.n_bits = 8
   # Activation memory of the backward pass: "store" (keep everything), "remat" (jax.checkpoint
-  # per flow step) or "invert" (rebuild each step's input through its exact inverse: memory
-  # independent of steps_per_level). See eiw_flow_jax/model/memory.py and docs/performance.md.
+  # per flow step), "invert" (rebuild each step's input through its exact inverse: memory
+  # independent of steps_per_level) or "remat_wide" (recompute a step but keep its coupling
+  # network's wide activation and output: the TPU's fastest, docs/tpu.md). See
+  # eiw_flow_jax/model/memory.py and docs/performance.md.
   config.model.memory = "store"
   # "invert" falls back to an exact recomputation (and warns) when inputs rebuilt through the
   # inverse drift by more than this (relative max error at a level's input).

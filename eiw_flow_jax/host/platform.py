@@ -25,7 +25,9 @@ from collections.abc import Callable, Mapping, MutableMapping
 # Accelerator -> (its JAX plugin packages, device paths of which one exists where it is present).
 ACCELERATORS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "tpu": (("libtpu",), ("/dev/accel0", "/dev/vfio/0")),
-    "cuda": (("jax_cuda12_plugin", "jax_cuda13_plugin"), ("/dev/nvidiactl", "/dev/nvidia0")),
+    # /dev/dxg: a GPU under WSL2, which has no /dev/nvidia*.
+    "cuda": (("jax_cuda12_plugin", "jax_cuda13_plugin"),
+             ("/dev/nvidiactl", "/dev/nvidia0", "/dev/dxg")),
     "rocm": (("jax_rocm60_plugin", "jax_rocm7_plugin"), ("/dev/kfd",)),
 }
 

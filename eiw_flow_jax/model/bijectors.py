@@ -11,9 +11,10 @@ Images are NHWC; shapes are checked at the edge with errors that say what was ex
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import flax.linen as nn
 import jax
@@ -24,6 +25,7 @@ from eiw_flow_jax.model import kernels
 from eiw_flow_jax.model.kernels import apply_conv
 
 Array = jax.Array
+T = TypeVar("T")
 
 
 def check_image_batch(x: Array, name: str, channels: int | None = None) -> None:
@@ -34,6 +36,29 @@ def check_image_batch(x: Array, name: str, channels: int | None = None) -> None:
     raise ValueError(f"{name}: expected a floating-point array, got dtype {x.dtype}.")
   if channels is not None and x.shape[-1] != channels:
     raise ValueError(f"{name}: expected {channels} channels, got shape {x.shape}.")
+
+
+# The name scope of each kind of layer (`layer_scope`), in the op names of compiled programs.
+ACTNORM_SCOPE = "actnorm"
+CONV1X1_SCOPE = "conv1x1"
+COUPLING_SCOPE = "coupling"  # the coupling of the halves, around its network
+COUPLING_NET_SCOPE = "coupling_net"
+LAYER_SCOPES = (ACTNORM_SCOPE, CONV1X1_SCOPE, COUPLING_SCOPE, COUPLING_NET_SCOPE)
+
+
+def layer_scope(scope: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
+  """Runs a layer's `__call__` under `jax.named_scope(scope)`: the compiled program's op names
+  then say which kind of layer each instruction belongs to (`eiw_flow_jax.aot.traffic`)."""
+
+  def decorate(call: Callable[..., T]) -> Callable[..., T]:
+    @functools.wraps(call)
+    def scoped(*args: Any, **kwargs: Any) -> T:
+      with jax.named_scope(scope):
+        return call(*args, **kwargs)
+
+    return scoped
+
+  return decorate
 
 
 def sum_except_batch(x: Array) -> Array:
@@ -119,6 +144,7 @@ class ActNorm(Bijector):
   eps: float = 1e-6
 
   @nn.compact
+  @layer_scope(ACTNORM_SCOPE)
   def __call__(self, x: Array, reverse: bool = False) -> tuple[Array, Array]:
     check_image_batch(x, "ActNorm")
     channels = x.shape[-1]
@@ -190,14 +216,15 @@ class InvertibleConv1x1(Bijector):
   O(C). The 1x1 convolution is an einsum over channels (faster than lax.conv on XLA:CPU).
 
   `inverse_method`: "solve" (triangular solves) or "blocks" (`lower_triangular_inverse`:
-  recursive 2x2 blocks, only dots, which XLA:CPU runs in microseconds where its LAPACK
-  triangular-solve call took milliseconds: ~40% of memory="invert"'s step time). "blocks" is
+  recursive 2x2 blocks, only dots, which XLA:CPU runs far faster than its LAPACK
+  triangular-solve call: docs/performance.md). "blocks" is
   used by memory="invert"'s backward pass, whose drift guard checks the rebuilt inputs anyway.
   """
 
   inverse_method: str = "solve"
 
   @nn.compact
+  @layer_scope(CONV1X1_SCOPE)
   def __call__(self, x: Array, reverse: bool = False) -> tuple[Array, Array]:
     check_image_batch(x, "InvertibleConv1x1")
     c = x.shape[-1]
@@ -269,8 +296,8 @@ class Conv1x1(nn.Module):
 
   Same parameters as `nn.Conv(features, (1, 1), use_bias=...)` (kernel (1, 1, in, out), bias
   (out,) zero-initialised, the same initialisers), so checkpoints and converted state_dicts are
-  interchangeable; on XLA:CPU the dot is about 3x faster than the convolution for the coupling
-  network's 1x1 layer (forward + backward, see docs/benchmarks.md). Glow's coupling networks
+  interchangeable; on XLA:CPU the dot is faster than the convolution for the coupling
+  network's 1x1 layer (forward + backward, docs/benchmarks.md). Glow's coupling networks
   and DenseFlow's nets (`dense_nets.conv`) use it.
   """
 
@@ -303,9 +330,8 @@ def scale_output_channels(kernel: Array, scale: Array) -> Array:
 
   The same product; what changes is the scale's gradient, a sum over the other axes. Written on
   the 4-D kernel, a 1x1 kernel's sum became a reduce over axis 2 of (1, 1, C, D), which XLA:CPU
-  ran at 300-380 us for C = D = 256 (its unit axes simplified away, the reduction went to a slow
-  path) against 20-30 us over axis 0 of (C, D): about 10% of the op time of the CIFAR benchmark
-  step went to those 24 sums (docs/performance.md).
+  sends to a slow path (its unit axes simplified away), an order of magnitude slower than the
+  same sum over axis 0 of (C, D) (docs/performance.md).
   """
   return (kernel.reshape(-1, kernel.shape[-1]) * scale).reshape(kernel.shape)
 
@@ -336,6 +362,7 @@ class CouplingNet(nn.Module):
   kernels: str = "auto"  # see eiw_flow_jax.model.kernels
 
   @nn.compact
+  @layer_scope(COUPLING_NET_SCOPE)
   def __call__(self, x: Array) -> Array:
     if self.dtype is not None:
       x = x.astype(self.dtype)
@@ -395,6 +422,7 @@ class AffineCoupling(Bijector):
   kernels: str = "auto"  # see eiw_flow_jax.model.kernels
 
   @nn.compact
+  @layer_scope(COUPLING_SCOPE)
   def __call__(self, x: Array, reverse: bool = False) -> tuple[Array, Array]:
     check_image_batch(x, "AffineCoupling")
     x_a, x_b = split_halves(x, "AffineCoupling")
@@ -411,6 +439,7 @@ class AdditiveCoupling(Bijector):
   kernels: str = "auto"  # see eiw_flow_jax.model.kernels
 
   @nn.compact
+  @layer_scope(COUPLING_SCOPE)
   def __call__(self, x: Array, reverse: bool = False) -> tuple[Array, Array]:
     check_image_batch(x, "AdditiveCoupling")
     x_a, x_b = split_halves(x, "AdditiveCoupling")

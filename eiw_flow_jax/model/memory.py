@@ -1,9 +1,9 @@
-"""Activation memory of a chain of invertible steps: "store", "remat" or "invert".
+"""Activation memory of a chain of invertible steps: "store", "remat", "invert" or "remat_wide".
 
 A flow level is a chain x_0 -> x_1 -> ... -> x_K of K steps with identical parameter shapes,
 each step `apply(vars_k, x_k) -> (x_{k+1}, log_det_k)` with an exact `inverse(vars_k, x_{k+1})`.
 The log-determinant of the chain is the sum of the steps'. `run_chain` evaluates it under one
-of three memory strategies for the backward pass:
+of four memory strategies for the backward pass:
 
 - "store": plain autodiff; every intermediate of every step (the coupling networks' hidden
   activations dominate) stays alive until the backward pass: memory linear in K.
@@ -13,13 +13,19 @@ of three memory strategies for the backward pass:
   chain's input and output are kept; the backward pass walks the steps in reverse, rebuilding
   each step's input from its output through the exact inverse, then back-propagating through
   that one step. Memory is independent of K.
+- "remat_wide": `jax.checkpoint` of each step with the policy `KEEP_WIDE`: the forward keeps
+  the step inputs and what the coupling network names (its wide activation and its output,
+  `kernels.COUPLING_WIDE`, `kernels.COUPLING_OUT`); the backward recomputes the rest (ActNorm,
+  the 1x1 convolution, the network's first layer), the TPU's fewest bytes in bfloat16
+  (docs/tpu.md). A scan orders the steps; unrolled, it is a loop of `jax.checkpoint`s, which
+  XLA:CPU does not order (below).
 
-Both are one `jax.custom_vjp` over the chain; `run_chain`'s backward pass is an unrolled Python
-loop (`run_stacked_chain` also has a scanned form, below). In an unrolled loop XLA's scheduler
-is free to run every step's recomputation early, which keeps every step's internals alive at
-once (as much memory as "store"), and `lax.optimization_barrier` does not prevent it on
-XLA:CPU. So step k's recomputation is made to depend numerically on the
-cotangent and the parameter gradients of step k+1 (`_after`): one step's internals at a time.
+"remat" and "invert" are each one `jax.custom_vjp` over the chain; `run_chain`'s backward pass
+is an unrolled Python loop (`run_stacked_chain` also has a scanned form, below). In an unrolled
+loop XLA's scheduler is free to run every step's recomputation early, which keeps every step's
+internals alive at once (as much memory as "store"), and `lax.optimization_barrier` does not
+prevent it on XLA:CPU. So step k's recomputation is made to depend numerically on the cotangent
+and the parameter gradients of step k+1 (`_after`): one step's internals at a time.
 
 Reconstruction drift ("invert"): floating-point inverses are not bit-exact, so the rebuilt
 inputs drift from the true ones, step after step. The chain's input x_0 (one activation, small
@@ -54,12 +60,18 @@ import jax.numpy as jnp
 from absl import logging
 
 from eiw_flow_jax.config.schema import MEMORY_MODES
+from eiw_flow_jax.model import kernels
 
 Array = jax.Array
 StepFn = Callable[[Any, Array], tuple[Array, Array]]
 InverseFn = Callable[[Any, Array], Array]
 # (variables, step output y, cotangent of y, cotangent of the log-det) -> (x, d params, d x)
 InverseVjpFn = Callable[[Any, Array, Array, Array], tuple[Array, Any, Array]]
+
+# memory="remat_wide": a step is recomputed in the backward pass except the values its coupling
+# network names (`kernels.COUPLING_WIDE`, `kernels.COUPLING_OUT`), which the forward keeps.
+KEEP_WIDE = jax.checkpoint_policies.save_only_these_names(kernels.COUPLING_WIDE,
+                                                          kernels.COUPLING_OUT)
 
 _lock = threading.Lock()
 drift_warnings: list[tuple[str, float]] = []  # (chain name, relative drift), appended on host
@@ -370,9 +382,11 @@ def run_stacked_chain(
   count = stack_count(stacked)
   if not scan:
     steps = unstack(stacked, count)
-    if mode != "store":
+    if mode not in ("store", "remat_wide"):
       return run_chain(mode, apply, inverse, steps, x, name=name, tolerance=tolerance,
                        inverse_vjp=inverse_vjp)
+    if mode == "remat_wide":
+      apply = jax.checkpoint(apply, policy=KEEP_WIDE)  # prevent_cse: no loop orders the steps
     log_det = jnp.zeros((x.shape[0],), jnp.float32)
     for k, variables in enumerate(steps):
       with jax.named_scope(step_names(k) if step_names else f"step{k}"):
@@ -381,11 +395,10 @@ def run_stacked_chain(
     return x, log_det
   if mode == "store":
     return _scan_forward(apply, stacked, x)
-  if mode == "remat":
-    # Saves nothing inside a step: the scan keeps its carries (the K step inputs) only.
-    step = jax.checkpoint(apply, prevent_cse=False,
-                          policy=jax.checkpoint_policies.nothing_saveable)
-    return _scan_forward(step, stacked, x)
+  if mode in ("remat", "remat_wide"):
+    # "remat" saves nothing inside a step: the scan keeps its carries (the K step inputs) only.
+    policy = jax.checkpoint_policies.nothing_saveable if mode == "remat" else KEEP_WIDE
+    return _scan_forward(jax.checkpoint(apply, prevent_cse=False, policy=policy), stacked, x)
   chain = _scanned_invert_chain(apply, inverse, name, tolerance, inverse_vjp)
   return chain(stacked["params"], stacked["constants"], x)
 
@@ -468,6 +481,8 @@ def run_chain(
     raise ValueError(f"memory mode must be one of {MEMORY_MODES}, got {mode!r}.")
   if mode == "store":
     return _forward_loop(apply, step_variables, x)
+  if mode == "remat_wide":
+    return _forward_loop(jax.checkpoint(apply, policy=KEEP_WIDE), step_variables, x)
   chain = _chain(mode, apply, inverse, name, tolerance, inverse_vjp)
   return chain(
       [v["params"] for v in step_variables], [v["constants"] for v in step_variables], x

@@ -213,6 +213,13 @@ class _AboveTheBar(py_logging.Handler):
       self.handler.handle(record)
 
 
+def _writer_alive(writer: Any) -> bool:
+  """Whether a tensorboardX SummaryWriter's background thread still writes its events."""
+  file_writer = getattr(writer, "file_writer", None)
+  worker = getattr(getattr(file_writer, "event_writer", None), "_worker", None)
+  return worker is None or worker.is_alive()
+
+
 class Reporter:
   """TensorBoard events in the workdir plus a tqdm bar; silent on processes other than 0.
 
@@ -222,6 +229,7 @@ class Reporter:
 
   def __init__(self, workdir: str, total: int, initial: int, batch_size: int):
     self.active = jax.process_index() == 0
+    self.workdir = workdir
     self.batch_size = batch_size
     self.total, self.initial = total, initial
     self.writer = self.bar = None
@@ -246,13 +254,35 @@ class Reporter:
       return
     self.bar.update(1)
 
-  def scalars(self, step: int, values: dict[str, float]) -> None:
+  def _events(self) -> Any:
+    """The event writer (None on processes other than 0). tensorboardX writes from a background
+    thread, which dies when a write fails (a full disk); its queue then fills and the next event
+    would block the run forever. A dead writer is dropped with one warning and a new event file
+    is opened, so logging resumes once the disk has room; while that fails, the interval's events
+    are skipped with a warning (the checkpoints report a disk that stays full)."""
+    if not self.active:
+      return None
     if self.writer is not None:
+      if _writer_alive(self.writer):
+        return self.writer
+      logging.warning("TensorBoard events could not be written to %s (the event writer stopped: "
+                      "a full disk?); training goes on and logging starts a new event file.",
+                      self.workdir)
+      self.writer = None
+    try:
+      self.writer = summary_writer(self.workdir)
+    except storage.StorageError as e:
+      logging.warning("%s; this interval's TensorBoard events are skipped.", e)
+    return self.writer
+
+  def scalars(self, step: int, values: dict[str, float]) -> None:
+    writer = self._events()
+    if writer is not None:
       for tag, value in values.items():
-        self.writer.add_scalar(tag, value, step)
+        writer.add_scalar(tag, value, step)
 
   def shuffle_stats(self, step: int, stats: list[dict[str, np.ndarray]], changes: dict) -> None:
-    if self.writer is None:
+    if self._events() is None:
       return
     for level, level_stats in enumerate(stats):
       prefix = f"shuffle/level{level}"
@@ -279,7 +309,7 @@ class Reporter:
       self._handlers = None
     if self.bar is not None:
       self.bar.close()
-    if self.writer is not None:
+    if self.writer is not None and _writer_alive(self.writer):
       try:
         self.writer.close()
       except OSError as e:  # a full disk: must not hide the error that ends the run

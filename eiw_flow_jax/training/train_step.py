@@ -19,7 +19,9 @@ are not dominated by the initial parameters; eval and sampling use the EMA param
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
+from typing import TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -37,8 +39,28 @@ from eiw_flow_jax.training.train_state import (
   rng_keys,
 )
 
+T = TypeVar("T")
+
 # ----------------------------------------------------------------------------------------------
 # The train step.
+
+# The name scope of the optimizer and EMA update (XLA fuses the two per parameter), in the op
+# names of the compiled step (eiw_flow_jax.aot.traffic).
+UPDATE_SCOPE = "optimizer_and_ema_update"
+
+
+def guarded_update(finite: jax.Array, update: Callable[[T], T], state: T, *, branch: bool) -> T:
+  """`update(state)` if `finite`, else `state` unchanged: in a branch (`lax.cond`) or as a
+  select per leaf between the updated and the old values. The same result either way.
+
+  The train step takes the branch on XLA:CPU, so that a non-finite step runs no update and the
+  donated params, EMA and optimizer state are updated in place (a select there forced a copy
+  of every leaf), and the select on TPU, where it fuses into each leaf's update and the
+  branch's results cost copies of the state (fewer bytes by the TPU compiler: docs/tpu.md).
+  """
+  if branch:
+    return jax.lax.cond(finite, update, lambda unchanged: unchanged, state)
+  return jax.tree.map(lambda new, old: jnp.where(finite, new, old), update(state), state)
 
 
 def _ema_decay(config: ml_collections.ConfigDict, applied: jax.Array) -> jax.Array:
@@ -88,16 +110,14 @@ def make_train_step(
         ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
       return params, ema, opt_state
 
-    # A branch, not a select per leaf: a non-finite step runs no update at all, and XLA can
-    # update the donated params, EMA and optimizer state in place (a select between new and old
-    # values forced a copy of every leaf, ~1000 small copies per step).
-    params, ema, opt_state = jax.lax.cond(
-        finite, apply_update, lambda operands: operands,
-        (state.params, state.ema_params, state.opt_state),
-    )
-
     def keep_if_finite(new, old):
       return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+    with jax.named_scope(UPDATE_SCOPE):
+      params, ema, opt_state = jax.lax.platform_dependent(
+          (state.params, state.ema_params, state.opt_state),
+          tpu=functools.partial(guarded_update, finite, apply_update, branch=False),
+          default=functools.partial(guarded_update, finite, apply_update, branch=True))
 
     skipped = (~finite).astype(jnp.int32)
     # DenseFlow's BatchNorm running statistics come back from the loss (not trained).

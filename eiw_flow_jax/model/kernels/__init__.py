@@ -15,9 +15,9 @@ import functools
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from eiw_flow_jax.config.schema import KERNELS
 from eiw_flow_jax.model.kernels import xla_cpu
@@ -89,11 +89,38 @@ def coupling_net(layers: CouplingNetLayers, x: Array, dtype: Any = None,
   return platform_dependent(layers, x, cpu=cpu_form, portable=portable_form, kernels=kernels)
 
 
+# Names of the coupling network's values that memory="remat_wide" keeps for the backward pass
+# (`jax.checkpoint` policy, eiw_flow_jax.model.memory): the wide hidden activation (the 1x1
+# layer's output, hidden-width channels) and the network's output.
+COUPLING_WIDE = "coupling_net_wide"
+COUPLING_OUT = "coupling_net_out"
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def relu(x: Array, name: str | None = None) -> Array:
+  """`nn.relu`, whose derivative is written on its output, named `name` for `jax.checkpoint`
+  policies (`checkpoint_name`): relu'(x) = [relu(x) > 0], which is [x > 0] (0 at 0, as
+  `nn.relu`). The same function and derivative; what changes is what the backward pass needs:
+  the output, which a policy keeping `name` provides (memory="remat_wide"), where `nn.relu`'s
+  rule needs its input, which would be recomputed through the layer before it."""
+  return jnp.maximum(x, 0)
+
+
+@relu.defjvp
+def _relu_jvp(name: str | None, primals: tuple[Array], tangents: tuple[Array]
+              ) -> tuple[Array, Array]:
+  y = jnp.maximum(primals[0], 0)
+  if name is not None:
+    y = checkpoint_name(y, name)
+  return y, jnp.where(y > 0, tangents[0], jnp.zeros_like(tangents[0]))
+
+
 def _coupling_net_nhwc(layers: CouplingNetLayers, x: Array, dtype: Any,
                        conv: Callable[[Array, Array], Array]) -> Array:
   (in_kernel, in_bias), (hidden_kernel, hidden_bias), (out_kernel, out_bias) = layers
   out_dtype = jnp.result_type(x, out_bias)
   h = x.astype(dtype)
-  h = nn.relu(conv(h, in_kernel.astype(dtype)) + in_bias.astype(dtype))
-  h = nn.relu(conv(h, hidden_kernel.astype(dtype)) + hidden_bias.astype(dtype))
-  return conv(h, out_kernel.astype(dtype)).astype(out_dtype) + out_bias
+  h = relu(conv(h, in_kernel.astype(dtype)) + in_bias.astype(dtype))
+  h = relu(conv(h, hidden_kernel.astype(dtype)) + hidden_bias.astype(dtype), COUPLING_WIDE)
+  return checkpoint_name(conv(h, out_kernel.astype(dtype)).astype(out_dtype) + out_bias,
+                         COUPLING_OUT)

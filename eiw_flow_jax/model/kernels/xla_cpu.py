@@ -54,7 +54,7 @@ def _channel_matmul_jvp(primals, tangents):
   (C, T) array and its own matmul, the kernel gradient their sum. XLA:CPU's transpose loop
   reads a whole column of X per output row; with C a power of two those N reads fall in a few
   cache sets, and past a few hundred rows they evict each other before the next column reuses
-  them: one (4096, 256) transpose took 3.1 ms alone, in blocks 0.7 ms. (The blocks as one array
+  them; in blocks they stay cached (docs/performance.md). (The blocks as one array
   in a batched matmul instead: XLA's layout assignment folds the transposes back into an Eigen
   dot, or YNNPACK's batched product runs at half rate.) Symbolic-zero tangents (data inputs,
   frozen kernels) skip their term.
@@ -83,8 +83,7 @@ channel_matmul.defjvp(_channel_matmul_jvp, symbolic_zeros=True)
 # 2-core Intel Xeon, and no faster than unblocked with 2**20 at width 512 (docs/performance.md).
 TRANSPOSE_BLOCK_ELEMENTS = 1 << 17
 # At most this many blocks (larger ones past it): each block is its own transpose and matmul in
-# the compiled program. At width 512, batch 64, 16 blocks of 1024 rows kept most of the speed of
-# 64 of 256 (1.03-1.05x their step time) and compiled in 40 s instead of 71 at K=32.
+# the compiled program: more blocks compile longer for little more speed (docs/performance.md).
 MAX_TRANSPOSE_BLOCKS = 16
 # Fewer rows than this per block and the matmuls get thin: one transpose instead.
 MIN_TRANSPOSE_BLOCK_ROWS = 64
@@ -118,8 +117,8 @@ def conv3x3_takes_matmul_form(kernel_shape: tuple[int, ...], min_width: int = 25
   """Whether `conv` computes this HWIO kernel by `conv3x3_by_matmul`.
 
   3x3 kernels with few channels on one side (9 min(C_in, C_out) <= 2 max) and at least
-  `min_width` on the other: at 256 the whole CIFAR train step took 0.82-0.88x the time. With
-  32-128 channels the two forms were within +-8% of each other (docs/performance.md), so
+  `min_width` on the other, where the matmul form makes the whole train step faster; with
+  fewer channels the two forms are within noise of each other (docs/performance.md), so
   lax.conv stays there.
   """
   kh, kw, cin, cout = kernel_shape
@@ -169,7 +168,7 @@ def conv(x: Array, kernel: Array) -> Array:
   A 1x1 kernel is a dot over channels (`channel_matmul`; faster than lax.conv on XLA:CPU). A 3x3
   kernel whose channel counts differ a lot (the coupling network's first and last layers, at
   width 256 and up: `conv3x3_takes_matmul_form`) is one matmul plus nine shifted copies
-  (`conv3x3_by_matmul`: a whole Glow train step 14% faster on 2 cores, docs/performance.md);
+  (`conv3x3_by_matmul`: a faster Glow train step on CPUs, docs/performance.md);
   other kernels stay `lax.conv_general_dilated`.
   """
   if kernel.shape[:2] == (1, 1):
@@ -205,7 +204,7 @@ def coupling_net_channels_first(layers: CouplingNetLayers, x: Array, dtype: Any)
 
   Row-major NHWC activations X (N, C) make every kernel gradient X^T dY contract the major axis
   of both operands, which XLA:CPU runs as an Eigen dot unless X is transposed first
-  (`channel_matmul`): those transposes were 7% of the CIFAR step's op time. Channels-first, each
+  (`channel_matmul`), transposes that cost the step time (docs/performance.md). Channels-first, each
   layer is W^T X (a small transposed kernel times X), its input gradient W dY and its kernel
   gradient dY X^T, a product over the minor axis of both: all three YNNPACK matmuls, with no
   transpose bigger than a kernel (`channels_first_matmul`). Only the coupling network's input
