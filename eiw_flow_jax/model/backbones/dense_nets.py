@@ -140,7 +140,9 @@ class DenseBlock(nn.Module):
       new = layer.apply({"params": params}, buffer[..., :widest])[..., widest:]
       return jax.lax.dynamic_update_slice_in_dim(buffer, new, start, axis=-1), None
 
-    buffer = _pad_axis(x, -1, self.depth * growth)
+    # The dtype the layers' concatenations would reach (float64 parameters promote the input).
+    buffer = _pad_axis(x, -1, self.depth * growth).astype(
+        jnp.result_type(x, *jax.tree.leaves(stacked)))
     return jax.lax.scan(body, buffer, (stacked, starts),
                         unroll=self.depth if self.unroll else 1)[0]
 

@@ -193,6 +193,8 @@ class ScannedBlock:
     networks' parameters (units 1..), the etas) -> (output, log-det of the units, augmentation
     terms, per unit its constants after the block)."""
     widths = BlockWidths(x.shape[-1], growth, len(units))
+    # The loop's carries hold the dtype the units reach (float64 parameters promote the input).
+    x = x.astype(jnp.result_type(x, *jax.tree.leaves([u["params"] for u in units])))
     num_units, padded = widths.units, widths.padded
     stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[
         {"params": pad_layers(u["params"], widths.unit(i), padded),
