@@ -5,7 +5,8 @@ The authors' command: --epochs 10 --batch_size 32 --optimizer adamax --lr 1e-3 -
 Target: DenseFlow reports 3.35 bits/dim (IWBO, k = 200, --kbs 25); EIW-Flow reports its own
 number in its paper's table.
 
-GPU memory per device, from XLA's GPU compiler, one node of 8 H100s at 4 images each (the
+GPU memory per device, from XLA's GPU compiler (measured before the blocks ran as
+scans and the state dropped its EMA copy), one node of 8 H100s at 4 images each (the
 batch over 8 GPUs), float32: 6.19 GiB of the 59.33 JAX's allocator takes of an H100 (arguments
 1.95: params, EMA and Adamax's two moments; temporaries 4.24); >= 394 GFLOP per GPU per step,
 roofline >= 8.7 ms a step (lower bounds: each unit's scanned layers are counted once).
