@@ -85,7 +85,6 @@ class VariationalDequantizer(nn.Module):
     log_q = log_q - sum_except_batch(-jax.nn.softplus(-z) - jax.nn.softplus(z))
     return jax.nn.sigmoid(z), log_q
 
-
   def _scanned_steps(self, z: Array, log_q: Array, ctx: Array) -> tuple[Array, Array]:
     """The flow's steps (1x1 conv, coupling) but the last 1x1 conv, as one scan over their
     parameters (`conv{i}`, `coupling{i}`, stacked here): they share every shape."""
