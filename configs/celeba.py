@@ -18,17 +18,19 @@ Glow-architecture baseline, as is for EIW-Flow (`recipes.glow_recipe`).
 Data: `python -m eiw_flow_jax.prepare --dataset=celeba --data_dir=DIR` (TFDS `celeb_a`, which
 every CelebA name reads).
 Hardware: 8 accelerators with >= 16 GB each, 32 images per device.
-Memory per device, from the TPU compiler (scanned steps, `store`), TPU v5e at 32 images per
-chip, float32 coupling networks: 8.97 GiB of the 15.75 the compiler allows (arguments 1.12,
-temporaries 7.80); 3122 GFLOP per chip per step; roofline >= 103 ms a step, >= 8.6 h for 300k
-steps. Command: `python -m eiw_flow_jax.aot --config=configs/celeba.py --topology=v5e:2x2
---per_device_batch=32 --noeval` (docs/tpu.md).
+Memory mode `remat` (recompute each flow step in the backward pass): the TPU compiler's fastest
+for float32 coupling networks. TPU v5e at 32 images per chip (scanned steps): 2.21 GiB per chip
+(arguments 1.12, temporaries 1.05); 4158 GFLOP and 73.2 GB per chip per step; roofline
+>= 89.4 ms a step, >= 7.5 h for 300k steps (`store`: 8.96 GiB, 3122 GFLOP, 84.2 GB, 103 ms).
+Command: `python -m eiw_flow_jax.aot --compare --config=configs/celeba.py --topology=v5e:2x2
+--per_device_batch=32 --noeval --compare_memory=store,remat --compare_dtype=auto` (docs/tpu.md).
 `configs/celeba.py:v5e_16`: 16 chips of 16 GiB, 16 images each: as is (it fits at 32).
-GPU memory per device, from XLA's GPU compiler, one node of 8 H100s at 32 images each, float32:
-9.03 GiB of the 59.33 JAX's allocator takes of an H100 (arguments 1.11, temporaries 7.92); 3099
-GFLOP per GPU per step; roofline >= 22.4 ms a step (memory traffic), >= 1.9 h for 300k steps.
-Command: `python -m eiw_flow_jax.aot --config=configs/celeba.py --topology=h100:8 --noeval`
-(docs/gpu.md).
+GPU memory per device, from XLA's GPU compiler, one node of 8 H100s at 32 images each, float32,
+`store`: 9.03 GiB of the 59.33 JAX's allocator takes of an H100 (arguments 1.11, temporaries
+7.92); 3099 GFLOP per GPU per step; roofline >= 22.4 ms a step (memory traffic), >= 1.9 h for
+300k steps.
+Command: `python -m eiw_flow_jax.aot --config=configs/celeba.py --topology=h100:8 --noeval
+--config.model.memory=store` (docs/gpu.md).
 """
 
 from eiw_flow_jax.config import recipes
@@ -41,4 +43,5 @@ def get_config(hardware: str = ""):
       "celeba_realnvp", image_shape=(64, 64, 3), num_levels=4, steps_per_level=32, batch_size=256,
       num_train_steps=300_000,
   )
+  config.model.memory = "remat"  # the TPU compiler's fastest in float32 (docstring)
   return recipes.hardware_variant(config, hardware, HARDWARE)

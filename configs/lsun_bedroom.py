@@ -2,11 +2,14 @@
 (`lsun_bedroom_realnvp`), with Glow's LSUN 64x64 setup.
 
 The setup, its hardware and its `:v5e_16` variant: `recipes.glow_lsun`.
+Memory mode `remat` (recompute each flow step in the backward pass): the TPU compiler's fastest
+in float32; its figures and command: `recipes.glow_lsun`.
 GPU memory per device (the model of both LSUN configs), from XLA's GPU compiler, one node of 8
-H100s at 32 images each, float32: 12.14 GiB of the 59.33 JAX's allocator takes of an H100
+H100s at 32 images each, float32, `store`: 12.14 GiB of the 59.33 JAX's allocator takes of an H100
 (arguments 0.99, temporaries 11.15); 4539 GFLOP per GPU per step; roofline >= 30.5 ms a step
 (memory traffic), >= 2.5 h for 300k steps. Command: `python -m eiw_flow_jax.aot
---config=configs/lsun_bedroom.py --topology=h100:8 --noeval` (docs/gpu.md).
+--config=configs/lsun_bedroom.py --topology=h100:8 --noeval
+--config.model.memory=store` (docs/gpu.md).
 `--config.model.split=vanilla` is Glow itself (`recipes.glow_recipe`).
 
 Published target (bits/dim): Glow 2.38 (arXiv:1807.03039, Table 2); RealNVP 2.72

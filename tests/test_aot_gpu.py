@@ -193,7 +193,7 @@ def test_the_gpu_refusal_says_what_to_change():
 def test_the_gpu_table_and_roofline():
   row = report.table_row(_fake_gpu_report(64, gpu="h100"))
   # 1e12 FLOPs at 494.5 TFLOP/s TF32: 2.0 ms a step (memory: 1e9 B at 3.35 TB/s, 0.3 ms).
-  assert row == ("fake", "h100:8", "64", "y", "1.06", "59.33", "2.0 ms", "1000", "2.0 s")
+  assert row == ("fake", "h100:8", "64", "y", "1.06", "59.33", "2.0 ms", "1000", "2.0 s", "n/a")
   bf16 = _fake_gpu_report(64, gpu="h100", dtype="bfloat16")
   assert bf16.roofline == pytest.approx((1e12 / 989.5e12, 1e9 / 3.35e12))
   l4 = _fake_gpu_report(64, gpu="l4")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 
@@ -130,6 +131,22 @@ def test_every_recipe_fits_16_gib_v5e_chips_as_it_is():
     name = os.path.basename(path)
     assert module.get_config(variant).to_dict() == module.get_config().to_dict(), name
     assert module.get_config(variant).model.memory in ("store", "remat"), name
+
+
+# The published Glow configs: every expected config but the toy one. Each states its memory mode
+# in its docstring ("Memory mode `M`"), the TPU compiler's fastest within a chip (docs/tpu.md).
+PUBLISHED_GLOW = sorted(EXPECTED - {"digits"})
+
+
+@pytest.mark.parametrize("name", PUBLISHED_GLOW)
+def test_published_glow_config_has_the_memory_mode_its_docstring_states(name):
+  module = _load_module(os.path.join(REPO, "configs", f"{name}.py"))
+  stated = re.findall(r"Memory mode `([a-z_]+)`", module.__doc__)
+  assert len(stated) == 1, f"{name}.py's docstring states its memory mode once: {stated}"
+  config = module.get_config()
+  assert config.model.backbone == "glow"
+  assert stated[0] in schema.MEMORY_MODES
+  assert config.model.memory == stated[0]
 
 
 def test_unknown_hardware_variant_names_the_known_ones():

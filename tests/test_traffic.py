@@ -115,7 +115,9 @@ def test_layer_kinds_come_from_the_scopes_and_from_a_copys_source():
   assert found["w2"].kind == "coupling net" and found["w2"].backward
   assert found["prefetch"].kind == "other"  # the images are no layer
   assert traffic.layer_kind("state.opt_state[1][0].mu['level0_steps']") == "train state (copies)"
-  assert traffic.layer_kind("x/transpose(jvp(f))/level1_split.split/mul") == "split and its prior"
+  assert traffic.layer_kind(
+      "x/transpose(jvp(f))/level1_split.split/split_and_prior/mul") == "split and its prior"
+  assert traffic.layer_kind("x/jvp(f)/top_prior.log_prob/top_prior_density/sub") == "top prior"
   assert traffic.layer_kind("", "all-reduce") == "gradient all-reduce"
 
 

@@ -80,8 +80,8 @@ LAYER_KINDS: tuple[tuple[str, str], ...] = (
     (bijectors.COUPLING_SCOPE, "coupling (halves, affine)"),
     (bijectors.CONV1X1_SCOPE, "1x1 conv"),
     (bijectors.ACTNORM_SCOPE, "ActNorm"),
-    ("_split", "split and its prior"),
-    ("top_prior", "top prior"),
+    (bijectors.SPLIT_SCOPE, "split and its prior"),
+    (bijectors.TOP_PRIOR_SCOPE, "top prior"),
     ("dequantize", "input (dequantize)"),
 )
 _COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")

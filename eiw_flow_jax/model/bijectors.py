@@ -43,7 +43,10 @@ ACTNORM_SCOPE = "actnorm"
 CONV1X1_SCOPE = "conv1x1"
 COUPLING_SCOPE = "coupling"  # the coupling of the halves, around its network
 COUPLING_NET_SCOPE = "coupling_net"
-LAYER_SCOPES = (ACTNORM_SCOPE, CONV1X1_SCOPE, COUPLING_SCOPE, COUPLING_NET_SCOPE)
+SPLIT_SCOPE = "split_and_prior"  # a split (its Shuffle, its prior net) and its merge
+TOP_PRIOR_SCOPE = "top_prior_density"
+LAYER_SCOPES = (ACTNORM_SCOPE, CONV1X1_SCOPE, COUPLING_SCOPE, COUPLING_NET_SCOPE, SPLIT_SCOPE,
+                TOP_PRIOR_SCOPE)
 
 
 def layer_scope(scope: str) -> Callable[[Callable[..., T]], Callable[..., T]]:

@@ -23,7 +23,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from eiw_flow_jax.model.bijectors import ZeroConv, check_image_batch, sum_except_batch
+from eiw_flow_jax.model.bijectors import (
+    SPLIT_SCOPE,
+    TOP_PRIOR_SCOPE,
+    ZeroConv,
+    check_image_batch,
+    layer_scope,
+    sum_except_batch,
+)
 
 Array = jax.Array
 _LOG_2PI = math.log(2.0 * math.pi)
@@ -160,11 +167,13 @@ class VanillaSplit(_SplitBase):
     self._check_channels()
     self.prior_net = self._prior_net()
 
+  @layer_scope(SPLIT_SCOPE)
   def split(self, z: Array) -> SplitOutput:
     check_image_batch(z, "VanillaSplit", self.channels)
     zero = jnp.zeros((z.shape[0],), z.dtype)
     return self._finish(z[..., : self.num_kept], z[..., self.num_kept :], zero, {})
 
+  @layer_scope(SPLIT_SCOPE)
   def merge(self, kept: Array, factored: Array) -> tuple[Array, Array]:
     return jnp.concatenate([kept, factored], axis=-1), jnp.zeros((kept.shape[0],), kept.dtype)
 
@@ -220,6 +229,7 @@ class EIWGlobalSplit(_SplitBase):
   def regularizer_per_example(self, z: Array) -> Array:
     return global_shuffle_regularizer(self.theta, self.solver_log_weights(z), self.regularizer)
 
+  @layer_scope(SPLIT_SCOPE)
   def split(self, z: Array) -> SplitOutput:
     check_image_batch(z, "EIWGlobalSplit", self.channels)
     shuffled = shuffle(z, self.permutation())
@@ -229,6 +239,7 @@ class EIWGlobalSplit(_SplitBase):
         shuffled[..., : self.num_kept], shuffled[..., self.num_kept :], zero, aux
     )
 
+  @layer_scope(SPLIT_SCOPE)
   def merge(self, kept: Array, factored: Array) -> tuple[Array, Array]:
     shuffled = jnp.concatenate([kept, factored], axis=-1)
     return unshuffle(shuffled, self.permutation()), jnp.zeros((kept.shape[0],), kept.dtype)
@@ -331,6 +342,7 @@ class EIWPerExampleSplit(_SplitBase):
     kept = jnp.concatenate([anchor, shuffled[..., :stay]], axis=-1)
     return scores, log_w, perm, kept, shuffled[..., stay:]
 
+  @layer_scope(SPLIT_SCOPE)
   def split(self, z: Array) -> SplitOutput:
     check_image_batch(z, "EIWPerExampleSplit", self.channels)
     scores, log_w, _, kept, factored = self._shuffle(z)
@@ -338,6 +350,7 @@ class EIWPerExampleSplit(_SplitBase):
     aux = {"weight_entropy": categorical_entropy(scores)}
     return self._finish(kept, factored, log_det, aux)
 
+  @layer_scope(SPLIT_SCOPE)
   def merge(self, kept: Array, factored: Array) -> tuple[Array, Array]:
     a = self.anchor_width
     anchor = kept[..., :a]
@@ -381,10 +394,12 @@ class TopPrior(nn.Module):
     self.mean = self.param("mean", nn.initializers.zeros, self.shape)
     self.log_std = self.param("log_std", nn.initializers.zeros, self.shape)
 
+  @layer_scope(TOP_PRIOR_SCOPE)
   def params_for(self, batch: int) -> tuple[Array, Array]:
     shape = (batch, *self.shape)
     return jnp.broadcast_to(self.mean, shape), jnp.broadcast_to(self.log_std, shape)
 
+  @layer_scope(TOP_PRIOR_SCOPE)
   def log_prob(self, z: Array) -> Array:
     check_image_batch(z, "TopPrior", self.shape[-1])
     return gaussian_log_prob(z, *self.params_for(z.shape[0]))
