@@ -14,7 +14,7 @@ TPU v5e at 16 images per chip (the batch of 64 on 4 chips), float32: 7.39 GiB of
 compiler allows (arguments 1.73: params and Adamax's two moments of 130.9M parameters, no EMA
 copy; temporaries 5.51; code 0.15). Command: `python -m eiw_flow_jax.aot
 --config=configs/cifar10_denseflow.py --topology=v5e:2x2 --per_device_batch=16 --noeval`
-(docs/tpu.md: the compile took 8 minutes wall on a loaded 2-core machine; the compiler counts
+(docs/tpu.md: the compile took 3 minutes wall on a quiet 2-core machine; the compiler counts
 each scanned unit and layer once, so its FLOPs are a lower bound).
 GPU memory per device, from XLA's GPU compiler (measured before the blocks ran as
 scans and the state dropped its EMA copy), one node of 8 H100s at 8 images each (the
