@@ -6,7 +6,15 @@ reproduced here). Target: DenseFlow reports 1.99 bits/dim (IWBO, k = 200, --kbs 
 reports its own number in its paper's table. This project's CelebA pipeline has no horizontal
 flips.
 
-GPU memory per device, from XLA's GPU compiler, one node of 8 H100s at 4 images each (the
+Memory per device, from the TPU compiler (each dense block one scan over its units, `store`),
+TPU v5e at 8 images per chip (the batch of 32 on 4 chips), float32: 10.61 GiB of the 15.75 the
+compiler allows (arguments 1.73: params and Adamax's two moments, no EMA copy; temporaries
+8.70; code 0.17); >= 222 GFLOP per chip per step (a lower bound: scanned units counted once).
+Command: `python -m eiw_flow_jax.aot --config=configs/celeba_denseflow.py --topology=v5e:2x2
+--noeval` (docs/tpu.md).
+
+GPU memory per device, from XLA's GPU compiler (measured before the blocks ran as
+scans and the state dropped its EMA copy), one node of 8 H100s at 4 images each (the
 batch over 8 GPUs), float32: 6.19 GiB of the 59.33 JAX's allocator takes of an H100 (arguments
 1.95: params, EMA and Adamax's two moments; temporaries 4.24); >= 394 GFLOP per GPU per step,
 roofline >= 8.7 ms a step (lower bounds: each unit's scanned layers are counted once).

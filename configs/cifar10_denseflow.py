@@ -9,14 +9,15 @@ own number in its paper's table. Evaluation here: the ELBO and the IWBO with k =
 (`eval.iwbo_samples`), 50 samples per pass as their --kbs 50.
 At batch 64 the model needs gradient checkpointing on most GPUs (their --checkpointing):
 `--config.model.memory=remat` where the config has that field.
-Memory per device, from the TPU compiler (scanned coupling layers, `store`), TPU v5e at 16
-images per chip (the batch of 64 on 4 chips), float32: 8.52 GiB of the 15.75 the compiler
-allows (arguments 2.31: params, EMA and Adamax's two moments of 130.9M parameters; temporaries
-5.72; code 0.49). Command: `python -m eiw_flow_jax.aot --config=configs/cifar10_denseflow.py
---topology=v5e:2x2 --per_device_batch=16 --noeval` (docs/tpu.md: the compile took 18 minutes
-wall on a loaded 2-core machine; the compiler counts each unit's scanned layers once, so its
-FLOPs are a lower bound).
-GPU memory per device, from XLA's GPU compiler, one node of 8 H100s at 8 images each (the
+Memory per device, from the TPU compiler (each dense block one scan over its units, `store`),
+TPU v5e at 16 images per chip (the batch of 64 on 4 chips), float32: 7.39 GiB of the 15.75 the
+compiler allows (arguments 1.73: params and Adamax's two moments of 130.9M parameters, no EMA
+copy; temporaries 5.51; code 0.15). Command: `python -m eiw_flow_jax.aot
+--config=configs/cifar10_denseflow.py --topology=v5e:2x2 --per_device_batch=16 --noeval`
+(docs/tpu.md: the compile took 3 minutes wall on a quiet 2-core machine; the compiler counts
+each scanned unit and layer once, so its FLOPs are a lower bound).
+GPU memory per device, from XLA's GPU compiler (measured before the blocks ran as
+scans and the state dropped its EMA copy), one node of 8 H100s at 8 images each (the
 batch over 8 GPUs), float32: 4.54 GiB of the 59.33 JAX's allocator takes of an H100 (arguments
 1.95: params, EMA and Adamax's two moments; temporaries 2.59); >= 191 GFLOP per GPU per step,
 roofline >= 6.7 ms a step (lower bounds: each unit's scanned layers are counted once). On one

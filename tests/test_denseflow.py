@@ -172,6 +172,27 @@ def test_variational_dequantizer_log_q_is_a_change_of_variables():
   np.testing.assert_allclose(log_q, db.std_normal_log_prob(eps) - log_det, rtol=1e-4, atol=2e-3)
 
 
+def test_dense_block_scanned_layers_are_its_layers_one_by_one():
+  """`DenseBlock(scan_layers=True)` (the dequantizer's context networks): its layers padded to
+  the widest and scanned give the values and gradients of the layers at their own widths."""
+  from eiw_flow_jax.model.backbones.dense_nets import DenseBlock
+
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 4, 3))
+  unscanned = DenseBlock(5, 3, 4)
+  params = randomise(unscanned.init(jax.random.PRNGKey(1), x)["params"], scale=0.3)
+
+  def loss(module):
+    return jax.jit(jax.value_and_grad(
+        lambda p, x: jnp.sum(jnp.sin(module.apply({"params": p}, x))), argnums=(0, 1)))
+
+  value, grads = loss(unscanned)(params, x)
+  scanned_value, scanned_grads = loss(DenseBlock(5, 3, 4, scan_layers=True))(params, x)
+  np.testing.assert_allclose(scanned_value, value, rtol=1e-5)
+  # float32 sums in another order: absolute differences of ~1e-6 against gradients of ~1-10.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5),
+               scanned_grads, grads)
+
+
 @pytest.fixture(scope="module")
 def tiny():
   """The 3-scale parity model with the authors' (random) weights: no init to compile."""
@@ -314,10 +335,64 @@ def test_attention_landmarks_reach_the_coupling_nets():
     DenseUnit(1, 4, 1, 4).init(jax.random.PRNGKey(1), x)
 
 
+def _random_block_variables(block, x, etas, seed=0):
+  """Random variables of `block`'s shapes, drawn on the host (compiling init and a jitted
+  randomisation would take longer than the tests): BatchNorm running means and variances
+  away from their initial values."""
+  shapes = jax.eval_shape(block.init, jax.random.PRNGKey(1), x, etas)
+  rs = np.random.RandomState(seed)
+  return {
+      "params": jax.tree.map(
+          lambda s: 0.1 * rs.standard_normal(s.shape).astype(np.float32), shapes["params"]),
+      "constants": jax.tree_util.tree_map_with_path(
+          lambda path, s: np.full(s.shape, 1.0 if path[-1].key == "var" else 0.1, np.float32),
+          shapes["constants"]),
+  }
+
+
+@pytest.mark.parametrize("memory,scan", [("store", True), ("remat", True), ("store", False)])
+def test_the_scan_over_padded_units_is_the_block_unit_by_unit(memory, scan):
+  """A dense block runs as one scan over its units padded to the widest (`dense_scan`): the
+  same outputs, log-dets, augmentation terms, BatchNorm running statistics and gradients (of
+  every parameter and of the input) as its units one by one at their own widths
+  (`per_unit`). Unit widths 5, 8, 11: odd and even halves at the coupling and the switch."""
+  from eiw_flow_jax.model.backbones.denseflow import InvertibleDenseBlock
+
+  block = InvertibleDenseBlock(3, 2, 8, 3, 1, 8, memory=memory, train=True, scan=scan)
+  keys = jax.random.split(jax.random.PRNGKey(0), 4)
+  x = jax.random.normal(keys[0], (4, 4, 4, 5))
+  etas = [jax.random.normal(k, (4, 4, 4, 3)) for k in keys[1:3]]
+  probe = jax.random.normal(keys[3], (4, 4, 4, 11))  # weights every output channel
+  variables = _random_block_variables(block, x, etas)
+
+  def loss(params, x, method):
+    (h, log_det, augment), updated = block.apply(
+        {**variables, "params": params}, x, etas, mutable=["constants"], method=method)
+    value = jnp.sum(h * probe) + jnp.sum(log_det) + 0.5 * jnp.sum(augment)
+    return value, (h, log_det, augment, updated["constants"])
+
+  def run(method):
+    fn = jax.jit(jax.value_and_grad(lambda p, x: loss(p, x, method), argnums=(0, 1),
+                                    has_aux=True))
+    return jax.device_get(fn(variables["params"], x))
+
+  (_, scanned), scanned_grads = run("__call__")
+  (_, reference), reference_grads = run("per_unit")
+  for got, expected in zip(scanned[:3], reference[:3]):
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               scanned[3], reference[3])
+  assert jax.tree.structure(scanned_grads) == jax.tree.structure(reference_grads)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+               scanned_grads, reference_grads)
+  assert float(np.max(np.abs(reference[2]))) > 1  # the augmentation terms are there
+
+
 def test_remat_units_give_the_same_gradients_with_less_memory():
-  """memory="remat" (memory.remat_call per unit): the same gradients, the same BatchNorm
-  running statistics (training mode updates them inside the recomputed units), and a compiled
-  gradient whose temporaries are well below "store"'s: the recomputation really is deferred."""
+  """memory="remat" (each unit of the block's scan recomputed): the same gradients, the same
+  BatchNorm running statistics (training mode updates them inside the recomputed units), and a
+  compiled gradient whose temporaries are well below "store"'s: the recomputation really is
+  deferred."""
   from eiw_flow_jax.model.backbones.denseflow import InvertibleDenseBlock
 
   def block(memory):
@@ -325,23 +400,13 @@ def test_remat_units_give_the_same_gradients_with_less_memory():
 
   x = jax.random.normal(jax.random.PRNGKey(0), (16, 8, 8, 4))
   etas = [jax.random.normal(jax.random.PRNGKey(i + 1), (16, 8, 8, 4)) for i in range(2)]
-  # Random variables of the right shapes, drawn on the host: compiling init and a jitted
-  # randomisation would take longer than the test itself.
-  shapes = jax.eval_shape(block("store").init, jax.random.PRNGKey(1), x, etas)
-  rs = np.random.RandomState(0)
-  variables = {
-      "params": jax.tree.map(
-          lambda s: 0.1 * rs.standard_normal(s.shape).astype(np.float32), shapes["params"]),
-      "constants": jax.tree_util.tree_map_with_path(  # BatchNorm running mean and variance
-          lambda path, s: np.full(s.shape, 1.0 if path[-1].key == "var" else 0.1, np.float32),
-          shapes["constants"]),
-  }
+  variables = _random_block_variables(block("store"), x, etas)
   results, temp = {}, {}
   for memory in ("store", "remat"):
     module = block(memory)
 
     def loss(params, x, module=module):
-      (h, log_det, augment, _), updated = module.apply(
+      (h, log_det, augment), updated = module.apply(
           {**variables, "params": params}, x, etas, mutable=["constants"])
       return jnp.mean(h**2) - jnp.mean(log_det + augment), updated["constants"]
 

@@ -37,6 +37,7 @@ from eiw_flow_jax.training import (
     train_state,
     train_step,
 )
+from eiw_flow_jax.training.run import Run
 from eiw_flow_jax.workdir import checkpointing, digests
 
 DIGITS = os.path.join(REPO, "configs", "digits.py")
@@ -467,3 +468,54 @@ def test_the_guarded_update_is_the_same_as_a_branch_or_a_select(finite):
     out = jax.jit(lambda s, f, b=branch: train_step.guarded_update(f, update, s, branch=b))(
         state, jnp.asarray(finite))
     jax.tree.map(lambda o, e: np.testing.assert_array_equal(o, e), out, expected)
+
+
+def write_copy_with_ema(workdir: str, old: str) -> None:
+  """`old`: a copy of `workdir` (a run with `ema_decay` 0) whose checkpoints also hold an EMA
+  copy of the parameters, with digests of it: as such runs saved them before the state held no
+  EMA without one."""
+  shutil.copytree(workdir, old)
+  for step in finalized_steps(old):
+    step_dir = os.path.join(old, checkpointing.CHECKPOINT_DIR, str(step))
+    state_dir = os.path.join(step_dir, checkpointing.STATE)
+    with checkpointing.ocp.StandardCheckpointer() as checkpointer:
+      raw = checkpointer.restore(state_dir)
+      assert not jax.tree.leaves(raw.get("ema_params"))
+      raw["ema_params"] = jax.tree.map(lambda p: p + 1.0, raw["params"])
+      shutil.rmtree(state_dir)
+      checkpointer.save(state_dir, raw)
+    with open(os.path.join(step_dir, checkpointing.DIGESTS, "metadata"), "w") as f:
+      json.dump(digests.digest_record(raw), f)
+
+
+def test_a_run_without_ema_holds_no_copy_and_reads_checkpoints_that_have_one(
+    tmp_path, data_dir, caplog):
+  """`ema_decay` 0: the train state holds no EMA copy (in memory, in its checkpoints, in the
+  abstract state the compiles use), `load` and eval read the raw parameters; checkpoints saved
+  with a copy (before) still restore, load and resume, their copy left unread."""
+  config = tiny_config(data_dir, num_train_steps=2, checkpoint_every_steps=2, ema_decay=0.0)
+  assert Run.build(config).abstract_state.ema_params is None
+  workdir = str(tmp_path / "no_ema")
+  result = train_loop.train(config, workdir)
+  assert result.state.ema_params is None
+  step_dir = os.path.join(workdir, checkpointing.CHECKPOINT_DIR, "2", checkpointing.STATE)
+  with checkpointing.ocp.StandardCheckpointer() as checkpointer:
+    assert not jax.tree.leaves(checkpointer.restore(step_dir).get("ema_params"))
+  state = restore(config, workdir)
+  assert state.ema_params is None
+  loaded = eiw_flow_jax.load(workdir)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded.variables["params"]),
+               state.params)
+
+  old = str(tmp_path / "with_ema")
+  write_copy_with_ema(workdir, old)
+  with caplog.at_level(logging.WARNING):
+    assert_states_equal(restore(config, old), state, atol=0)
+    loaded = eiw_flow_jax.load(old)
+  assert "corrupt" not in caplog.text
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded.variables["params"]),
+               state.params)
+  longer = tiny_config(data_dir, num_train_steps=4, checkpoint_every_steps=2, ema_decay=0.0)
+  train_loop.train(longer, old)
+  assert finalized_steps(old) == [2, 4]
+  assert "corrupt" not in caplog.text

@@ -153,7 +153,9 @@ def _scanned_steps(config: ml_collections.ConfigDict) -> int:
   """K where the program scans over K flow steps (whose cost the compiler counts once), else 0."""
   m = config.model
   if not m.scan_steps or m.backbone != "glow":
-    return 0  # DenseFlow scans only each unit's few coupling layers: see docs/tpu.md
+    # DenseFlow scans its units and their layers (whose bodies the compiler counts once) and has
+    # no K to extrapolate in: its figures are lower bounds (docs/tpu.md).
+    return 0
   return int(m.steps_per_level)
 
 

@@ -44,9 +44,11 @@ a reverse scan, with the same drift guard) or unrolled over slices of the stack 
 compares the scanned and unrolled train steps.)
 
 `remat_call` is the same ordered recomputation for one call of a module whose calls do not
-form a chain of identical steps (DenseFlow's units, whose channel counts grow and whose
-BatchNorm updates running statistics): consecutive calls are ordered by a token threaded
-through them.
+form a chain of identical steps (e.g. modules whose channel counts grow, or whose BatchNorm
+updates running statistics): consecutive calls are ordered by a token threaded through them.
+DenseFlow's units no longer use it: each dense block is one scan over its units padded to the
+widest (`backbones/dense_scan.py`), whose units `memory="remat"` recomputes with
+`jax.checkpoint`.
 """
 
 from __future__ import annotations

@@ -63,7 +63,8 @@ class Run:
   @property
   def abstract_state(self) -> TrainState:
     """The train state's structure as ShapeDtypeStructs carrying their shardings."""
-    return train_state.abstract_state(self.flow, self.tx, self.mesh)
+    return train_state.abstract_state(self.flow, self.tx, self.mesh,
+                                      ema=train_state.keeps_ema(self.config))
 
   @property
   def shardings(self) -> TrainState:
@@ -74,10 +75,13 @@ class Run:
     return train_state.create_state(self.config, self.flow, self.tx, self.mesh, init_images)
 
   def state_from_variables(self, variables: Variables) -> TrainState:
-    """A state at step 0 holding `variables` (EMA = params, a fresh optimizer state), placed
-    with the state's shardings: imported weights become a checkpoint training writes."""
+    """A state at step 0 holding `variables` (EMA = params where the run keeps one, a fresh
+    optimizer state), placed with the state's shardings: imported weights become a checkpoint
+    training writes."""
     variables = jax.tree.map(jnp.asarray, variables)
-    return jax.device_put(train_state.state_from_variables(self.tx, variables), self.shardings)
+    state = train_state.state_from_variables(
+        self.tx, variables, ema=train_state.keeps_ema(self.config))
+    return jax.device_put(state, self.shardings)
 
   # ---- the compiled steps --------------------------------------------------------------------
   def train_step(self, *, inject_nonfinite: bool = False) -> Callable[..., Any]:
@@ -98,19 +102,26 @@ class Run:
     iterator's position restored in place. Damaged checkpoints are moved aside (`quarantine`)."""
     return checkpointing.restore_latest(
         manager, self.abstract_state, data_iterator, quarantine=quarantine,
-        migrate=self.flow.migrate_layout,
+        migrate=self.flow.migrate_layout, partial=self._reads_part_of_state,
     )
 
   def restore_state(self, workdir: str) -> tuple[int, TrainState]:
     """(step, state) of `workdir`'s newest good checkpoint, read-only (safe while a run writes
     there). FileNotFoundError if it has none."""
-    return self._read_only(workdir, self.abstract_state, partial=False)
+    return self._read_only(workdir, self.abstract_state, partial=self._reads_part_of_state)
+
+  @property
+  def _reads_part_of_state(self) -> bool:
+    """A run without an EMA reads its state's entries alone from a checkpoint: one saved with
+    an EMA copy (as runs with `ema_decay` 0 once saved) restores too, its copy left unread."""
+    return self.abstract_state.ema_params is None
 
   def restore_variables(self, workdir: str, *, ema: bool = True) -> tuple[int, Variables]:
     """(step, {"params", "constants"}) of `workdir`'s newest good checkpoint, read-only: the EMA
-    parameters (`ema=False`: the raw ones) and the constants; the optimizer state stays on disk."""
+    parameters (`ema=False`, or a run without an EMA: the raw ones) and the constants; the
+    optimizer state stays on disk."""
     state = self.abstract_state
-    params = "ema_params" if ema else "params"
+    params = "ema_params" if ema and state.ema_params is not None else "params"
     target = {
         "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated(self.mesh)),
         params: getattr(state, params),

@@ -32,14 +32,16 @@ class TrainState:
   step: jax.Array  # batches consumed so far, including skipped (non-finite) steps
   params: Any
   constants: Any  # fixed 1x1-conv permutations and signs; never trained
-  ema_params: Any
+  ema_params: Any  # None without an EMA (`keeps_ema`): no copy of the parameters is held
   opt_state: Any
   nonfinite_total: jax.Array
   nonfinite_consecutive: jax.Array
 
   def variables(self, ema: bool = True) -> dict[str, Any]:
-    """Variables for the Flow API: EMA (default) or raw parameters."""
-    return {"params": self.ema_params if ema else self.params, "constants": self.constants}
+    """Variables for the Flow API: EMA (default; the raw parameters without an EMA) or raw
+    parameters."""
+    use_ema = ema and self.ema_params is not None
+    return {"params": self.ema_params if use_ema else self.params, "constants": self.constants}
 
 
 @dataclasses.dataclass
@@ -63,14 +65,23 @@ def rng_keys(config: ml_collections.ConfigDict) -> dict[str, jax.Array]:
   }
 
 
-def state_from_variables(tx: optax.GradientTransformation, variables: Any) -> TrainState:
+def keeps_ema(config: ml_collections.ConfigDict) -> bool:
+  """Whether a run keeps an EMA of its parameters: `ema_decay` > 0. Without one, the state
+  holds no copy (`ema_params` None) and eval and sampling use the raw parameters."""
+  return config.ema_decay > 0
+
+
+def state_from_variables(
+    tx: optax.GradientTransformation, variables: Any, *, ema: bool = True
+) -> TrainState:
+  """A state at step 0 holding `variables`: the EMA (`ema`) starts at the parameters."""
   params = variables["params"]
   zero = jnp.zeros((), jnp.int32)
   return TrainState(
       step=zero,
       params=params,
       constants=variables["constants"],
-      ema_params=params,
+      ema_params=params if ema else None,
       opt_state=tx.init(params),
       nonfinite_total=zero,
       nonfinite_consecutive=zero,
@@ -78,11 +89,14 @@ def state_from_variables(tx: optax.GradientTransformation, variables: Any) -> Tr
 
 
 @functools.lru_cache(maxsize=8)
-def abstract_state(flow: Flow, tx: optax.GradientTransformation, mesh: Mesh) -> Any:
-  """The train state's structure as ShapeDtypeStructs with shardings (traced, not computed)."""
+def abstract_state(
+    flow: Flow, tx: optax.GradientTransformation, mesh: Mesh, *, ema: bool = True
+) -> Any:
+  """The train state's structure as ShapeDtypeStructs with shardings (traced, not computed);
+  `ema`: whether it holds an EMA of the parameters (`keeps_ema`)."""
   x = jax.ShapeDtypeStruct((1, *flow.image_shape), jnp.uint8)
   shapes = jax.eval_shape(
-      lambda r, x: state_from_variables(tx, flow.init(r, x)), jax.random.PRNGKey(0), x
+      lambda r, x: state_from_variables(tx, flow.init(r, x), ema=ema), jax.random.PRNGKey(0), x
   )
   shardings = state_shardings(mesh, shapes)
   return jax.tree.map(
@@ -103,5 +117,7 @@ def create_state(
   # variables from the same examples, then they are placed with the state's shardings.
   variables = jax.device_get(flow.init(rng_keys(config)["init"], init_images))
   variables = jax.tree.map(lambda v: host_replicated(v, mesh), variables)
-  shardings = state_shardings(mesh, abstract_state(flow, tx, mesh))
-  return jax.jit(lambda v: state_from_variables(tx, v), out_shardings=shardings)(variables)
+  ema = keeps_ema(config)
+  shardings = state_shardings(mesh, abstract_state(flow, tx, mesh, ema=ema))
+  return jax.jit(lambda v: state_from_variables(tx, v, ema=ema), out_shardings=shardings)(
+      variables)

@@ -12,7 +12,8 @@ and optimizer state keep their values) and counted on the device (`nonfinite_con
 the loop (`train_loop`) reads the streak and stops the run.
 
 EMA: decay min(config.ema_decay, (1 + n) / (10 + n)) after n applied updates, so short runs
-are not dominated by the initial parameters; eval and sampling use the EMA parameters.
+are not dominated by the initial parameters; eval and sampling use the EMA parameters. With
+`ema_decay` 0 the state holds no EMA (`train_state.keeps_ema`) and they use the raw ones.
 """
 
 
@@ -34,6 +35,7 @@ from eiw_flow_jax.training.sharding import batch_sharding, replicated, state_sha
 from eiw_flow_jax.training.train_state import (
   TrainState,
   abstract_state,
+  keeps_ema,
   rng_keys,
 )
 
@@ -83,7 +85,7 @@ def make_train_step(
   """
   schedule = make_schedule(config)
   train_key = rng_keys(config)["train"]
-  use_ema = config.ema_decay > 0
+  use_ema = keeps_ema(config)
 
   def step_fn(state: TrainState, images: jax.Array):
     rng = jax.random.fold_in(train_key, state.step)
@@ -106,8 +108,6 @@ def make_train_step(
       if use_ema:
         decay = _ema_decay(config, applied)
         ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
-      else:
-        ema = params
       return params, ema, opt_state
 
     def keep_if_finite(new, old):
@@ -151,7 +151,7 @@ def make_train_step(
       metrics[f"perm_changed/level{index}"] = jnp.any(before[index] != order).astype(jnp.int32)
     return new_state, metrics
 
-  shardings = state_shardings(mesh, abstract_state(flow, tx, mesh))
+  shardings = state_shardings(mesh, abstract_state(flow, tx, mesh, ema=use_ema))
   return jax.jit(
       step_fn,
       in_shardings=(shardings, batch_sharding(mesh)),

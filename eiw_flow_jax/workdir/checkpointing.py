@@ -342,26 +342,37 @@ def _read_as_saved(manager: ocp.CheckpointManager, step: int) -> Any:
                                 args=ocp.args.PyTreeRestore(restore_args=as_numpy))
 
 
+def _read_part(manager: ocp.CheckpointManager, step: int, target: Any) -> Any:
+  """Checkpoint `step`'s train state, only `target`'s entries read from disk."""
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    return checkpointer.restore(
+        _step_dir(manager, step) / STATE,
+        args=ocp.args.PyTreeRestore(
+            target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True))
+
+
 def _read(
     manager: ocp.CheckpointManager, step: int, target: Any, data_iterator: Any | None, *,
     partial: bool, as_saved: bool, digests: bool,
 ) -> tuple[Any, dict[str, Any] | None]:
   """(state, digest record or None) of checkpoint `step`; the iterator's position restored."""
   items = {}
-  if as_saved:
-    pass  # read below, outside the manager: its handler for the state restores into a target
-  elif partial:  # only target's entries are read from disk
-    items[STATE] = ocp.args.PyTreeRestore(
-        target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-        partial_restore=True)
-  else:
+  # As saved or in part, the state is read below, outside the manager: the manager keeps the
+  # handler of an item's first use, and saving through it later needs the standard one.
+  if not (as_saved or partial):
     items[STATE] = ocp.args.StandardRestore(target)
   if data_iterator is not None:
     items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
   if digests:
     items[DIGESTS] = ocp.args.JsonRestore()
   restored = manager.restore(step, args=ocp.args.Composite(**items)) if items else {}
-  state = _read_as_saved(manager, step) if as_saved else restored[STATE]
+  if as_saved:
+    state = _read_as_saved(manager, step)
+  elif partial:
+    state = _read_part(manager, step, target)
+  else:
+    state = restored[STATE]
   return state, (restored[DIGESTS] if digests else None)
 
 

@@ -10,6 +10,8 @@ reinterprets an NCHW buffer with a raw `reshape` (the Nystrom attention) are rep
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -75,24 +77,74 @@ class GatedConv(nn.Module):
     return a + b * jax.nn.sigmoid(c)
 
 
+def _pad_axis(a: Array, axis: int, after: int) -> Array:
+  pads = [(0, 0)] * a.ndim
+  pads[axis] = (0, after)
+  return jnp.pad(a, pads)
+
+
 class DenseBlock(nn.Module):
-  """`depth` DenseLayers then a (gated) 1x1 conv to `features` channels."""
+  """`depth` DenseLayers then a (gated) 1x1 conv to `features` channels.
+
+  `scan_layers`: the layers as one `lax.scan`, traced and compiled once (`unroll`: the same
+  program unrolled). Layer i reads the c + i g channels so far (c the input, g the growth);
+  each runs at the widest input W = c + (depth - 1) g, on a buffer holding the channels so far
+  and zeros after them, with its weights padded by zeros (its extra hidden channels are
+  relu(0) = 0): the same function, computed with the FLOPs of `depth` widest layers. Used
+  where that costs little (the dequantizer's networks), not in the coupling layers'
+  networks, where it would nearly double the model's FLOPs.
+  """
 
   features: int
   depth: int
   growth: int
   gated: bool = True
   zero_init: bool = False
+  scan_layers: bool = False
+  unroll: bool = False
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    for i in range(self.depth):
-      x = DenseLayer(self.growth, name=f"layer{i}")(x)
+    if self.scan_layers and self.depth > 1 and not self.is_initializing():
+      x = self._scanned_layers(x)
+    else:
+      for i in range(self.depth):
+        x = DenseLayer(self.growth, name=f"layer{i}")(x)
     if self.gated:
       if self.zero_init:
         raise ValueError("DenseBlock: zero_init is only supported without gated convolutions.")
       return GatedConv(self.features, name="gate")(x)
     return conv(self.features, 1, "out", zero_init=self.zero_init)(x)
+
+  def _scanned_layers(self, x: Array) -> Array:
+    channels, growth = x.shape[-1], self.growth
+    widest = channels + (self.depth - 1) * growth
+
+    def padded(i: int) -> dict[str, Any]:
+      layer = self.variables["params"][f"layer{i}"]
+      extra = widest - (channels + i * growth)
+      conv0, conv2 = layer["conv0"], layer["conv2"]
+      return {
+          "conv0": {"kernel": _pad_axis(_pad_axis(conv0["kernel"], -1, extra), -2, extra),
+                    "bias": _pad_axis(conv0["bias"], -1, extra)},
+          "conv2": {**conv2, "kernel": _pad_axis(conv2["kernel"], -2, extra)},
+      }
+
+    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves),
+                           *[padded(i) for i in range(self.depth)])
+    starts = jnp.asarray([channels + i * growth for i in range(self.depth)])
+    layer = DenseLayer(growth, parent=None)
+
+    def body(buffer: Array, xs: tuple[Any, Array]) -> tuple[Array, None]:
+      params, start = xs
+      new = layer.apply({"params": params}, buffer[..., :widest])[..., widest:]
+      return jax.lax.dynamic_update_slice_in_dim(buffer, new, start, axis=-1), None
+
+    # The dtype the layers' concatenations would reach (float64 parameters promote the input).
+    buffer = _pad_axis(x, -1, self.depth * growth).astype(
+        jnp.result_type(x, *jax.tree.leaves(stacked)))
+    return jax.lax.scan(body, buffer, (stacked, starts),
+                        unroll=self.depth if self.unroll else 1)[0]
 
 
 class BatchNorm(nn.Module):

@@ -48,8 +48,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from eiw_flow_jax.model import memory, splits
-from eiw_flow_jax.model.backbones import layouts
+from eiw_flow_jax.model import splits
+from eiw_flow_jax.model.backbones import dense_scan, layouts
 from eiw_flow_jax.model.backbones.base import Backbone, ForwardPass, Level
 from eiw_flow_jax.model.backbones.dense_bijectors import (
     ActNorm,
@@ -75,6 +75,11 @@ def block_name(b: int) -> str:
 def unit_name(i: int) -> str:
   """The module name of unit i of a dense block."""
   return f"unit{i}"
+
+
+def noise_name(i: int) -> str:
+  """The module name of the noise network before unit i (i >= 1) of a dense block."""
+  return f"noise{i - 1}"
 
 
 def transition_name(b: int) -> str:
@@ -172,9 +177,9 @@ class DenseUnit(nn.Module):
   The layers of a unit share every shape (the channel switch keeps C), so their variables are
   stacked along a leading axis (`unit0/layers/actnorm/shift` has shape (num_layers, C)) and
   the layer is traced and compiled once per unit (`scan=True`) or unrolled `num_layers` times
-  in the program (`scan=False`, `model.scan_steps`): same parameters either way. The units of
-  a dense block cannot share one scan: each appends `growth_rate` channels to its input, so no
-  two units of a block have the same shapes (nor do the noise networks between them).
+  in the program (`scan=False`, `model.scan_steps`): same parameters either way. In a dense
+  block the units run padded to the block's widest, as one scan over units
+  (`InvertibleDenseBlock`, `dense_scan`); a unit alone runs here (`init`, the inverse).
   """
 
   num_layers: int
@@ -230,7 +235,13 @@ class NoiseParams(nn.Module):
 
 
 class InvertibleDenseBlock(nn.Module):
-  """Units with incremental noise augmentation (cross-unit coupling); see the module doc."""
+  """Units with incremental noise augmentation (cross-unit coupling); see the module doc.
+
+  Runs as one scan over its units padded to the widest (`dense_scan`): the block is traced
+  and compiled once, however many units it has. `per_unit` is the same map unit by unit, each
+  at its own width: what `init` runs (each layer's data-dependent ActNorm init sees its input)
+  and what the scan is tested against.
+  """
 
   num_units: int
   num_layers: int
@@ -241,7 +252,7 @@ class InvertibleDenseBlock(nn.Module):
   memory: str = "store"
   train: bool = False
   num_landmarks: int = 4
-  scan: bool = True  # each unit's layers as one lax.scan (DenseUnit)
+  scan: bool = True  # the loops over units and layers as lax.scans (False: unrolled)
 
   def setup(self) -> None:
     self.units = [
@@ -249,22 +260,42 @@ class InvertibleDenseBlock(nn.Module):
                   self.train, self.num_landmarks, self.scan, name=unit_name(i))
         for i in range(self.num_units)
     ]
-    self.noise_nets = [NoiseParams(self.growth_rate, name=f"noise{i}")
-                       for i in range(self.num_units - 1)]
+    self.noise_nets = [NoiseParams(self.growth_rate, name=noise_name(i))
+                       for i in range(1, self.num_units)]
 
-  def __call__(
-      self, x: Array, etas: Sequence[Array], token: Array | None = None
-  ) -> tuple[Array, Array, Array, Array]:
-    """(x, the block's etas, remat token) -> (output, log-det of the units, augmentation
-    terms, remat token); the token orders the units' recomputation (`memory.remat_call`)."""
+  def _check(self, etas: Sequence[Array]) -> None:
     if len(etas) != self.num_units - 1:
       raise ValueError(f"expected {self.num_units - 1} augmentation draws, got {len(etas)}.")
-    if token is None:
-      token = jnp.zeros((), jnp.float32)
+
+  def __call__(self, x: Array, etas: Sequence[Array]) -> tuple[Array, Array, Array]:
+    """(x, the block's etas) -> (output, log-det of the units, augmentation terms)."""
+    if self.is_initializing():
+      return self.per_unit(x, etas)
+    self._check(etas)
+    params = self.variables["params"]
+    constants = self.variables.get("constants", {})
+    units = [{"params": params[unit_name(i)][UNIT_LAYERS],
+              "constants": constants.get(unit_name(i), {}).get(UNIT_LAYERS, {})}
+             for i in range(self.num_units)]
+    noise = [params[noise_name(i)] for i in range(1, self.num_units)]
+    update = self.train and self.is_mutable_collection("constants")
+    layer = dense_scan.PaddedDenseLayer(self.mid_channels, self.depth, self.coupling_growth,
+                                        self.train, self.num_landmarks, parent=None)
+    run = dense_scan.ScannedBlock(layer, update_constants=update,
+                                  remat=self.memory == "remat", unroll=not self.scan)
+    h, log_det, augment, updated = run(x, units, noise, list(etas), self.growth_rate)
+    if update:
+      for i, unit_constants in enumerate(updated):
+        self.units[i].put_variable("constants", UNIT_LAYERS, unit_constants)
+    return h, log_det, augment
+
+  def per_unit(self, x: Array, etas: Sequence[Array]) -> tuple[Array, Array, Array]:
+    """`__call__` unit by unit, each at its own width (no padding, no recomputation)."""
+    self._check(etas)
     log_det = jnp.zeros((x.shape[0],), x.dtype)
     augment = jnp.zeros((x.shape[0],), x.dtype)
     g_inputs = [x]
-    (h, ld), token = self._unit(0, x, token)
+    h, ld = self.units[0](x)
     log_det = log_det + ld
     for i in range(1, self.num_units):
       eta = etas[i - 1]
@@ -272,33 +303,9 @@ class InvertibleDenseBlock(nn.Module):
       eta_hat = mu + jnp.exp(log_scale) * eta
       augment = augment - std_normal_log_prob(eta) + sum_except_batch(log_scale)
       g_inputs.append(h)
-      (h, ld), token = self._unit(i, jnp.concatenate([h, eta_hat], axis=-1), token)
+      h, ld = self.units[i](jnp.concatenate([h, eta_hat], axis=-1))
       log_det = log_det + ld
-    return h, log_det, augment, token
-
-  def _unit(self, i: int, x: Array, token: Array) -> tuple[tuple[Array, Array], Array]:
-    """Unit i on x; under memory="remat" its internals are recomputed in the backward pass."""
-    if self.memory == "store" or self.is_initializing():
-      return self.units[i](x), token
-    name = unit_name(i)
-    # A parentless twin applied to unit i's variables: memory.remat_call needs a pure function.
-    twin = DenseUnit(self.num_layers, self.mid_channels, self.depth, self.coupling_growth,
-                     self.train, self.num_landmarks, self.scan, parent=None)
-    variables = {"params": self.variables["params"][name],
-                 "constants": self.variables.get("constants", {}).get(name, {})}
-    update = self.train and self.is_mutable_collection("constants")
-
-    def apply(v: Any, h: Array) -> tuple[Any, Any]:
-      if update:  # training-mode BatchNorm updates its running statistics
-        out, changed = twin.apply(v, h, mutable=["constants"])
-        return out, changed["constants"]
-      return twin.apply(v, h), v["constants"]
-
-    out, constants, token = memory.remat_call(apply, variables, x, token)
-    if update:
-      for key, value in constants.items():
-        self.units[i].put_variable("constants", key, value)
-    return out, token
+    return h, log_det, augment
 
   def inverse(self, z: Array) -> Array:
     for i in reversed(range(self.num_units)):
@@ -500,7 +507,7 @@ class DenseFlowBackbone(Backbone):
     self.dequantizer = VariationalDequantizer(
         m.n_bits, df.dequant_steps, df.dequant_context_channels, df.dequant_mid_channels,
         df.dequant_depth, df.dequant_growth, df.dequant_context_growth,
-        df.dequant_context_depth, name="dequantizer")
+        df.dequant_context_depth, m.scan_steps, name="dequantizer")
     n = len(df.block_conf)
     self.blocks = [
         InvertibleDenseBlock(df.block_conf[b], df.layers_conf[b], df.layer_mid_chnls[b],
@@ -572,9 +579,8 @@ class DenseFlowBackbone(Backbone):
     log_prior = jnp.zeros_like(log_det)
     augmentation = jnp.zeros_like(log_det)
     latents, regs, visited = [], [], []
-    token = jnp.zeros((), jnp.float32)  # orders the units' recomputation across blocks
     for b, block in enumerate(self.blocks):
-      h, ld, aug, token = block(h, etas[b], token)
+      h, ld, aug = block(h, etas[b])
       log_det, augmentation = log_det + ld + aug, augmentation + aug
       if b < len(self.transitions):
         if at_split is not None:
