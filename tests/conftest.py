@@ -247,5 +247,10 @@ def env(compilation_cache):
 @pytest.fixture(scope="module")
 def user_env(env):
   """`env` as a user's shell has it: no JAX_PLATFORMS, nothing that importing JAX set (the
-  commands and notebooks must then keep JAX from probing for absent TPUs themselves)."""
-  return {k: v for k, v in env.items() if k not in JAX_IMPORT_VARIABLES}
+  commands and notebooks must then keep JAX from probing for absent TPUs themselves).
+
+  ALLOW_MULTIPLE_LIBTPU_LOAD=1: libtpu probes as it would on a user's machine even while
+  another test process holds it (a TPU compile in a parallel worker); without it, libtpu
+  silently steps aside there, and a check for the absence of its noise could not fail."""
+  out = {k: v for k, v in env.items() if k not in JAX_IMPORT_VARIABLES}
+  return {**out, "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
