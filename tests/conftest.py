@@ -73,6 +73,21 @@ def make_config(
   return config
 
 
+def reduced_cifar_config(steps: int = 2, width: int = 512):
+  """configs/cifar10.py with K steps per level (32 published) and `width` hidden channels,
+  unrolled (one compile whose own cost analysis counts every step), under memory "store" (the
+  AOT tests' figures were measured with it; the config's default is remat): the same network
+  otherwise. The TPU and GPU AOT tests compile it."""
+  from eiw_flow_jax.commands.aot import load_config  # noqa: PLC0415 - defines no flags
+
+  config = load_config(f"{REPO}/configs/cifar10.py")
+  config.model.steps_per_level = steps
+  config.model.scan_steps = False
+  config.model.hidden_channels = width
+  config.model.memory = "store"
+  return config
+
+
 def perturb(variables, rng, scale=0.1):
   """Adds Gaussian noise to every trained parameter, so zero-initialised parts become active.
 

@@ -15,7 +15,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import pytest
-from conftest import REPO
+from conftest import REPO, reduced_cifar_config
 
 from eiw_flow_jax import aot
 from eiw_flow_jax.aot import chips, compiler, report, search, topology
@@ -33,17 +33,6 @@ TOPOLOGY = "v5e:2x2"
 
 def digits_config():
   return aot_command.load_config(f"{REPO}/configs/digits.py")
-
-
-def reduced_cifar_config(steps: int = 2, width: int = 512):
-  """configs/cifar10.py with K steps per level (32 published), unrolled (one compile whose own
-  cost analysis counts every step): the same network otherwise."""
-  config = aot_command.load_config(f"{REPO}/configs/cifar10.py")
-  config.model.steps_per_level = steps
-  config.model.scan_steps = False
-  config.model.hidden_channels = width
-  config.model.memory = "store"  # the figures below were measured with it (the config: remat)
-  return config
 
 
 def _aot(env, *args, timeout=900):

@@ -16,11 +16,10 @@ import sys
 import jax
 import jax.numpy as jnp
 import pytest
-from conftest import REPO
+from conftest import REPO, reduced_cifar_config
 
 from eiw_flow_jax import aot
 from eiw_flow_jax.aot import chips, compiler, report, topology
-from eiw_flow_jax.commands.aot import load_config
 from eiw_flow_jax.model.flow import build_flow
 from eiw_flow_jax.training import optimizer, sharding, train_state
 
@@ -29,17 +28,6 @@ WITHOUT_PLUGIN = ("JAX's CUDA plugin is not installed: pip install -e \".[gpu-ao
 needs_gpu_compiler = pytest.mark.skipif(not topology.gpu_compiler_available(),
                                         reason=WITHOUT_PLUGIN)
 H100 = chips.GPUS["h100"]
-
-
-def reduced_cifar_config(steps: int = 2, width: int = 512):
-  """configs/cifar10.py with K steps per level (32 published), unrolled: the same network
-  otherwise (as tests/test_aot.py compiles it for a TPU)."""
-  config = load_config(f"{REPO}/configs/cifar10.py")
-  config.model.steps_per_level = steps
-  config.model.scan_steps = False
-  config.model.hidden_channels = width
-  config.model.memory = "store"  # the figures below were measured with it (the config: remat)
-  return config
 
 
 def _aot(env, *args, timeout=900):

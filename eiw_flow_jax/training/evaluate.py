@@ -44,18 +44,26 @@ def _global(local: np.ndarray, mesh: Mesh) -> jax.Array:
   return jax.make_array_from_process_local_data(NamedSharding(mesh, P("data")), local)
 
 
+def _masked_sum_step(
+    per_example_bpd: Callable[[Any, jax.Array, jax.Array], jax.Array], mesh: Mesh
+) -> Callable[..., tuple[jax.Array, jax.Array]]:
+  """(variables, uint8 batch, bool mask, rng) -> (sum of the unmasked examples'
+  `per_example_bpd`, their count), jitted and replicated over `mesh`."""
+
+  def fn(variables, images, mask, rng):
+    bpd = per_example_bpd(variables, images, rng)
+    # where, not multiply: a padding example's bpd may be anything, even NaN.
+    return jnp.sum(jnp.where(mask, bpd, 0.0)), jnp.sum(mask.astype(jnp.int32))
+
+  return jax.jit(fn, out_shardings=NamedSharding(mesh, P()))
+
+
 @functools.lru_cache(maxsize=8)
 def bpd_sum_step(flow: Flow, mesh: Mesh) -> Callable[..., tuple[jax.Array, jax.Array]]:
   """The eval step, jitted: (variables, uint8 batch, bool mask, rng) -> (sum of the unmasked
   examples' bpd, their count), replicated over `mesh`. The mask hides the padding of the split's
   last batch."""
-
-  def fn(variables, images, mask, rng):
-    bpd = flow.bpd(variables, images, rng)
-    # where, not multiply: a padding example's bpd may be anything, even NaN.
-    return jnp.sum(jnp.where(mask, bpd, 0.0)), jnp.sum(mask.astype(jnp.int32))
-
-  return jax.jit(fn, out_shardings=NamedSharding(mesh, P()))
+  return _masked_sum_step(flow.bpd, mesh)
 
 
 def evaluate_bpd(
@@ -89,14 +97,10 @@ def _mean_over_eval_split(
   return mean, count
 
 
-
 @functools.lru_cache(maxsize=8)
 def _iwbo_sum_fn(flow: Flow, mesh: Mesh, k: int, chunk: int):
-  def fn(variables, images, mask, rng):
-    bpd = flow.iwbo_bpd(variables, images, rng, k, chunk)
-    return jnp.sum(jnp.where(mask, bpd, 0.0)), jnp.sum(mask.astype(jnp.int32))
-
-  return jax.jit(fn, out_shardings=NamedSharding(mesh, P()))
+  return _masked_sum_step(
+      lambda variables, images, rng: flow.iwbo_bpd(variables, images, rng, k, chunk), mesh)
 
 
 def evaluate_iwbo(
