@@ -242,7 +242,11 @@ def compilation_cache(tmp_path_factory):
 # to every subprocess's: libtpu's TPU_LIBRARY_PATH and TPU_SKIP_MDS_QUERY, TF_CPP_MIN_LOG_LEVEL;
 # with JAX_PLATFORMS (set above) they keep libtpu quiet where a user's shell has none of them.
 JAX_IMPORT_VARIABLES = (
-    "JAX_PLATFORMS", "TPU_LIBRARY_PATH", "TPU_SKIP_MDS_QUERY", "TF_CPP_MIN_LOG_LEVEL")
+    "JAX_PLATFORMS", "TPU_LIBRARY_PATH", "TPU_SKIP_MDS_QUERY", "TF_CPP_MIN_LOG_LEVEL",
+    # What an in-process TPU or GPU compile sets (aot/topology.py's _quiet_libtpu_env and
+    # _quiet_cuda_env): with these libtpu would stay quiet in a user's process too.
+    "ALLOW_MULTIPLE_LIBTPU_LOAD", "TPU_ACCELERATOR_TYPE", "TPU_WORKER_HOSTNAMES",
+    "JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "CUDA_VISIBLE_DEVICES")
 
 
 @pytest.fixture(scope="module")
