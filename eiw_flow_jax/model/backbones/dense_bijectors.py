@@ -92,6 +92,17 @@ class Conv1x1(nn.Module):
     return jnp.einsum("...i,oi->...o", x, weight), log_det
 
 
+def soft_clamp(unconstrained: Array) -> Array:
+  """The authors' bound on log-scales: 2 tanh(u / 2), in (-2, 2)."""
+  return 2.0 * jnp.tanh(unconstrained / 2.0)
+
+
+def coupling_log_scale_and_shift(params: Array) -> tuple[Array, Array]:
+  """A coupling network's output as (log-scale, shift): interleaved channels, even ones the
+  log-scale (`soft_clamp`ed), odd ones the shift, as the authors' layers read it."""
+  return soft_clamp(params[..., 0::2]), params[..., 1::2]
+
+
 def switch_channels(x: Array, reverse: bool = False) -> Array:
   """Swap the two channel halves (first half = ceil(C / 2), as torch.chunk) and its inverse."""
   c = x.shape[-1]
@@ -125,8 +136,7 @@ class AffineCoupling(nn.Module):
     params = DenseNet(2 * (c // 2), self.mid_channels, self.depth, self.growth,
                       multihead=self.multihead, train=self.train,
                       num_landmarks=self.num_landmarks, name="net")(h)
-    log_scale = 2.0 * jnp.tanh(params[..., 0::2] / 2.0)
-    shift = params[..., 1::2]
+    log_scale, shift = coupling_log_scale_and_shift(params)
     log_det = sum_except_batch(log_scale)
     if reverse:
       return jnp.concatenate([x1, (x2 - shift) * jnp.exp(-log_scale)], axis=-1), -log_det

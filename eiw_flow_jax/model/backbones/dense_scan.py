@@ -39,6 +39,8 @@ import jax.numpy as jnp
 from eiw_flow_jax.model.backbones.dense_bijectors import (
   ActNorm,
   Conv1x1,
+  coupling_log_scale_and_shift,
+  soft_clamp,
   std_normal_log_prob,
   sum_except_batch,
 )
@@ -140,8 +142,8 @@ class MaskedAffineCoupling(nn.Module):
     params = DenseNet(2 * x.shape[-1], self.mid_channels, self.depth, self.growth,
                       multihead=True, train=self.train, num_landmarks=self.num_landmarks,
                       name="net")(x)
-    log_scale = 2.0 * jnp.tanh(params[..., 0::2] / 2.0)
-    return params[..., 1::2] + jnp.exp(log_scale) * x, sum_except_batch(log_scale)
+    log_scale, shift = coupling_log_scale_and_shift(params)
+    return shift + jnp.exp(log_scale) * x, sum_except_batch(log_scale)
 
 
 class PaddedDenseLayer(nn.Module):
@@ -172,7 +174,7 @@ def _noise_params(noise: dict[str, Any], x: Array) -> tuple[Array, Array]:
       dimension_numbers=("NHWC", "HWIO", "NHWC")) + conv0["bias"]
   h = jnp.einsum("...i,io->...o", nn.relu(h), conv2["kernel"][0, 0]) + conv2["bias"]
   mu, unconstrained = jnp.split(h, 2, axis=-1)
-  return mu, 2.0 * jnp.tanh(unconstrained / 2.0)
+  return mu, soft_clamp(unconstrained)
 
 
 @dataclasses.dataclass(frozen=True)

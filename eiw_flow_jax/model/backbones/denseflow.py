@@ -55,6 +55,7 @@ from eiw_flow_jax.model.backbones.dense_bijectors import (
     ActNorm,
     AffineCoupling,
     Conv1x1,
+    soft_clamp,
     squeeze2d,
     std_normal_log_prob,
     sum_except_batch,
@@ -231,7 +232,7 @@ class NoiseParams(nn.Module):
     h = nn.relu(conv(4 * x.shape[-1], 3, "conv0")(x))
     h = conv(2 * self.growth, 1, "conv2", zero_init=True)(h)
     mu, unconstrained = jnp.split(h, 2, axis=-1)
-    return mu, 2.0 * jnp.tanh(unconstrained / 2.0)
+    return mu, soft_clamp(unconstrained)
 
 
 class InvertibleDenseBlock(nn.Module):
