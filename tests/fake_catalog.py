@@ -22,6 +22,19 @@ import tensorflow_datasets as tfds
 from google.protobuf import json_format
 from PIL import Image
 
+from eiw_flow_jax.config.schema import base_config
+from eiw_flow_jax.data.builders import no_checksums_lookup
+
+
+def catalog_config(name: str, data_dir, image_shape) -> object:
+  """The base config reading dataset `name` prepared in `data_dir`, its usual splits."""
+  config = base_config()
+  config.dataset.name = name
+  config.dataset.data_dir = str(data_dir)
+  config.dataset.train_split = config.dataset.eval_split = ""  # the dataset's usual splits
+  config.model.image_shape = image_shape
+  return config
+
 
 def _png(image: np.ndarray, fmt: str = "png") -> bytes:
   buffer = io.BytesIO()
@@ -37,13 +50,9 @@ def write_cifar10(data_dir: str | Path, num_train: int = 24, num_test: int = 10)
   """A prepared array_record `cifar10` with random images; returns its version folder."""
   base = tfds.builder_cls("cifar10")
 
+  @no_checksums_lookup
   class SyntheticCifar10(base, skip_registration=True):
     name = "cifar10"
-
-    @tfds.core.utils.classproperty
-    @classmethod
-    def code_path(cls) -> None:  # no checksums lookup (it imports importlib_resources)
-      return None
 
     def _split_generators(self, dl_manager):
       del dl_manager
@@ -116,13 +125,9 @@ def write_celeb_a(data_dir: str | Path, num_train: int = 6, num_validation: int 
   landmarks = list(info.features["landmarks"].keys())
   attributes = list(info.features["attributes"].keys())
 
+  @no_checksums_lookup
   class SyntheticCelebA(base, skip_registration=True):
     name = "celeb_a"
-
-    @tfds.core.utils.classproperty
-    @classmethod
-    def code_path(cls) -> None:  # no checksums lookup (it imports importlib_resources)
-      return None
 
     def _split_generators(self, dl_manager):
       del dl_manager

@@ -189,8 +189,8 @@ def test_load_verifies_the_digests_of_what_it_reads(trained, tmp_path, caplog):
 def test_a_checkpoint_without_digests_restores_with_a_warning_naming_it(
     trained, tmp_path, caplog
 ):
-  """Checkpoints saved before digests existed restore on every path (eval, `load`, training),
-  unverified, with a warning naming the checkpoint."""
+  """Checkpoints saved before digests existed restore on every path (eval, `load`, sampling,
+  training), unverified, with one warning naming the checkpoint on each."""
   config, _ = trained
   workdir = copy_of_run(trained, tmp_path)
   shutil.rmtree(os.path.join(workdir, checkpointing.CHECKPOINT_DIR, "20",
@@ -204,6 +204,17 @@ def test_a_checkpoint_without_digests_restores_with_a_warning_naming_it(
       assert read() == 20
     warned = [r for r in caplog.records if r.getMessage() == expected]
     assert len(warned) == 1 and warned[0].levelno == logging.WARNING, caplog.text
+  paths = {
+      "sample": lambda: main.run(config, workdir, "sample"),
+      "resume": lambda: train_loop.train(config, workdir),  # last: it trains on
+  }
+  for path, read in paths.items():
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+      read()
+    warned = [r for r in caplog.records if r.getMessage() == expected]
+    assert len(warned) == 1 and warned[0].levelno == logging.WARNING, (path, caplog.text)
+  assert finalized_steps(workdir) == [10, 20]
 
 
 def test_cli_resume_after_silent_corruption(tmp_path, data_dir, env):

@@ -23,6 +23,7 @@ import tensorflow_datasets as tfds
 from conftest import REPO
 from fake_catalog import (
   assert_tfds_layout,
+  catalog_config,
   celeb_a_jpegs,
   write_celeb_a,
   write_lsun_lmdb,
@@ -31,21 +32,11 @@ from fake_catalog import (
 from PIL import Image
 
 from eiw_flow_jax.commands import table
-from eiw_flow_jax.config.schema import base_config
 from eiw_flow_jax.data import catalog, pipeline, preprocess, registry, resized_imagenet, sources
-from eiw_flow_jax.data.builders import LsunRealnvpBuilder
+from eiw_flow_jax.data.builders import LsunRealnvpBuilder, no_checksums_lookup
 
 # The fake archives' sizes: 10 train batches of 2 or 3 images, and 5 validation images.
 FAKE_COUNTS = {"train": 25, "validation": 5}
-
-
-def _config(name: str, data_dir, image_shape) -> object:
-  config = base_config()
-  config.dataset.name = name
-  config.dataset.data_dir = str(data_dir)
-  config.dataset.train_split = config.dataset.eval_split = ""  # the dataset's usual splits
-  config.model.image_shape = image_shape
-  return config
 
 
 def _read(name: str, data_dir, split: str) -> list[tuple[np.ndarray, int]]:
@@ -101,9 +92,9 @@ def tfds_reference(tmp_path_factory):
           with open(path, "rb") as file:
             yield from tfds.download.iter_archive(file, tfds.download.ExtractMethod.ZIP)
 
+      @no_checksums_lookup
       class TfdsBuilder(tfds.builder_cls("imagenet_resized"), skip_registration=True):
         name = "imagenet_resized"
-        code_path = None
         zips = zips_dir
 
         def _split_generators(self, dl_manager):
@@ -151,7 +142,7 @@ def test_resized_imagenet_reads_back_as_tfds_builds_it(
     reference = tfds_reference[size][split]
     assert [label for _, label in stored] == [label for _, label in reference]
     assert all(np.array_equal(a, b) for (a, _), (b, _) in zip(stored, reference, strict=True))
-  info = pipeline.get_dataset_info(_config(name, tmp_path / "tfds", (size, size, 3)))
+  info = pipeline.get_dataset_info(catalog_config(name, tmp_path / "tfds", (size, size, 3)))
   assert (info.num_train, info.num_eval, info.data_version) == (25, 5, "imagenet:chrabaszcz")
 
 
@@ -232,7 +223,7 @@ def test_resized_imagenet_run_is_tabulated_against_denseflow_only(tmp_path, fake
 
   write_resized_imagenet_sources(tmp_path / "src", 32, python2=True)
   catalog.prepare("imagenet32_resized", str(tmp_path / "tfds"), source_dir=tmp_path / "src")
-  config = _config("imagenet32_resized", tmp_path / "tfds", (32, 32, 3))
+  config = catalog_config("imagenet32_resized", tmp_path / "tfds", (32, 32, 3))
   config.model.num_levels, config.model.steps_per_level, config.model.hidden_channels = 1, 1, 4
   config.model.eiw.reduction = 2
   config.batch_size, config.eval_batch_size, config.init_batch_size = 8, 16, 16
@@ -358,7 +349,7 @@ def test_celeba_preprocessings_match_the_papers_code(celeb_a_dir):
   }
   for name, expected in references.items():
     sources.open_split.cache_clear()
-    config = _config(name, celeb_a_dir, (64, 64, 3))
+    config = catalog_config(name, celeb_a_dir, (64, 64, 3))
     images = pipeline.load_examples(config, "test", 3)
     assert images.shape == (3, 64, 64, 3) and images.dtype == np.uint8
     # TFDS stores the split in a hashed order: compare the sets of images, pixel for pixel.
@@ -449,7 +440,7 @@ def test_lsun_realnvp_is_prepared_downscaled_and_read_as_64x64_windows(tmp_path)
   assert stored["train"][0].shape == (96, 126, 3)  # 100x131 -> smallest side 96
 
   # Read: 64x64 windows, at fixed positions for evaluation, fresh ones for every training draw.
-  config = _config("lsun_church_realnvp", tmp_path / "tfds", (64, 64, 3))
+  config = catalog_config("lsun_church_realnvp", tmp_path / "tfds", (64, 64, 3))
   sources.open_split.cache_clear()
   info = pipeline.get_dataset_info(config)
   assert (info.num_train, info.num_eval, info.data_version) == (4, 3, "lsun_church:realnvp")

@@ -16,30 +16,21 @@ import pytest
 from conftest import REPO
 from fake_catalog import (
   assert_tfds_layout,
+  catalog_config,
   set_file_format,
   write_cifar10,
   write_downsampled_imagenet_sources,
   write_lsun_lmdb,
 )
 
-from eiw_flow_jax.config.schema import base_config
 from eiw_flow_jax.data import catalog, pipeline, sources
-
-
-def _config(name: str, data_dir, image_shape) -> object:
-  config = base_config()
-  config.dataset.name = name
-  config.dataset.data_dir = str(data_dir)
-  config.dataset.train_split = config.dataset.eval_split = ""  # the dataset's usual splits
-  config.model.image_shape = image_shape
-  return config
 
 
 def test_synthetic_cifar10_has_tfds_layout_and_is_read_by_the_data_layer(tmp_path):
   version_dir = write_cifar10(tmp_path, num_train=24, num_test=10)
   assert version_dir == tmp_path / "cifar10" / "3.0.2"
   assert_tfds_layout(version_dir, "cifar10", {"train": 24, "test": 10})
-  config = _config("cifar10", tmp_path, (32, 32, 3))
+  config = catalog_config("cifar10", tmp_path, (32, 32, 3))
   info = pipeline.get_dataset_info(config)
   assert (info.num_train, info.num_eval, info.pixel_bits) == (24, 10, 8)
   images = pipeline.load_examples(config, "test", 3)
@@ -51,7 +42,7 @@ def test_prepare_imagenet32_from_source_tars(tmp_path):
   version_dir = Path(catalog.prepare("imagenet32", str(tmp_path / "tfds"), source_dir=sources))
   assert version_dir == tmp_path / "tfds" / "downsampled_imagenet" / "32x32" / "2.0.0"
   assert_tfds_layout(version_dir, "downsampled_imagenet/32x32", {"train": 12, "validation": 5})
-  config = _config("imagenet32", tmp_path / "tfds", (32, 32, 3))
+  config = catalog_config("imagenet32", tmp_path / "tfds", (32, 32, 3))
   info = pipeline.get_dataset_info(config)
   assert (info.num_train, info.num_eval) == (12, 5)
   # Pixels survive exactly (PNG is lossless; the stored bytes are the archive's).
@@ -75,7 +66,7 @@ def test_prepare_lsun_from_lmdb_export(tmp_path):
   version_dir = Path(catalog.prepare("lsun_church", str(tmp_path / "tfds"), source_dir=sources))
   assert version_dir == tmp_path / "tfds" / "lsun" / "church_outdoor" / "3.1.0"
   assert_tfds_layout(version_dir, "lsun/church_outdoor", {"train": 5, "validation": 3})
-  config = _config("lsun_church", tmp_path / "tfds", (64, 64, 3))
+  config = catalog_config("lsun_church", tmp_path / "tfds", (64, 64, 3))
   assert pipeline.load_examples(config, "validation", 3).shape == (3, 64, 64, 3)
 
 
@@ -134,7 +125,7 @@ def test_download_failure_for_downsampled_imagenet_suggests_source_dir(tmp_path,
 def test_tfrecord_dataset_is_explained_and_converted(tmp_path, monkeypatch):
   version_dir = write_cifar10(tmp_path, 8, 4)
   set_file_format(version_dir, "tfrecord")
-  config = _config("cifar10", tmp_path, (32, 32, 3))
+  config = catalog_config("cifar10", tmp_path, (32, 32, 3))
   sources.open_split.cache_clear()
   with pytest.raises(FileNotFoundError) as error:
     pipeline.get_dataset_info(config)
@@ -238,7 +229,7 @@ def test_not_prepared_message_points_to_the_prepare_command(tmp_path):
                                             "'lsun_realnvp/church_outdoor'"]),
   ):
     with pytest.raises(FileNotFoundError) as error:
-      pipeline.get_dataset_info(_config(name, tmp_path, shape))
+      pipeline.get_dataset_info(catalog_config(name, tmp_path, shape))
     message = str(error.value)
     assert "pip install -e '.[prepare]'" in message
     for needle in needles:

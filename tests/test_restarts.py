@@ -452,23 +452,3 @@ def test_every_path_that_reads_a_checkpoint_verifies_it(trained, tmp_path, data_
     assert f"array {name} does not match" in lines[0], (path, lines[0])
     assert step == (20 if path == "resume" else 10), path  # resume trains step 20 again
   assert os.listdir(os.path.join(workdir, checkpointing.CORRUPT_DIR))
-
-
-def test_a_checkpoint_without_digests_warns_on_every_path(trained, tmp_path, caplog):
-  config, _ = trained
-  workdir = copy_of_run(trained, tmp_path)
-  shutil.rmtree(os.path.join(workdir, checkpointing.CHECKPOINT_DIR, "20",
-                             checkpointing.DIGESTS))
-  expected = (f"Checkpoint at step 20 in {workdir}/checkpoints has no digests (saved by an "
-              "older version): its values are not verified.")
-  paths = {
-      "sample": lambda: main.run(config, workdir, "sample"),
-      "resume": lambda: train_loop.train(config, workdir),
-  }
-  for path, read in paths.items():
-    caplog.clear()
-    with caplog.at_level(logging.WARNING):
-      read()
-    warned = [r for r in caplog.records if r.getMessage() == expected]
-    assert len(warned) == 1 and warned[0].levelno == logging.WARNING, (path, caplog.text)
-  assert finalized_steps(workdir) == [10, 20]

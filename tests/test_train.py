@@ -289,18 +289,27 @@ def _unstack_steps(tree):
 def write_unrolled_copy(workdir: str, old: str) -> None:
   """`old`: a copy of `workdir` whose checkpoints hold the layout saved before the steps of a
   level were stacked, with digests of that layout (as such checkpoints were written)."""
+
+  def unroll(raw):
+    assert "level0_steps" in raw["params"]
+    return _unstack_steps(raw)
+
+  rewrite_checkpoints_of_copy(workdir, old, unroll)
+
+
+def rewrite_checkpoints_of_copy(workdir: str, old: str, rewrite) -> None:
+  """`old`: a copy of `workdir` whose checkpoints' states are `rewrite(state)`, each with
+  digests of what it now holds (as checkpoints of that form were written)."""
   shutil.copytree(workdir, old)
   for step in finalized_steps(old):
     step_dir = os.path.join(old, checkpointing.CHECKPOINT_DIR, str(step))
     state_dir = os.path.join(step_dir, checkpointing.STATE)
     with checkpointing.ocp.StandardCheckpointer() as checkpointer:
-      raw = checkpointer.restore(state_dir)
-      assert "level0_steps" in raw["params"]
-      unrolled = _unstack_steps(raw)
+      state = rewrite(checkpointer.restore(state_dir))
       shutil.rmtree(state_dir)
-      checkpointer.save(state_dir, unrolled)
+      checkpointer.save(state_dir, state)
     with open(os.path.join(step_dir, checkpointing.DIGESTS, "metadata"), "w") as f:
-      json.dump(digests.digest_record(unrolled), f)
+      json.dump(digests.digest_record(state), f)
 
 
 def test_a_checkpoint_of_the_unrolled_layout_resumes_directly(tmp_path, data_dir, caplog):
@@ -474,18 +483,13 @@ def write_copy_with_ema(workdir: str, old: str) -> None:
   """`old`: a copy of `workdir` (a run with `ema_decay` 0) whose checkpoints also hold an EMA
   copy of the parameters, with digests of it: as such runs saved them before the state held no
   EMA without one."""
-  shutil.copytree(workdir, old)
-  for step in finalized_steps(old):
-    step_dir = os.path.join(old, checkpointing.CHECKPOINT_DIR, str(step))
-    state_dir = os.path.join(step_dir, checkpointing.STATE)
-    with checkpointing.ocp.StandardCheckpointer() as checkpointer:
-      raw = checkpointer.restore(state_dir)
-      assert not jax.tree.leaves(raw.get("ema_params"))
-      raw["ema_params"] = jax.tree.map(lambda p: p + 1.0, raw["params"])
-      shutil.rmtree(state_dir)
-      checkpointer.save(state_dir, raw)
-    with open(os.path.join(step_dir, checkpointing.DIGESTS, "metadata"), "w") as f:
-      json.dump(digests.digest_record(raw), f)
+
+  def add_ema(raw):
+    assert not jax.tree.leaves(raw.get("ema_params"))
+    raw["ema_params"] = jax.tree.map(lambda p: p + 1.0, raw["params"])
+    return raw
+
+  rewrite_checkpoints_of_copy(workdir, old, add_ema)
 
 
 def test_a_run_without_ema_holds_no_copy_and_reads_checkpoints_that_have_one(
