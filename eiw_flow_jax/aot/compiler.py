@@ -235,8 +235,23 @@ def compile_for_topology(
   (K=1 and K=2: the cost is linear in K, each step costing the same), `_unrolled_cost`.
   `with_cost` False leaves FLOPs and bytes out (NaN). `with_traffic` (TPU only): also where the
   bytes go (`report.traffic`, `eiw_flow_jax.aot.traffic`), from the same programs as the cost.
+  `report.total_seconds` is the whole call, every compile in it.
   """
-  call_started = time.perf_counter()
+  started = time.perf_counter()
+  report = _compile_and_analyse(
+      config, topology, per_device_batch, num_slices=num_slices, with_eval=with_eval,
+      config_name=config_name, exact_cost=exact_cost, with_cost=with_cost,
+      with_traffic=with_traffic)
+  report.total_seconds = time.perf_counter() - started
+  return report
+
+
+def _compile_and_analyse(
+    config: ml_collections.ConfigDict, topology: str, per_device_batch: int | None, *,
+    num_slices: int, with_eval: bool, config_name: str, exact_cost: bool, with_cost: bool,
+    with_traffic: bool,
+) -> AotReport:
+  """`compile_for_topology` but for the call's total time."""
   target = resolve(topology, num_slices)
   devices = target.devices
   if with_traffic and target.platform != "tpu":
@@ -260,15 +275,10 @@ def compile_for_topology(
       "params": _shard_bytes(state.params), "ema": _shard_bytes(state.ema_params),
       "optimizer": _shard_bytes(state.opt_state), "constants": _shard_bytes(state.constants),
   }
-  started = time.perf_counter()
-  try:
-    compiled = _lower_train_step(run).compile()
-  except Exception as e:  # noqa: BLE001 - only the compiler's out-of-memory is an answer
-    report.compile_seconds = time.perf_counter() - started
-    _refused(report, e, "train step")
-    report.total_seconds = time.perf_counter() - call_started
+  compiled, report.compile_seconds = _timed_compile(
+      lambda: _lower_train_step(run), report, "train step")
+  if compiled is None:
     return report
-  report.compile_seconds = time.perf_counter() - started
   report.train = ProgramMemory.of(compiled)
   if target.platform == "gpu":
     report.library_calls = library_calls(compiled.as_text())
@@ -287,20 +297,26 @@ def compile_for_topology(
       report.traffic = traffic.breakdown(compiled.as_text())
   report.cost_seconds = time.perf_counter() - started
   if with_eval:
-    started = time.perf_counter()
-    try:
-      compiled = _lower_eval_step(run).compile()
-    except Exception as e:  # noqa: BLE001
-      report.eval_compile_seconds = time.perf_counter() - started
-      _refused(report, e, "eval step")
-      report.total_seconds = time.perf_counter() - call_started
+    compiled, report.eval_compile_seconds = _timed_compile(
+        lambda: _lower_eval_step(run), report, "eval step")
+    if compiled is None:
       return report
-    report.eval_compile_seconds = time.perf_counter() - started
     report.eval = ProgramMemory.of(compiled)
     # Eval runs inside training: params and optimizer state stay allocated next to it.
     report.eval_resident_bytes = report.state_bytes["params"] + report.state_bytes["optimizer"]
-  report.total_seconds = time.perf_counter() - call_started
   return report
+
+
+def _timed_compile(lower: Any, report: AotReport, program: str) -> tuple[Any | None, float]:
+  """(`lower()` compiled, or None where the compiler refused it for memory (recorded in
+  `report`), seconds taken)."""
+  started = time.perf_counter()
+  try:
+    compiled = lower().compile()
+  except Exception as e:  # noqa: BLE001 - only the compiler's out-of-memory is an answer
+    _refused(report, e, program)
+    compiled = None
+  return compiled, time.perf_counter() - started
 
 
 def _refused(report: AotReport, error: Exception, program: str) -> None:
