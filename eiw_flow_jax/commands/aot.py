@@ -55,15 +55,9 @@ def load_config(path: str, overrides: dict[str, Any] | None = None) -> ml_collec
   except Exception as e:  # noqa: BLE001 - a broken config file is the user's to fix
     raise AotError(f"cannot load {path}: {type(e).__name__}: {e}") from e
   for dotted, value in (overrides or {}).items():
-    *parents, leaf = dotted.split(".")
-    node = config
     try:
-      for parent in parents:
-        node = node[parent]
-      if leaf not in node:
-        raise KeyError(leaf)
-      node[leaf] = value
-    except (KeyError, TypeError, AttributeError) as e:
+      config.update_from_flattened_dict({dotted: value})
+    except KeyError as e:
       raise AotError(f"--config.{dotted}: {path} has no field {dotted}.") from e
   return config
 

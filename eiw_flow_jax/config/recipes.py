@@ -126,12 +126,7 @@ def hardware_variant(config: ml_collections.ConfigDict, hardware: str | None,
         f"Unknown hardware variant {hardware!r} for the {config.dataset.name} config; "
         f"expected one of: {known} (or no ':<variant>' for the default)."
     )
-  for dotted, value in variants[hardware].items():
-    *parents, leaf = dotted.split(".")
-    node = config
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
+  config.update_from_flattened_dict(dict(variants[hardware]))
   return config
 
 
