@@ -11,9 +11,15 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from eiw_flow_jax.aot import AotError, traffic
+from eiw_flow_jax.aot import AotError, loop_cost, traffic
 from eiw_flow_jax.aot.chips import GiB
-from eiw_flow_jax.aot.report import AotReport, ProgramMemory
+from eiw_flow_jax.aot.report import (
+    COST_LOOPS,
+    COST_LOOPS_LOWER_BOUND,
+    COST_UNROLLED,
+    AotReport,
+    ProgramMemory,
+)
 from eiw_flow_jax.aot.topology import resolve
 from eiw_flow_jax.config import checks
 from eiw_flow_jax.training import run_config, sharding, train_state
@@ -153,8 +159,8 @@ def _scanned_steps(config: ml_collections.ConfigDict) -> int:
   """K where the program scans over K flow steps (whose cost the compiler counts once), else 0."""
   m = config.model
   if not m.scan_steps or m.backbone != "glow":
-    # DenseFlow scans its units and their layers (whose bodies the compiler counts once) and has
-    # no K to extrapolate in: its figures are lower bounds (docs/tpu.md).
+    # DenseFlow scans its units and their layers and has no K to extrapolate in: its loops are
+    # counted by their trip counts instead (`loop_cost`).
     return 0
   return int(m.steps_per_level)
 
@@ -287,14 +293,29 @@ def _compile_and_analyse(
   if (with_cost or with_traffic) and exact_cost and _scanned_steps(config) > 1:
     programs = _unrolled_programs(config, mesh)
     report.flops, report.bytes_accessed = _unrolled_cost(config, mesh, programs)
-    report.cost_source = "unrolled K=1,2"
+    report.cost_source = COST_UNROLLED
     if with_traffic:
       one, two = (traffic.breakdown(program.as_text()) for _, program in programs)
       report.traffic = traffic.extrapolate(one, two, _scanned_steps(config))
   elif with_cost or with_traffic:
     report.flops, report.bytes_accessed = _step_cost(config, mesh, compiled)
+    text = compiled.as_text() if target.platform == "tpu" else ""
+    # Loops the compiler counts once (DenseFlow's scanned units and layers, a linear solve's)
+    # counted as often as they run. (Glow's scanned steps keep their own rule: the unrolled
+    # compiles, or with `exact_cost` False the compiler's count.)
+    counts_loops = target.platform == "tpu" and _scanned_steps(config) <= 1
+    if counts_loops:
+      weighted = loop_cost.weighted_cost(text, report.flops, report.bytes_accessed)
+      if weighted.loops:
+        report.loop_cost = weighted
+        report.flops, report.bytes_accessed = weighted.flops, weighted.bytes_accessed
+        report.cost_source = COST_LOOPS if weighted.exact else COST_LOOPS_LOWER_BOUND
     if with_traffic:
-      report.traffic = traffic.breakdown(compiled.as_text())
+      runs = None
+      if counts_loops:
+        computations, entry = traffic.parse_computations(text)
+        runs = loop_cost.runs_per_step(computations, entry)
+      report.traffic = traffic.breakdown(text, runs=runs)
   report.cost_seconds = time.perf_counter() - started
   if with_eval:
     compiled, report.eval_compile_seconds = _timed_compile(

@@ -8,7 +8,18 @@ from collections.abc import Sequence
 from typing import Any
 
 from eiw_flow_jax.aot.chips import DEFAULT_GPU_MEMORY_FRACTION, ChipSpec, GiB, GpuSpec
+from eiw_flow_jax.aot.loop_cost import WeightedCost
 from eiw_flow_jax.aot.traffic import Traffic, render_traffic
+
+# How a report's FLOPs and bytes were found (`AotReport.cost_source`).
+COST_COMPILER = "compiler"  # the compiled program's own cost analysis: it holds no loops
+# Glow's scanned flow steps: two more compiles with the steps unrolled, at K=1 and K=2,
+# extrapolated to K (the compiler counts a loop body once).
+COST_UNROLLED = "unrolled K=1,2"
+# The compiler's count plus each loop body's instructions times its runs beyond the first
+# (`loop_cost`): every loop's trip count read from the program.
+COST_LOOPS = "loops counted by their trip counts"
+COST_LOOPS_LOWER_BOUND = "a loop of unknown trip count counted once: lower bounds"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,9 +92,9 @@ class AotReport:
   # Seconds spent finding FLOPs and bytes (with scanned steps: two more compiles, K=1 and 2).
   cost_seconds: float = 0.0
   total_seconds: float = math.nan  # the whole `compile_for_topology` call, every compile in it
-  # How flops / bytes_accessed were found: "compiler" (the program's own cost analysis) or
-  # "unrolled K=1,2" (extrapolated: the compiler counts a scanned loop body once).
-  cost_source: str = "compiler"
+  # How flops / bytes_accessed were found: COST_COMPILER, COST_UNROLLED, COST_LOOPS or
+  # COST_LOOPS_LOWER_BOUND (below).
+  cost_source: str = COST_COMPILER
   error: str | None = None  # the compiler's out-of-memory message, when it refused
   required_bytes: int | None = None  # what that message says the program needs
   batch_search: BatchSearch | None = None
@@ -94,6 +105,9 @@ class AotReport:
   # GPU: the compiled train step's cuDNN and cuBLAS calls by target (`compiler.library_calls`).
   library_calls: dict[str, int] | None = None
   traffic: Traffic | None = None  # where the bytes go (`compile_for_topology(with_traffic=)`)
+  # The loops of a program costed by their trip counts (COST_LOOPS): the compiler's own figures
+  # and the instruction counts beside them.
+  loop_cost: WeightedCost | None = None
 
   @property
   def train_total(self) -> int | None:
@@ -252,14 +266,34 @@ def _memory_limit_line(r: AotReport) -> str:
 
 
 def _cost_line(r: AotReport) -> str:
-  extrapolated = ("" if r.cost_source == "compiler" else
-                  f"; scanned steps: {r.cost_source}, extrapolated")
+  extrapolated = {
+      COST_COMPILER: "",
+      COST_UNROLLED: f"; scanned steps: {COST_UNROLLED}, extrapolated",
+  }.get(r.cost_source, f"; {r.cost_source}")
   figures = f"{r.flops / 1e9:.2f} GFLOP, {r.bytes_accessed / 1e9:.3f} GB accessed"
   if r.platform == "gpu":
     return (f"cost per step per device: {figures} (FLOPs: the program lowered for one GPU, "
             "since XLA's compiled GPU program has no cost analysis; bytes: the compiled "
             f"program's fusions and its cuDNN/cuBLAS calls' operands and results{extrapolated})")
   return f"cost per step per device: {figures} (TPU compiler{extrapolated})"
+
+
+def _loops_line(cost: WeightedCost) -> str:
+  """The loops behind COST_LOOPS figures, and how the instruction count compares with the
+  compiler's where both count each body once."""
+  known = [loop for loop in cost.loops if loop.trips is not None]
+  trips = sorted({loop.trips for loop in known})
+  runs = sorted({loop.runs for loop in known if loop.runs is not None})
+  unknown = len(cost.loops) - len(known)
+  flops, bytes_ = cost.agreement()
+  line = (f"  loops: {len(cost.loops)} (trip counts {', '.join(map(str, trips))}; their bodies "
+          f"run {runs[0] if runs else 0} to {runs[-1] if runs else 0} times per step")
+  line += f"; {unknown} of unknown count, taken once)" if unknown else ")"
+  return (line + f"; the compiler's own count, each body once: "
+          f"{cost.compiler_flops / 1e9:.2f} GFLOP, {cost.compiler_bytes / 1e9:.3f} GB; "
+          f"this count of the same program, each body once: FLOPs {100 * (flops - 1):+.1f}%, "
+          f"bytes {100 * (bytes_ - 1):+.1f}% (what the bodies add beyond their first run is "
+          f"this count's)")
 
 
 def _library_calls_line(calls: dict[str, int]) -> str:
@@ -277,8 +311,10 @@ def _compile_time_line(r: AotReport) -> str:
   line = f"compile time: train step {r.compile_seconds:.1f} s"
   if r.eval_compile_seconds:
     line += f", eval step {r.eval_compile_seconds:.1f} s"
-  if r.cost_source != "compiler":
+  if r.cost_source == COST_UNROLLED:
     line += f", FLOPs and bytes {r.cost_seconds:.1f} s (2 more compiles: {r.cost_source})"
+  elif r.cost_source != COST_COMPILER:
+    line += f", FLOPs and bytes {r.cost_seconds:.1f} s (loops read from the program)"
   if math.isfinite(r.total_seconds):
     line += f"; {r.total_seconds:.1f} s in all"
   return line
@@ -290,9 +326,12 @@ def _compiler_estimate_line(r: AotReport, estimate: float, bound: float) -> str:
   if estimate >= bound:
     return (line + " (its model of its own schedule, above the roofline lower bound; a chip "
             "measures the real step: bench/step_time.py)")
-  if r.cost_source != "compiler":
+  if r.cost_source == COST_UNROLLED:
     why = ("it models the scanned program, whose loop body it counts once, not the K flow "
            "steps a step runs")
+  elif r.cost_source != COST_COMPILER:
+    why = ("it models the program with each loop body run once, not as many times as the "
+           "step runs it")
   else:
     why = ("it is the compiler's model of its schedule, not a bound, and it assumes more "
            "overlap and bandwidth than the published peaks allow")
@@ -355,6 +394,8 @@ def render(report: AotReport, traffic_top: int = 15) -> str:
     lines.append(_library_calls_line(r.library_calls))
   if r.train is not None and math.isfinite(r.flops):
     lines.append(_cost_line(r))
+    if r.loop_cost is not None:
+      lines.append(_loops_line(r.loop_cost))
   roofline = r.roofline
   if roofline is not None:
     share = r.devices_per_chip
@@ -375,8 +416,10 @@ def render(report: AotReport, traffic_top: int = 15) -> str:
     lines.append(_batch_search_line(r.batch_search))
   lines.append(f"fits: {'yes' if r.fits else 'no'}")
   if r.traffic is not None:
-    source = ("the unrolled K=1,2 programs, extrapolated" if r.cost_source != "compiler"
-              else "the compiled program")
+    source = {
+        COST_UNROLLED: "the unrolled K=1,2 programs, extrapolated",
+        COST_COMPILER: "the compiled program",
+    }.get(r.cost_source, "the compiled program, each loop body times its runs")
     lines.append(render_traffic(r.traffic, r.bytes_accessed, top=traffic_top, source=source))
   return "\n".join(lines)
 

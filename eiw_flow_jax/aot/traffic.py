@@ -52,7 +52,7 @@ _SUBPROGRAMS = re.compile(
     r"\b(?:body|condition|to_apply|true_computation|false_computation)=%([\w.\-]+)"
     r"|\bbranch_computations=\{([^}]*)\}")
 # Opcodes whose computations run inside the instruction (reducers, fused bodies).
-_INNER = frozenset({
+INNER = frozenset({
     "fusion", "reduce", "reduce-window", "sort", "scatter", "select-and-scatter", "map",
     "all-reduce", "all-reduce-start", "reduce-scatter",
 })
@@ -204,7 +204,7 @@ def parse_computations(text: str) -> tuple[dict[str, list[Line]], str]:
   return computations, entry
 
 
-def _executed(computations: dict[str, list[Line]], entry: str) -> list[str]:
+def executed(computations: dict[str, list[Line]], entry: str) -> list[str]:
   """The entry computation and those it runs as loops, branches and calls (not fused ones)."""
   seen, order, stack = set(), [], [entry]
   while stack:
@@ -214,14 +214,29 @@ def _executed(computations: dict[str, list[Line]], entry: str) -> list[str]:
     seen.add(name)
     order.append(name)
     for line in computations[name]:
-      if line.opcode not in _INNER:
-        for single, several in _SUBPROGRAMS.findall(line.attributes):
-          stack.extend([single] if single else _OPERAND.findall(several))
+      if line.opcode not in INNER:
+        stack.extend(subprograms(line))
   return order
 
 
-def _called(attributes: str) -> str:
+def subprograms(line: Line) -> list[str]:
+  """The computations `line` runs as parts of the program: a loop's condition and body, a
+  conditional's branches, a call's callee (not a fusion's fused computation)."""
+  names = []
+  for single, several in _SUBPROGRAMS.findall(line.attributes):
+    names.extend([single] if single else _OPERAND.findall(several))
+  return names
+
+
+def called(attributes: str) -> str:
+  """The fused computation a fusion's attributes name ('' if none)."""
   found = re.search(r"\bcalls=%([\w.\-]+)", attributes)
+  return found.group(1) if found else ""
+
+
+def op_name_of(line: Line) -> str:
+  """The `op_name` metadata of one instruction ('' if it has none)."""
+  found = _OP_NAME.search(line.attributes)
   return found.group(1) if found else ""
 
 
@@ -262,10 +277,18 @@ class Instruction:
   hbm: int  # bytes of the arrays it reads and writes in HBM, each copy once
   kind: str  # `layer_kind` of op_name
   backward: bool  # under autodiff's transpose (the backward pass)
+  # Times it runs per step (inside loops: their trip counts; `loop_cost.runs_per_step`), None
+  # where a loop around it has no known count; 1 where the caller gave no counts.
+  runs: int | None = 1
 
   @property
   def bytes(self) -> int:
     return self.read + self.written
+
+  @property
+  def bytes_per_step(self) -> int:
+    """`bytes` times the runs per step (a loop of unknown count taken once)."""
+    return self.bytes * (self.runs or 1)
 
   @property
   def moves(self) -> bool:
@@ -293,7 +316,7 @@ def _instruction_bytes(line: Line, computations: dict[str, list[Line]], shapes: 
   written = array_bytes(line.shape, padded)
   written_hbm = array_bytes(line.shape, padded, True)
   if line.opcode == "fusion":
-    fused = computations.get(_called(line.attributes), [])
+    fused = computations.get(called(line.attributes), [])
     reads = [_parameter_read(fused, k, s, padded, False) for k, s in enumerate(sources)]
     hbm_reads = [_parameter_read(fused, k, s, padded, True) for k, s in enumerate(sources)]
     update = _in_place_update(fused)
@@ -325,14 +348,19 @@ def _in_place_update(fused: list[Line]) -> tuple[int, str] | None:
   return int(buffer.literal), update.shape
 
 
-def breakdown(text: str, padded: bool = True) -> Traffic:
-  """The traffic of compiled HLO text (`compiled.as_text()`): per layer kind, the largest."""
-  return Traffic.of(instructions(text, padded))
+def breakdown(text: str, padded: bool = True,
+              runs: dict[str, int | None] | None = None) -> Traffic:
+  """The traffic of compiled HLO text (`compiled.as_text()`): per layer kind, the largest.
+  Given `runs` (`loop_cost.runs_per_step`), each instruction counts as often as it runs;
+  without, once (a loop body once, as the compiler's cost analysis counts it)."""
+  return Traffic.of(instructions(text, padded, runs=runs))
 
 
-def instructions(text: str, padded: bool = True) -> list[Instruction]:
-  """The instructions of compiled HLO text that run, each with the bytes it moves (a loop body
-  once, as the compiler's cost analysis counts it)."""
+def instructions(text: str, padded: bool = True,
+                 runs: dict[str, int | None] | None = None) -> list[Instruction]:
+  """The instructions of compiled HLO text that run, each with the bytes it moves once (as the
+  compiler's cost analysis counts a loop body) and, given `runs` (computation -> runs per
+  step), how often it runs."""
   computations, entry = parse_computations(text)
   lines = {line.name: line for body in computations.values() for line in body}
   shapes = {name: line.shape for name, line in lines.items()}
@@ -349,7 +377,8 @@ def instructions(text: str, padded: bool = True) -> list[Instruction]:
     return own.get(name, "")
 
   found_instructions = []
-  for computation in _executed(computations, entry):
+  for computation in executed(computations, entry):
+    times = 1 if runs is None else runs.get(computation)
     for line in computations[computation]:
       if line.opcode in _FREE:
         continue
@@ -360,6 +389,7 @@ def instructions(text: str, padded: bool = True) -> list[Instruction]:
           name=line.name, opcode=f"fusion ({kind.group(1).lower()})" if kind else line.opcode,
           shape=line.shape, op_name=name, read=read, written=written, hbm=hbm,
           kind=layer_kind(name, line.opcode), backward="transpose(" in name,
+          runs=times,
       ))
   return found_instructions
 
@@ -393,11 +423,12 @@ class Traffic:
     groups: dict[str, list[float]] = {}
     for i in instructions:
       g = groups.setdefault(i.kind, [0.0, 0.0, 0.0, 0.0])
-      g[1 if i.backward else 0] += i.bytes
-      g[2] += i.bytes if i.moves else 0
-      g[3] += i.hbm
+      g[1 if i.backward else 0] += i.bytes_per_step
+      g[2] += i.bytes_per_step if i.moves else 0
+      g[3] += i.hbm * (i.runs or 1)
     kinds = sorted((KindBytes(k, *g) for k, g in groups.items()), key=lambda k: -k.total)
-    return cls(tuple(kinds), tuple(sorted(instructions, key=lambda i: -i.bytes)[:top]))
+    return cls(tuple(kinds),
+               tuple(sorted(instructions, key=lambda i: -i.bytes_per_step)[:top]))
 
   @property
   def total(self) -> float:
@@ -451,10 +482,12 @@ def render_traffic(traffic: Traffic, compiler_bytes: float | None = None, top: i
   if top and traffic.largest:
     lines += [f"largest {min(top, len(traffic.largest))} instructions of "
               f"{traffic.largest_from}:",
-              f"| {unit} | pass | opcode | result | op_name (last scopes) |",
-              "| --- | --- | --- | --- | --- |"]
+              f"| {unit} per step | runs | pass | opcode | result | op_name (last scopes) |",
+              "| --- | --- | --- | --- | --- | --- |"]
     for i in traffic.largest[:top]:
-      lines.append(f"| {fmt(i.bytes)} | {'backward' if i.backward else 'forward'} | "
+      runs = "?" if i.runs is None else str(i.runs)
+      lines.append(f"| {fmt(i.bytes_per_step)} | {runs} | "
+                   f"{'backward' if i.backward else 'forward'} | "
                    f"{i.opcode} | `{_short_shape(i.shape)}` | {_short_name(i.op_name)} |")
   return "\n".join(lines)
 
