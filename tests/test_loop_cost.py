@@ -135,3 +135,32 @@ def test_the_loops_line_names_unknown_counts_and_the_agreement():
   assert "loops: 2 (trip counts 5; their bodies run 30 to 30 times per step; 1 of unknown " \
          "count, taken once)" in line
   assert "1.00 GFLOP, 2.000 GB" in line and "FLOPs +1.0%, bytes +10.0%" in line
+
+
+_TWO_STACKED_WRITES = """\
+%fused (p0: f32[4,8], p1: f32[1,8], p2: s32[], p3: f32[4,8]) -> (f32[4,8], f32[4,8]) {
+  %p0 = f32[4,8]{1,0} parameter(0)
+  %p1 = f32[1,8]{1,0} parameter(1)
+  %p2 = s32[] parameter(2)
+  %p3 = f32[4,8]{1,0} parameter(3)
+  %zero = s32[] constant(0)
+  %d0 = f32[4,8]{1,0} dynamic-update-slice(%p0, %p1, %p2, %zero)
+  %d1 = f32[4,8]{1,0} dynamic-update-slice(%p3, %p1, %p2, %zero)
+  ROOT %t = (f32[4,8]{1,0}, f32[4,8]{1,0}) tuple(%d0, %d1)
+}
+
+ENTRY %main (a: f32[4,8], b: f32[1,8], i: s32[], c: f32[4,8]) -> (f32[4,8], f32[4,8]) {
+  %a = f32[4,8]{1,0} parameter(0)
+  %b = f32[1,8]{1,0} parameter(1)
+  %i = s32[] parameter(2)
+  %c = f32[4,8]{1,0} parameter(3)
+  ROOT %f = (f32[4,8]{1,0}, f32[4,8]{1,0}) fusion(%a, %b, %i, %c), kind=kLoop, calls=%fused
+}
+"""
+
+
+def test_a_loop_body_writing_several_stacked_buffers_moves_only_the_slices():
+  """A scan's body stores each iteration's residuals into stacked buffers in one fusion (a
+  tuple of in-place updates): it reads the new rows and writes them, not the whole buffers."""
+  (fusion,) = traffic.instructions(_TWO_STACKED_WRITES)
+  assert (fusion.read, fusion.written) == (8 * 4 + 4, 2 * 8 * 4)

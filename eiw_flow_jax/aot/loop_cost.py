@@ -172,10 +172,12 @@ def _loop_step(body: list[Line], index: int,
 
 def runs_per_step(computations: dict[str, list[Line]], entry: str) -> dict[str, int | None]:
   """Executed computation -> how many times it runs per program run (None: a loop on its path
-  has no known trip count). A conditional's branches count as running as often as it does
-  (the compiler's count takes each branch once)."""
-  runs: dict[str, int | None] = {entry: 1}
-  stack = [entry]
+  has no known trip count). A computation called from several places runs the sum of their
+  counts; a conditional's branches count as running as often as it does (the compiler's count
+  takes each branch once)."""
+  # Call sites: callee -> [(caller, times per caller run or None)].
+  callers: dict[str, list[tuple[str, int | None]]] = {}
+  seen, stack = {entry}, [entry]
   while stack:
     name = stack.pop()
     lines = computations.get(name, [])
@@ -184,32 +186,30 @@ def runs_per_step(computations: dict[str, list[Line]], entry: str) -> dict[str, 
       if line.opcode in traffic.INNER:
         continue
       called = traffic.subprograms(line)
-      if not called:
-        continue
-      times = runs[name]
-      if line.opcode == "while":
-        trips = trip_count(line, computations, by_name)
-        body = _BODY.search(line.attributes)
-        for sub in called:
-          # The condition runs once more than the body; the body's count is what matters.
-          is_body = body is not None and sub == body.group(1)
-          count = None if times is None or trips is None else times * (
-              trips if is_body else trips + 1)
-          _add_runs(runs, sub, count, stack)
-      else:
-        for sub in called:
-          _add_runs(runs, sub, times, stack)
+      trips = trip_count(line, computations, by_name) if line.opcode == "while" else 1
+      body = _BODY.search(line.attributes) if line.opcode == "while" else None
+      for sub in called:
+        # A loop's condition runs once more than its body.
+        times = trips if trips is None or body is None or sub == body.group(1) else trips + 1
+        callers.setdefault(sub, []).append((name, times))
+        if sub not in seen:
+          seen.add(sub)
+          stack.append(sub)
+  runs: dict[str, int | None] = {entry: 1}
+
+  def count(name: str) -> int | None:
+    if name not in runs:
+      total: int | None = 0
+      for caller, times in callers.get(name, []):
+        outer = count(caller)
+        total = None if total is None or outer is None or times is None else (
+            total + outer * times)
+      runs[name] = total
+    return runs[name]
+
+  for name in seen:
+    count(name)
   return runs
-
-
-def _add_runs(runs: dict[str, int | None], name: str, count: int | None,
-              stack: list[str]) -> None:
-  if name in runs:  # called from two places: their counts add up
-    previous = runs[name]
-    runs[name] = None if previous is None or count is None else previous + count
-    return
-  runs[name] = count
-  stack.append(name)
 
 
 # ----------------------------------------------------------------------------------------------

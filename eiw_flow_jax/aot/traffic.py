@@ -319,12 +319,19 @@ def _instruction_bytes(line: Line, computations: dict[str, list[Line]], shapes: 
     fused = computations.get(called(line.attributes), [])
     reads = [_parameter_read(fused, k, s, padded, False) for k, s in enumerate(sources)]
     hbm_reads = [_parameter_read(fused, k, s, padded, True) for k, s in enumerate(sources)]
-    update = _in_place_update(fused)
-    if update is not None:  # writes the update into its operand's buffer, in place
-      buffer, update_shape = update
-      reads[buffer] = hbm_reads[buffer] = 0
-      written = array_bytes(update_shape, padded)
-      written_hbm = array_bytes(update_shape, padded, True) if written_hbm else 0
+    updates = _in_place_updates(fused)
+    if updates is not None:  # writes each update into its operand's buffer, in place
+      written = written_hbm = 0
+      for k, (buffer, update_shape) in enumerate(updates):
+        result = _tuple_element(line.shape, k) if line.shape.startswith("(") else line.shape
+        if buffer is not None:
+          reads[buffer] = hbm_reads[buffer] = 0
+          in_hbm = array_bytes(result, padded, True) > 0
+          written += array_bytes(update_shape, padded)
+          written_hbm += array_bytes(update_shape, padded) if in_hbm else 0
+        else:  # an output that is not an update: written whole
+          written += array_bytes(result, padded)
+          written_hbm += array_bytes(result, padded, True)
     read, hbm = sum(reads), sum(hbm_reads)
   elif line.opcode == "dynamic-update-slice" and len(sources) > 1:
     read = hbm = array_bytes(sources[1], padded)
@@ -335,17 +342,28 @@ def _instruction_bytes(line: Line, computations: dict[str, list[Line]], shapes: 
   return read, written, hbm + written_hbm
 
 
-def _in_place_update(fused: list[Line]) -> tuple[int, str] | None:
-  """(parameter number of the buffer, shape of the update) when a fused computation's root is
-  a dynamic-update-slice of one of its parameters, else None."""
+def _in_place_updates(fused: list[Line]) -> list[tuple[int | None, str]] | None:
+  """Where a fused computation's result is a dynamic-update-slice of one of its parameters, or
+  a tuple holding such updates (a loop body writing several stacked buffers at once): per
+  output, (parameter number of the buffer, shape of the update), or (None, shape) for an output
+  that is not such an update. None when no output is an in-place update."""
   root = next((x for x in fused if x.root), None)
-  if root is None or root.opcode != "dynamic-update-slice" or len(root.operands) < 2:
+  if root is None:
     return None
   by_name = {x.name: x for x in fused}
-  buffer, update = (by_name.get(o) for o in root.operands[:2])
-  if buffer is None or buffer.opcode != "parameter" or update is None:
-    return None
-  return int(buffer.literal), update.shape
+  outputs = [by_name.get(o) for o in root.operands] if root.opcode == "tuple" else [root]
+  found: list[tuple[int | None, str]] = []
+  for output in outputs:
+    if output is None:
+      return None
+    buffer = update = None
+    if output.opcode == "dynamic-update-slice" and len(output.operands) >= 2:
+      buffer, update = (by_name.get(o) for o in output.operands[:2])
+    if buffer is not None and buffer.opcode == "parameter" and update is not None:
+      found.append((int(buffer.literal), update.shape))
+    else:
+      found.append((None, output.shape))
+  return found if any(buffer is not None for buffer, _ in found) else None
 
 
 def breakdown(text: str, padded: bool = True,
