@@ -2,6 +2,13 @@
 
   python bench/compile_time.py --ks=2,4,8,16,32                 # compile only
   python bench/compile_time.py --ks=4 --steps=5                 # and step time
+  python bench/compile_time.py --config=configs/cifar10_denseflow.py --ks=0 --variants=true \
+      --topology=v5e:2x2 --batch=16 --parts=forward,grad,update,step   # where the time goes
+
+--parts compiles parts of the step apart, each in its own process: `forward` (the training
+loss), `grad` (its value and gradient), `update` (the optimizer's update and its application
+over the parameters, nothing else), `step` (the whole train step, the default). K=0 keeps the
+config's own depth (DenseFlow has no K).
 
 For each K in --ks and each of `model.scan_steps` = True / False (alternating which goes
 first), a fresh process builds the train step of --config (default configs/cifar10.py: L=3,
@@ -48,7 +55,8 @@ def child(args: argparse.Namespace) -> None:
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config()
-  config.model.steps_per_level = args.k
+  if args.k:
+    config.model.steps_per_level = args.k
   config.model.scan_steps = args.scan == "true"
   config.model.memory = args.memory
   config.batch_size = args.batch
@@ -64,18 +72,18 @@ def child(args: argparse.Namespace) -> None:
   mesh = sharding.make_mesh(devices)
   flow = build_flow(config)
   tx = optimizer.make_optimizer(config)
-  abstract = train_state.abstract_state(flow, tx, mesh)
+  abstract = train_state.abstract_state(flow, tx, mesh, ema=train_state.keeps_ema(config))
   images = jax.ShapeDtypeStruct((config.batch_size, *config.model.image_shape), jnp.uint8,
                                 sharding=sharding.batch_sharding(mesh))
   step = train_step.make_train_step(config, flow, tx, mesh)
   start, cpu_start = time.perf_counter(), time.process_time()
-  lowered = step.lower(abstract, images)
+  lowered = _part(args.part, step, flow, tx).lower(abstract, images)
   lower_s = time.perf_counter() - start
   start, cpu_lowered = time.perf_counter(), time.process_time()
   compiled = lowered.compile()
   compile_s = time.perf_counter() - start
   cpu_compiled = time.process_time()
-  out = {"k": args.k, "scan": args.scan == "true", "memory": args.memory,
+  out = {"k": args.k, "scan": args.scan == "true", "memory": args.memory, "part": args.part,
          "platform": compiled_platform(devices),
          "lower_s": round(lower_s, 1), "compile_s": round(compile_s, 1),
          # CPU seconds of this process (all threads): less sensitive to the machine's load.
@@ -88,7 +96,7 @@ def child(args: argparse.Namespace) -> None:
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     out["temp_gib_per_chip"] = round(analysis.temp_size_in_bytes / 2**30, 2)
     out["gflop"] = round(float(cost.get("flops", 0.0)) / 1e9, 1)
-  if args.steps and not args.topology:
+  if args.steps and not args.topology and args.part == "step":
     x = np.random.default_rng(0).integers(0, 2**config.model.n_bits,
                                           (args.batch, *config.model.image_shape), dtype=np.uint8)
     variables = flow.init(jax.random.PRNGKey(0), x)
@@ -109,6 +117,32 @@ def child(args: argparse.Namespace) -> None:
   print(json.dumps(out), flush=True)
 
 
+def _part(part: str, step, flow, tx):
+  """What --part compiles, as a jitted function of (train state, uint8 images)."""
+  import jax
+  import optax
+
+  rng = jax.random.PRNGKey(0)
+
+  def loss(params, state, images):
+    variables = {"params": params, "constants": state.constants}
+    return flow.loss(variables, images, rng)[0]
+
+  def update(state, images):
+    del images
+    updates, opt_state = tx.update(state.params, state.opt_state, state.params)
+    return optax.apply_updates(state.params, updates), opt_state
+
+  parts = {
+      "step": step,
+      "forward": jax.jit(lambda state, images: loss(state.params, state, images)),
+      "grad": jax.jit(lambda state, images: jax.value_and_grad(loss)(
+          state.params, state, images)),
+      "update": jax.jit(update, donate_argnums=(0,)),
+  }
+  return parts[part]
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--config", default=os.path.join(REPO, "configs", "cifar10.py"))
@@ -124,7 +158,10 @@ def main() -> None:
                       "jax[tpu]); --batch is then per chip")
   parser.add_argument("--xla_flags", default="",
                       help="XLA_FLAGS of the compiling processes (default: none, XLA's defaults)")
+  parser.add_argument("--parts", default="step",
+                      help="what to compile: step, forward, grad, update (comma-separated)")
   parser.add_argument("--child", action="store_true")
+  parser.add_argument("--part", default="step")
   parser.add_argument("--k", type=int)
   parser.add_argument("--scan")
   args = parser.parse_args()
@@ -139,20 +176,26 @@ def main() -> None:
   variants = args.variants.split(",")
   runs = [int(k) for k in args.ks.split(",") for _ in range(args.repeats)]
   failed = False
+  parts = args.parts.split(",")
+  unknown = sorted(set(parts) - {"step", "forward", "grad", "update"})
+  if unknown:
+    parser.error(f"--parts: unknown {', '.join(unknown)} (step, forward, grad, update)")
   for index, k in enumerate(runs):
     order = variants if index % 2 == 0 else variants[::-1]
     for scan in order:
-      command = [sys.executable, os.path.abspath(__file__), "--child", f"--k={k}",
-                 f"--scan={scan}", f"--config={args.config}", f"--batch={args.batch}",
-                 f"--memory={args.memory}", f"--steps={args.steps}",
-                 f"--topology={args.topology}", f"--hidden={args.hidden}"]
-      result = subprocess.run(command, env=env, capture_output=True, text=True)
-      lines = [ln for ln in result.stdout.splitlines() if ln.startswith("{")]
-      if result.returncode or not lines:
-        print(json.dumps({"k": k, "scan": scan, "error": result.stderr[-2000:]}), flush=True)
-        failed = True
-      else:
-        print(lines[-1], flush=True)
+      for part in parts:
+        command = [sys.executable, os.path.abspath(__file__), "--child", f"--k={k}",
+                   f"--scan={scan}", f"--config={args.config}", f"--batch={args.batch}",
+                   f"--memory={args.memory}", f"--steps={args.steps}",
+                   f"--topology={args.topology}", f"--hidden={args.hidden}", f"--part={part}"]
+        result = subprocess.run(command, env=env, capture_output=True, text=True)
+        lines = [ln for ln in result.stdout.splitlines() if ln.startswith("{")]
+        if result.returncode or not lines:
+          print(json.dumps({"k": k, "scan": scan, "part": part,
+                            "error": result.stderr[-2000:]}), flush=True)
+          failed = True
+        else:
+          print(lines[-1], flush=True)
   if failed:
     sys.exit(1)
 

@@ -9,9 +9,9 @@ flips.
 Memory per device, from the TPU compiler (each dense block one scan over its units, `store`),
 TPU v5e at 8 images per chip (the batch of 32 on 4 chips), float32: 10.61 GiB of the 15.75 the
 compiler allows (arguments 1.73: params and Adamax's two moments, no EMA copy; temporaries
-8.70; code 0.17); >= 222 GFLOP per chip per step (a lower bound: scanned units counted once).
-Command: `python -m eiw_flow_jax.aot --config=configs/celeba_denseflow.py --topology=v5e:2x2
---noeval` (docs/tpu.md).
+8.70; code 0.17); 3350 GFLOP and 203.8 GB per chip per step (every iteration of the scans
+counted), roofline 248.8 ms a step. Command: `python -m eiw_flow_jax.aot
+--config=configs/celeba_denseflow.py --topology=v5e:2x2 --noeval` (docs/tpu.md).
 
 GPU memory per device, from XLA's GPU compiler (measured before the blocks ran as
 scans and the state dropped its EMA copy), one node of 8 H100s at 4 images each (the

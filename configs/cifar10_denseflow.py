@@ -12,10 +12,10 @@ At batch 64 the model needs gradient checkpointing on most GPUs (their --checkpo
 Memory per device, from the TPU compiler (each dense block one scan over its units, `store`),
 TPU v5e at 16 images per chip (the batch of 64 on 4 chips), float32: 7.39 GiB of the 15.75 the
 compiler allows (arguments 1.73: params and Adamax's two moments of 130.9M parameters, no EMA
-copy; temporaries 5.51; code 0.15). Command: `python -m eiw_flow_jax.aot
---config=configs/cifar10_denseflow.py --topology=v5e:2x2 --per_device_batch=16 --noeval`
-(docs/tpu.md: the compile took 3 minutes wall on a quiet 2-core machine; the compiler counts
-each scanned unit and layer once, so its FLOPs are a lower bound).
+copy; temporaries 5.51; code 0.15); 1618 GFLOP and 122.5 GB per chip per step (every iteration
+of the scans counted), roofline 149.6 ms a step, bound by HBM traffic. Command: `python -m
+eiw_flow_jax.aot --config=configs/cifar10_denseflow.py --topology=v5e:2x2 --per_device_batch=16
+--noeval` (docs/tpu.md, with its compile times).
 GPU memory per device, from XLA's GPU compiler (measured before the blocks ran as
 scans and the state dropped its EMA copy), one node of 8 H100s at 8 images each (the
 batch over 8 GPUs), float32: 4.54 GiB of the 59.33 JAX's allocator takes of an H100 (arguments

@@ -8,9 +8,10 @@ number in its paper's table.
 Memory per device, from the TPU compiler (each dense block one scan over its units, `store`),
 TPU v5e at 16 images per chip (the batch of 64 on 4 chips), float32: 7.39 GiB of the 15.75 the
 compiler allows (arguments 1.73: params and Adamax's two moments, no EMA copy; temporaries
-5.51; code 0.15): the CIFAR-10 config's program (same shapes). Command: `python -m
-eiw_flow_jax.aot --config=configs/imagenet32_denseflow.py --topology=v5e:2x2 --noeval`
-(docs/tpu.md; >= 107 GFLOP per chip per step, a lower bound: scanned units counted once).
+5.51; code 0.15): the CIFAR-10 config's program (same shapes); 1618 GFLOP and 122.5 GB per
+chip per step (every iteration of the scans counted), roofline 149.6 ms a step. Command:
+`python -m eiw_flow_jax.aot --config=configs/imagenet32_denseflow.py --topology=v5e:2x2
+--noeval` (docs/tpu.md).
 
 GPU memory per device, from XLA's GPU compiler (measured before the blocks ran as
 scans and the state dropped its EMA copy), one node of 8 H100s at 8 images each (the

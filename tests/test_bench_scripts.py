@@ -71,6 +71,24 @@ def test_compile_time_reports_one_json_line_per_compile(env):
   assert record["peak_rss_gib"] > 0 and record["finite"] is True
 
 
+def test_compile_time_compiles_parts_of_a_step_apart(env):
+  """--parts: the loss alone and the update alone, each in its own process, for a backbone
+  without K (--ks=0 keeps the config's depth); an unknown part is refused in one line."""
+  out = run_bench(env, "compile_time.py", "--config=configs/digits_denseflow.py", "--ks=0",
+                  "--variants=true", "--batch=4", "--parts=forward,update",
+                  f"--xla_flags={with_test_xla_flags()}")
+  records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+  assert [r.get("error") for r in records] == [None, None]
+  assert [(r["part"], r["k"], r["platform"]) for r in records] == [
+      ("forward", 0, "cpu"), ("update", 0, "cpu")]
+  assert all(r["compile_s"] >= 0 and r["peak_rss_gib"] > 0 for r in records)
+  refused = subprocess.run(
+      [sys.executable, "bench/compile_time.py", "--parts=forward,backward"], cwd=REPO, env=env,
+      capture_output=True, text=True, timeout=120)
+  assert refused.returncode == 2
+  assert "--parts: unknown backward (step, forward, grad, update)" in refused.stderr
+
+
 def test_memory_modes_tables(env):
   modes = ("store", "invert")
   out = run_bench(env, "memory.py", "--ks=1", f"--modes={','.join(modes)}", "--batch=2",
