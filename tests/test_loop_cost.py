@@ -75,6 +75,20 @@ def test_a_loop_of_unknown_trip_count_leaves_lower_bounds():
   assert cost.flops == 128.0  # the body once: what is known
 
 
+def test_a_branch_inside_a_loop_leaves_the_figures_approximate():
+  """Each branch of a conditional in a loop counts as often as the conditional runs (one of
+  them does): the figures are then marked approximate, not exact."""
+  def branchy(x):
+    return jax.lax.fori_loop(0, 4, lambda _, y: jax.lax.cond(
+        jnp.sum(y) > 0, lambda y: jnp.tanh(y @ y), lambda y: y - 1.0, y), x)
+
+  compiled = jax.jit(branchy).lower(jnp.ones((8, 8))).compile()
+  text = compiled.as_text()
+  assert " conditional(" in text  # a data-dependent branch stays a branch
+  cost = loop_cost.weighted_cost(text, 0.0, 0.0)
+  assert [loop.trips for loop in cost.loops] == [4] and not cost.exact
+
+
 @pytest.mark.parametrize("padding,stride,dilation", [
     ("SAME", 1, 1), ("VALID", 1, 1), ("SAME", 2, 1), (((2, 1), (0, 3)), 1, 2)])
 def test_convolution_flops_skip_padding_taps_as_xla_counts_them(padding, stride, dilation):

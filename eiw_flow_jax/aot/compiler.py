@@ -15,7 +15,7 @@ from eiw_flow_jax.aot import AotError, loop_cost, traffic
 from eiw_flow_jax.aot.chips import GiB
 from eiw_flow_jax.aot.report import (
     COST_LOOPS,
-    COST_LOOPS_LOWER_BOUND,
+    COST_LOOPS_APPROXIMATE,
     COST_UNROLLED,
     AotReport,
     ProgramMemory,
@@ -309,7 +309,7 @@ def _compile_and_analyse(
       if weighted.loops:
         report.loop_cost = weighted
         report.flops, report.bytes_accessed = weighted.flops, weighted.bytes_accessed
-        report.cost_source = COST_LOOPS if weighted.exact else COST_LOOPS_LOWER_BOUND
+        report.cost_source = COST_LOOPS if weighted.exact else COST_LOOPS_APPROXIMATE
     if with_traffic:
       runs = None
       if counts_loops:

@@ -342,7 +342,10 @@ class WeightedCost:
 
   flops: float
   bytes_accessed: float
-  exact: bool  # every loop's trip count was read (else `flops` and bytes are lower bounds)
+  # Every loop's trip count was read and no conditional runs inside a loop. Else approximate: a
+  # loop of unknown count is counted once, and every branch of a conditional in a loop as often
+  # as the conditional runs (one of them does).
+  exact: bool
   loops: tuple[Loop, ...]
   compiler_flops: float  # the compiler's own figures: each loop body once
   compiler_bytes: float
@@ -361,7 +364,9 @@ def weighted_cost(text: str, compiler_flops: float, compiler_bytes: float) -> We
   computations, entry = traffic.parse_computations(text)
   runs = runs_per_step(computations, entry)
   extra_flops = extra_bytes = once_flops = once_bytes = 0.0
-  exact = all(count is not None for count in runs.values())
+  exact = all(count is not None for count in runs.values()) and not any(
+      line.opcode == "conditional" and (runs.get(name) or 1) > 1
+      for name in runs for line in computations.get(name, []))
   for name in traffic.executed(computations, entry):
     shapes = {x.name: x.shape for x in computations[name]}
     flops = sum(instruction_flops(x, computations, shapes) for x in computations[name])

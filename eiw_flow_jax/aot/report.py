@@ -19,7 +19,8 @@ COST_UNROLLED = "unrolled K=1,2"
 # The compiler's count plus each loop body's instructions times its runs beyond the first
 # (`loop_cost`): every loop's trip count read from the program.
 COST_LOOPS = "loops counted by their trip counts"
-COST_LOOPS_LOWER_BOUND = "a loop of unknown trip count counted once: lower bounds"
+COST_LOOPS_APPROXIMATE = ("loops counted by their trip counts, approximately (a loop of unknown "
+                          "trip count once, or each branch of a conditional in a loop)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +94,7 @@ class AotReport:
   cost_seconds: float = 0.0
   total_seconds: float = math.nan  # the whole `compile_for_topology` call, every compile in it
   # How flops / bytes_accessed were found: COST_COMPILER, COST_UNROLLED, COST_LOOPS or
-  # COST_LOOPS_LOWER_BOUND (below).
+  # COST_LOOPS_APPROXIMATE (below).
   cost_source: str = COST_COMPILER
   error: str | None = None  # the compiler's out-of-memory message, when it refused
   required_bytes: int | None = None  # what that message says the program needs
