@@ -34,13 +34,12 @@ def nested_program():
 
 
 def _runs(text):
-  computations, entry = traffic.parse_computations(text)
-  return loop_cost.runs_per_step(computations, entry)
+  return loop_cost.Program.parse(text).runs
 
 
 def test_nested_loops_run_their_trip_counts_times_over(nested_program):
   text, flops, bytes_accessed = nested_program
-  cost = loop_cost.weighted_cost(text, flops, bytes_accessed)
+  cost = loop_cost.weighted_cost(loop_cost.Program.parse(text), flops, bytes_accessed)
   assert cost.exact
   assert sorted((loop.trips, loop.runs) for loop in cost.loops) == [(3, 3), (5, 15)]
   matmul = 2 * M * K * K
@@ -69,7 +68,7 @@ def test_a_loop_of_unknown_trip_count_leaves_lower_bounds():
                               (0, x))[1]
 
   compiled = jax.jit(until).lower(jnp.ones((8, 8)), 4).compile()
-  cost = loop_cost.weighted_cost(compiled.as_text(), 128.0, 0.0)
+  cost = loop_cost.weighted_cost(loop_cost.Program.parse(compiled.as_text()), 128.0, 0.0)
   assert not cost.exact
   assert [loop.trips for loop in cost.loops] == [None]
   assert cost.flops == 128.0  # the body once: what is known
@@ -85,7 +84,7 @@ def test_a_branch_inside_a_loop_leaves_the_figures_approximate():
   compiled = jax.jit(branchy).lower(jnp.ones((8, 8))).compile()
   text = compiled.as_text()
   assert " conditional(" in text  # a data-dependent branch stays a branch
-  cost = loop_cost.weighted_cost(text, 0.0, 0.0)
+  cost = loop_cost.weighted_cost(loop_cost.Program.parse(text), 0.0, 0.0)
   assert [loop.trips for loop in cost.loops] == [4] and not cost.exact
 
 

@@ -304,18 +304,16 @@ def _compile_and_analyse(
     # counted as often as they run. (Glow's scanned steps keep their own rule: the unrolled
     # compiles, or with `exact_cost` False the compiler's count.)
     counts_loops = target.platform == "tpu" and _scanned_steps(config) <= 1
-    if counts_loops:
-      weighted = loop_cost.weighted_cost(text, report.flops, report.bytes_accessed)
+    program = loop_cost.Program.parse(text) if counts_loops else None
+    if program is not None:
+      weighted = loop_cost.weighted_cost(program, report.flops, report.bytes_accessed)
       if weighted.loops:
         report.loop_cost = weighted
         report.flops, report.bytes_accessed = weighted.flops, weighted.bytes_accessed
         report.cost_source = COST_LOOPS if weighted.exact else COST_LOOPS_APPROXIMATE
     if with_traffic:
-      runs = None
-      if counts_loops:
-        computations, entry = traffic.parse_computations(text)
-        runs = loop_cost.runs_per_step(computations, entry)
-      report.traffic = traffic.breakdown(text, runs=runs)
+      report.traffic = (traffic.Traffic.of(program.instructions) if program is not None
+                        else traffic.breakdown(text))
   report.cost_seconds = time.perf_counter() - started
   if with_eval:
     compiled, report.eval_compile_seconds = _timed_compile(

@@ -358,11 +358,31 @@ class WeightedCost:
             self.bytes_counted_once / max(self.compiler_bytes, 1.0))
 
 
-def weighted_cost(text: str, compiler_flops: float, compiler_bytes: float) -> WeightedCost:
+@dataclasses.dataclass(frozen=True)
+class Program:
+  """A compiled program read once: its computations, how often each runs per step
+  (`runs_per_step`) and its executed instructions with their bytes and runs
+  (`traffic.executed_instructions`), which `weighted_cost` and `--traffic` both use."""
+
+  computations: dict[str, list[Line]]
+  entry: str
+  runs: dict[str, int | None]
+  instructions: list[traffic.Instruction]
+
+  @classmethod
+  def parse(cls, text: str) -> Program:
+    """The program of compiled HLO text (`compiled.as_text()`)."""
+    computations, entry = traffic.parse_computations(text)
+    runs = runs_per_step(computations, entry)
+    return cls(computations, entry, runs,
+               traffic.executed_instructions(computations, entry, runs=runs))
+
+
+def weighted_cost(program: Program, compiler_flops: float,
+                  compiler_bytes: float) -> WeightedCost:
   """The compiler's FLOPs and bytes (`compiled.cost_analysis()`, each loop body once) plus what
   each instruction in a loop adds in its runs beyond the first (see the module doc)."""
-  computations, entry = traffic.parse_computations(text)
-  runs = runs_per_step(computations, entry)
+  computations, entry, runs = program.computations, program.entry, program.runs
   extra_flops = extra_bytes = once_flops = once_bytes = 0.0
   exact = all(count is not None for count in runs.values()) and not any(
       line.opcode == "conditional" and (runs.get(name) or 1) > 1
@@ -372,7 +392,7 @@ def weighted_cost(text: str, compiler_flops: float, compiler_bytes: float) -> We
     flops = sum(instruction_flops(x, computations, shapes) for x in computations[name])
     once_flops += flops
     extra_flops += ((runs.get(name) or 1) - 1) * flops
-  for i in traffic.instructions(text, runs=runs):
+  for i in program.instructions:
     once_bytes += i.bytes
     extra_bytes += ((i.runs or 1) - 1) * i.bytes
   loops = []

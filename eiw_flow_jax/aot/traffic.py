@@ -366,26 +366,26 @@ def _in_place_updates(fused: list[Line]) -> list[tuple[int | None, str]] | None:
   return found if any(buffer is not None for buffer, _ in found) else None
 
 
-def breakdown(text: str, padded: bool = True,
-              runs: dict[str, int | None] | None = None) -> Traffic:
-  """The traffic of compiled HLO text (`compiled.as_text()`): per layer kind, the largest.
-  Given `runs` (`loop_cost.runs_per_step`), each instruction counts as often as it runs;
-  without, once (a loop body once, as the compiler's cost analysis counts it)."""
-  return Traffic.of(instructions(text, padded, runs=runs))
+def breakdown(text: str, padded: bool = True) -> Traffic:
+  """The traffic of compiled HLO text (`compiled.as_text()`): per layer kind, the largest (each
+  instruction once; `loop_cost.Program` counts them as often as they run)."""
+  return Traffic.of(instructions(text, padded))
 
 
-def instructions(text: str, padded: bool = True,
-                 runs: dict[str, int | None] | None = None) -> list[Instruction]:
-  """The instructions of compiled HLO text that run, each with the bytes it moves once (as the
-  compiler's cost analysis counts a loop body) and, given `runs` (computation -> runs per
-  step), how often it runs."""
-  computations, entry = parse_computations(text)
+def instructions(text: str, padded: bool = True) -> list[Instruction]:
+  """The instructions of compiled HLO text that run, each with the bytes it moves (a loop body
+  once, as the compiler's cost analysis counts it)."""
+  return executed_instructions(*parse_computations(text), padded=padded)
+
+
+def executed_instructions(computations: dict[str, list[Line]], entry: str, *,
+                          padded: bool = True,
+                          runs: dict[str, int | None] | None = None) -> list[Instruction]:
+  """`instructions` of a program already parsed (`parse_computations`), each with how often
+  it runs given `runs` (computation -> runs per step, `loop_cost.runs_per_step`)."""
   lines = {line.name: line for body in computations.values() for line in body}
   shapes = {name: line.shape for name, line in lines.items()}
-  own = {}
-  for name, line in lines.items():
-    found = _OP_NAME.search(line.attributes)
-    own[name] = found.group(1) if found else ""
+  own = {name: op_name_of(line) for name, line in lines.items()}
 
   def op_name(name: str) -> str:
     for _ in range(16):  # an unnamed copy of a copy of ...: its source's name
