@@ -4,11 +4,14 @@
   python bench/compile_time.py --ks=4 --steps=5                 # and step time
   python bench/compile_time.py --config=configs/cifar10_denseflow.py --ks=0 --variants=true \
       --topology=v5e:2x2 --batch=16 --parts=forward,grad,update,step   # where the time goes
+  python bench/compile_time.py --config=configs/cifar10_denseflow.py --ks=0 --variants=true \
+      --topology=v5e:2x2 --batch=16 --efforts=0,-1      # XLA's default effort against its least
 
 --parts compiles parts of the step apart, each in its own process: `forward` (the training
 loss), `grad` (its value and gradient), `update` (the optimizer's update and its application
 over the parameters, nothing else), `step` (the whole train step, the default). K=0 keeps the
-config's own depth (DenseFlow has no K).
+config's own depth (DenseFlow has no K). --efforts compiles each at each value of
+`config.compiler.exec_time_optimization_effort` (0: XLA's default).
 
 For each K in --ks and each of `model.scan_steps` = True / False (alternating which goes
 first), a fresh process builds the train step of --config (default configs/cifar10.py: L=3,
@@ -59,6 +62,7 @@ def child(args: argparse.Namespace) -> None:
     config.model.steps_per_level = args.k
   config.model.scan_steps = args.scan == "true"
   config.model.memory = args.memory
+  config.compiler.exec_time_optimization_effort = args.effort
   config.batch_size = args.batch
   if args.hidden:
     config.model.hidden_channels = args.hidden
@@ -77,13 +81,14 @@ def child(args: argparse.Namespace) -> None:
                                 sharding=sharding.batch_sharding(mesh))
   step = train_step.make_train_step(config, flow, tx, mesh)
   start, cpu_start = time.perf_counter(), time.process_time()
-  lowered = _part(args.part, step, flow, tx).lower(abstract, images)
+  lowered = _part(args.part, step, flow, tx, config).lower(abstract, images)
   lower_s = time.perf_counter() - start
   start, cpu_lowered = time.perf_counter(), time.process_time()
   compiled = lowered.compile()
   compile_s = time.perf_counter() - start
   cpu_compiled = time.process_time()
   out = {"k": args.k, "scan": args.scan == "true", "memory": args.memory, "part": args.part,
+         "effort": args.effort,
          "platform": compiled_platform(devices),
          "lower_s": round(lower_s, 1), "compile_s": round(compile_s, 1),
          # CPU seconds of this process (all threads): less sensitive to the machine's load.
@@ -117,10 +122,17 @@ def child(args: argparse.Namespace) -> None:
   print(json.dumps(out), flush=True)
 
 
-def _part(part: str, step, flow, tx):
-  """What --part compiles, as a jitted function of (train state, uint8 images)."""
+def _part(part: str, step, flow, tx, config):
+  """What --part compiles, as a jitted function of (train state, uint8 images), with the
+  config's compiler options (as the train step has them)."""
+  import functools
+
   import jax
   import optax
+
+  from eiw_flow_jax.training.compiler_options import compiler_options, jit_options
+
+  jit = functools.partial(jax.jit, compiler_options=jit_options(compiler_options(config)))
 
   rng = jax.random.PRNGKey(0)
 
@@ -135,10 +147,9 @@ def _part(part: str, step, flow, tx):
 
   parts = {
       "step": step,
-      "forward": jax.jit(lambda state, images: loss(state.params, state, images)),
-      "grad": jax.jit(lambda state, images: jax.value_and_grad(loss)(
-          state.params, state, images)),
-      "update": jax.jit(update, donate_argnums=(0,)),
+      "forward": jit(lambda state, images: loss(state.params, state, images)),
+      "grad": jit(lambda state, images: jax.value_and_grad(loss)(state.params, state, images)),
+      "update": jit(update, donate_argnums=(0,)),
   }
   return parts[part]
 
@@ -160,7 +171,11 @@ def main() -> None:
                       help="XLA_FLAGS of the compiling processes (default: none, XLA's defaults)")
   parser.add_argument("--parts", default="step",
                       help="what to compile: step, forward, grad, update (comma-separated)")
+  parser.add_argument("--efforts", default="0",
+                      help="config.compiler.exec_time_optimization_effort values, each in "
+                      "[-1, 1] (comma-separated; 0: XLA's default)")
   parser.add_argument("--child", action="store_true")
+  parser.add_argument("--effort", type=float, default=0.0)
   parser.add_argument("--part", default="step")
   parser.add_argument("--k", type=int)
   parser.add_argument("--scan")
@@ -180,22 +195,30 @@ def main() -> None:
   unknown = sorted(set(parts) - {"step", "forward", "grad", "update"})
   if unknown:
     parser.error(f"--parts: unknown {', '.join(unknown)} (step, forward, grad, update)")
+  try:
+    efforts = [float(e) for e in args.efforts.split(",")]
+  except ValueError:
+    parser.error(f"--efforts: expected numbers in [-1, 1], got {args.efforts!r}")
+  if any(not -1.0 <= e <= 1.0 for e in efforts):
+    parser.error(f"--efforts: each must be in [-1, 1], got {args.efforts!r}")
   for index, k in enumerate(runs):
     order = variants if index % 2 == 0 else variants[::-1]
     for scan in order:
-      for part in parts:
-        command = [sys.executable, os.path.abspath(__file__), "--child", f"--k={k}",
-                   f"--scan={scan}", f"--config={args.config}", f"--batch={args.batch}",
-                   f"--memory={args.memory}", f"--steps={args.steps}",
-                   f"--topology={args.topology}", f"--hidden={args.hidden}", f"--part={part}"]
-        result = subprocess.run(command, env=env, capture_output=True, text=True)
-        lines = [ln for ln in result.stdout.splitlines() if ln.startswith("{")]
-        if result.returncode or not lines:
-          print(json.dumps({"k": k, "scan": scan, "part": part,
-                            "error": result.stderr[-2000:]}), flush=True)
-          failed = True
-        else:
-          print(lines[-1], flush=True)
+      for effort in efforts:
+        for part in parts:
+          command = [sys.executable, os.path.abspath(__file__), "--child", f"--k={k}",
+                     f"--scan={scan}", f"--config={args.config}", f"--batch={args.batch}",
+                     f"--memory={args.memory}", f"--steps={args.steps}",
+                     f"--topology={args.topology}", f"--hidden={args.hidden}",
+                     f"--part={part}", f"--effort={effort}"]
+          result = subprocess.run(command, env=env, capture_output=True, text=True)
+          lines = [ln for ln in result.stdout.splitlines() if ln.startswith("{")]
+          if result.returncode or not lines:
+            print(json.dumps({"k": k, "scan": scan, "part": part, "effort": effort,
+                              "error": result.stderr[-2000:]}), flush=True)
+            failed = True
+          else:
+            print(lines[-1], flush=True)
   if failed:
     sys.exit(1)
 

@@ -73,20 +73,23 @@ def test_compile_time_reports_one_json_line_per_compile(env):
 
 def test_compile_time_compiles_parts_of_a_step_apart(env):
   """--parts: the loss alone and the update alone, each in its own process, for a backbone
-  without K (--ks=0 keeps the config's depth); an unknown part is refused in one line."""
+  without K (--ks=0 keeps the config's depth), at each --efforts value; an unknown part or an
+  effort outside [-1, 1] is refused in one line."""
   out = run_bench(env, "compile_time.py", "--config=configs/digits_denseflow.py", "--ks=0",
-                  "--variants=true", "--batch=4", "--parts=forward,update",
+                  "--variants=true", "--batch=4", "--parts=forward,update", "--efforts=-1",
                   f"--xla_flags={with_test_xla_flags()}")
   records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
   assert [r.get("error") for r in records] == [None, None]
-  assert [(r["part"], r["k"], r["platform"]) for r in records] == [
-      ("forward", 0, "cpu"), ("update", 0, "cpu")]
+  assert [(r["part"], r["k"], r["platform"], r["effort"]) for r in records] == [
+      ("forward", 0, "cpu", -1.0), ("update", 0, "cpu", -1.0)]
   assert all(r["compile_s"] >= 0 and r["peak_rss_gib"] > 0 for r in records)
-  refused = subprocess.run(
-      [sys.executable, "bench/compile_time.py", "--parts=forward,backward"], cwd=REPO, env=env,
-      capture_output=True, text=True, timeout=120)
-  assert refused.returncode == 2
-  assert "--parts: unknown backward (step, forward, grad, update)" in refused.stderr
+  for argument, message in (
+      ("--parts=forward,backward", "--parts: unknown backward (step, forward, grad, update)"),
+      ("--efforts=0,-2", "--efforts: each must be in [-1, 1], got '0,-2'"),
+      ("--efforts=low", "--efforts: expected numbers in [-1, 1], got 'low'")):
+    refused = subprocess.run([sys.executable, "bench/compile_time.py", argument], cwd=REPO,
+                             env=env, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and message in refused.stderr, refused.stderr
 
 
 def test_memory_modes_tables(env):

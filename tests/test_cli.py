@@ -186,6 +186,10 @@ ERROR_CASES = {
         "/nonexistent/mnist, which does not exist",
     ),
     "catalog_not_prepared": ("cifar10.py", [], {}, "is not prepared in data_dir"),
+    "compiler_effort_out_of_range": (
+        "digits.py", ["--config.compiler.exec_time_optimization_effort=-3"], {},
+        "config.compiler.exec_time_optimization_effort must be a number in [-1, 1]",
+    ),
 }
 
 

@@ -14,6 +14,7 @@ from conftest import REPO
 
 from eiw_flow_jax.config import checks, schema
 from eiw_flow_jax.training import run_config, train_loop
+from eiw_flow_jax.training.compiler_options import compiler_options
 
 CONFIG_FILES = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))
 EXPECTED = {
@@ -60,16 +61,20 @@ def test_config_is_valid_and_defaults_to_eiw_global(name):
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: os.path.basename(p))
 def test_command_line_overrides_reach_every_config(path, monkeypatch):
-  """`--config.x=y` as the CLI parses it (ml_collections config_flags, locked configs)."""
+  """`--config.x=y` as the CLI parses it (ml_collections config_flags, locked configs); an
+  integer on the command line for a float field (the compiler's effort) is taken as a float."""
   from absl import flags
   from ml_collections import config_flags
 
-  argv = ["prog", f"--config={path}", "--config.dataset.worker_count=2", "--config.batch_size=32"]
+  argv = ["prog", f"--config={path}", "--config.dataset.worker_count=2", "--config.batch_size=32",
+          "--config.compiler.exec_time_optimization_effort=-1"]
   monkeypatch.setattr("sys.argv", argv)  # config_flags reads the overrides from sys.argv
   values = flags.FlagValues()
   config_flags.DEFINE_config_file("config", path, flag_values=values, lock_config=True)
   values(argv)
   assert values.config.dataset.worker_count == 2 and values.config.batch_size == 32
+  assert values.config.compiler.exec_time_optimization_effort == -1.0
+  assert compiler_options(values.config) == (("exec_time_optimization_effort", -1.0),)
   run_config.validate_config(values.config)
 
 
@@ -212,6 +217,11 @@ def _bad(**overrides):
         ({"sample__temperatures": ()}, "temperatures"),
         ({"seed": -1}, "config.seed"),
         ({"dataset__worker_count": -1}, "config.dataset.worker_count must be an int >= 0"),
+        ({"compiler__exec_time_optimization_effort": -1.5},
+         r"config.compiler.exec_time_optimization_effort must be a number in \[-1, 1\] "
+         r"\(0: XLA's default\), got -1.5"),
+        ({"compiler__memory_fitting_effort": 2.0},
+         "config.compiler.memory_fitting_effort must be a number in"),
     ],
 )
 def test_bad_config_raises_config_error(overrides, message):

@@ -88,6 +88,31 @@ def test_a_branch_inside_a_loop_leaves_the_figures_approximate():
   assert [loop.trips for loop in cost.loops] == [4] and not cost.exact
 
 
+def test_a_platform_choice_inside_a_loop_of_a_lowered_program_is_counted_exactly():
+  """Before XLA's passes (the program a GPU report counts FLOPs on), a `platform_dependent` in a
+  loop is a conditional picking the platform's index (branches that only return a constant)
+  and a one-branch conditional running the chosen code: counting every branch each time is
+  exact, and the FLOPs are the matmuls of every iteration, forward and backward."""
+  def choose(x, w):
+    return jax.lax.platform_dependent(
+        x, w, cpu=lambda a, b: jnp.tanh(a @ b), default=lambda a, b: jnp.sin(a @ b))
+
+  def loss(x, ws):
+    return jax.lax.scan(lambda x, w: (choose(x, w), None), x, ws)[0].sum()
+
+  lowered = jax.jit(jax.grad(loss)).lower(jnp.ones((M, N)), jnp.ones((5, N, N)))
+  module = lowered.compiler_ir("hlo").as_hlo_module()
+  program = loop_cost.Program.parse(module.to_string())
+  conditionals = [line for name in program.runs for line in program.computations[name]
+                  if line.opcode == "conditional"]
+  assert conditionals and all(program.runs[name] == 5 for name in program.runs
+                              if any(x in conditionals for x in program.computations[name]))
+  cost = loop_cost.weighted_cost(program, compiler._hlo_cost(module)["flops"], 0.0)
+  assert cost.exact and [loop.trips for loop in cost.loops] == [5, 5]
+  matmuls = 2 * 5 * 2 * M * N * N  # forward, and the gradient with respect to x
+  assert matmuls < cost.flops < 1.2 * matmuls
+
+
 @pytest.mark.parametrize("padding,stride,dilation", [
     ("SAME", 1, 1), ("VALID", 1, 1), ("SAME", 2, 1), (((2, 1), (0, 3)), 1, 2)])
 def test_convolution_flops_skip_padding_taps_as_xla_counts_them(padding, stride, dilation):
@@ -109,33 +134,44 @@ def test_convolution_flops_skip_padding_taps_as_xla_counts_them(padding, stride,
 
 def test_a_scanned_denseflow_is_costed_with_every_unit_and_layer():
   """The TPU report of a DenseFlow, whose units and layers are loops: FLOPs and bytes count
-  every iteration, where the compiler's own figures count each loop body once."""
+  every iteration, where the compiler's own figures count each loop body once. The same at the
+  compiler's least effort (`config.compiler`: another program, whose loops copy their
+  induction variable before stepping it)."""
   if not topology.libtpu_available():
     pytest.skip("libtpu is not installed (pip install -e '.[tpu]'; .ci/run installs it)")
-  config = aot_command.load_config(f"{REPO}/configs/digits_denseflow.py")
-  r = compiler.compile_for_topology(config, "v5e:2x2", 4, with_eval=False, with_traffic=True)
-  assert r.cost_source == report.COST_LOOPS
-  cost = r.loop_cost
-  assert cost.exact and (r.flops, r.bytes_accessed) == (cost.flops, cost.bytes_accessed)
-  # Each block's units (2) and each unit's layers (2) are loops: their bodies run 2 and 4
-  # times per step in the forward pass and again in the backward.
-  trips = sorted(loop.trips for loop in cost.loops if "_forward_pass/block" in loop.op_name)
-  assert trips == [2] * 8
-  # Most FLOPs are in those bodies: counted as they run, over twice the compiler's figure
-  # (which counts each once); the bytes less so (the optimizer's pass over the state is not
-  # in a loop).
-  assert r.flops > 2 * cost.compiler_flops and r.bytes_accessed > 1.3 * cost.compiler_bytes
-  # Counted once, the instructions cost what the compiler says (its rules, to a few percent;
-  # the bytes of loop bookkeeping differ more: docs/tpu.md).
-  flops, bytes_ = cost.agreement()
-  assert flops == pytest.approx(1.0, abs=0.02) and bytes_ == pytest.approx(1.0, abs=0.2)
-  # The traffic by layer kind counts the same runs: the instructions once, plus the runs
-  # beyond the first, the part the report adds to the compiler's figure.
-  added = r.bytes_accessed - cost.compiler_bytes
-  assert r.traffic.total == pytest.approx(cost.bytes_counted_once + added, rel=1e-9)
-  rendered = report.render(r)
-  assert report.COST_LOOPS in rendered and "loops read from the program" in rendered
-  assert "the compiler's own count, each body once" in rendered
+  reports = {}
+  for effort in (0.0, -1.0):
+    config = aot_command.load_config(f"{REPO}/configs/digits_denseflow.py")
+    config.compiler.exec_time_optimization_effort = effort
+    r = reports[effort] = compiler.compile_for_topology(
+        config, "v5e:2x2", 4, with_eval=False, with_traffic=True)
+    assert r.cost_source == report.COST_LOOPS, effort
+    cost = r.loop_cost
+    assert cost.exact and (r.flops, r.bytes_accessed) == (cost.flops, cost.bytes_accessed)
+    # Each block's units (2) and each unit's layers (2) are loops: their bodies run 2 and 4
+    # times per step in the forward pass and again in the backward.
+    trips = sorted(loop.trips for loop in cost.loops if "_forward_pass/block" in loop.op_name)
+    assert trips == [2] * 8, effort
+    # Most FLOPs are in those bodies: counted as they run, over twice the compiler's figure
+    # (which counts each once); the bytes less so (the optimizer's pass over the state is not
+    # in a loop).
+    assert r.flops > 2 * cost.compiler_flops and r.bytes_accessed > 1.3 * cost.compiler_bytes
+    # Counted once, the instructions cost what the compiler says (its rules, to a few percent;
+    # the bytes of loop bookkeeping differ more: docs/tpu.md).
+    flops, bytes_ = cost.agreement()
+    assert flops == pytest.approx(1.0, abs=0.02) and bytes_ == pytest.approx(1.0, abs=0.2)
+    # The traffic by layer kind counts the same runs: the instructions once, plus the runs
+    # beyond the first, the part the report adds to the compiler's figure.
+    added = r.bytes_accessed - cost.compiler_bytes
+    assert r.traffic.total == pytest.approx(cost.bytes_counted_once + added, rel=1e-9)
+    rendered = report.render(r)
+    assert report.COST_LOOPS in rendered and "loops read from the program" in rendered
+    assert "the compiler's own count, each body once" in rendered
+    assert ("XLA options exec_time_optimization_effort=-1" in rendered) == (effort == -1.0)
+  # The option reached the compiler: the same arithmetic, compiled into another program.
+  default, least = reports[0.0], reports[-1.0]
+  assert least.flops == pytest.approx(default.flops, rel=0.05)
+  assert least.bytes_accessed != pytest.approx(default.bytes_accessed, rel=0.05)
 
 
 def test_the_loops_line_names_unknown_counts_and_the_agreement():

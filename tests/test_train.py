@@ -523,3 +523,23 @@ def test_a_run_without_ema_holds_no_copy_and_reads_checkpoints_that_have_one(
   train_loop.train(longer, old)
   assert finalized_steps(old) == [2, 4]
   assert "corrupt" not in caplog.text
+
+
+def test_the_compiler_options_reach_the_train_and_eval_steps(data_dir):
+  """`config.compiler` is passed to the jitted train and eval steps (XLA:CPU ignores the
+  effort, so the numbers are the same as with XLA's defaults; the TPU compiler's other program
+  is checked in test_loop_cost). Each setting is its own cached eval step."""
+  images = np.random.default_rng(0).integers(0, 32, (16, 8, 8, 1)).astype(np.uint8)  # 5 bits
+  outputs = []
+  for effort in (0.0, -1.0):
+    run = Run.build(tiny_config(data_dir, **{"compiler.exec_time_optimization_effort": effort}))
+    state = run.create_state(images)
+    batch = sharding.global_batch(images, sharding.batch_sharding(run.mesh))
+    eval_step = run.eval_step()
+    bpd_sum, count = eval_step(state.variables(ema=True), batch,
+                               jnp.ones((16,), bool), jax.random.PRNGKey(1))
+    state, metrics = run.train_step()(state, batch)
+    outputs.append((eval_step, float(bpd_sum), int(count), float(metrics["loss"])))
+  (default_step, *default), (least_step, *least) = outputs
+  assert default_step is not least_step
+  assert least == pytest.approx(default, rel=1e-6) and default[1] == 16

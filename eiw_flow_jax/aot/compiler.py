@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import time
@@ -23,6 +24,7 @@ from eiw_flow_jax.aot.report import (
 from eiw_flow_jax.aot.topology import resolve
 from eiw_flow_jax.config import checks
 from eiw_flow_jax.training import run_config, sharding, train_state
+from eiw_flow_jax.training.compiler_options import compiler_options
 from eiw_flow_jax.training.run import Run
 
 _OOM = re.compile(
@@ -99,14 +101,19 @@ def library_calls(hlo_text: str) -> dict[str, int]:
   return calls
 
 
-def _gpu_flops(config: ml_collections.ConfigDict, mesh: Any) -> float:
-  """FLOPs of one device's train step, from the program lowered for one GPU of the mesh at the
-  per-device batch (before XLA's GPU passes turn convolutions into cuDNN calls, which its cost
-  analysis does not count)."""
+def _gpu_flops_module(config: ml_collections.ConfigDict, mesh: Any) -> Any:
+  """One device's train step as an HLO module, lowered for one GPU of the mesh at the
+  per-device batch: what its FLOPs are counted on (before XLA's GPU passes turn convolutions
+  into cuDNN calls, which its cost analysis does not count)."""
   per_device = ml_collections.ConfigDict(config.to_dict())
   per_device.batch_size = config.batch_size // mesh.devices.size
   lowered = lower_train_step(per_device, sharding.make_mesh(list(mesh.devices.flat)[:1]))
-  return float(_hlo_cost(lowered.compiler_ir("hlo").as_hlo_module()).get("flops", math.nan))
+  return lowered.compiler_ir("hlo").as_hlo_module()
+
+
+def _gpu_flops(config: ml_collections.ConfigDict, mesh: Any) -> float:
+  """FLOPs of one device's train step (`_gpu_flops_module`), each loop body once."""
+  return float(_hlo_cost(_gpu_flops_module(config, mesh)).get("flops", math.nan))
 
 
 def _gpu_bytes(compiled: Any) -> float:
@@ -123,6 +130,26 @@ def _gpu_bytes(compiled: Any) -> float:
     total += sum(_array_bytes(line.split("custom_call_target=")[0])
                  for line in text.splitlines() if _LIBRARY_CALL.search(line))
   return total
+
+
+def _gpu_cost(config: ml_collections.ConfigDict, mesh: Any, compiled: Any,
+              counts_loops: bool) -> tuple[float, float, loop_cost.WeightedCost | None]:
+  """(FLOPs, bytes, their loop-weighted count or None) per GPU per step. The FLOPs are
+  counted on the lowered one-GPU program (`_gpu_flops_module`), the bytes on the compiled one
+  (`_gpu_bytes`); with `counts_loops`, each program's loops are weighted by their trip counts
+  (`loop_cost`) and the two counts joined: FLOPs from the first, bytes and loops from the
+  second (the compiled program's loops are the ones that run)."""
+  module = _gpu_flops_module(config, mesh)
+  flops = float(_hlo_cost(module).get("flops", math.nan))
+  bytes_accessed = _gpu_bytes(compiled)
+  if not counts_loops:
+    return flops, bytes_accessed, None
+  by_flops = loop_cost.weighted_cost(loop_cost.Program.parse(module.to_string()), flops, 0.0)
+  by_bytes = loop_cost.weighted_cost(
+      loop_cost.Program.parse(compiled.as_text()), 0.0, bytes_accessed)
+  return flops, bytes_accessed, dataclasses.replace(
+      by_bytes, flops=by_flops.flops, exact=by_flops.exact and by_bytes.exact,
+      compiler_flops=by_flops.compiler_flops, flops_counted_once=by_flops.flops_counted_once)
 
 
 def _step_cost(config: ml_collections.ConfigDict, mesh: Any, compiled: Any) -> tuple[float, float]:
@@ -271,6 +298,7 @@ def _compile_and_analyse(
       global_batch=config.batch_size, num_train_steps=int(config.num_train_steps),
       eval_batch=int(config.eval_batch_size),
       dtype=_compute_dtype_name(config),
+      compiler_options=dict(compiler_options(config)),
       cores_per_device=int(getattr(devices[0], "num_cores", 1) or 1),
       platform=target.platform, hosts=target.hosts, memory_fraction=target.memory_fraction,
   )
@@ -298,22 +326,26 @@ def _compile_and_analyse(
       one, two = (traffic.breakdown(program.as_text()) for _, program in programs)
       report.traffic = traffic.extrapolate(one, two, _scanned_steps(config))
   elif with_cost or with_traffic:
-    report.flops, report.bytes_accessed = _step_cost(config, mesh, compiled)
-    text = compiled.as_text() if target.platform == "tpu" else ""
     # Loops the compiler counts once (DenseFlow's scanned units and layers, a linear solve's)
     # counted as often as they run. (Glow's scanned steps keep their own rule: the unrolled
     # compiles, or with `exact_cost` False the compiler's count.)
-    counts_loops = target.platform == "tpu" and _scanned_steps(config) <= 1
-    program = loop_cost.Program.parse(text) if counts_loops else None
-    if program is not None:
-      weighted = loop_cost.weighted_cost(program, report.flops, report.bytes_accessed)
-      if weighted.loops:
-        report.loop_cost = weighted
-        report.flops, report.bytes_accessed = weighted.flops, weighted.bytes_accessed
-        report.cost_source = COST_LOOPS if weighted.exact else COST_LOOPS_APPROXIMATE
-    if with_traffic:
-      report.traffic = (traffic.Traffic.of(program.instructions) if program is not None
-                        else traffic.breakdown(text))
+    counts_loops = _scanned_steps(config) <= 1
+    if target.platform == "gpu":
+      report.flops, report.bytes_accessed, weighted = _gpu_cost(
+          config, mesh, compiled, counts_loops)
+    else:
+      report.flops, report.bytes_accessed = _step_cost(config, mesh, compiled)
+      text = compiled.as_text()
+      program = loop_cost.Program.parse(text) if counts_loops else None
+      weighted = (loop_cost.weighted_cost(program, report.flops, report.bytes_accessed)
+                  if program is not None else None)
+      if with_traffic:
+        report.traffic = (traffic.Traffic.of(program.instructions) if program is not None
+                          else traffic.breakdown(text))
+    if weighted is not None and weighted.loops:
+      report.loop_cost = weighted
+      report.flops, report.bytes_accessed = weighted.flops, weighted.bytes_accessed
+      report.cost_source = COST_LOOPS if weighted.exact else COST_LOOPS_APPROXIMATE
   report.cost_seconds = time.perf_counter() - started
   if with_eval:
     compiled, report.eval_compile_seconds = _timed_compile(

@@ -85,8 +85,13 @@ def _constant(name: str, by_name: dict[str, Line]) -> int | None:
 
 
 def _tuple_index(name: str, by_name: dict[str, Line]) -> int | None:
-  """k where `name` is get-tuple-element(parameter, index=k)."""
+  """k where `name` is get-tuple-element(parameter, index=k), through copies and bitcasts (the
+  TPU compiler at low effort copies the induction variable before adding to it)."""
   line = by_name.get(name)
+  for _ in range(8):
+    if line is None or line.opcode not in ("copy", "bitcast") or not line.operands:
+      break
+    line = by_name.get(line.operands[0])
   if line is None or line.opcode != "get-tuple-element":
     return None
   source = by_name.get(line.operands[0]) if line.operands else None
@@ -342,9 +347,9 @@ class WeightedCost:
 
   flops: float
   bytes_accessed: float
-  # Every loop's trip count was read and no conditional runs inside a loop. Else approximate: a
-  # loop of unknown count is counted once, and every branch of a conditional in a loop as often
-  # as the conditional runs (one of them does).
+  # Every loop's trip count was read and no conditional with branches of a cost runs inside a
+  # loop. Else approximate: a loop of unknown count is counted once, and every branch of a
+  # conditional in a loop as often as the conditional runs (one of them does).
   exact: bool
   loops: tuple[Loop, ...]
   compiler_flops: float  # the compiler's own figures: each loop body once
@@ -378,6 +383,19 @@ class Program:
                traffic.executed_instructions(computations, entry, runs=runs))
 
 
+# What a branch may hold and still cost nothing (a `platform_dependent`'s branches that each
+# return their platform's index, in a program not yet optimised).
+_COSTLESS = frozenset({"parameter", "constant", "tuple", "get-tuple-element", "bitcast"})
+
+
+def _one_way(conditional: Line, computations: dict[str, list[Line]]) -> bool:
+  """Whether counting every branch of `conditional` each time it runs is exact: it has one
+  branch, or none of its branches costs anything."""
+  branches = traffic.subprograms(conditional)
+  return len(branches) <= 1 or all(
+      all(x.opcode in _COSTLESS for x in computations.get(b, [])) for b in branches)
+
+
 def weighted_cost(program: Program, compiler_flops: float,
                   compiler_bytes: float) -> WeightedCost:
   """The compiler's FLOPs and bytes (`compiled.cost_analysis()`, each loop body once) plus what
@@ -386,6 +404,7 @@ def weighted_cost(program: Program, compiler_flops: float,
   extra_flops = extra_bytes = once_flops = once_bytes = 0.0
   exact = all(count is not None for count in runs.values()) and not any(
       line.opcode == "conditional" and (runs.get(name) or 1) > 1
+      and not _one_way(line, computations)
       for name in runs for line in computations.get(name, []))
   for name in traffic.executed(computations, entry):
     shapes = {x.name: x.shape for x in computations[name]}

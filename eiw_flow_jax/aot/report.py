@@ -82,6 +82,8 @@ class AotReport:
   eval_batch: int
   dtype: str
   compile_seconds: float = math.nan
+  # The XLA options the steps were compiled with (`config.compiler`); empty: XLA's defaults.
+  compiler_options: dict[str, float] = dataclasses.field(default_factory=dict)
   train: ProgramMemory | None = None
   state_bytes: dict[str, int] = dataclasses.field(default_factory=dict)
   eval_compile_seconds: float | None = None
@@ -318,6 +320,8 @@ def _compile_time_line(r: AotReport) -> str:
     line += f", FLOPs and bytes {r.cost_seconds:.1f} s (loops read from the program)"
   if math.isfinite(r.total_seconds):
     line += f"; {r.total_seconds:.1f} s in all"
+  if r.compiler_options:
+    line += "; XLA options " + ", ".join(f"{k}={v:g}" for k, v in r.compiler_options.items())
   return line
 
 

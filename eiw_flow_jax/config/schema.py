@@ -142,6 +142,15 @@ def base_config() -> ml_collections.ConfigDict:
   config.sample.display_max = 0  # pixel value shown as white in grids; 0: 2**n_bits - 1
 
   config.distributed = False  # call jax.distributed.initialize() (multi-host)
+
+  # XLA's effort on the train and eval steps (JAX's options of the same names, passed to their
+  # jit as compiler options), each in [-1, 1], 0 XLA's default. A negative
+  # exec_time_optimization_effort compiles faster, and in less host memory, a program that may
+  # run slower (on TPU -1 halves DenseFlow DF-74-10's compile: docs/tpu.md); memory_fitting_effort
+  # trades compile time for fitting the program in less device memory.
+  config.compiler = ml_collections.ConfigDict()
+  config.compiler.exec_time_optimization_effort = 0.0
+  config.compiler.memory_fitting_effort = 0.0
   # Locked: setting a field that does not exist (`config.model.memroy = ...`, a typo) raises
   # instead of being ignored. Values of existing fields can still be changed.
   config.lock()

@@ -32,6 +32,7 @@ from jax.sharding import PartitionSpec as P
 from eiw_flow_jax.data import pipeline, registry
 from eiw_flow_jax.model.flow import Flow
 from eiw_flow_jax.training import reporting
+from eiw_flow_jax.training.compiler_options import CompilerOptions, compiler_options, jit_options
 from eiw_flow_jax.training.train_state import IWBO_BATCH_OFFSET
 from eiw_flow_jax.workdir import config_history, storage
 
@@ -45,25 +46,27 @@ def _global(local: np.ndarray, mesh: Mesh) -> jax.Array:
 
 
 def _masked_sum_step(
-    per_example_bpd: Callable[[Any, jax.Array, jax.Array], jax.Array], mesh: Mesh
+    per_example_bpd: Callable[[Any, jax.Array, jax.Array], jax.Array], mesh: Mesh,
+    options: CompilerOptions,
 ) -> Callable[..., tuple[jax.Array, jax.Array]]:
   """(variables, uint8 batch, bool mask, rng) -> (sum of the unmasked examples'
-  `per_example_bpd`, their count), jitted and replicated over `mesh`."""
+  `per_example_bpd`, their count), jitted with `options` and replicated over `mesh`."""
 
   def fn(variables, images, mask, rng):
     bpd = per_example_bpd(variables, images, rng)
     # where, not multiply: a padding example's bpd may be anything, even NaN.
     return jnp.sum(jnp.where(mask, bpd, 0.0)), jnp.sum(mask.astype(jnp.int32))
 
-  return jax.jit(fn, out_shardings=NamedSharding(mesh, P()))
+  return jax.jit(fn, out_shardings=NamedSharding(mesh, P()), compiler_options=jit_options(options))
 
 
 @functools.lru_cache(maxsize=8)
-def bpd_sum_step(flow: Flow, mesh: Mesh) -> Callable[..., tuple[jax.Array, jax.Array]]:
-  """The eval step, jitted: (variables, uint8 batch, bool mask, rng) -> (sum of the unmasked
-  examples' bpd, their count), replicated over `mesh`. The mask hides the padding of the split's
-  last batch."""
-  return _masked_sum_step(flow.bpd, mesh)
+def bpd_sum_step(flow: Flow, mesh: Mesh,
+                 options: CompilerOptions = ()) -> Callable[..., tuple[jax.Array, jax.Array]]:
+  """The eval step, jitted with `options` (`compiler_options.compiler_options(config)`):
+  (variables, uint8 batch, bool mask, rng) -> (sum of the unmasked examples' bpd, their count),
+  replicated over `mesh`. The mask hides the padding of the split's last batch."""
+  return _masked_sum_step(flow.bpd, mesh, options)
 
 
 def evaluate_bpd(
@@ -74,7 +77,8 @@ def evaluate_bpd(
     rng: jax.Array,
 ) -> tuple[float, int]:
   """(mean test bpd, number of examples) over the whole eval split; one noise draw each."""
-  return _mean_over_eval_split(config, bpd_sum_step(flow, mesh), variables, mesh, rng, 0)
+  step = bpd_sum_step(flow, mesh, compiler_options(config))
+  return _mean_over_eval_split(config, step, variables, mesh, rng, 0)
 
 
 def _mean_over_eval_split(
@@ -98,9 +102,10 @@ def _mean_over_eval_split(
 
 
 @functools.lru_cache(maxsize=8)
-def _iwbo_sum_fn(flow: Flow, mesh: Mesh, k: int, chunk: int):
+def _iwbo_sum_fn(flow: Flow, mesh: Mesh, k: int, chunk: int, options: CompilerOptions):
   return _masked_sum_step(
-      lambda variables, images, rng: flow.iwbo_bpd(variables, images, rng, k, chunk), mesh)
+      lambda variables, images, rng: flow.iwbo_bpd(variables, images, rng, k, chunk), mesh,
+      options)
 
 
 def evaluate_iwbo(
@@ -117,7 +122,7 @@ def evaluate_iwbo(
   `eval_batch_size` or `eval.iwbo_chunk` if it does not.
   """
   k, chunk = int(config.eval.iwbo_samples), int(config.eval.iwbo_chunk)
-  fn = _iwbo_sum_fn(flow, mesh, k, min(chunk, k))
+  fn = _iwbo_sum_fn(flow, mesh, k, min(chunk, k), compiler_options(config))
   # Other noise than evaluate_bpd's (offset keys), so the two bounds are independent draws.
   return _mean_over_eval_split(config, fn, variables, mesh, rng, IWBO_BATCH_OFFSET)
 

@@ -32,6 +32,7 @@ from jax.sharding import Mesh
 
 from eiw_flow_jax.model.flow import Flow, build_flow
 from eiw_flow_jax.training import evaluate, run_config, train_state, train_step
+from eiw_flow_jax.training.compiler_options import compiler_options
 from eiw_flow_jax.training.optimizer import make_optimizer
 from eiw_flow_jax.training.sharding import make_mesh, replicated, state_shardings
 from eiw_flow_jax.training.train_state import TrainState
@@ -91,7 +92,7 @@ class Run:
 
   def eval_step(self) -> Callable[..., Any]:
     """Jitted (variables, uint8 batch, mask, rng) -> (sum of bpd, count); what eval runs."""
-    return evaluate.bpd_sum_step(self.flow, self.mesh)
+    return evaluate.bpd_sum_step(self.flow, self.mesh, compiler_options(self.config))
 
   # ---- reading checkpoints -------------------------------------------------------------------
   def restore(

@@ -30,6 +30,7 @@ import optax
 from jax.sharding import Mesh
 
 from eiw_flow_jax.model.flow import Flow
+from eiw_flow_jax.training.compiler_options import compiler_options, jit_options
 from eiw_flow_jax.training.optimizer import make_schedule
 from eiw_flow_jax.training.sharding import batch_sharding, replicated, state_shardings
 from eiw_flow_jax.training.train_state import (
@@ -78,7 +79,8 @@ def make_train_step(
     *,
     inject_nonfinite: bool = False,
 ) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
-  """The jitted step (state, global uint8 batch) -> (state, metrics).
+  """The jitted step (state, global uint8 batch) -> (state, metrics), compiled with
+  `config.compiler`'s options.
 
   A step whose loss or gradient is not finite leaves params, EMA and optimizer state unchanged
   and is counted. `inject_nonfinite` (tests only) makes every step's loss NaN.
@@ -157,6 +159,7 @@ def make_train_step(
       in_shardings=(shardings, batch_sharding(mesh)),
       out_shardings=(shardings, replicated(mesh)),
       donate_argnums=(0,),
+      compiler_options=jit_options(compiler_options(config)),
   )
 
 
