@@ -13,11 +13,11 @@ compiler allows (arguments 1.73: params and Adamax's two moments, no EMA copy; t
 counted), roofline 248.8 ms a step. Command: `python -m eiw_flow_jax.aot
 --config=configs/celeba_denseflow.py --topology=v5e:2x2 --noeval` (docs/tpu.md).
 
-GPU memory per device, from XLA's GPU compiler (measured before the blocks ran as
-scans and the state dropped its EMA copy), one node of 8 H100s at 4 images each (the
-batch over 8 GPUs), float32: 6.19 GiB of the 59.33 JAX's allocator takes of an H100 (arguments
-1.95: params, EMA and Adamax's two moments; temporaries 4.24); >= 394 GFLOP per GPU per step,
-roofline >= 8.7 ms a step (lower bounds: each unit's scanned layers are counted once).
+GPU memory per device, from XLA's GPU compiler (`store`), one node of 8 H100s at 4 images
+each (the batch over 8 GPUs), float32: 6.08 GiB of the 59.33 JAX's allocator takes of an H100
+(arguments 1.46: params and Adamax's two moments, no EMA copy; temporaries 4.61); 1670 GFLOP and
+117.4 GB per GPU per step (every iteration of the scans counted), roofline 35.0 ms a step,
+bound by memory traffic.
 Command: `python -m eiw_flow_jax.aot
 --config=configs/celeba_denseflow.py --topology=h100:8 --noeval` (docs/gpu.md).
 

@@ -16,14 +16,13 @@ copy; temporaries 5.51; code 0.15); 1618 GFLOP and 122.5 GB per chip per step (e
 of the scans counted), roofline 149.6 ms a step, bound by HBM traffic. Command: `python -m
 eiw_flow_jax.aot --config=configs/cifar10_denseflow.py --topology=v5e:2x2 --per_device_batch=16
 --noeval` (docs/tpu.md, with its compile times).
-GPU memory per device, from XLA's GPU compiler (measured before the blocks ran as
-scans and the state dropped its EMA copy), one node of 8 H100s at 8 images each (the
-batch over 8 GPUs), float32: 4.54 GiB of the 59.33 JAX's allocator takes of an H100 (arguments
-1.95: params, EMA and Adamax's two moments; temporaries 2.59); >= 191 GFLOP per GPU per step,
-roofline >= 6.7 ms a step (lower bounds: each unit's scanned layers are counted once). On one
-H100 at the whole batch of 64 (`--topology=h100:1`): 15.90 GiB (temporaries 13.94), without
-`memory=remat`, so within JAX's share of an A100 40GB (29.57 GiB) and, barely, of an L4 (16.87).
-Command: `python -m eiw_flow_jax.aot
+GPU memory per device, from XLA's GPU compiler (`store`), one node of 8 H100s at 8 images
+each (the batch over 8 GPUs), float32: 4.32 GiB of the 59.33 JAX's allocator takes of an H100
+(arguments 1.46: params and Adamax's two moments, no EMA copy; temporaries 2.85); 807 GFLOP and
+82.5 GB per GPU per step (every iteration of the scans counted), roofline 24.6 ms a step, bound
+by memory traffic. On one H100 at the whole batch of 64 (`--topology=h100:1`): 16.48 GiB
+(temporaries 15.01), without `memory=remat`, so within JAX's share of an A100 40GB (29.57 GiB)
+and, barely, of an L4 (16.87). Command: `python -m eiw_flow_jax.aot
 --config=configs/cifar10_denseflow.py --topology=h100:8 --noeval` (docs/gpu.md).
 """
 

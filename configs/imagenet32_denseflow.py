@@ -13,11 +13,11 @@ chip per step (every iteration of the scans counted), roofline 149.6 ms a step. 
 `python -m eiw_flow_jax.aot --config=configs/imagenet32_denseflow.py --topology=v5e:2x2
 --noeval` (docs/tpu.md).
 
-GPU memory per device, from XLA's GPU compiler (measured before the blocks ran as
-scans and the state dropped its EMA copy), one node of 8 H100s at 8 images each (the
-batch over 8 GPUs), float32: 4.54 GiB of the 59.33 JAX's allocator takes of an H100 (arguments
-1.95: params, EMA and Adamax's two moments; temporaries 2.59); >= 191 GFLOP per GPU per step,
-roofline >= 6.7 ms a step (lower bounds: each unit's scanned layers are counted once).
+GPU memory per device, from XLA's GPU compiler (`store`), one node of 8 H100s at 8 images
+each (the batch over 8 GPUs), float32: 4.32 GiB of the 59.33 JAX's allocator takes of an H100
+(arguments 1.46: params and Adamax's two moments, no EMA copy; temporaries 2.85); 807 GFLOP and
+82.5 GB per GPU per step (every iteration of the scans counted), roofline 24.6 ms a step, bound
+by memory traffic.
 Command: `python -m eiw_flow_jax.aot
 --config=configs/imagenet32_denseflow.py --topology=h100:8 --noeval` (docs/gpu.md).
 
