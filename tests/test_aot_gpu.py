@@ -361,7 +361,7 @@ def test_the_table_over_two_hosts_of_eight(env, tmp_path):
   lines = result.stdout.strip().splitlines()
   assert lines[0].startswith("| config | topology | batch/device | fits | GiB/device | usable GiB")
   assert re.fullmatch(r"\| configs/digits.py \| h100:2x8 \| 4 \| y \| [\d.]+ \| 59.33 \| "
-                      r"[\d.]+ (us|ms) \| 1250 \| [\d.]+ (ms|s) \|", lines[2])
+                      r"[\d.]+ (us|ms) \| 1250 \| [\d.]+ (ms|s) \| \d+ \|", lines[2])
   (r,) = json.loads(path.read_text())
   assert (r["num_devices"], r["hosts"], r["global_batch"]) == (16, 2, 64)
   # One progress line on stderr, and no noise from the CUDA plugin.
