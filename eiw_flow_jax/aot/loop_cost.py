@@ -67,31 +67,33 @@ def _dims(shape: str) -> list[int]:
 # ----------------------------------------------------------------------------------------------
 # Trip counts.
 
+def _source(name: str, by_name: dict[str, Line], through: tuple[str, ...] = ("copy", "bitcast"),
+            steps: int = 8) -> Line | None:
+  """The instruction `name` comes from, followed back through up to `steps` instructions of the
+  opcodes `through` (copies the compiler inserted, which leave the value as it is)."""
+  line = by_name.get(name)
+  for _ in range(steps):
+    if line is None or line.opcode not in through or not line.operands:
+      break
+    line = by_name.get(line.operands[0])
+  return line
+
+
 def _constant(name: str, by_name: dict[str, Line]) -> int | None:
   """The integer value of `name` if it is a scalar constant (through copies and bitcasts)."""
-  for _ in range(8):
-    line = by_name.get(name)
-    if line is None:
-      return None
-    if line.opcode == "constant":
-      try:
-        return int(line.literal)
-      except ValueError:
-        return None
-    if line.opcode not in ("copy", "bitcast", "convert") or not line.operands:
-      return None
-    name = line.operands[0]
-  return None
+  line = _source(name, by_name, ("copy", "bitcast", "convert"))
+  if line is None or line.opcode != "constant":
+    return None
+  try:
+    return int(line.literal)
+  except ValueError:
+    return None
 
 
 def _tuple_index(name: str, by_name: dict[str, Line]) -> int | None:
   """k where `name` is get-tuple-element(parameter, index=k), through copies and bitcasts (the
   TPU compiler at low effort copies the induction variable before adding to it)."""
-  line = by_name.get(name)
-  for _ in range(8):
-    if line is None or line.opcode not in ("copy", "bitcast") or not line.operands:
-      break
-    line = by_name.get(line.operands[0])
+  line = _source(name, by_name)
   if line is None or line.opcode != "get-tuple-element":
     return None
   source = by_name.get(line.operands[0]) if line.operands else None
@@ -159,12 +161,8 @@ def _loop_step(body: list[Line], index: int,
   root = next((x for x in body if x.root), None)
   if root is None or root.opcode != "tuple" or index >= len(root.operands):
     return None
-  update = by_name.get(root.operands[index])
-  for _ in range(4):  # through copies the compiler put after the add
-    if update is None or update.opcode not in ("copy", "bitcast"):
-      break
-    update = by_name.get(update.operands[0])
-  update = _unwrapped(update, computations)
+  # Through copies the compiler put after the add.
+  update = _unwrapped(_source(root.operands[index], by_name, steps=4), computations)
   if update is None or update.opcode != "add" or len(update.operands) != 2:
     return None
   a, b = update.operands
