@@ -21,7 +21,7 @@ from eiw_flow_jax import aot
 from eiw_flow_jax.aot import chips, compiler, report, search, topology
 from eiw_flow_jax.commands import aot as aot_command
 from eiw_flow_jax.model.flow import build_flow
-from eiw_flow_jax.training import optimizer, sharding, train_state
+from eiw_flow_jax.training import optimizer, sharding, train_state, train_step
 
 pytestmark = pytest.mark.skipif(
     not topology.libtpu_available(),
@@ -147,11 +147,34 @@ def _conditionals(config, devices) -> int:
 
 def test_the_update_is_a_select_on_tpu_and_a_branch_on_cpu():
   # train_step.guarded_update: the same update; the branch lets XLA:CPU update the state in
-  # place, the select saves the TPU program the branch's copies of the state.
-  # (The other conditionals are the kernels' platform dispatch, in both programs.)
+  # place, the select saves the TPU program the branch's copies of the state. No other
+  # conditional: the step is traced for its mesh's platform alone (Flow.for_platform).
   config = digits_config()
-  on_cpu = _conditionals(config, jax.devices()[:1])
-  assert _conditionals(config, topology.topology_devices(TOPOLOGY)) == on_cpu - 1
+  assert _conditionals(config, jax.devices()[:1]) == 1
+  assert _conditionals(config, topology.topology_devices(TOPOLOGY)) == 0
+
+
+@pytest.mark.parametrize("config_name", ["digits", "digits_denseflow"])
+def test_the_train_step_traces_no_form_for_another_platform(config_name):
+  """Glow and DenseFlow: the train step traced for a TPU mesh and for a CPU one stages out no
+  platform conditional (the kernels' and the update's forms are chosen before tracing), and
+  the TPU one none of the XLA:CPU forms (their derivative rules' barriers)."""
+  config = aot_command.load_config(f"{REPO}/configs/{config_name}.py")
+  for devices, platform in ((topology.topology_devices(TOPOLOGY), "tpu"),
+                            (jax.devices()[:1], "cpu")):
+    mesh = sharding.make_mesh(devices)
+    assert sharding.mesh_platform(mesh) == platform
+    config.batch_size = len(devices)
+    flow = build_flow(config)
+    tx = optimizer.make_optimizer(config)
+    state = train_state.abstract_state(flow, tx, mesh, ema=train_state.keeps_ema(config))
+    images = jax.ShapeDtypeStruct((config.batch_size, *flow.image_shape), jnp.uint8,
+                                  sharding=sharding.batch_sharding(mesh))
+    step = train_step.make_train_step(config, flow, tx, mesh)
+    jaxpr = str(step.trace(state, images).jaxpr)
+    # (JAX's own linear algebra may keep a conditional for Mosaic kernels.)
+    assert not re.search(r"platform_index\[platforms=\(\('(cpu|tpu)'", jaxpr)
+    assert ("optimization_barrier" in jaxpr) == (platform == "cpu")
 
 
 def test_the_step_time_bench_prints_the_roofline_next_to_the_measured_step(env, tmp_path):

@@ -247,6 +247,31 @@ def test_tiny_denseflow_elbo_iwbo_and_injected_noise(tiny):
     flow.iwbo_bpd(variables, x, jax.random.PRNGKey(0), 5, 2)
 
 
+def test_tiny_denseflow_for_each_platform_computes_the_same_loss_and_gradient(tiny):
+  """`Flow.for_platform`: the XLA:CPU forms ("cpu", what the flow that chooses when lowered
+  takes here) and the portable ones (any other platform, run here on the CPU) of every 1x1
+  convolution of the networks give the same training loss and gradient; neither traces a
+  platform conditional, where the flow that chooses when lowered traces both forms."""
+  flow, variables, x, _ = tiny
+  rng = jax.random.PRNGKey(3)
+
+  def loss_and_grad(one):
+    return jax.value_and_grad(lambda p: one.loss({**variables, "params": p}, x, rng)[0])
+
+  def conditional(one):
+    return "platform_index[platforms=(('cpu'" in str(
+        jax.make_jaxpr(loss_and_grad(one))(variables["params"]))
+
+  on_cpu, on_tpu = flow.for_platform("cpu"), flow.for_platform("tpu")
+  assert (on_cpu.model_config.kernels, on_tpu.model_config.kernels) == ("xla_cpu", "portable")
+  assert conditional(flow) and not conditional(on_cpu) and not conditional(on_tpu)
+  want = jax.jit(loss_and_grad(on_cpu))(variables["params"])
+  got = jax.jit(loss_and_grad(on_tpu))(variables["params"])
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * float(jnp.max(jnp.abs(b))))
+
+
 @pytest.mark.parametrize("name", DENSEFLOW_CONFIGS)
 def test_denseflow_configs_are_df_74_10_with_the_recipe(name):
   config = load_config(name)

@@ -40,7 +40,7 @@ from eiw_flow_jax.config import recipes
 from eiw_flow_jax.model.backbones import denseflow, denseflow_torch
 from eiw_flow_jax.model.flow import build_flow
 from eiw_flow_jax.training.optimizer import make_optimizer
-from eiw_flow_jax.training.sharding import make_mesh, state_shardings
+from eiw_flow_jax.training.sharding import make_mesh, mesh_platform, state_shardings
 from eiw_flow_jax.training.train_state import abstract_state, rng_keys, state_from_variables
 from eiw_flow_jax.training.train_step import make_train_step
 
@@ -179,6 +179,10 @@ def run_train_steps(data, flow, variables, settings: dict, steps: int, per_epoch
   train_key = rng_keys(config)["train"]
   keys = jnp.stack([jax.random.fold_in(train_key, s) for s in range(steps)])
   batch = data["train/x"].shape[1]
+  mesh = make_mesh()
+  # The flow the train step traces (its mesh's platform's), patched below: make_train_step
+  # then keeps this very object.
+  flow = flow.for_platform(mesh_platform(mesh))
   draw = flow.draw_noise
 
   def draw_noise(rng, b):
@@ -189,7 +193,6 @@ def run_train_steps(data, flow, variables, settings: dict, steps: int, per_epoch
     return jax.tree.map(pick, noise)
 
   object.__setattr__(flow, "draw_noise", draw_noise)
-  mesh = make_mesh()
   step = make_train_step(config, flow, tx, mesh)
   # As `create_state` places a fresh state (its EMA copy a buffer of its own).
   shardings = state_shardings(mesh, abstract_state(flow, tx, mesh))

@@ -71,10 +71,6 @@ def _cost(compiled: Any) -> dict[str, float]:
   return dict(cost or {})
 
 
-def _platform(mesh: Any) -> str:
-  return mesh.devices.flat[0].platform
-
-
 def _hlo_cost(module: Any) -> dict[str, float]:
   """XLA's cost analysis (`HloCostAnalysis`) of an HLO module, run by the CPU client: what
   `Lowered.cost_analysis` does, for modules whose own (compile-only GPU) client has none."""
@@ -155,7 +151,7 @@ def _gpu_cost(config: ml_collections.ConfigDict, mesh: Any, compiled: Any,
 def _step_cost(config: ml_collections.ConfigDict, mesh: Any, compiled: Any) -> tuple[float, float]:
   """(FLOPs, bytes accessed) per device of the compiled train step: the compiler's own cost
   analysis on a TPU; on a GPU, whose compiled program has none, `_gpu_flops` and `_gpu_bytes`."""
-  if _platform(mesh) == "gpu":
+  if sharding.mesh_platform(mesh) == "gpu":
     return _gpu_flops(config, mesh), _gpu_bytes(compiled)
   cost = _cost(compiled)
   return float(cost.get("flops", math.nan)), float(cost.get("bytes accessed", math.nan))

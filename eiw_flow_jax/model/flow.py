@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 
 from eiw_flow_jax.model import explore
+from eiw_flow_jax.model import kernels as model_kernels
 from eiw_flow_jax.model import validation as model_validation
 from eiw_flow_jax.model.backbones.base import Backbone, Level
 from eiw_flow_jax.model.backbones.denseflow import DenseFlowBackbone, denseflow_shapes
@@ -74,6 +75,19 @@ class Flow:
   def latent_shapes(self) -> list[tuple[int, int, int]]:
     """Per-example shape of each level's latent, in `encode`'s order."""
     return [level.latent_shape for level in self.levels]
+
+  def for_platform(self, platform: str) -> Flow:
+    """This flow for programs lowered for `platform` alone (a mesh's
+    `devices.flat[0].platform`): the same parameters and functions, with `model.kernels`'s
+    "auto" resolved to that platform's forms (`eiw_flow_jax.model.kernels.resolve`), so that
+    tracing stages out one form instead of both. The flow itself where nothing changes."""
+    kernels = model_kernels.resolve(self.model_config.kernels, platform)
+    if kernels == self.model_config.kernels:
+      return self
+    model = self.model_config.as_configdict()
+    model.kernels = kernels
+    model = ml_collections.FrozenConfigDict(model)
+    return dataclasses.replace(self, model_config=model, module=self.module.clone(model=model))
 
   # ---- the parameter layout ------------------------------------------------------------------
   def migrate_layout(self, tree: Any) -> Any:

@@ -33,6 +33,7 @@ from eiw_flow_jax.data import pipeline, registry
 from eiw_flow_jax.model.flow import Flow
 from eiw_flow_jax.training import reporting
 from eiw_flow_jax.training.compiler_options import CompilerOptions, compiler_options, jit_options
+from eiw_flow_jax.training.sharding import mesh_platform
 from eiw_flow_jax.training.train_state import IWBO_BATCH_OFFSET
 from eiw_flow_jax.workdir import config_history, storage
 
@@ -66,7 +67,7 @@ def bpd_sum_step(flow: Flow, mesh: Mesh,
   """The eval step, jitted with `options` (`compiler_options.compiler_options(config)`):
   (variables, uint8 batch, bool mask, rng) -> (sum of the unmasked examples' bpd, their count),
   replicated over `mesh`. The mask hides the padding of the split's last batch."""
-  return _masked_sum_step(flow.bpd, mesh, options)
+  return _masked_sum_step(flow.for_platform(mesh_platform(mesh)).bpd, mesh, options)
 
 
 def evaluate_bpd(
@@ -103,6 +104,7 @@ def _mean_over_eval_split(
 
 @functools.lru_cache(maxsize=8)
 def _iwbo_sum_fn(flow: Flow, mesh: Mesh, k: int, chunk: int, options: CompilerOptions):
+  flow = flow.for_platform(mesh_platform(mesh))
   return _masked_sum_step(
       lambda variables, images, rng: flow.iwbo_bpd(variables, images, rng, k, chunk), mesh,
       options)

@@ -27,6 +27,7 @@ from jax.sharding import PartitionSpec as P
 
 from eiw_flow_jax.model.flow import Flow
 from eiw_flow_jax.training import reporting
+from eiw_flow_jax.training.sharding import mesh_platform
 from eiw_flow_jax.workdir import storage
 
 SAMPLES_DIR = "samples"
@@ -77,6 +78,7 @@ def save_png(grid: np.ndarray, path: str, *, min_size: int = 256) -> None:
 def _sample_fn(flow: Flow, mesh: Mesh, num: int):
   """Jitted (variables, rng, temperature) -> (uint8 images, mask of their decoded values that
   are not finite)."""
+  flow = flow.for_platform(mesh_platform(mesh))
 
   def sample(variables, rng, temperature):
     y, _ = flow.sample_continuous(variables, rng, num, temperature)

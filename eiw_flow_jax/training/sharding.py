@@ -23,6 +23,12 @@ def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
   return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
+def mesh_platform(mesh: Mesh) -> str:
+  """The platform of the mesh's devices ("cpu", "tpu", "gpu"): what a program jitted for the
+  mesh is lowered for (deviceless topologies included, whatever the host's backend)."""
+  return mesh.devices.flat[0].platform
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA_AXIS))
 

@@ -19,7 +19,6 @@ are not dominated by the initial parameters; eval and sampling use the EMA param
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -32,7 +31,12 @@ from jax.sharding import Mesh
 from eiw_flow_jax.model.flow import Flow
 from eiw_flow_jax.training.compiler_options import compiler_options, jit_options
 from eiw_flow_jax.training.optimizer import make_schedule
-from eiw_flow_jax.training.sharding import batch_sharding, replicated, state_shardings
+from eiw_flow_jax.training.sharding import (
+  batch_sharding,
+  mesh_platform,
+  replicated,
+  state_shardings,
+)
 from eiw_flow_jax.training.train_state import (
   TrainState,
   abstract_state,
@@ -54,10 +58,11 @@ def guarded_update(finite: jax.Array, update: Callable[[T], T], state: T, *, bra
   """`update(state)` if `finite`, else `state` unchanged: in a branch (`lax.cond`) or as a
   select per leaf between the updated and the old values. The same result either way.
 
-  The train step takes the branch on XLA:CPU, so that a non-finite step runs no update and the
-  donated params, EMA and optimizer state are updated in place (a select there forced a copy
-  of every leaf), and the select on TPU, where it fuses into each leaf's update and the
-  branch's results cost copies of the state (fewer bytes by the TPU compiler: docs/tpu.md).
+  The train step takes the branch on XLA:CPU and GPUs, so that a non-finite step runs no
+  update and the donated params, EMA and optimizer state are updated in place (a select there
+  forced a copy of every leaf), and the select on TPU, where it fuses into each leaf's update
+  and the branch's results cost copies of the state (fewer bytes by the TPU compiler:
+  docs/tpu.md).
   """
   if branch:
     return jax.lax.cond(finite, update, lambda unchanged: unchanged, state)
@@ -84,7 +89,12 @@ def make_train_step(
 
   A step whose loss or gradient is not finite leaves params, EMA and optimizer state unchanged
   and is counted. `inject_nonfinite` (tests only) makes every step's loss NaN.
+
+  The step is traced for the mesh's platform alone (`Flow.for_platform`, and the update's form
+  in `guarded_update`): nothing is staged out for other platforms.
   """
+  platform = mesh_platform(mesh)
+  flow = flow.for_platform(platform)
   schedule = make_schedule(config)
   train_key = rng_keys(config)["train"]
   use_ema = keeps_ema(config)
@@ -116,10 +126,9 @@ def make_train_step(
       return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
 
     with jax.named_scope(UPDATE_SCOPE):
-      params, ema, opt_state = jax.lax.platform_dependent(
-          (state.params, state.ema_params, state.opt_state),
-          tpu=functools.partial(guarded_update, finite, apply_update, branch=False),
-          default=functools.partial(guarded_update, finite, apply_update, branch=True))
+      params, ema, opt_state = guarded_update(
+          finite, apply_update, (state.params, state.ema_params, state.opt_state),
+          branch=platform != "tpu")
 
     skipped = (~finite).astype(jnp.int32)
     # DenseFlow's BatchNorm running statistics come back from the loss (not trained).
@@ -165,6 +174,7 @@ def make_train_step(
 
 def make_stats_fn(flow: Flow, mesh: Mesh) -> Callable[..., list[dict[str, jax.Array]]]:
   """Jitted (variables, uint8 batch, rng) -> per-level Shuffle diagnostics."""
+  flow = flow.for_platform(mesh_platform(mesh))
   return jax.jit(
       lambda v, x, rng: flow.shuffle_stats(v, flow.dequantize(x, rng, variables=v)),
       out_shardings=replicated(mesh),

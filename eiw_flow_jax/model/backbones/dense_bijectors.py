@@ -124,6 +124,7 @@ class AffineCoupling(nn.Module):
   multihead: bool = True
   train: bool = False
   num_landmarks: int = 4  # Nystrom attention landmarks (multihead nets)
+  kernels: str = "auto"  # the networks' 1x1 convolutions: eiw_flow_jax.model.kernels
 
   @nn.compact
   def __call__(
@@ -135,7 +136,7 @@ class AffineCoupling(nn.Module):
     h = x1 if context is None else jnp.concatenate([x1, context], axis=-1)
     params = DenseNet(2 * (c // 2), self.mid_channels, self.depth, self.growth,
                       multihead=self.multihead, train=self.train,
-                      num_landmarks=self.num_landmarks, name="net")(h)
+                      num_landmarks=self.num_landmarks, kernels=self.kernels, name="net")(h)
     log_scale, shift = coupling_log_scale_and_shift(params)
     log_det = sum_except_batch(log_scale)
     if reverse:

@@ -42,6 +42,7 @@ class VariationalDequantizer(nn.Module):
   context_growth: int = 16
   context_depth: int = 4
   scan: bool = True  # the flow's steps and the context's dense layers as scans (False: unrolled)
+  kernels: str = "auto"  # the networks' 1x1 convolutions: eiw_flow_jax.model.kernels
 
   def noise_shape(self, image_shape: tuple[int, int, int]) -> tuple[int, int, int]:
     h, w, c = image_shape
@@ -57,10 +58,12 @@ class VariationalDequantizer(nn.Module):
     # Their FLOPs are a few percent of the dequantizer's: the context's dense layers run
     # padded to the widest as one scan each (`DenseBlock.scan_layers`).
     ctx = DenseBlock(self.mid_channels, self.context_depth, self.context_growth,
-                     scan_layers=True, unroll=not self.scan, name="context_block0")(ctx)
+                     scan_layers=True, unroll=not self.scan, kernels=self.kernels,
+                     name="context_block0")(ctx)
     ctx = conv(self.mid_channels, 2, "context_down", stride=2)(ctx)
     ctx = DenseBlock(self.context_channels, self.context_depth, self.context_growth,
-                     scan_layers=True, unroll=not self.scan, name="context_block1")(ctx)
+                     scan_layers=True, unroll=not self.scan, kernels=self.kernels,
+                     name="context_block1")(ctx)
 
     channels = 4 * c
     loc = self.param("loc", nn.initializers.zeros, (channels,))
@@ -75,7 +78,7 @@ class VariationalDequantizer(nn.Module):
         z, ld = Conv1x1(name=f"conv{i}")(z)
         log_q = log_q - ld
         z, ld = AffineCoupling(self.mid_channels, self.depth, self.growth, multihead=False,
-                               name=f"coupling{i}")(z, context=ctx)
+                               kernels=self.kernels, name=f"coupling{i}")(z, context=ctx)
         log_q = log_q - ld
     else:
       z, log_q = self._scanned_steps(z, log_q, ctx)
@@ -94,7 +97,7 @@ class VariationalDequantizer(nn.Module):
         for i in range(self.num_steps)])
     conv1x1 = Conv1x1(parent=None)
     coupling = AffineCoupling(self.mid_channels, self.depth, self.growth, multihead=False,
-                              parent=None)
+                              kernels=self.kernels, parent=None)
 
     def body(carry: tuple[Array, Array], step: Any) -> tuple[tuple[Array, Array], None]:
       z, log_q = carry

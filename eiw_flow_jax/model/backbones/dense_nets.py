@@ -32,15 +32,18 @@ def conv(
     zero_init: bool = False,
     use_bias: bool = True,
     stride: int = 1,
+    kernels: str = "auto",
 ) -> nn.Module:
   """A convolution padded like the authors' (3x3: padding 1; 1x1 and the 2x2 stride-2: none).
 
   1x1 ones are `bijectors.Conv1x1`: the same parameters as `nn.Conv`, computed as a matmul,
-  which XLA:CPU runs faster (docs/benchmarks.md)."""
+  which XLA:CPU runs faster (docs/benchmarks.md), in the form `kernels` picks
+  (`eiw_flow_jax.model.kernels`)."""
   zeros = nn.initializers.zeros
   kernel_init = zeros if zero_init else nn.initializers.lecun_normal()
   if kernel == 1 and stride == 1:
-    return Conv1x1(features, use_bias=use_bias, kernel_init=kernel_init, name=name)
+    return Conv1x1(features, use_bias=use_bias, kernel_init=kernel_init, kernels=kernels,
+                   name=name)
   padding = ((1, 1), (1, 1)) if kernel == 3 else "VALID"
   return nn.Conv(
       features,
@@ -58,10 +61,11 @@ class DenseLayer(nn.Module):
   """conv1x1 (in -> in) -> ReLU -> conv3x3 (-> growth) -> ReLU, concatenated to the input."""
 
   growth: int
+  kernels: str = "auto"  # the 1x1 convolutions' form: eiw_flow_jax.model.kernels
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    h = nn.relu(conv(x.shape[-1], 1, "conv0")(x))
+    h = nn.relu(conv(x.shape[-1], 1, "conv0", kernels=self.kernels)(x))
     h = nn.relu(conv(self.growth, 3, "conv2")(h))
     return jnp.concatenate([x, h], axis=-1)
 
@@ -70,10 +74,11 @@ class GatedConv(nn.Module):
   """a + b * sigmoid(c), where (a, b, c) are the three channel thirds of one 1x1 conv."""
 
   features: int
+  kernels: str = "auto"
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    a, b, c = jnp.split(conv(3 * self.features, 1, "conv")(x), 3, axis=-1)
+    a, b, c = jnp.split(conv(3 * self.features, 1, "conv", kernels=self.kernels)(x), 3, axis=-1)
     return a + b * jax.nn.sigmoid(c)
 
 
@@ -102,6 +107,7 @@ class DenseBlock(nn.Module):
   zero_init: bool = False
   scan_layers: bool = False
   unroll: bool = False
+  kernels: str = "auto"
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -109,12 +115,12 @@ class DenseBlock(nn.Module):
       x = self._scanned_layers(x)
     else:
       for i in range(self.depth):
-        x = DenseLayer(self.growth, name=f"layer{i}")(x)
+        x = DenseLayer(self.growth, self.kernels, name=f"layer{i}")(x)
     if self.gated:
       if self.zero_init:
         raise ValueError("DenseBlock: zero_init is only supported without gated convolutions.")
-      return GatedConv(self.features, name="gate")(x)
-    return conv(self.features, 1, "out", zero_init=self.zero_init)(x)
+      return GatedConv(self.features, self.kernels, name="gate")(x)
+    return conv(self.features, 1, "out", zero_init=self.zero_init, kernels=self.kernels)(x)
 
   def _scanned_layers(self, x: Array) -> Array:
     channels, growth = x.shape[-1], self.growth
@@ -133,7 +139,7 @@ class DenseBlock(nn.Module):
     stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves),
                            *[padded(i) for i in range(self.depth)])
     starts = jnp.asarray([channels + i * growth for i in range(self.depth)])
-    layer = DenseLayer(growth, parent=None)
+    layer = DenseLayer(growth, self.kernels, parent=None)
 
     def body(buffer: Array, xs: tuple[Any, Array]) -> tuple[Array, None]:
       params, start = xs
@@ -200,6 +206,7 @@ class NystromAttention(nn.Module):
 
   embed_dim: int
   num_landmarks: int = 4
+  kernels: str = "auto"
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -207,7 +214,7 @@ class NystromAttention(nn.Module):
     hw, e, lm = h * w, self.embed_dim, self.num_landmarks
     if hw % lm:
       raise ValueError(f"NystromAttention: H*W={hw} must be divisible by {lm} landmarks.")
-    qkv = conv(3 * e, 1, "qkv")(x)
+    qkv = conv(3 * e, 1, "qkv", kernels=self.kernels)(x)
     qkv = jnp.transpose(qkv, (0, 3, 1, 2)).reshape(n, hw, 3 * e)
     q, k, v = jnp.split(qkv, 3, axis=-1)
     scale = hw**0.5
@@ -218,7 +225,7 @@ class NystromAttention(nn.Module):
     k3 = jax.nn.softmax(jnp.einsum("...ij,...kj->...ik", q_l, k), axis=-2)
     out = (k1 @ _iterative_inverse(k2)) @ (k3 @ v) + v
     out = jnp.transpose(out.reshape(n, e, h, w), (0, 2, 3, 1))
-    return conv(c, 1, "out_transform")(out)
+    return conv(c, 1, "out_transform", kernels=self.kernels)(out)
 
 
 class MultiHeadDenseBlock(nn.Module):
@@ -229,14 +236,16 @@ class MultiHeadDenseBlock(nn.Module):
   gated: bool = True
   train: bool = False
   num_landmarks: int = 4
+  kernels: str = "auto"
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     c = x.shape[-1]
-    att = NystromAttention(c // 2, self.num_landmarks, name="mha")(x)
-    dense = DenseBlock(c, self.depth, self.growth, self.gated, name="dense")(x)
+    att = NystromAttention(c // 2, self.num_landmarks, self.kernels, name="mha")(x)
+    dense = DenseBlock(c, self.depth, self.growth, self.gated, kernels=self.kernels,
+                       name="dense")(x)
     h = BatchNorm(self.train, name="bn")(jnp.concatenate([att, dense], axis=-1))
-    return conv(c, 1, "mix", use_bias=False)(nn.relu(h))
+    return conv(c, 1, "mix", use_bias=False, kernels=self.kernels)(nn.relu(h))
 
 
 class DenseNet(nn.Module):
@@ -254,13 +263,15 @@ class DenseNet(nn.Module):
   multihead: bool = True
   train: bool = False
   num_landmarks: int = 4  # of the multi-head block's Nystrom attention
+  kernels: str = "auto"
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    h = conv(self.mid_channels, 1, "conv_in")(x)
+    h = conv(self.mid_channels, 1, "conv_in", kernels=self.kernels)(x)
     if self.multihead:
       h = MultiHeadDenseBlock(self.depth, self.growth, self.gated, self.train,
-                              self.num_landmarks, name="block")(h)
+                              self.num_landmarks, self.kernels, name="block")(h)
     else:
-      h = h + DenseBlock(self.mid_channels, self.depth, self.growth, self.gated, name="block")(h)
-    return conv(self.features, 1, "conv_out", zero_init=True)(h)
+      h = h + DenseBlock(self.mid_channels, self.depth, self.growth, self.gated,
+                         kernels=self.kernels, name="block")(h)
+    return conv(self.features, 1, "conv_out", zero_init=True, kernels=self.kernels)(h)

@@ -136,12 +136,13 @@ class MaskedAffineCoupling(nn.Module):
   growth: int
   train: bool = False
   num_landmarks: int = 4
+  kernels: str = "auto"
 
   @nn.compact
   def __call__(self, x: Array) -> tuple[Array, Array]:
     params = DenseNet(2 * x.shape[-1], self.mid_channels, self.depth, self.growth,
                       multihead=True, train=self.train, num_landmarks=self.num_landmarks,
-                      name="net")(x)
+                      kernels=self.kernels, name="net")(x)
     log_scale, shift = coupling_log_scale_and_shift(params)
     return shift + jnp.exp(log_scale) * x, sum_except_batch(log_scale)
 
@@ -155,6 +156,7 @@ class PaddedDenseLayer(nn.Module):
   growth: int
   train: bool = False
   num_landmarks: int = 4
+  kernels: str = "auto"  # the networks' 1x1 convolutions: eiw_flow_jax.model.kernels
 
   @nn.compact
   def __call__(self, x: Array, width: Array) -> tuple[Array, Array]:
@@ -162,7 +164,7 @@ class PaddedDenseLayer(nn.Module):
     x, ld = Conv1x1(name="conv1x1")(x)
     log_det = log_det + ld
     x, ld = MaskedAffineCoupling(self.mid_channels, self.depth, self.growth, self.train,
-                                 self.num_landmarks, name="coupling")(x)
+                                 self.num_landmarks, self.kernels, name="coupling")(x)
     return switch_channels_padded(x, width), log_det + ld
 
 

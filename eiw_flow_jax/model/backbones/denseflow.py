@@ -142,12 +142,14 @@ class DenseLayer(nn.Module):
   growth: int
   train: bool = False
   num_landmarks: int = 4
+  kernels: str = "auto"  # the coupling networks' 1x1 convolutions: eiw_flow_jax.model.kernels
 
   def setup(self) -> None:
     self.actnorm = ActNorm()
     self.conv1x1 = Conv1x1()
     self.coupling = AffineCoupling(self.mid_channels, self.depth, self.growth, multihead=True,
-                                   train=self.train, num_landmarks=self.num_landmarks)
+                                   train=self.train, num_landmarks=self.num_landmarks,
+                                   kernels=self.kernels)
 
   def __call__(self, x: Array, reverse: bool = False) -> tuple[Array, Array]:
     log_det = jnp.zeros((x.shape[0],), x.dtype)
@@ -190,6 +192,7 @@ class DenseUnit(nn.Module):
   train: bool = False
   num_landmarks: int = 4  # of the coupling nets' Nystrom attention
   scan: bool = True
+  kernels: str = "auto"
 
   def setup(self) -> None:
     # nn.scan also at init: each layer's data-dependent ActNorm init sees that layer's input.
@@ -199,7 +202,7 @@ class DenseUnit(nn.Module):
         unroll=1 if self.scan else self.num_layers,
     )
     self.layers = scanned(self.mid_channels, self.depth, self.growth, self.train,
-                          self.num_landmarks)
+                          self.num_landmarks, self.kernels)
 
   def __call__(self, x: Array) -> tuple[Array, Array]:
     (x, log_det), _ = self.layers((x, jnp.zeros((x.shape[0],), x.dtype)), None)
@@ -209,7 +212,7 @@ class DenseUnit(nn.Module):
     # The inverse runs in evaluation (no BatchNorm update): a reverse lax.scan of a parentless
     # layer over the stacked variables.
     twin = DenseLayer(self.mid_channels, self.depth, self.growth, self.train,
-                      self.num_landmarks, parent=None)
+                      self.num_landmarks, self.kernels, parent=None)
     variables = {"params": self.variables["params"][UNIT_LAYERS]}
     constants = self.variables.get("constants", {}).get(UNIT_LAYERS)
     if constants is not None:
@@ -226,11 +229,12 @@ class NoiseParams(nn.Module):
   """The authors' `_BNReLUConv`: conv3x3 (-> 4 in) -> ReLU -> zero-init conv1x1 (-> 2 growth)."""
 
   growth: int
+  kernels: str = "auto"
 
   @nn.compact
   def __call__(self, x: Array) -> tuple[Array, Array]:
     h = nn.relu(conv(4 * x.shape[-1], 3, "conv0")(x))
-    h = conv(2 * self.growth, 1, "conv2", zero_init=True)(h)
+    h = conv(2 * self.growth, 1, "conv2", zero_init=True, kernels=self.kernels)(h)
     mu, unconstrained = jnp.split(h, 2, axis=-1)
     return mu, soft_clamp(unconstrained)
 
@@ -254,14 +258,15 @@ class InvertibleDenseBlock(nn.Module):
   train: bool = False
   num_landmarks: int = 4
   scan: bool = True  # the loops over units and layers as lax.scans (False: unrolled)
+  kernels: str = "auto"  # the networks' 1x1 convolutions: eiw_flow_jax.model.kernels
 
   def setup(self) -> None:
     self.units = [
         DenseUnit(self.num_layers, self.mid_channels, self.depth, self.coupling_growth,
-                  self.train, self.num_landmarks, self.scan, name=unit_name(i))
+                  self.train, self.num_landmarks, self.scan, self.kernels, name=unit_name(i))
         for i in range(self.num_units)
     ]
-    self.noise_nets = [NoiseParams(self.growth_rate, name=noise_name(i))
+    self.noise_nets = [NoiseParams(self.growth_rate, self.kernels, name=noise_name(i))
                        for i in range(1, self.num_units)]
 
   def _check(self, etas: Sequence[Array]) -> None:
@@ -281,7 +286,8 @@ class InvertibleDenseBlock(nn.Module):
     noise = [params[noise_name(i)] for i in range(1, self.num_units)]
     update = self.train and self.is_mutable_collection("constants")
     layer = dense_scan.PaddedDenseLayer(self.mid_channels, self.depth, self.coupling_growth,
-                                        self.train, self.num_landmarks, parent=None)
+                                        self.train, self.num_landmarks, self.kernels,
+                                        parent=None)
     run = dense_scan.ScannedBlock(layer, update_constants=update,
                                   remat=self.memory == "remat", unroll=not self.scan)
     h, log_det, augment, updated = run(x, units, noise, list(etas), self.growth_rate)
@@ -508,12 +514,12 @@ class DenseFlowBackbone(Backbone):
     self.dequantizer = VariationalDequantizer(
         m.n_bits, df.dequant_steps, df.dequant_context_channels, df.dequant_mid_channels,
         df.dequant_depth, df.dequant_growth, df.dequant_context_growth,
-        df.dequant_context_depth, m.scan_steps, name="dequantizer")
+        df.dequant_context_depth, m.scan_steps, m.kernels, name="dequantizer")
     n = len(df.block_conf)
     self.blocks = [
         InvertibleDenseBlock(df.block_conf[b], df.layers_conf[b], df.layer_mid_chnls[b],
                              df.growth_rate, df.coupling_depth, df.coupling_growth, m.memory,
-                             self.train, df.attention_landmarks, m.scan_steps,
+                             self.train, df.attention_landmarks, m.scan_steps, m.kernels,
                              name=block_name(b))
         for b in range(n)
     ]
