@@ -147,11 +147,11 @@ def _conditionals(config, devices) -> int:
 
 def test_the_update_is_a_select_on_tpu_and_a_branch_on_cpu():
   # train_step.guarded_update: the same update; the branch lets XLA:CPU update the state in
-  # place, the select saves the TPU program the branch's copies of the state. No other
-  # conditional: the step is traced for its mesh's platform alone (Flow.for_platform).
+  # place, the select saves the TPU program the branch's copies of the state.
+  # (The other conditionals are the kernels' one-branch ones, in both programs.)
   config = digits_config()
-  assert _conditionals(config, jax.devices()[:1]) == 1
-  assert _conditionals(config, topology.topology_devices(TOPOLOGY)) == 0
+  on_cpu = _conditionals(config, jax.devices()[:1])
+  assert _conditionals(config, topology.topology_devices(TOPOLOGY)) == on_cpu - 1
 
 
 @pytest.mark.parametrize("config_name", ["digits", "digits_denseflow"])

@@ -263,7 +263,8 @@ def test_tiny_denseflow_for_each_platform_computes_the_same_loss_and_gradient(ti
         jax.make_jaxpr(loss_and_grad(one))(variables["params"]))
 
   on_cpu, on_tpu = flow.for_platform("cpu"), flow.for_platform("tpu")
-  assert (on_cpu.model_config.kernels, on_tpu.model_config.kernels) == ("xla_cpu", "portable")
+  assert (on_cpu.model_config.kernels, on_tpu.model_config.kernels) == ("auto:cpu",
+                                                                        "auto:portable")
   assert conditional(flow) and not conditional(on_cpu) and not conditional(on_tpu)
   want = jax.jit(loss_and_grad(on_cpu))(variables["params"])
   got = jax.jit(loss_and_grad(on_tpu))(variables["params"])

@@ -176,16 +176,22 @@ def test_relu_is_nn_relu_in_value_and_derivatives(name):
 
 
 def test_resolve_turns_auto_into_the_one_form_of_a_platform():
-  assert kernels.resolve("auto", "cpu") == kernels.CPU_FORMS
-  assert kernels.resolve("auto", "tpu") == kernels.resolve("auto", "gpu") == "portable"
+  assert kernels.resolve("auto", "cpu") == kernels.AUTO_CPU
+  assert kernels.resolve("auto", "tpu") == kernels.resolve("auto", "gpu") == kernels.AUTO_PORTABLE
   assert kernels.resolve("portable", "cpu") == "portable"
-  assert kernels.resolve(kernels.CPU_FORMS, "tpu") == kernels.CPU_FORMS
+  assert kernels.resolve(kernels.AUTO_CPU, "tpu") == kernels.AUTO_CPU
   with pytest.raises(ValueError, match=r"kernels must be one of \('auto', 'portable'\), got 'x'"):
     kernels.resolve("x", "cpu")
-  # The resolved CPU choice takes the CPU form inside jit too, with no platform conditional.
-  jaxpr = str(jax.make_jaxpr(lambda x: kernels.platform_dependent(
-      x, cpu=jnp.cos, portable=jnp.sin, kernels=kernels.CPU_FORMS))(jnp.ones(3)))
-  assert "cos" in jaxpr and "sin" not in jaxpr and "platform_index" not in jaxpr
+  # Each resolved choice traces its form alone (in a one-branch conditional), inside jit too.
+  for choice, traced, untraced in ((kernels.AUTO_CPU, "cos", "sin"),
+                                   (kernels.AUTO_PORTABLE, "sin", "cos")):
+    jaxpr = str(jax.make_jaxpr(lambda x, choice=choice: kernels.platform_dependent(
+        x, cpu=jnp.cos, portable=jnp.sin, kernels=choice))(jnp.ones(3)))
+    assert traced in jaxpr and untraced not in jaxpr
+    np.testing.assert_allclose(
+        jax.jit(lambda x, choice=choice: kernels.platform_dependent(
+            x, cpu=jnp.cos, portable=jnp.sin, kernels=choice))(jnp.ones(3)),
+        getattr(jnp, traced)(jnp.ones(3)))
 
 
 def _flow_loss(flow, variables, x):
@@ -196,21 +202,24 @@ def _flow_loss(flow, variables, x):
 
 def test_a_flow_for_one_platform_traces_one_form_and_computes_the_same():
   """Flow.for_platform (what the train, eval and sampling steps trace, for their mesh's
-  platform): no platform conditional left, the CPU forms for "cpu" and the convolutions for
-  the others, and the same loss and gradient as the flow that chooses when lowered."""
+  platform): no two-way platform conditional left, the CPU forms for "cpu" and the
+  convolutions for the others, and the same loss and gradient as the flow that chooses when
+  lowered."""
   config = make_config(image_shape=(8, 8, 1), num_levels=2, steps=1, hidden=WIDE)
   flow = build_flow(config)
   x = random_uint8((2, 8, 8, 1))
   variables = perturb(flow.init(jax.random.PRNGKey(1), x), jax.random.PRNGKey(2))
   params = variables["params"]
   on_cpu, on_tpu = flow.for_platform("cpu"), flow.for_platform("tpu")
-  assert on_cpu.model_config.kernels == kernels.CPU_FORMS
-  assert on_tpu.model_config.kernels == "portable" and on_tpu.for_platform("tpu") is on_tpu
+  assert on_cpu.model_config.kernels == kernels.AUTO_CPU
+  assert on_tpu.model_config.kernels == kernels.AUTO_PORTABLE
+  assert on_tpu.for_platform("tpu") is on_tpu
   assert flow.model_config.kernels == "auto"  # the flow it came from is unchanged
-  assert "platform_index" in str(jax.make_jaxpr(_flow_loss(flow, variables, x))(params))
+  two_way = "platform_index[platforms=(('cpu',), None)]"
+  assert two_way in str(jax.make_jaxpr(_flow_loss(flow, variables, x))(params))
   texts = {}
   for name, one in (("cpu", on_cpu), ("tpu", on_tpu)):
-    assert "platform_index" not in str(jax.make_jaxpr(_flow_loss(one, variables, x))(params))
+    assert two_way not in str(jax.make_jaxpr(_flow_loss(one, variables, x))(params))
     texts[name] = jax.jit(_flow_loss(one, variables, x)).lower(params).as_text()
   assert _convolutions(texts["tpu"]) > _convolutions(texts["cpu"])
   want = jax.jit(_flow_loss(flow, variables, x))(params)
