@@ -20,7 +20,7 @@ GPU memory per device, from XLA's GPU compiler (`store`), one node of 8 H100s at
 each (the batch over 8 GPUs), float32: 4.32 GiB of the 59.33 JAX's allocator takes of an H100
 (arguments 1.46: params and Adamax's two moments, no EMA copy; temporaries 2.85); 807 GFLOP and
 82.5 GB per GPU per step (every iteration of the scans counted), roofline 24.6 ms a step, bound
-by memory traffic. On one H100 at the whole batch of 64 (`--topology=h100:1`): 16.48 GiB
+by memory traffic. On one H100 at the whole batch of 64 (`--topology=h100:1`): 16.47 GiB
 (temporaries 15.01), without `memory=remat`, so within JAX's share of an A100 40GB (29.57 GiB)
 and, barely, of an L4 (16.87). Command: `python -m eiw_flow_jax.aot
 --config=configs/cifar10_denseflow.py --topology=h100:8 --noeval` (docs/gpu.md).
