@@ -185,6 +185,7 @@ def main() -> None:
     return
   sys.path.insert(0, REPO)
   from eiw_flow_jax.host import threads as host_threads
+  from eiw_flow_jax.training.compiler_options import EFFORT_RANGE, is_effort
 
   env = host_threads.blas_thread_environ({**os.environ, "PYTHONPATH": REPO})
   env["XLA_FLAGS"] = args.xla_flags  # empty: XLA's defaults, whatever this process has
@@ -198,9 +199,9 @@ def main() -> None:
   try:
     efforts = [float(e) for e in args.efforts.split(",")]
   except ValueError:
-    parser.error(f"--efforts: expected numbers in [-1, 1], got {args.efforts!r}")
-  if any(not -1.0 <= e <= 1.0 for e in efforts):
-    parser.error(f"--efforts: each must be in [-1, 1], got {args.efforts!r}")
+    parser.error(f"--efforts: expected numbers in {EFFORT_RANGE}, got {args.efforts!r}")
+  if not all(is_effort(e) for e in efforts):
+    parser.error(f"--efforts: each must be in {EFFORT_RANGE}, got {args.efforts!r}")
   for index, k in enumerate(runs):
     order = variants if index % 2 == 0 else variants[::-1]
     for scan in order:

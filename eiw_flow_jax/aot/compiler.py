@@ -107,9 +107,14 @@ def _gpu_flops_module(config: ml_collections.ConfigDict, mesh: Any) -> Any:
   return lowered.compiler_ir("hlo").as_hlo_module()
 
 
+def _module_flops(module: Any) -> float:
+  """FLOPs of an HLO module by XLA's cost analysis, each loop body once."""
+  return float(_hlo_cost(module).get("flops", math.nan))
+
+
 def _gpu_flops(config: ml_collections.ConfigDict, mesh: Any) -> float:
   """FLOPs of one device's train step (`_gpu_flops_module`), each loop body once."""
-  return float(_hlo_cost(_gpu_flops_module(config, mesh)).get("flops", math.nan))
+  return _module_flops(_gpu_flops_module(config, mesh))
 
 
 def _gpu_bytes(compiled: Any) -> float:
@@ -136,7 +141,7 @@ def _gpu_cost(config: ml_collections.ConfigDict, mesh: Any, compiled: Any,
   (`loop_cost`) and the two counts joined: FLOPs from the first, bytes and loops from the
   second (the compiled program's loops are the ones that run)."""
   module = _gpu_flops_module(config, mesh)
-  flops = float(_hlo_cost(module).get("flops", math.nan))
+  flops = _module_flops(module)
   bytes_accessed = _gpu_bytes(compiled)
   if not counts_loops:
     return flops, bytes_accessed, None

@@ -11,6 +11,14 @@ import ml_collections
 # config.compiler's fields: JAX's compiler options of the same names, each in [-1, 1] with XLA's
 # default 0.
 EFFORT_FIELDS = ("exec_time_optimization_effort", "memory_fitting_effort")
+EFFORT_RANGE = "[-1, 1]"  # what `is_effort` accepts, as messages name it
+
+
+def is_effort(value: object) -> bool:
+  """Whether `value` is a valid effort: a number (not a bool) in [-1, 1]."""
+  return (isinstance(value, (int, float)) and not isinstance(value, bool)
+          and -1.0 <= value <= 1.0)
+
 
 CompilerOptions = tuple[tuple[str, float], ...]
 

@@ -9,7 +9,7 @@ from eiw_flow_jax.config.schema import OPTIMIZERS
 from eiw_flow_jax.data import registry
 from eiw_flow_jax.data.pipeline import DatasetInfo, get_dataset_info
 from eiw_flow_jax.model.validation import validate_model_config
-from eiw_flow_jax.training.compiler_options import EFFORT_FIELDS
+from eiw_flow_jax.training.compiler_options import EFFORT_FIELDS, EFFORT_RANGE, is_effort
 
 
 def validate_config(
@@ -108,10 +108,9 @@ def _validate_training(config: ml_collections.ConfigDict) -> None:
   positive_int("config.sample.display_max", config.sample.display_max, allow_zero=True)
   for field in EFFORT_FIELDS:
     value = config.compiler[field]
-    require(isinstance(value, (int, float)) and not isinstance(value, bool)
-            and -1.0 <= value <= 1.0,
-            f"config.compiler.{field} must be a number in [-1, 1] (0: XLA's default), got "
-            f"{value!r}.")
+    require(is_effort(value),
+            f"config.compiler.{field} must be a number in {EFFORT_RANGE} (0: XLA's default), "
+            f"got {value!r}.")
 
 
 def check_dataset(config: ml_collections.ConfigDict) -> DatasetInfo:
